@@ -1,0 +1,144 @@
+"""Shared ONNX export mechanics: dynamo export at a fixed opset, external data, portable-op check.
+
+Every component exporter calls `export_onnx` with its own wrapper module; the returned `GraphInfo` goes
+into the engine manifest as that component's I/O contract.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+OPSET = 18
+# Graphs at or above this size keep their weights in a `<file>.data` sidecar (protobuf caps at 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1 << 20
+
+_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16",
+    onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool",
+    onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT8: "int8",
+}
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: list[int | str]  # ints are fixed, strings name a dynamic dimension
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass
+class GraphInfo:
+    path: Path
+    files: list[Path]  # the .onnx file and its external-data sidecar, if any
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    opset: int
+    ops: list[str] = field(default_factory=list)  # sorted distinct op types
+
+
+def _tensor_infos(values) -> list[TensorInfo]:
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        dims: list[int | str] = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+        out.append(TensorInfo(v.name, _DTYPES.get(t.elem_type, str(t.elem_type)), dims))
+    return out
+
+
+def graph_ops(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(domain, op_type) of every node, subgraphs and local functions included."""
+    seen: set[tuple[str, str]] = set()
+
+    def walk(graph):
+        for node in graph.node:
+            seen.add((node.domain or "ai.onnx", node.op_type))
+            for attr in node.attribute:
+                if attr.g is not None and attr.HasField("g"):
+                    walk(attr.g)
+                for g in attr.graphs:
+                    walk(g)
+
+    walk(model.graph)
+    for fn in model.functions:
+        for node in fn.node:
+            seen.add((node.domain or "ai.onnx", node.op_type))
+    return sorted(seen)
+
+
+def check_portable(model: onnx.ModelProto, where: str) -> None:
+    """Portable graphs use the default ONNX domain only: no com.microsoft contrib ops, no local functions."""
+    bad = [f"{d}::{op}" for d, op in graph_ops(model) if d not in ("ai.onnx", "")]
+    if model.functions:
+        bad += [f"function {f.domain}::{f.name}" for f in model.functions]
+    if bad:
+        raise ExportError(f"{where}: non-standard ops in a portable graph: {bad}; inline them or rewrite the "
+                          f"wrapper with standard ops")
+
+
+def export_onnx(module: torch.nn.Module, args: tuple, path: str | os.PathLike, *, input_names: list[str],
+                output_names: list[str], dynamic_shapes: Any = None, kwargs: dict | None = None,
+                external_data: bool | None = None) -> GraphInfo:
+    """Export `module(*args)` to `path` with torch.onnx.export(dynamo=True), opset 18, then verify it.
+
+    `dynamic_shapes` follows torch.export (a tuple/dict mirroring args, with torch.export.Dim values).
+    Weights go to `<path>.data` when the model is large (or when `external_data` is True).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = module.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, opset_version=OPSET,
+                                    input_names=input_names, output_names=output_names,
+                                    dynamic_shapes=dynamic_shapes, external_data=False, optimize=True,
+                                    verbose=False, report=False)
+    if program is None:
+        raise ExportError(f"{path.name}: torch.onnx.export returned no program")
+    model = program.model_proto
+    # The exporter may prefix or rename graph outputs; enforce the contract's names.
+    for value, name in zip(model.graph.output, output_names):
+        if value.name != name:
+            _rename_value(model.graph, value.name, name)
+    model = onnx.shape_inference.infer_shapes(model) if model.ByteSize() < (1 << 31) - 1 else model
+    check_portable(model, path.name)
+
+    for f in (path, path.with_name(path.name + ".data")):
+        if f.exists():
+            f.unlink()
+    size = sum(int(t.raw_data.__len__()) for t in model.graph.initializer)
+    use_external = external_data if external_data is not None else size >= EXTERNAL_DATA_THRESHOLD
+    files = [path]
+    if use_external:
+        data_name = path.name + ".data"
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        if (path.parent / data_name).exists():
+            files.append(path.parent / data_name)
+    else:
+        onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path))
+    return GraphInfo(path=path, files=files, inputs=_tensor_infos(model.graph.input),
+                     outputs=_tensor_infos(model.graph.output), opset=OPSET,
+                     ops=sorted({op for _, op in graph_ops(model)}))
+
+
+def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        node.input[:] = [new if x == old else x for x in node.input]
+        node.output[:] = [new if x == old else x for x in node.output]
+    for v in list(graph.output) + list(graph.value_info):
+        if v.name == old:
+            v.name = new
