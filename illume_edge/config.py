@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -478,7 +480,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        return _build(cls, d, "config").validate()
+        return from_jsonable(cls, d, "config").validate()
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -492,9 +494,13 @@ def _to_jsonable(x: Any) -> Any:
     return x
 
 
-def _build(tp: Any, value: Any, where: str) -> Any:
+def _default_kind(tp: Any) -> str | None:
+    f = {f.name: f for f in dataclasses.fields(tp)}.get("kind")
+    return f.default if f is not None and isinstance(f.default, str) else None
+
+
+def from_jsonable(tp: Any, value: Any, where: str) -> Any:
     """Strictly rebuild a (nested) dataclass from JSON: unknown or missing keys are errors."""
-    import typing
 
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -510,33 +516,33 @@ def _build(tp: Any, value: Any, where: str) -> Any:
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                     raise ConfigError(f"{where}: missing key {name!r}")
                 continue
-            kwargs[name] = _build(hints[name], value[name], f"{where}.{name}")
+            kwargs[name] = from_jsonable(hints[name], value[name], f"{where}.{name}")
         return tp(**kwargs)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin in (typing.Union, __import__("types").UnionType):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if isinstance(value, dict) and "kind" in value:  # tagged dataclass union (encoder kinds)
+            options = [a for a in options if dataclasses.is_dataclass(a) and _default_kind(a) == value["kind"]]
+            if not options:
+                raise ConfigError(f"{where}: unknown kind {value['kind']!r}")
         errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            if dataclasses.is_dataclass(a) and isinstance(value, dict) and value.get("kind") not in (
-                    None, getattr(a, "kind", None) if isinstance(getattr(a, "kind", None), str) else None):
-                continue
+        for a in options:
             try:
-                return _build(a, value, where)
+                return from_jsonable(a, value, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{where}: value matches none of {args}: {errors}")
+        raise ConfigError(f"{where}: {'; '.join(errors)}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+            return tuple(from_jsonable(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-        return tuple(_build(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(from_jsonable(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected an object, got {type(value).__name__}")

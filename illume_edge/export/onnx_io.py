@@ -47,6 +47,25 @@ class GraphInfo:
     outputs: list[TensorInfo]
     opset: int
     ops: list[str] = field(default_factory=list)  # sorted distinct op types
+    dynamic_ranges: dict[str, list[int]] = field(default_factory=dict)  # dim name -> [min, max]
+
+
+def dim_ranges(dynamic_shapes: Any) -> dict[str, list[int]]:
+    """{name: [min, max]} of every torch.export.Dim inside a (nested) dynamic_shapes structure."""
+    out: dict[str, list[int]] = {}
+
+    def walk(x):
+        if isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+        elif x is not None and hasattr(x, "min") and hasattr(x, "max") and hasattr(x, "__name__"):
+            out[x.__name__] = [int(x.min), int(x.max)]
+
+    walk(dynamic_shapes)
+    return out
 
 
 def _tensor_infos(values) -> list[TensorInfo]:
@@ -132,7 +151,7 @@ def export_onnx(module: torch.nn.Module, args: tuple, path: str | os.PathLike, *
     onnx.checker.check_model(str(path))
     return GraphInfo(path=path, files=files, inputs=_tensor_infos(model.graph.input),
                      outputs=_tensor_infos(model.graph.output), opset=OPSET,
-                     ops=sorted({op for _, op in graph_ops(model)}))
+                     ops=sorted({op for _, op in graph_ops(model)}), dynamic_ranges=dim_ranges(dynamic_shapes))
 
 
 def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:

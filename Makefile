@@ -1,0 +1,42 @@
+# illume-edge: the two commands a new user needs are `make demo` and `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+PRESET  ?= tiny-plus
+CKPT    ?= engines/checkpoints/$(PRESET)
+ENGINE  ?= engines/$(PRESET)
+PYTEST_ARGS ?=
+
+.PHONY: setup test export demo bench clean info
+
+setup: $(VENV)/.installed
+
+# torch==2.13.0 first: it is the CPU wheel (a bare `torch` requirement would pull a multi-GB CUDA build).
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[export,dev]'
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+
+# A random checkpoint of $(PRESET) in the release layout, then its engine folder.
+$(CKPT)/illume_edge.json: | setup
+	$(BIN)/illume-edge make-tiny --preset $(PRESET) --out $(CKPT)
+
+export: $(CKPT)/illume_edge.json
+	$(BIN)/illume-edge export --checkpoint $(CKPT) --out $(ENGINE)
+	$(BIN)/illume-edge info $(ENGINE)
+
+info:
+	$(BIN)/illume-edge info $(ENGINE)
+
+demo: export
+
+bench: setup
+	@echo "make bench: the benchmark harness is not built yet (issue 4)"; exit 1
+
+clean:
+	rm -rf engines/checkpoints $(filter-out engines/README.md,$(wildcard engines/*)) outputs .pytest_cache

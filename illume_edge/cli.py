@@ -1,0 +1,113 @@
+"""`illume-edge` command line. Export-side commands import torch lazily; runtime commands never do."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def cmd_make_tiny(args) -> int:
+    from .export.checkpoint import make_tiny
+
+    paths = make_tiny(args.preset, args.out, seed=args.seed)
+    print(f"wrote a random {args.preset} checkpoint to {args.out} (mllm/, dualvitok/"
+          f"{', diffusion_decoder/' if paths.diffusion_decoder else ''})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export.checkpoint import CheckpointPaths, load_checkpoint
+    from .export.engine import export_engine
+
+    root = Path(args.checkpoint)
+    paths = CheckpointPaths.from_dir(root)
+    mods = load_checkpoint(paths if args.preset else root, preset_name=args.preset)
+    export_engine(mods, args.out, paths.mllm / "tokenizer.json", precision=args.precision,
+                  source={"checkpoint": str(root), "preset": args.preset or ""},
+                  progress=lambda s: print(f"[export] {s}", flush=True))
+    print(f"engine written to {args.out}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .manifest import read_manifest
+
+    m = read_manifest(args.engine)
+    cfg = m.model_config()
+    p = m.producer
+    print(f"engine {args.engine}: {m.name} (format {m.format_version}, {m.precision})")
+    print(f"  produced {p.created} by illume-edge {p.illume_edge}: torch {p.torch}, transformers {p.transformers}, "
+          f"diffusers {p.diffusers}, onnx {p.onnx}, onnxruntime {p.onnxruntime}, opset {p.opset}")
+    llm = cfg.llm
+    print(f"  llm: {llm.arch}, {llm.num_layers} layers, hidden {llm.hidden_size}, heads {llm.num_heads}/"
+          f"{llm.num_kv_heads}, ffn {llm.intermediate_size}, vocab rows {llm.vocab_rows}, "
+          f"tokenizer {cfg.tokenizer_len}")
+    for b in cfg.branches:
+        print(f"  input branch {b.name}: {b.encoder.kind} -> {b.in_dim} -> projector -> {llm.hidden_size} "
+              f"(level {b.level} grid)")
+    for i, lv in enumerate(cfg.levels):
+        a, z = lv.token_range
+        print(f"  output level{i} {lv.name}: {lv.codebook_size} codes x {lv.code_dim}, ids [{a}, {z})")
+    print(f"  anchors: {', '.join(f'{h}x{w}' for h, w in cfg.anchors)}")
+    print("  components:")
+    for name, c in sorted(m.components.items()):
+        size = sum(f.bytes for f in c.files)
+        ins = ", ".join(f"{t.name}{list(t.shape)}:{t.dtype}" for t in c.inputs[:4])
+        more = f" (+{len(c.inputs) - 4} more)" if len(c.inputs) > 4 else ""
+        outs = ", ".join(f"{t.name}{list(t.shape)}" for t in c.outputs[:2])
+        print(f"    {name:<14} {c.kind} {c.precision} {_human_bytes(size):>9}  in: {ins}{more}  out: {outs}"
+              f"{' ...' if len(c.outputs) > 2 else ''}")
+        if c.dynamic_ranges:
+            print(f"    {'':<14} dynamic: " + ", ".join(f"{k} {v[0]}..{v[1]}" for k, v in c.dynamic_ranges.items()))
+    print("  assets: " + ", ".join(f"{k} ({_human_bytes(f.bytes)})" for k, f in sorted(m.assets.items())))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import PRESETS
+
+    ap = argparse.ArgumentParser(prog="illume-edge", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("make-tiny", help="write a random checkpoint of a preset in the release layout")
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_make_tiny)
+
+    p = sub.add_parser("export", help="export a checkpoint to an engine folder (ONNX graphs + manifest)")
+    p.add_argument("--checkpoint", required=True, help="folder with mllm/, dualvitok/, diffusion_decoder/")
+    p.add_argument("--out", required=True, help="engine folder, e.g. engines/NAME")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="model config (default: the checkpoint's "
+                                                             "illume_edge.json)")
+    p.add_argument("--precision", default="fp32", choices=["fp32"])
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("info", help="print an engine's manifest in human form")
+    p.add_argument("engine")
+    p.set_defaults(fn=cmd_info)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import CheckpointError, ConfigError, EngineError
+
+    args = build_parser().parse_args(argv)
+    known = (EngineError, ConfigError, CheckpointError, ValueError, FileNotFoundError)
+    try:
+        return args.fn(args)
+    except known as e:
+        print(f"illume-edge {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
