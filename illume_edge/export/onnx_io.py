@@ -47,12 +47,19 @@ class GraphInfo:
     outputs: list[TensorInfo]
     opset: int
     ops: list[str] = field(default_factory=list)  # sorted distinct op types
-    dynamic_ranges: dict[str, list[int]] = field(default_factory=dict)  # dim name -> [min, max]
+    dynamic_ranges: dict[str, list[int | None]] = field(default_factory=dict)  # name -> [min, max|None]
 
 
-def dim_ranges(dynamic_shapes: Any) -> dict[str, list[int]]:
-    """{name: [min, max]} of every torch.export.Dim inside a (nested) dynamic_shapes structure."""
-    out: dict[str, list[int]] = {}
+def _bound(v: Any) -> int | None:
+    try:
+        return int(v)
+    except (TypeError, ValueError, OverflowError):  # sympy oo: unbounded
+        return None
+
+
+def dim_ranges(dynamic_shapes: Any) -> dict[str, list[int | None]]:
+    """{name: [min, max]} of every torch.export.Dim in a (nested) dynamic_shapes structure; None = unbounded."""
+    out: dict[str, list[int | None]] = {}
 
     def walk(x):
         if isinstance(x, dict):
@@ -62,7 +69,7 @@ def dim_ranges(dynamic_shapes: Any) -> dict[str, list[int]]:
             for v in x:
                 walk(v)
         elif x is not None and hasattr(x, "min") and hasattr(x, "max") and hasattr(x, "__name__"):
-            out[x.__name__] = [int(x.min), int(x.max)]
+            out[x.__name__] = [_bound(x.min) or 0, _bound(x.max)]
 
     walk(dynamic_shapes)
     return out

@@ -1,0 +1,160 @@
+"""One small onnxruntime session wrapper: validated inputs, clear errors, an IO-binding path.
+
+Every component of an engine runs through `Session`. Inputs are checked against the manifest's contract
+(name, dtype, rank, fixed dims, dynamic ranges, dims shared between inputs) *before* onnxruntime sees them,
+so a bad call fails with a message naming the component and the input instead of a stack trace from deep
+inside the runtime. `run(..., out=)` binds preallocated output buffers (IO binding): the CPU path exercises
+the same code that, with a CUDA device string, keeps tensors on the GPU.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from ..manifest import Component, EngineError, TensorSpec
+
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
+              "bool": np.bool_, "uint8": np.uint8, "int8": np.int8}
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+              "tensor(int32)": "int32", "tensor(bool)": "bool", "tensor(uint8)": "uint8", "tensor(int8)": "int8"}
+
+PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def default_threads() -> int:
+    """Physical-ish core count for intra-op parallelism (affinity-aware)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def choose_providers(requested: list[str] | None = None) -> list[str]:
+    """TensorRT > CUDA > CPU among the installed providers, unless the caller (or ILLUME_EDGE_PROVIDERS) says."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    env = os.environ.get("ILLUME_EDGE_PROVIDERS")
+    if requested is None and env:
+        requested = [p.strip() for p in env.split(",") if p.strip()]
+    if requested:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            raise EngineError(f"execution provider(s) {missing} not available in this onnxruntime "
+                              f"(has {available}); install onnxruntime-gpu for CUDA/TensorRT")
+        return list(requested)
+    return [p for p in PROVIDER_PREFERENCE if p in available] or ["CPUExecutionProvider"]
+
+
+@dataclass
+class SessionOptions:
+    providers: list[str] | None = None
+    threads: int | None = None
+    device: str = "cpu"  # IO-binding device for outputs: "cpu" or "cuda"
+    device_id: int = 0
+
+
+class Session:
+    def __init__(self, name: str, path: str, component: Component, options: SessionOptions | None = None):
+        import onnxruntime as ort
+
+        self.name, self.component = name, component
+        opts = options or SessionOptions()
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = opts.threads or default_threads()
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        self.providers = choose_providers(opts.providers)
+        self.device, self.device_id = opts.device, opts.device_id
+        try:
+            self._sess = ort.InferenceSession(path, so, providers=self.providers)
+        except Exception as e:  # onnxruntime raises its own exception types for load failures
+            raise EngineError(f"{name} ({path}): onnxruntime cannot load it: {str(e).splitlines()[0][:300]}; "
+                              f"re-export the engine") from None
+        self.inputs: dict[str, TensorSpec] = {t.name: t for t in component.inputs}
+        self.outputs: dict[str, TensorSpec] = {t.name: t for t in component.outputs}
+        self._check_contract()
+        self.output_names = [o.name for o in self._sess.get_outputs()]
+
+    def _check_contract(self) -> None:
+        """The graph's own I/O must be what the manifest says (a swapped file would otherwise run)."""
+        for kind, declared, actual in (("input", self.inputs, self._sess.get_inputs()),
+                                       ("output", self.outputs, self._sess.get_outputs())):
+            got = {a.name: _ORT_TYPES.get(a.type, a.type) for a in actual}
+            want = {n: t.dtype for n, t in declared.items()}
+            if got != want:
+                raise EngineError(f"{self.name}: graph {kind}s {got} differ from the manifest's {want}; "
+                                  f"re-export the engine")
+
+    # --- validation -----------------------------------------------------------------------------------
+    def validate(self, feeds: Mapping[str, np.ndarray]) -> None:
+        unknown = sorted(set(feeds) - set(self.inputs))
+        missing = sorted(set(self.inputs) - set(feeds))
+        if unknown or missing:
+            raise EngineError(f"{self.name}: inputs missing {missing}, unknown {unknown} "
+                              f"(expects {sorted(self.inputs)})")
+        bound: dict[str, int] = {}
+        for name, spec in self.inputs.items():
+            arr = feeds[name]
+            if not isinstance(arr, np.ndarray):
+                raise EngineError(f"{self.name}: input {name} must be a numpy array, got {type(arr).__name__}")
+            want = _NP_DTYPES[spec.dtype]
+            if arr.dtype != want:
+                raise EngineError(f"{self.name}: input {name} dtype {arr.dtype}, expected {spec.dtype}")
+            if arr.ndim != len(spec.shape):
+                raise EngineError(f"{self.name}: input {name} has rank {arr.ndim} (shape {arr.shape}), expected "
+                                  f"rank {len(spec.shape)} {list(spec.shape)}")
+            for axis, (dim, size) in enumerate(zip(spec.shape, arr.shape)):
+                if isinstance(dim, int):
+                    if dim != size:
+                        raise EngineError(f"{self.name}: input {name} dim {axis} is {size}, expected {dim}")
+                    continue
+                lo_hi = self.component.dynamic_ranges.get(dim)
+                if lo_hi is not None and (size < lo_hi[0] or (lo_hi[1] is not None and size > lo_hi[1])):
+                    raise EngineError(f"{self.name}: input {name} dim {axis} ({dim}) is {size}, outside the "
+                                      f"exported range [{lo_hi[0]}, {lo_hi[1]}]; re-export with a wider range")
+                if dim in bound and bound[dim] != size:
+                    raise EngineError(f"{self.name}: input {name} dim {axis} ({dim}) is {size} but another input "
+                                      f"has {dim}={bound[dim]}")
+                bound[dim] = size
+
+    # --- running --------------------------------------------------------------------------------------
+    def run(self, feeds: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray] | None = None,
+            outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Run the graph. `out` preallocates output buffers (IO binding); others are allocated by ORT."""
+        self.validate(feeds)
+        try:
+            if out is None and self.device == "cpu":
+                names = outputs or self.output_names
+                return dict(zip(names, self._sess.run(names, dict(feeds))))
+            return self._run_bound(feeds, out or {}, outputs or self.output_names)
+        except EngineError:
+            raise
+        except Exception as e:  # onnxruntime's own error types
+            raise EngineError(f"{self.name}: onnxruntime failed: {str(e).splitlines()[0][:300]}") from None
+
+    def _run_bound(self, feeds, out, names) -> dict[str, np.ndarray]:
+        binding = self._sess.io_binding()
+        for name, arr in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(arr))
+        for name in names:
+            buf = out.get(name)
+            if buf is None:
+                binding.bind_output(name, self.device, self.device_id)
+                continue
+            if not buf.flags.c_contiguous:
+                raise EngineError(f"{self.name}: output buffer {name} must be C-contiguous")
+            want = _NP_DTYPES[self.outputs[name].dtype]
+            if buf.dtype != want:
+                raise EngineError(f"{self.name}: output buffer {name} dtype {buf.dtype}, expected {want.__name__}")
+            binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+        self._sess.run_with_iobinding(binding)
+        result = {}
+        values = binding.get_outputs()
+        for name, value in zip(names, values):
+            result[name] = out[name] if name in out else value.numpy()
+        return result

@@ -1,0 +1,370 @@
+"""The `llm` graph (KV cache, left padding, prompt-table splicing) and the `head_<range>` graphs against
+transformers, for a Qwen2 (tiny-plus) and a LLaMA (tiny-v1) model.
+
+Tolerances: fp32 throughout; the graph reorders a few float ops (scaled queries, grouped-head matmuls), so
+hidden states and logits agree with transformers to LOGIT_ATOL absolute (observed ~1e-6 on these models).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from illume_edge.config import ConfigError, preset
+from illume_edge.export.export_llm import (export_heads, export_llm, head_graph_name, lm_head_weight,
+                                           llm_input_names, llm_output_names)
+from illume_edge.export.llm import (build_llm, cache_tensors, hf_config, llm_config_from_hf, reference_step,
+                                    splice_embeds)
+
+LOGIT_ATOL = 1e-4
+HIDDEN_ATOL = 1e-4
+HEAD_ATOL = 1e-5
+DECODE_STEPS = 8
+ROW_LENGTHS = (7, 4)  # batch of 2: row 1 is left-padded by 3
+PAD_ID = 0
+
+
+QK_GAIN = 4.0  # random init gives near-uniform attention; scaling q and k makes masks and RoPE matter
+
+
+@torch.no_grad()
+def _sharpen_attention(model):
+    """Scale every q/k projection by QK_GAIN: attention scores spread ~QK_GAIN^2 wider (std ~1.5 here)."""
+    for layer in model.model.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+            proj.weight.mul_(QK_GAIN)
+            if proj.bias is not None:
+                proj.bias.mul_(QK_GAIN)
+    return model
+
+
+class Bundle:
+    """A tiny model, its exported llm + head graphs and onnxruntime sessions."""
+
+    def __init__(self, name: str, out_dir):
+        self.cfg = preset(name)
+        self.model = _sharpen_attention(build_llm(self.cfg, seed=0))
+        self.llm_info = export_llm(self.model, self.cfg, out_dir / "llm.onnx")
+        self.head_infos = export_heads(self.model, self.cfg, out_dir)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 2
+        self.llm = ort.InferenceSession(str(self.llm_info.path), opts, providers=["CPUExecutionProvider"])
+        self.heads = {name: ort.InferenceSession(str(info.path), opts, providers=["CPUExecutionProvider"])
+                      for name, info in self.head_infos.items()}
+
+    @property
+    def llm_cfg(self):
+        return self.cfg.llm
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        llm = self.llm_cfg
+        shape = (batch, llm.num_kv_heads, 0, llm.head_size)
+        return [np.zeros(shape, np.float32) for _ in range(2 * llm.num_layers)]
+
+    def table(self, rows: int, seed: int = 1) -> np.ndarray:
+        g = np.random.default_rng(seed)
+        return (g.standard_normal((rows, self.llm_cfg.hidden_size)) * 0.05).astype(np.float32)
+
+    def step(self, ids, image_embeds, mask, positions, past) -> tuple[np.ndarray, list[np.ndarray]]:
+        feeds = {"input_ids": np.asarray(ids, np.int64), "image_embeds": image_embeds,
+                 "attention_mask": np.asarray(mask, np.int64), "position_ids": np.asarray(positions, np.int64)}
+        feeds.update(zip(llm_input_names(self.cfg)[4:], past))
+        out = self.llm.run(None, feeds)
+        return out[0], out[1:]
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        """[B, tokenizer_len]: the head graphs' outputs side by side, in range order."""
+        parts = [self.heads[name].run(None, {"hidden": hidden})[0] for name in self.cfg.head_ranges()]
+        return np.concatenate(parts, axis=1)
+
+
+@pytest.fixture(scope="module", params=["tiny-plus", "tiny-v1"])
+def bundle(request, tmp_path_factory) -> Bundle:
+    return Bundle(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def _left_padded(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ids, attention_mask, position_ids [B, S] for rows of unequal length (left padding, positions from 0)."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), PAD_ID, np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    pos = np.zeros((len(rows), width), np.int64)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):] = r
+        mask[b, width - len(r):] = 1
+        pos[b, width - len(r):] = np.arange(len(r))
+    return ids, mask, pos
+
+
+def _prompts(cfg, seed: int = 0) -> list[list[int]]:
+    g = np.random.default_rng(seed)
+    return [g.integers(0, cfg.tokenizer_len, size=n).tolist() for n in ROW_LENGTHS]
+
+
+@torch.no_grad()
+def _hf_last_logits(model, ids: list[int], vocab: int) -> np.ndarray:
+    """transformers' own forward on one unpadded row, no cache: logits of the last position, [vocab]."""
+    return model(torch.tensor([ids])).logits[0, -1, :vocab].numpy()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prefill + decode with a KV cache and left padding
+# ----------------------------------------------------------------------------------------------------
+def test_prefill_decode_matches_transformers_per_row(bundle):
+    cfg, vocab = bundle.cfg, bundle.cfg.tokenizer_len
+    prompts = _prompts(cfg)
+    ids, mask, pos = _left_padded(prompts)
+    table = bundle.table(0)
+
+    hidden, past = bundle.step(ids, table, mask, pos, bundle.empty_past(len(prompts)))  # P = 0 prefill
+    assert all(np.isfinite(p).all() for p in past), "padded query rows must not produce NaN/inf presents"
+    seqs = [list(p) for p in prompts]  # transformers' own greedy continuation of each unpadded row
+    worst = 0.0
+    for step in range(DECODE_STEPS + 1):
+        logits = bundle.logits(hidden)
+        assert logits.shape == (len(prompts), vocab)
+        ours = logits.argmax(axis=1)
+        for b, seq in enumerate(seqs):
+            ref = _hf_last_logits(bundle.model, seq, vocab)
+            err = float(np.abs(logits[b] - ref).max())
+            worst = max(worst, err)
+            assert err < LOGIT_ATOL, f"{cfg.name} step {step} row {b}: logits differ by {err}"
+            assert int(ours[b]) == int(ref.argmax()), f"{cfg.name} step {step} row {b}: greedy token differs"
+            seq.append(int(ref.argmax()))
+        if step == DECODE_STEPS:
+            break
+        # decode: one new token per row on top of the presents (P > 0, same graph)
+        mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], axis=1)
+        positions = pos[:, -1:] + 1
+        pos = np.concatenate([pos, positions], axis=1)
+        hidden, past = bundle.step(ours[:, None], table, mask, positions, past)
+        assert past[0].shape[2] == mask.shape[1]
+    for b, n in enumerate(ROW_LENGTHS):
+        assert len(seqs[b]) == n + DECODE_STEPS + 1
+    print(f"{cfg.name}: max |logit diff| over {DECODE_STEPS + 1} steps = {worst:.2e}")
+
+
+def test_reference_step_matches_graph_with_padding_and_cache(bundle):
+    """The torch helper the reference pipeline uses (DynamicCache) agrees with the graph step by step."""
+    cfg = bundle.cfg
+    ids, mask, pos = _left_padded(_prompts(cfg, seed=3))
+    table = bundle.table(0)
+    hidden, past = bundle.step(ids, table, mask, pos, bundle.empty_past(ids.shape[0]))
+    ref_hidden, cache = reference_step(bundle.model, torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                                       position_ids=torch.from_numpy(pos))
+    real = mask.astype(bool)  # presents only agree on real (unpadded) slots
+    for step in range(4):
+        np.testing.assert_allclose(hidden, ref_hidden.numpy(), atol=HIDDEN_ATOL, rtol=0,
+                                   err_msg=f"{cfg.name} step {step}: last_hidden")
+        for (k, v), (ok, ov) in zip(cache_tensors(cache), zip(past[0::2], past[1::2])):
+            for b in range(ids.shape[0]):
+                np.testing.assert_allclose(ok[b][:, real[b]], k.numpy()[b][:, real[b]], atol=HIDDEN_ATOL, rtol=0)
+                np.testing.assert_allclose(ov[b][:, real[b]], v.numpy()[b][:, real[b]], atol=HIDDEN_ATOL, rtol=0)
+        token = bundle.logits(hidden).argmax(axis=1)[:, None]
+        mask = np.concatenate([mask, np.ones_like(token)], axis=1)
+        real = mask.astype(bool)
+        positions = pos[:, -1:] + 1 + step
+        hidden, past = bundle.step(token, table, mask, positions, past)
+        ref_hidden, cache = reference_step(bundle.model, torch.from_numpy(token),
+                                           attention_mask=torch.from_numpy(mask),
+                                           position_ids=torch.from_numpy(positions), past=cache)
+
+
+def test_decode_on_transformers_cache(bundle):
+    """The graph's past/present layout is transformers' (post-RoPE keys): decode from an HF prefill cache."""
+    ids, mask, pos = _left_padded(_prompts(bundle.cfg, seed=5))
+    _, cache = reference_step(bundle.model, torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                              position_ids=torch.from_numpy(pos))
+    past = [t.numpy().copy() for kv in cache_tensors(cache) for t in kv]
+    token = np.array([[11], [12]], np.int64)
+    mask = np.concatenate([mask, np.ones_like(token)], axis=1)
+    positions = pos[:, -1:] + 1
+    hidden, presents = bundle.step(token, bundle.table(0), mask, positions, past)
+    ref, _ = reference_step(bundle.model, torch.from_numpy(token), attention_mask=torch.from_numpy(mask),
+                            position_ids=torch.from_numpy(positions), past=cache)
+    np.testing.assert_allclose(hidden, ref.numpy(), atol=HIDDEN_ATOL, rtol=0)
+    assert presents[0].shape[2] == ids.shape[1] + 1
+
+
+def test_fully_masked_rows_stay_finite(bundle):
+    """A row whose every key is padding (all-zero attention_mask) gives finite outputs, not NaN."""
+    ids = np.array([[5, 6, 7], [8, 9, 10]], np.int64)
+    mask = np.array([[1, 1, 1], [0, 0, 0]], np.int64)
+    pos = np.array([[0, 1, 2], [0, 0, 0]], np.int64)
+    hidden, presents = bundle.step(ids, bundle.table(0), mask, pos, bundle.empty_past(2))
+    assert np.isfinite(hidden).all() and all(np.isfinite(p).all() for p in presents)
+    # row 0 is unaffected by its fully padded neighbour
+    alone, _ = bundle.step(ids[:1], bundle.table(0), mask[:1], pos[:1], bundle.empty_past(1))
+    np.testing.assert_allclose(hidden[:1], alone, atol=HIDDEN_ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompt-table splicing
+# ----------------------------------------------------------------------------------------------------
+def _image_prompt(cfg, rows: int) -> np.ndarray:
+    v = cfg.llm.vocab_rows
+    text = cfg.tokens
+    return np.array([[text.im_start, text.start_of_image, v + 0, v + 1, v + 2, text.end_of_image, 42],
+                     [text.start_of_image, v + 2, v + 1, 17, v + rows - 1, text.end_of_image, 43]], np.int64)
+
+
+def test_splicing_matches_inputs_embeds(bundle):
+    cfg, model = bundle.cfg, bundle.model
+    n = 4
+    table = bundle.table(n, seed=7)
+    ids = _image_prompt(cfg, n)
+    mask = np.ones_like(ids)
+    pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
+    hidden, _ = bundle.step(ids, table, mask, pos, bundle.empty_past(2))
+
+    # splice_embeds against an explicit per-token construction
+    embeds = splice_embeds(model, torch.from_numpy(ids), torch.from_numpy(table), cfg.llm.vocab_rows)
+    weight = model.get_input_embeddings().weight.detach().numpy()
+    manual = np.stack([[table[t - cfg.llm.vocab_rows] if t >= cfg.llm.vocab_rows else weight[t] for t in row]
+                       for row in ids])
+    np.testing.assert_array_equal(embeds.detach().numpy(), manual)
+
+    with torch.no_grad():
+        ref = model.model(inputs_embeds=embeds).last_hidden_state[:, -1].numpy()
+    np.testing.assert_allclose(hidden, ref, atol=HIDDEN_ATOL, rtol=0)
+    ref_step, _ = reference_step(model, None, inputs_embeds=embeds, attention_mask=torch.from_numpy(mask),
+                                 position_ids=torch.from_numpy(pos))
+    np.testing.assert_allclose(hidden, ref_step.numpy(), atol=HIDDEN_ATOL, rtol=0)
+    # the table rows really matter: a different table changes the result
+    other, _ = bundle.step(ids, table + 1.0, mask, pos, bundle.empty_past(2))
+    assert np.abs(other - hidden).max() > 1e-3
+
+
+def test_empty_image_table(bundle):
+    """N = 0: a text-only prompt runs with an empty table and equals the same prompt with an unused table."""
+    ids, mask, pos = _left_padded(_prompts(bundle.cfg, seed=9))
+    empty, _ = bundle.step(ids, bundle.table(0), mask, pos, bundle.empty_past(2))
+    unused, _ = bundle.step(ids, bundle.table(3), mask, pos, bundle.empty_past(2))
+    np.testing.assert_array_equal(empty, unused)
+
+
+def test_image_id_past_table_is_rejected(bundle):
+    cfg = bundle.cfg
+    ids = _image_prompt(cfg, 4)  # refers to table row 3
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, "):
+        splice_embeds(bundle.model, torch.from_numpy(ids), torch.from_numpy(bundle.table(3)), cfg.llm.vocab_rows)
+    with pytest.raises(Exception, match="out of data bounds"):  # the graph: an out-of-range gather
+        bundle.step(ids, bundle.table(3), np.ones_like(ids), np.zeros_like(ids), bundle.empty_past(2))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Graph contracts
+# ----------------------------------------------------------------------------------------------------
+def test_llm_graph_contract(bundle):
+    cfg, info = bundle.cfg, bundle.llm_info
+    llm = cfg.llm
+    inputs = {t.name: t for t in info.inputs}
+    outputs = {t.name: t for t in info.outputs}
+    assert list(inputs) == llm_input_names(cfg) and list(outputs) == llm_output_names(cfg)
+    assert (inputs["input_ids"].dtype, inputs["input_ids"].shape) == ("int64", ["batch", "seq"])
+    assert (inputs["image_embeds"].dtype, inputs["image_embeds"].shape) == ("float32",
+                                                                           ["image_rows", llm.hidden_size])
+    assert (inputs["attention_mask"].dtype, inputs["attention_mask"].shape) == ("int64", ["batch", "total"])
+    assert (inputs["position_ids"].dtype, inputs["position_ids"].shape) == ("int64", ["batch", "seq"])
+    kv = ["batch", llm.num_kv_heads, "past", llm.head_size]
+    for i in range(llm.num_layers):
+        for part in ("key", "value"):
+            assert inputs[f"past_key_values.{i}.{part}"].shape == kv
+            assert outputs[f"present.{i}.{part}"].dtype == "float32"
+            assert outputs[f"present.{i}.{part}"].shape[:2] == ["batch", llm.num_kv_heads]
+    assert (outputs["last_hidden"].dtype, outputs["last_hidden"].shape) == ("float32", ["batch", llm.hidden_size])
+    assert info.dynamic_ranges["past"][0] == 0 and info.dynamic_ranges["image_rows"][0] == 0
+    assert "MatMul" in info.ops and "Softmax" in info.ops
+
+
+# ----------------------------------------------------------------------------------------------------
+# Heads
+# ----------------------------------------------------------------------------------------------------
+def test_heads_equal_lm_head_rows_and_cover_tokenizer(bundle):
+    cfg = bundle.cfg
+    ranges = cfg.head_ranges()
+    assert set(bundle.head_infos) == set(ranges)
+    spans = sorted(ranges.values())
+    assert spans[0][0] == 0 and spans[-1][1] == cfg.tokenizer_len
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), f"head ranges leave gaps or overlap: {spans}"
+
+    weight = bundle.model.lm_head.weight.detach().numpy()
+    hidden = np.random.default_rng(2).standard_normal((3, cfg.llm.hidden_size)).astype(np.float32)
+    for name, (start, stop) in ranges.items():
+        info = bundle.head_infos[name]
+        assert info.path.name == f"{head_graph_name(name)}.onnx"
+        assert [(t.name, t.dtype, t.shape) for t in info.inputs] == [("hidden", "float32",
+                                                                      ["batch", cfg.llm.hidden_size])]
+        assert [(t.name, t.dtype, t.shape) for t in info.outputs] == [("logits", "float32", ["batch", stop - start])]
+        got = bundle.heads[name].run(None, {"hidden": hidden})[0]
+        np.testing.assert_allclose(got, hidden @ weight[start:stop].T, atol=HEAD_ATOL, rtol=1e-5)
+
+
+def test_tied_head_uses_input_embeddings():
+    cfg = preset("tiny-v1")
+    tied = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, tie_word_embeddings=True))
+    model = build_llm(tied, seed=0)
+    assert lm_head_weight(model, tied).data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    untied = build_llm(cfg, seed=0)
+    assert lm_head_weight(untied, cfg).data_ptr() == untied.lm_head.weight.data_ptr()
+    assert not torch.equal(untied.lm_head.weight, untied.get_input_embeddings().weight)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoint config.json
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["tiny-plus", "tiny-v1", "illume-plus-3b", "illume-plus-7b"])
+def test_llm_config_from_hf_round_trip(name):
+    cfg = preset(name)
+    d = hf_config(cfg).to_dict()
+    d["model_type"] = "illume_" + d["model_type"]  # the release's config class names
+    assert llm_config_from_hf(d) == cfg.llm
+
+
+def test_llm_config_from_hf_transformers4_layout():
+    """rope_theta at the top level (transformers 4 config.json), as the released checkpoints carry."""
+    cfg = preset("illume-plus-3b")
+    d = hf_config(cfg).to_dict()
+    d["rope_theta"] = d.pop("rope_parameters")["rope_theta"]
+    d["rope_scaling"] = None
+    assert llm_config_from_hf(d) == cfg.llm
+
+
+@pytest.mark.parametrize("name,key", [
+    ("tiny-plus", "hidden_size"), ("tiny-plus", "num_hidden_layers"), ("tiny-plus", "num_attention_heads"),
+    ("tiny-plus", "intermediate_size"), ("tiny-plus", "vocab_size"), ("tiny-plus", "rms_norm_eps"),
+    ("tiny-plus", "max_position_embeddings"), ("tiny-plus", "model_type"), ("tiny-plus", "rope_parameters"),
+    ("tiny-v1", "attention_bias"),
+])
+def test_llm_config_from_hf_missing_key_is_named(name, key):
+    d = hf_config(preset(name)).to_dict()
+    del d[key]
+    expect = "rope_theta" if key == "rope_parameters" else key  # no rope params at all: asks for rope_theta
+    with pytest.raises(ConfigError, match=f"missing key '{expect}'"):
+        llm_config_from_hf(d)
+
+
+def test_llm_config_from_hf_qwen2_implies_bias_and_rejects_unsupported():
+    d = hf_config(preset("tiny-plus")).to_dict()
+    d.pop("attention_bias", None)
+    assert llm_config_from_hf(d).attention_bias is True
+    with pytest.raises(ConfigError, match="rope type 'yarn'"):
+        llm_config_from_hf({**d, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}})
+    with pytest.raises(ConfigError, match="model_type 'mistral'"):
+        llm_config_from_hf({**d, "model_type": "mistral"})
+    with pytest.raises(ConfigError, match="'hidden_size' expected int"):
+        llm_config_from_hf({**d, "hidden_size": "64"})
+
+
+def test_hf_config_attention_implementations():
+    cfg = preset("tiny-plus")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        eager = build_llm(cfg, "eager", seed=4)(ids).logits
+        sdpa = build_llm(cfg, "sdpa", seed=4)(ids).logits
+    torch.testing.assert_close(sdpa, eager, atol=LOGIT_ATOL, rtol=0)
+    with pytest.raises(ConfigError, match="attn_implementation expected one of"):
+        hf_config(cfg, "flash_attention_2")
