@@ -1,0 +1,143 @@
+"""Drive the `llm` graph: left-padded prefill, decode steps, preallocated KV cache, head graphs.
+
+The KV cache is two preallocated buffers used ping-pong: a step reads `past` from one and ORT writes
+`present` (past + new) into the other through IO binding, so no step allocates or copies the cache on the
+host. Each layer's K and V occupy a fixed region of a buffer; the view for length L is the region's first
+B*kv*L*hd floats reshaped to [B, kv, L, hd] (contiguous, as the graph needs).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..manifest import EngineError
+from .engine import Engine
+
+
+class KVBuffers:
+    """Two flat float32 buffers holding K and V of every layer for up to `capacity` positions."""
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int):
+        self.shape = (batch, kv_heads, head_dim)
+        self.capacity = capacity
+        self.region = batch * kv_heads * capacity * head_dim  # floats per (layer, K|V) region
+        self.count = 2 * num_layers
+        self._buf = [np.empty(self.count * self.region, np.float32) for _ in range(2)]
+        self.current = 0  # the buffer holding the valid past
+
+    def views(self, which: int, length: int) -> list[np.ndarray]:
+        """[K0, V0, K1, V1, ...] of buffer `which`, each [B, kv, length, hd] over the region's start."""
+        b, kv, hd = self.shape
+        n = b * kv * length * hd
+        buf = self._buf[which]
+        return [buf[i * self.region: i * self.region + n].reshape(b, kv, length, hd) for i in range(self.count)]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self._buf[0].nbytes
+
+
+@dataclass
+class DecodeState:
+    """One batch of sequences being decoded together (e.g. the CFG cond/uncond pair)."""
+    kv: KVBuffers
+    mask: np.ndarray  # int64 [B, capacity]; 1 = real token
+    next_pos: np.ndarray  # int64 [B]: RoPE position of each row's next token
+    length: int = 0  # positions filled (prompt incl. padding + fed tokens)
+    hidden: np.ndarray | None = None  # float32 [B, hidden]: last position's final hidden state
+    fed: list[list[int]] = field(default_factory=list)  # ids fed after the prompt, per row
+
+    @property
+    def batch(self) -> int:
+        return self.mask.shape[0]
+
+
+class LLMRunner:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.cfg: ModelConfig = engine.config
+        self.session = engine.session("llm")
+        llm = self.cfg.llm
+        self.num_layers, self.hidden = llm.num_layers, llm.hidden_size
+        self.kv_heads, self.head_dim = llm.num_kv_heads, llm.head_size
+        self.pad_id = self.cfg.tokens.endoftext
+        self._empty_table = np.zeros((0, self.hidden), np.float32)
+        self._past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        self._present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+
+    # --- prefill ------------------------------------------------------------------------------------------
+    def prefill(self, rows: list[list[int]], image_embeds: np.ndarray | None = None,
+                max_new_tokens: int = 0) -> DecodeState:
+        """Left-pad `rows` to one length, run them in one call, keep room for `max_new_tokens` more."""
+        if not rows or any(len(r) == 0 for r in rows):
+            raise EngineError("llm: every prompt row needs at least one token")
+        table = self._empty_table if image_embeds is None else np.ascontiguousarray(image_embeds, np.float32)
+        if table.ndim != 2 or table.shape[1] != self.hidden:
+            raise EngineError(f"llm: image_embeds must be [N, {self.hidden}], got {list(table.shape)}")
+        width = max(len(r) for r in rows)
+        limit = self.cfg.max_prompt_len
+        if width > limit:
+            raise EngineError(f"llm: prompt of {width} tokens exceeds the model's limit of {limit}")
+        capacity = width + max_new_tokens
+        if capacity > self.cfg.llm.max_position_embeddings:
+            raise EngineError(f"llm: prompt {width} + {max_new_tokens} new tokens exceeds the context of "
+                              f"{self.cfg.llm.max_position_embeddings}")
+        batch = len(rows)
+        ids = np.full((batch, width), self.pad_id, np.int64)
+        mask = np.zeros((batch, capacity), np.int64)
+        for b, r in enumerate(rows):
+            ids[b, width - len(r):] = r  # left padding: real tokens end at the same column
+            mask[b, width - len(r):width] = 1
+        self._check_ids(ids, table.shape[0])
+        positions = np.maximum(np.cumsum(mask[:, :width], axis=1) - 1, 0)  # padded slots get position 0
+        kv = KVBuffers(self.num_layers, batch, self.kv_heads, self.head_dim, capacity)
+        state = DecodeState(kv=kv, mask=mask, next_pos=mask[:, :width].sum(axis=1), fed=[[] for _ in rows])
+        self._run(state, ids, positions, table)
+        return state
+
+    # --- decode -------------------------------------------------------------------------------------------
+    def feed(self, state: DecodeState, tokens: np.ndarray) -> np.ndarray:
+        """Append tokens [B, S] (S >= 1: a sampled token and/or a run of forced ones); return last hidden."""
+        tokens = np.asarray(tokens, np.int64)
+        if tokens.ndim == 1:
+            tokens = tokens[:, None]
+        if tokens.shape[0] != state.batch:
+            raise EngineError(f"llm: feed got {tokens.shape[0]} rows, the state has {state.batch}")
+        s = tokens.shape[1]
+        if state.length + s > state.kv.capacity:
+            raise EngineError(f"llm: KV cache full ({state.kv.capacity} positions); raise max_new_tokens")
+        self._check_ids(tokens, 0)
+        state.mask[:, state.length:state.length + s] = 1
+        positions = state.next_pos[:, None] + np.arange(s)[None, :]
+        for row, toks in zip(state.fed, tokens.tolist()):
+            row.extend(toks)
+        return self._run(state, tokens, positions, self._empty_table)
+
+    def _run(self, state: DecodeState, ids: np.ndarray, positions: np.ndarray, table: np.ndarray) -> np.ndarray:
+        p, s = state.length, ids.shape[1]
+        src, dst = state.kv.current, 1 - state.kv.current
+        feeds = {"input_ids": ids, "image_embeds": table, "attention_mask": state.mask[:, :p + s],
+                 "position_ids": positions.astype(np.int64)}
+        feeds.update(zip(self._past_names, state.kv.views(src, p)))
+        hidden = np.empty((state.batch, self.hidden), np.float32)
+        out = {"last_hidden": hidden, **dict(zip(self._present_names, state.kv.views(dst, p + s)))}
+        self.session.run(feeds, out=out)
+        state.kv.current = dst
+        state.length = p + s
+        state.next_pos = state.next_pos + s
+        state.hidden = hidden
+        return hidden
+
+    def _check_ids(self, ids: np.ndarray, table_rows: int) -> None:
+        hi = self.cfg.llm.vocab_rows + table_rows
+        if ids.size and (ids.min() < 0 or ids.max() >= hi):
+            bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+            raise EngineError(f"llm: token id {bad} outside [0, {hi}) (vocab rows {self.cfg.llm.vocab_rows} + "
+                              f"{table_rows} image rows)")
+
+    # --- heads --------------------------------------------------------------------------------------------
+    def logits(self, head: str, hidden: np.ndarray) -> np.ndarray:
+        """Logits of one contiguous vocabulary range ('text', 'level0', ...) for hidden [B, hidden]."""
+        return self.engine.session(f"head_{head}").run({"hidden": hidden})["logits"]
