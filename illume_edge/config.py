@@ -42,6 +42,7 @@ class LLMConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = True  # Qwen2: q/k/v projections carry a bias; LLaMA: none
     max_position_embeddings: int = 32768
+    max_batch: int = 8  # largest batch the llm / head graphs declare (CFG runs 2 rows per request)
     head_dim: int | None = None  # default hidden_size // num_heads
 
     @property
@@ -158,6 +159,7 @@ class ViTEncoderConfig:
     in_channels: int = 3
     out_dim: int = 3584  # merger output width (the projector's input)
     hidden_act: str = "quick_gelu"
+    rope_theta: float = 10000.0  # base of the 2-D vision RoPE (h and w share one frequency table)
     mean: tuple[float, ...] = CLIP_MEAN
     std: tuple[float, ...] = CLIP_STD
     resolution_map: tuple[tuple[tuple[int, int], tuple[int, int]], ...] = ILLUME_VIT_RESOLUTION_MAP
@@ -191,7 +193,7 @@ class MoVQConfig:
     ch: int = 128
     ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
     num_res_blocks: int = 2
-    attn_resolutions: tuple[int, ...] = (4,)
+    attn_resolutions: tuple[int, ...] = (4,)  # LEVEL indices (0 = finest) whose blocks get attention (release)
     z_channels: int = 32
     embed_dim: int = 32
     in_channels: int = 3
@@ -200,7 +202,7 @@ class MoVQConfig:
     dropout: float = 0.0
     use_dc_up_down_blocks: bool = True
     norm_groups: int = 32
-    resolution: int = 256  # nominal; attn_resolutions are relative to it (see export/movq.py)
+    resolution: int = 256  # nominal training size; unused (attn_resolutions are level indices, see export/movq.py)
 
     @property
     def downsample(self) -> int:
@@ -346,6 +348,7 @@ class DiffusionDecoderConfig:
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(SDXL_SCHEDULER))
     default_steps: int = 25
     default_cfg: float = 1.5
+    max_batch: int = 4  # largest batch the unet / vae_decoder graphs declare (CFG runs 2 rows per image)
 
     def resolution_index(self, height: int, width: int) -> int:
         """Index of an LLM-side (height, width) in the decoder's output-size list (time id 5)."""
@@ -602,7 +605,7 @@ _TINY_UNET = UNetConfig(code_channels=16, block_out_channels=(32, 64), layers_pe
                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
                         cross_attention_dim=32, text_seq_len=4, addition_time_embed_dim=8,
                         pooled_text_dim=16, norm_num_groups=8)
-_TINY_VAE = VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
+_TINY_VAE = VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8)  # SDXL-like 8x
 _TINY_ANCHORS = ((256, 256), (384, 512), (512, 384), (512, 512))
 
 

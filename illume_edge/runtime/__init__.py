@@ -1,0 +1,1 @@
+"""illume-edge runtime: numpy + onnxruntime (+ tokenizers, pillow). Never imports torch."""

@@ -1,0 +1,137 @@
+"""The two decode loops on top of `LLMRunner`: image tokens (grammar + CFG) and text (streamed).
+
+Image loop, per image: the grammar says whether the next token is forced or sampled. Forced tokens are
+queued and fed together with the last sampled token in one LLM call (a row's last code, its EOL and the
+next level's tags go in as one step); a sampled position runs only its level's head on the last hidden
+state, combines the CFG rows (row 0 conditional, row 1 unconditional) and draws with the request's
+pre-drawn uniform. Text loop: the text head, codes and level tags banned, stop ids end it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ..config import ModelConfig
+from .grammar import Forced, ImageGrammar, mask_text_logits
+from .llm_runner import LLMRunner
+from .sampler import SamplingParams, Uniforms, guided_sample, level_params
+
+ProgressFn = Callable[[int, int], None]  # (done, total)
+
+
+@dataclass
+class Timings:
+    """Seconds per stage, accumulated."""
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.stages[name] = self.stages.get(name, 0.0) + seconds
+
+    def timed(self, name: str):
+        return _Timer(self, name)
+
+    def merge(self, other: "Timings") -> None:
+        for k, v in other.stages.items():
+            self.add(k, v)
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.stages.items())
+
+
+class _Timer:
+    def __init__(self, timings: Timings, name: str):
+        self.timings, self.name = timings, name
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.timings.add(self.name, time.perf_counter() - self.t0)
+
+
+@dataclass
+class ImageTokens:
+    codes: list[np.ndarray]  # per level, int64 [h_l, w_l] indices into the level's codebook
+    height: int
+    width: int
+    llm_calls: int
+    sampled: int
+
+
+def sample_image_tokens(runner: LLMRunner, rows: list[list[int]], image_embeds: np.ndarray | None,
+                        height: int, width: int, params: SamplingParams, seed: int,
+                        timings: Timings | None = None, progress: ProgressFn | None = None) -> ImageTokens:
+    """Generate one image's tokens. `rows` = [conditional] or [conditional, unconditional] prompt ids."""
+    cfg = runner.cfg
+    timings = timings or Timings()
+    grammar = ImageGrammar(cfg, height, width)
+    n_samples = sum(h * w for h, w in (cfg.level_grid(lv, height, width) for lv in range(cfg.num_levels)))
+    uniforms = Uniforms(seed, rows=1, steps=n_samples)
+    per_level = [level_params(params, lv) for lv in cfg.levels]
+    use_cfg = len(rows) == 2 and params.cfg_scale != 1.0
+    if not use_cfg:
+        rows = rows[:1]
+    with timings.timed("prefill"):
+        state = runner.prefill(rows, image_embeds, max_new_tokens=grammar.length)
+    pending: list[int] = []
+    calls, sampled = 1, 0
+    with timings.timed("image_tokens"):
+        while not grammar.done:
+            step = grammar.next()
+            if isinstance(step, Forced):
+                run = grammar.forced_run()
+                for t in run:
+                    grammar.advance(t)
+                pending += run
+                continue
+            if pending:
+                runner.feed(state, np.tile(np.asarray(pending, np.int64), (state.batch, 1)))  # [B, S]
+                pending, calls = [], calls + 1
+            logits = runner.logits(f"level{step.level}", state.hidden)  # [B, codebook_size]
+            idx = guided_sample(logits[:1], logits[1:2] if use_cfg else None, per_level[step.level],
+                                uniforms[sampled], range_start=step.start, generated_ids_per_row=state.fed[:1])
+            token = step.start + int(idx[0])
+            grammar.advance(token)
+            pending.append(token)
+            sampled += 1
+            if progress is not None:
+                progress(grammar.pos, grammar.length)
+    return ImageTokens(grammar.codes(), height, width, calls, sampled)
+
+
+def stream_text(runner: LLMRunner, tokenizer, prompt: list[int], image_embeds: np.ndarray | None,
+                params: SamplingParams, seed: int, max_new_tokens: int,
+                timings: Timings | None = None) -> Iterator[str]:
+    """Yield decoded text pieces as tokens are generated; stops at the stop ids or `max_new_tokens`."""
+    cfg: ModelConfig = runner.cfg
+    timings = timings or Timings()
+    stops = {cfg.tokens.im_end, cfg.tokens.endoftext}
+    uniforms = Uniforms(seed, rows=1, steps=max_new_tokens)
+    decoder = tokenizer.stream()
+    t0 = time.perf_counter()
+    state = runner.prefill([prompt], image_embeds, max_new_tokens=max_new_tokens)
+    timings.add("prefill", time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for step in range(max_new_tokens):
+        logits = mask_text_logits(runner.logits("text", state.hidden), cfg)  # [1, text range]
+        token = int(guided_sample(logits, None, params, uniforms[step], range_start=0,
+                                  generated_ids_per_row=state.fed)[0])
+        if token in stops:
+            break
+        piece = decoder.push(token)
+        if piece:
+            timings.add("decode", time.perf_counter() - t0)
+            yield piece
+            t0 = time.perf_counter()
+        if step + 1 < max_new_tokens:
+            runner.feed(state, np.array([[token]], np.int64))
+        else:
+            state.fed[0].append(token)
+    timings.add("decode", time.perf_counter() - t0)
+    tail = decoder.flush()
+    if tail:
+        yield tail

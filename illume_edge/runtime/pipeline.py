@@ -1,0 +1,205 @@
+"""The user-facing API: `Pipeline.load(engine_dir)`, then `understand`, `generate`, `edit`.
+
+Each call returns its result with per-stage timings (seconds). `understand(..., stream=True)` returns a
+`TextStream` that yields text pieces as tokens decode; its `.result` is filled when it is exhausted.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from ..config import ConfigError, ModelConfig
+from .decode_loops import Timings, sample_image_tokens, stream_text
+from .detokenize import code_maps, diffusion_decode, vq_decode
+from .engine import Engine
+from .image_prep import letterbox_to_anchor, load_image, preprocess_image, unletterbox
+from .llm_runner import LLMRunner
+from .prompts import TextTokenizer, edit_prompts, generate_prompts, understand_prompt
+from .sampler import SamplingParams
+from .session import SessionOptions
+from .vision import PromptTable, encode_image
+
+ImageInput = bytes | str | Path | np.ndarray | object  # path, bytes, PIL image or uint8 array
+ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+DECODERS = ("auto", "diffusion", "vq")
+
+
+@dataclass
+class UnderstandResult:
+    text: str
+    timings: dict[str, float]
+
+
+@dataclass
+class ImageResult:
+    image: np.ndarray  # uint8 [H, W, 3]
+    codes: list[np.ndarray]  # per level, int64 [h_l, w_l]
+    resolution: tuple[int, int]  # LLM-side (height, width)
+    decoder: str
+    timings: dict[str, float]
+    seed: int
+    assessment: dict | None = field(default=None)
+
+
+class TextStream:
+    """Iterate to receive text pieces; `.result` holds the full answer and timings afterwards."""
+
+    def __init__(self, pieces: Iterator[str], timings: Timings, t0: float):
+        self._pieces, self._timings, self._t0 = pieces, timings, t0
+        self._text: list[str] = []
+        self.result: UnderstandResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for piece in self._pieces:
+            self._text.append(piece)
+            yield piece
+        self._timings.add("total", time.perf_counter() - self._t0)
+        self.result = UnderstandResult("".join(self._text), dict(self._timings.stages))
+
+
+def to_rgb(image: ImageInput) -> np.ndarray:
+    """uint8 [H, W, 3] from a path, bytes, a PIL image or an array (validated like a decoded file)."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image array: expected uint8 [H, W, 3], got {image.dtype} {list(image.shape)}")
+        from PIL import Image
+
+        image = Image.fromarray(image)  # one path for every input: size bounds and checks of load_image
+    return load_image(image)
+
+
+def parse_resolution(value: str | Sequence[int] | None, cfg: ModelConfig) -> tuple[int, int]:
+    """'HxW' or (H, W) -> an anchor resolution of the model (default: its first anchor)."""
+    if value is None:
+        return cfg.anchors[0]
+    if isinstance(value, str):
+        try:
+            h, w = (int(v) for v in value.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"resolution {value!r}: expected HxW, e.g. 256x256") from None
+    else:
+        h, w = (int(v) for v in value)
+    if (h, w) not in cfg.anchors:
+        raise ValueError(f"resolution {h}x{w} is not supported by {cfg.name}; choose one of "
+                         f"{', '.join(f'{a}x{b}' for a, b in cfg.anchors)}")
+    return h, w
+
+
+class Pipeline:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.cfg = engine.config
+        self.tokenizer = TextTokenizer.from_file(engine.asset_path("tokenizer"), self.cfg)
+        self.runner = LLMRunner(engine)
+        gen = engine.json_asset("generation_config")
+        self.repetition_penalty = float(gen.get("repetition_penalty", self.cfg.defaults.repetition_penalty))
+
+    @classmethod
+    def load(cls, engine_dir: str | Path, *, providers: list[str] | None = None, threads: int | None = None,
+             check_hash: bool = True) -> "Pipeline":
+        return cls(Engine.load(engine_dir, SessionOptions(providers=providers, threads=threads), check_hash))
+
+    # --- parameters ---------------------------------------------------------------------------------------
+    def _params(self, task: str, temperature, top_k, top_p, cfg_scale, repetition_penalty) -> SamplingParams:
+        d = getattr(self.cfg.defaults, task)
+        return SamplingParams(
+            temperature=d.temperature if temperature is None else temperature,
+            top_k=d.top_k if top_k is None else top_k, top_p=d.top_p if top_p is None else top_p,
+            cfg_scale=d.cfg if cfg_scale is None else cfg_scale,
+            repetition_penalty=self.repetition_penalty if repetition_penalty is None else repetition_penalty)
+
+    def _decoder(self, decoder: str) -> str:
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder {decoder!r}: choose one of {DECODERS}")
+        if decoder == "auto":
+            return "diffusion" if self.engine.has("unet") else "vq"
+        if not self.engine.has("unet" if decoder == "diffusion" else "vq_decoder"):
+            raise ConfigError(f"{self.cfg.name}: this engine has no {decoder} decoder")
+        return decoder
+
+    # --- understanding ------------------------------------------------------------------------------------
+    def understand(self, image: ImageInput, question: str, *, max_new_tokens: int = 256,
+                   temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                   repetition_penalty: float | None = None, seed: int = 0,
+                   stream: bool = False) -> UnderstandResult | TextStream:
+        t0 = time.perf_counter()
+        timings = Timings()
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        prompt = understand_prompt(self.tokenizer, self.cfg, question)
+        params = self._params("understand", temperature, top_k, top_p, 1.0, repetition_penalty)
+        with timings.timed("preprocess"):
+            pixels = preprocess_image(to_rgb(image), self.cfg)
+        table = PromptTable(self.cfg)
+        image_ids = table.add(encode_image(self.engine, pixels, timings))
+        pieces = stream_text(self.runner, self.tokenizer, prompt.expand([image_ids]), table.table(), params, seed,
+                             max_new_tokens, timings)
+        out = TextStream(pieces, timings, t0)
+        if stream:
+            return out
+        for _ in out:
+            pass
+        return out.result
+
+    # --- generation ---------------------------------------------------------------------------------------
+    def generate(self, prompt: str, *, resolution: str | Sequence[int] | None = None, seed: int = 0,
+                 cfg: float | None = None, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, repetition_penalty: float | None = None, decoder: str = "auto",
+                 steps: int | None = None, decoder_cfg: float | None = None,
+                 progress: ProgressFn | None = None) -> ImageResult:
+        t0 = time.perf_counter()
+        h, w = parse_resolution(resolution, self.cfg)
+        cond, uncond = generate_prompts(self.tokenizer, self.cfg, prompt, h, w)
+        params = self._params("generate", temperature, top_k, top_p, cfg, repetition_penalty)
+        result = self._image(Timings(), [cond.ids(), uncond.ids()], None, h, w, params, seed, decoder, steps,
+                             decoder_cfg, progress)
+        result.timings["total"] = time.perf_counter() - t0
+        return result
+
+    def edit(self, image: ImageInput, instruction: str, *, seed: int = 0, cfg: float | None = None,
+             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+             repetition_penalty: float | None = None, decoder: str = "auto", steps: int | None = None,
+             decoder_cfg: float | None = None, keep_size: bool = True,
+             progress: ProgressFn | None = None) -> ImageResult:
+        """Edit `image`: letterboxed (white) to the nearest anchor, fed to both CFG rows as continuous
+        features; the result is cropped back to the source's aspect (and size, when `keep_size`)."""
+        t0 = time.perf_counter()
+        timings = Timings()
+        with timings.timed("preprocess"):
+            source = to_rgb(image)
+            boxed, (h, w), _ = letterbox_to_anchor(source, self.cfg.anchors)
+            pixels = preprocess_image(boxed, self.cfg)
+        cond, uncond = edit_prompts(self.tokenizer, self.cfg, instruction, h, w)
+        params = self._params("edit", temperature, top_k, top_p, cfg, repetition_penalty)
+        table = PromptTable(self.cfg)
+        image_ids = table.add(encode_image(self.engine, pixels, timings))
+        result = self._image(timings, [cond.expand([image_ids]), uncond.expand([image_ids])], table.table(), h, w,
+                             params, seed, decoder, steps, decoder_cfg, progress)
+        if keep_size:
+            with timings.timed("postprocess"):
+                result.image = unletterbox(result.image, source.shape[:2])
+        result.timings = dict(timings.stages, total=time.perf_counter() - t0)
+        return result
+
+    def _image(self, timings: Timings, rows: list[list[int]], table: np.ndarray | None, h: int, w: int,
+               params: SamplingParams, seed: int, decoder: str, steps: int | None, decoder_cfg: float | None,
+               progress: ProgressFn | None) -> ImageResult:
+        decoder = self._decoder(decoder)
+
+        def report(stage):
+            return None if progress is None else (lambda done, total: progress(stage, done, total))
+
+        tokens = sample_image_tokens(self.runner, rows, table, h, w, params, seed, timings, report("tokens"))
+        maps = code_maps(self.engine, tokens.codes)
+        if decoder == "vq":
+            image = vq_decode(self.engine, maps, timings)
+        else:
+            dcfg = self.cfg.diffusion
+            image = diffusion_decode(self.engine, maps, h, w, steps=steps or dcfg.default_steps,
+                                     cfg_scale=dcfg.default_cfg if decoder_cfg is None else decoder_cfg, seed=seed,
+                                     timings=timings, progress=report("diffusion"))
+        return ImageResult(image, tokens.codes, (h, w), decoder, dict(timings.stages), seed)
