@@ -71,6 +71,82 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _progress_bar(stage: str, done: int, total: int) -> None:
+    width = 30
+    filled = int(width * done / max(total, 1))
+    end = "\n" if done >= total else ""
+    print(f"\r  {stage:<9} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end=end, file=sys.stderr,
+          flush=True)
+
+
+def _timings(t: dict[str, float]) -> str:
+    return "timings: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in t.items())
+
+
+def _save(image, out: str) -> None:
+    from PIL import Image
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(out)
+
+
+def _pipeline(args):
+    from .runtime.pipeline import Pipeline
+
+    return Pipeline.load(args.engine, threads=args.threads)
+
+
+def cmd_understand(args) -> int:
+    pipe = _pipeline(args)
+    stream = pipe.understand(Path(args.image), args.question, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, seed=args.seed, stream=True)
+    for piece in stream:
+        print(piece, end="", flush=True)
+    print()
+    print(_timings(stream.result.timings), file=sys.stderr)
+    return 0
+
+
+def _image_kwargs(args) -> dict:
+    return dict(seed=args.seed, cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                decoder=args.decoder, steps=args.steps, progress=None if args.quiet else _progress_bar)
+
+
+def cmd_generate(args) -> int:
+    pipe = _pipeline(args)
+    result = pipe.generate(args.prompt, resolution=args.resolution, **_image_kwargs(args))
+    _save(result.image, args.out)
+    print(f"wrote {args.out} ({result.image.shape[1]}x{result.image.shape[0]}, {result.decoder} decoder)")
+    print(_timings(result.timings), file=sys.stderr)
+    return 0
+
+
+def cmd_edit(args) -> int:
+    pipe = _pipeline(args)
+    result = pipe.edit(Path(args.image), args.instruction, **_image_kwargs(args))
+    _save(result.image, args.out)
+    print(f"wrote {args.out} ({result.image.shape[1]}x{result.image.shape[0]}, {result.decoder} decoder)")
+    print(_timings(result.timings), file=sys.stderr)
+    return 0
+
+
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", required=True, help="engine folder (illume-edge export ... --out DIR)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the task's)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the machine's cores)")
+
+
+def _image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output image (.png)")
+    p.add_argument("--cfg", type=float, default=None, help="LLM classifier-free guidance scale")
+    p.add_argument("--top-k", dest="top_k", type=int, default=None)
+    p.add_argument("--top-p", dest="top_p", type=float, default=None)
+    p.add_argument("--decoder", default="auto", choices=["auto", "diffusion", "vq"])
+    p.add_argument("--steps", type=int, default=None, help="diffusion decoder steps")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
 
@@ -94,6 +170,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print an engine's manifest in human form")
     p.add_argument("engine")
     p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("understand", help="answer a question about an image (streams the answer)")
+    _runtime_args(p)
+    p.add_argument("--image", required=True)
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=256)
+    p.add_argument("question")
+    p.set_defaults(fn=cmd_understand)
+
+    p = sub.add_parser("generate", help="draw an image from a prompt")
+    _runtime_args(p)
+    _image_args(p)
+    p.add_argument("--resolution", default=None, help="HxW, one of the model's anchors (default: the first)")
+    p.add_argument("prompt")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("edit", help="edit an image by an instruction")
+    _runtime_args(p)
+    _image_args(p)
+    p.add_argument("--image", required=True)
+    p.add_argument("instruction")
+    p.set_defaults(fn=cmd_edit)
     return ap
 
 

@@ -87,6 +87,8 @@ def sample_image_tokens(runner: LLMRunner, rows: list[list[int]], image_embeds: 
                 for t in run:
                     grammar.advance(t)
                 pending += run
+                if progress is not None:  # forced runs close rows (EOL) and levels: progress per row
+                    progress(grammar.pos, grammar.length)
                 continue
             if pending:
                 runner.feed(state, np.tile(np.asarray(pending, np.int64), (state.batch, 1)))  # [B, S]
@@ -98,8 +100,6 @@ def sample_image_tokens(runner: LLMRunner, rows: list[list[int]], image_embeds: 
             grammar.advance(token)
             pending.append(token)
             sampled += 1
-            if progress is not None:
-                progress(grammar.pos, grammar.length)
     return ImageTokens(grammar.codes(), height, width, calls, sampled)
 
 

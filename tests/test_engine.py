@@ -1,0 +1,232 @@
+"""Engine folders from tiny checkpoints: strict manifest, portable + TensorRT-parsable graphs, and every
+exported component equal to its torch module (fp32) at two or more shapes, for tiny-plus and tiny-v1."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from illume_edge.manifest import EngineError, read_manifest, verify_engine
+from illume_edge.runtime.engine import Engine
+from illume_edge.runtime.image_prep import pixel_inputs, vit_inputs
+from illume_edge.tensorrt_ops import unsupported_ops
+
+PRESETS = ["tiny-plus", "tiny-v1"]
+
+
+def _close(got, want, what, rel=1e-4):
+    """max |got - want| <= rel * max(1, max |want|) (fp32 graph vs fp32 torch)."""
+    want = want.detach().numpy() if isinstance(want, torch.Tensor) else want
+    scale = max(1.0, float(np.abs(want).max()))
+    err = float(np.abs(got - want).max())
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    assert err <= rel * scale, f"{what}: max abs err {err:.3g} > {rel} x scale {scale:.3g}"
+
+
+@pytest.fixture(scope="module", params=PRESETS)
+def built(request, tiny_engine):
+    engine_dir, mods = tiny_engine(request.param)
+    return Engine.load(engine_dir), mods
+
+
+def test_components_and_assets(built):
+    engine, mods = built
+    cfg = mods.cfg
+    names = {f"vision_{b.name}" for b in cfg.branches} | {"llm"} | {f"head_{k}" for k in cfg.head_ranges()}
+    names |= {"unet", "vae_decoder"} | ({"vq_decoder"} if cfg.vq_decoder else set())
+    assert set(engine.manifest.components) == names
+    assert set(engine.manifest.assets) == {"tokenizer", "scheduler", "generation_config"} | \
+        {f"codebook_level{i}" for i in range(cfg.num_levels)}
+    p = engine.manifest.producer
+    assert p.opset == 18 and p.torch.startswith("2.") and p.onnxruntime
+    for i, q in enumerate(mods.quantizers):
+        np.testing.assert_array_equal(engine.codebook(i), q.effective_table().detach().numpy())
+
+
+def test_graphs_are_portable_and_tensorrt_parsable(built):
+    import onnx
+
+    engine, _ = built
+    for name, comp in engine.manifest.components.items():
+        model = onnx.load(str(engine.dir / comp.path), load_external_data=False)
+        domains = {n.domain or "ai.onnx" for n in model.graph.node}
+        assert domains == {"ai.onnx"}, f"{name}: non-standard domains {domains}"
+        ops = {n.op_type for n in model.graph.node}
+        assert set(comp.ops) == ops
+        assert not unsupported_ops(ops), f"{name}: {unsupported_ops(ops)} not in TensorRT's ONNX parser"
+
+
+def test_vision_branches_match_torch_at_two_sizes(built):
+    from illume_edge.config import ViTEncoderConfig
+
+    engine, mods = built
+    rng = np.random.default_rng(0)
+    for h, w in ((64, 64), (96, 128)):
+        image = rng.uniform(-1, 1, (3, h, w)).astype(np.float32)
+        for b in mods.cfg.branches:
+            enc, proj = mods.encoders[b.name], mods.projectors[b.name]
+            with torch.no_grad():
+                if isinstance(b.encoder, ViTEncoderConfig):
+                    v = vit_inputs(image, b.encoder)
+                    feeds = {"pixel_values": v.pixel_values, "rotary_cos": v.rotary_cos, "rotary_sin": v.rotary_sin}
+                    out = enc(torch.from_numpy(v.pixel_values), grid_thw=torch.tensor([[1, *v.grid]]))
+                    want = proj(out.pooler_output)  # transformers' own forward (cu_seqlens, its own rotary)
+                else:
+                    feeds = {"pixel_values": pixel_inputs(image, b.encoder)}
+                    z = enc(torch.from_numpy(feeds["pixel_values"]))
+                    want = proj(z[0].flatten(1).T)
+            got = engine.session(f"vision_{b.name}").run(feeds)["features"]
+            _close(got, want, f"vision_{b.name} {h}x{w}")
+
+
+def test_llm_and_heads_match_transformers(built):
+    """Prefill (P=0) then decode steps through the engine's graphs vs transformers' full forward."""
+    engine, mods = built
+    cfg = mods.cfg
+    rng = np.random.default_rng(1)
+    for length in (5, 11):
+        ids = rng.integers(0, cfg.tokens.text_vocab_size, (1, length))
+        llm = engine.session("llm")
+        kv = {f"past_key_values.{i}.{k}": np.zeros((1, cfg.llm.num_kv_heads, 0, cfg.llm.head_size), np.float32)
+              for i in range(cfg.llm.num_layers) for k in ("key", "value")}
+        seq = ids
+        for step in range(3):
+            new = seq if step == 0 else seq[:, -1:]
+            past_len = seq.shape[1] - new.shape[1]
+            out = llm.run({"input_ids": new, "image_embeds": np.zeros((0, cfg.llm.hidden_size), np.float32),
+                           "attention_mask": np.ones((1, seq.shape[1]), np.int64),
+                           "position_ids": np.arange(past_len, seq.shape[1])[None], **kv})
+            kv = {k.replace("present", "past_key_values"): v for k, v in out.items() if k.startswith("present")}
+            with torch.no_grad():
+                want = mods.llm(torch.from_numpy(seq)).logits[:, -1].numpy()
+            for name, (a, z) in cfg.head_ranges().items():
+                got = engine.session(f"head_{name}").run({"hidden": out["last_hidden"]})["logits"]
+                _close(got, want[:, a:z], f"head_{name} len {length} step {step}")
+            seq = np.concatenate([seq, rng.integers(0, 1000, (1, 1))], axis=1)
+
+
+def test_vq_decoder_matches_torch_at_two_grids(built):
+    from illume_edge.export.export_vision import reference_vq_decode
+
+    engine, mods = built
+    cfg = mods.cfg
+    if cfg.vq_decoder is None:
+        assert not engine.has("vq_decoder")
+        return
+    rng = np.random.default_rng(2)
+    for h, w in ((256, 256), (384, 512)):
+        maps = [rng.standard_normal((1, lv.code_dim, *cfg.level_grid(i, h, w))).astype(np.float32)
+                for i, lv in enumerate(cfg.levels)]
+        got = engine.session("vq_decoder").run({f"codes_level{i}": m for i, m in enumerate(maps)})["image"]
+        want = reference_vq_decode(mods.post_quant_conv, mods.vq_decoder, [torch.from_numpy(m) for m in maps])
+        _close(got, want, f"vq_decoder {h}x{w}")
+
+
+def test_unet_and_vae_match_torch_at_two_sizes(built):
+    from illume_edge.export.diffusion import time_ids_for, zero_text_conditioning
+
+    engine, mods = built
+    d = mods.cfg.diffusion
+    rng = np.random.default_rng(3)
+    for batch, (lh, lw) in ((2, (8, 8)), (1, (12, 16))):
+        latent = rng.standard_normal((batch, d.unet.latent_channels, lh, lw)).astype(np.float32)
+        codes = rng.standard_normal((batch, d.unet.code_channels, lh, lw)).astype(np.float32)
+        t = np.full((batch,), 537.0, np.float32)
+        time_ids = np.tile(np.asarray(time_ids_for(d.unet, 3), np.float32), (batch, 1))
+        got = engine.session("unet").run({"latent": latent, "timestep": t, "code_map": codes,
+                                          "time_ids": time_ids})["noise_pred"]
+        with torch.no_grad():
+            text, pooled = zero_text_conditioning(d.unet, batch, torch.zeros(1))
+            want = mods.unet(torch.from_numpy(np.concatenate([latent, codes], 1)), torch.from_numpy(t),
+                             encoder_hidden_states=text,
+                             added_cond_kwargs={"text_embeds": pooled, "time_ids": torch.from_numpy(time_ids)}).sample
+        _close(got, want, f"unet {batch}x{lh}x{lw}")
+        got = engine.session("vae_decoder").run({"latent": latent})["image"]
+        with torch.no_grad():
+            want = mods.vae.decode(torch.from_numpy(latent) / d.vae.scaling_factor).sample
+        _close(got, want, f"vae_decoder {batch}x{lh}x{lw}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The manifest is strict and the files are checked before any session exists
+# ----------------------------------------------------------------------------------------------------
+@pytest.fixture()
+def engine_copy(tiny_engine, tmp_path):
+    src, _ = tiny_engine("tiny-v1")
+    dst = tmp_path / "engine"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_manifest(engine_dir, fn):
+    path = engine_dir / "manifest.json"
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+def test_unknown_manifest_key(engine_copy):
+    _edit_manifest(engine_copy, lambda d: d.update(extra=1))
+    with pytest.raises(EngineError, match=r"unknown key\(s\) \['extra'\]"):
+        read_manifest(engine_copy)
+    _edit_manifest(engine_copy, lambda d: (d.pop("extra"), d["components"]["llm"].update(shards=2)))
+    with pytest.raises(EngineError, match=r"components.llm: unknown key\(s\) \['shards'\]"):
+        read_manifest(engine_copy)
+
+
+def test_missing_key_and_wrong_version(engine_copy):
+    _edit_manifest(engine_copy, lambda d: d.pop("producer"))
+    with pytest.raises(EngineError, match="missing key 'producer'"):
+        read_manifest(engine_copy)
+    _edit_manifest(engine_copy, lambda d: d.update(format_version=99, producer={}))
+    with pytest.raises(EngineError, match="format_version 99 is not supported"):
+        read_manifest(engine_copy)
+
+
+def test_sha_mismatch_truncation_lfs_and_missing_file(engine_copy):
+    m = read_manifest(engine_copy)
+    head = engine_copy / m.component("head_level0").path
+    data = bytearray(head.read_bytes())
+    data[-1] ^= 0xFF
+    head.write_bytes(bytes(data))
+    with pytest.raises(EngineError, match="sha256 .* does not match"):
+        verify_engine(engine_copy, m)
+    head.write_bytes(bytes(data[:-10]))
+    with pytest.raises(EngineError, match="truncated or was replaced"):
+        verify_engine(engine_copy, m)
+    head.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    with pytest.raises(EngineError, match="git-lfs pointer"):
+        verify_engine(engine_copy, m)
+    head.unlink()
+    with pytest.raises(EngineError, match="head_level0.onnx: missing"):
+        Engine.load(engine_copy)
+
+
+def test_unlisted_graph_is_refused(engine_copy):
+    shutil.copyfile(engine_copy / "head_level0.onnx", engine_copy / "rogue.onnx")
+    with pytest.raises(EngineError, match="rogue.onnx: graph/plan not listed"):
+        Engine.load(engine_copy)
+
+
+def test_swapped_graph_is_caught_by_the_contract(engine_copy):
+    m = read_manifest(engine_copy)
+    a, b = engine_copy / m.component("head_text").path, engine_copy / m.component("vae_decoder").path
+    _edit_manifest(engine_copy, lambda d: d["components"]["head_text"].update(
+        files=[dict(d["components"]["vae_decoder"]["files"][0], path="head_text.onnx")]))
+    (engine_copy / "head_text.onnx").unlink()
+    (engine_copy / "head_text.onnx.data").unlink(missing_ok=True)
+    shutil.copyfile(b, a)
+    engine = Engine.load(engine_copy)
+    with pytest.raises(EngineError, match="head_text: graph inputs .* differ from the manifest"):
+        engine.session("head_text")
+
+
+def test_info_prints_the_manifest(tiny_engine, capsys):
+    from illume_edge.cli import main
+
+    engine_dir, _ = tiny_engine("tiny-plus")
+    assert main(["info", str(engine_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-plus (format 1, fp32)" in out and "llm: qwen2, 2 layers" in out
+    assert "output level1 pixel: 1536 codes" in out and "vq_decoder" in out and "dynamic: batch 1..8" in out
