@@ -153,5 +153,10 @@ def test_diffusers_config_mismatch_is_named(ckpt_copy):
     d = json.loads(path.read_text())
     d["in_channels"] = 4
     path.write_text(json.dumps(d))
-    with pytest.raises(CheckpointError, match="unet/config.json: in_channels is 4"):
+    with pytest.raises(CheckpointError, match="unet/config.json: in_channels .*leave code_channels 0"):
+        load_checkpoint(ckpt_copy)
+    d["in_channels"] = 4 + 32
+    path.write_text(json.dumps(d))
+    with pytest.raises(CheckpointError, match="unet/config.json: code_channels is 32, the model config 'tiny-plus' "
+                                              "expects 16"):
         load_checkpoint(ckpt_copy)

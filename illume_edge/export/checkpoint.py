@@ -190,14 +190,11 @@ def check_llm_config(cfg: ModelConfig, config_json: Path) -> None:
     """The MLLM's config.json must describe the same LLM as the model config."""
     from .llm import llm_config_from_hf
 
+    data = _read_json(config_json)
     try:
-        data = json.loads(config_json.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{config_json}: unreadable ({e})") from None
-    try:
-        got = llm_config_from_hf(data)
+        got = llm_config_from_hf(data, where=str(config_json))
     except (KeyError, ValueError, ConfigError) as e:
-        raise CheckpointError(f"{config_json}: {e}") from None
+        raise CheckpointError(str(e)) from None
     want = cfg.llm
     for name in ("arch", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size",
                  "vocab_rows", "rope_theta", "tie_word_embeddings", "head_size"):
@@ -207,20 +204,29 @@ def check_llm_config(cfg: ModelConfig, config_json: Path) -> None:
                                   f"use the preset that matches this checkpoint")
 
 
-def _check_diffusers_config(cfg_dict: dict, path: Path) -> None:
+def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable ({e})") from None
 
-    def norm(v):
-        return list(v) if isinstance(v, (list, tuple)) else v
 
-    for k, v in cfg_dict.items():
-        if k.startswith("_") or k not in data:
-            continue
-        if norm(data[k]) != norm(v):
-            raise CheckpointError(f"{path}: {k} is {data[k]!r}, the model config expects {v!r}")
+def check_diffusion_configs(cfg: ModelConfig, folder: Path) -> None:
+    """unet/ and vae/ config.json must describe exactly the decoder of the model config."""
+    from .diffusion import unet_cfg_from_diffusers, vae_cfg_from_diffusers
+
+    d = cfg.diffusion
+    try:
+        unet = unet_cfg_from_diffusers(_read_json(folder / "unet" / "config.json"), text_seq_len=d.unet.text_seq_len,
+                                       num_time_ids=d.unet.num_time_ids, where=str(folder / "unet" / "config.json"))
+        vae = vae_cfg_from_diffusers(_read_json(folder / "vae" / "config.json"), where=str(folder / "vae" / "config.json"))
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    for sub, got, want in (("unet", unet, d.unet), ("vae", vae, d.vae)):
+        for name in want.__dataclass_fields__:
+            if getattr(got, name) != getattr(want, name):
+                raise CheckpointError(f"{folder / sub / 'config.json'}: {name} is {getattr(got, name)!r}, the model "
+                                      f"config {cfg.name!r} expects {getattr(want, name)!r}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -260,17 +266,13 @@ def load_checkpoint(paths: CheckpointPaths | str | os.PathLike, cfg: ModelConfig
         _load_diffusion(mods, paths.diffusion_decoder)
     gen = paths.mllm / "generation_config.json"
     if gen.is_file():
-        mods.generation_config = json.loads(gen.read_text())
+        mods.generation_config = _read_json(gen)
     return mods.eval()
 
 
 def _load_diffusion(mods: IllumeModules, folder: Path) -> None:
-    from .diffusion import unet_config_dict, vae_config_dict
-
-    dcfg = mods.cfg.diffusion
-    for sub, module, cfg_dict in (("unet", mods.unet, unet_config_dict(dcfg.unet)),
-                                  ("vae", mods.vae, vae_config_dict(dcfg.vae))):
-        _check_diffusers_config(cfg_dict, folder / sub / "config.json")
+    check_diffusion_configs(mods.cfg, folder)
+    for sub, module in (("unet", mods.unet), ("vae", mods.vae)):
         tensors = read_safetensors_folder(folder / sub, "diffusion_pytorch_model")
         expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
         check_keys(str(folder / sub), expected, tensors)
@@ -278,7 +280,7 @@ def _load_diffusion(mods: IllumeModules, folder: Path) -> None:
     sched = folder / "scheduler" / "scheduler_config.json"
     if not sched.is_file():
         raise CheckpointError(f"{sched}: missing (the diffusion decoder's scheduler config)")
-    mods.scheduler_config = json.loads(sched.read_text())
+    mods.scheduler_config = _read_json(sched)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -110,9 +110,10 @@ class LLMRunner:
             raise EngineError(f"llm: KV cache full ({state.kv.capacity} positions); raise max_new_tokens")
         self._check_ids(tokens, 0)
         state.mask[:, state.length:state.length + s] = 1
-        positions = state.next_pos[:, None] + np.arange(s)[None, :]
+        positions = state.next_pos[:, None] + np.arange(s)[None, :]  # [B, S]
         for row, toks in zip(state.fed, tokens.tolist()):
             row.extend(toks)
+        state.next_pos = state.next_pos + s
         return self._run(state, tokens, positions, self._empty_table)
 
     def _run(self, state: DecodeState, ids: np.ndarray, positions: np.ndarray, table: np.ndarray) -> np.ndarray:
@@ -126,7 +127,6 @@ class LLMRunner:
         self.session.run(feeds, out=out)
         state.kv.current = dst
         state.length = p + s
-        state.next_pos = state.next_pos + s
         state.hidden = hidden
         return hidden
 
