@@ -26,14 +26,19 @@ test: setup
 $(CKPT)/illume_edge.json: | setup
 	$(BIN)/illume-edge make-tiny --preset $(PRESET) --out $(CKPT)
 
-export: $(CKPT)/illume_edge.json
+$(ENGINE)/manifest.json: $(CKPT)/illume_edge.json
 	$(BIN)/illume-edge export --checkpoint $(CKPT) --out $(ENGINE)
+
+export: $(ENGINE)/manifest.json
 	$(BIN)/illume-edge info $(ENGINE)
 
 info:
 	$(BIN)/illume-edge info $(ENGINE)
 
+# Until the trained ILLUME-nano ships (issue 3) the default engine is the random tiny-plus model:
+# the demo exercises every stage end to end, but its answers and images are noise.
 demo: export
+	$(BIN)/illume-edge demo --engine $(ENGINE) --out outputs
 
 bench: setup
 	@echo "make bench: the benchmark harness is not built yet (issue 4)"; exit 1

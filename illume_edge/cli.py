@@ -130,6 +130,46 @@ def cmd_edit(args) -> int:
     return 0
 
 
+def demo_image(size: int = 128):
+    """A small scene to question and edit: a red circle left of a blue square on white."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    q = size // 8
+    draw.ellipse((q, 3 * q, 3 * q, 5 * q), fill=(220, 30, 30))
+    draw.rectangle((5 * q, 3 * q, 7 * q, 5 * q), fill=(30, 60, 220))
+    return img
+
+
+def cmd_demo(args) -> int:
+    """Understanding (streamed), generation and editing on one engine; images and timings to --out."""
+    import numpy as np
+
+    pipe = _pipeline(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    source = demo_image()
+    source.save(out / "input.png")
+    print(f"engine {args.engine} ({pipe.cfg.name}); input image {out / 'input.png'}")
+    for question in ("What shapes are in the image?", "What color is the circle?"):
+        print(f"Q: {question}\nA: ", end="", flush=True)
+        stream = pipe.understand(np.asarray(source), question, max_new_tokens=args.max_new_tokens, stream=True)
+        for piece in stream:
+            print(piece, end="", flush=True)
+        print(f"\n   {_timings(stream.result.timings)}")
+    progress = None if args.quiet else _progress_bar
+    for i, prompt in enumerate(("a red circle to the left of a blue square", "a green triangle")):
+        result = pipe.generate(prompt, seed=i, steps=args.steps, progress=progress)
+        path = out / f"generate_{i}.png"
+        _save(result.image, str(path))
+        print(f"generate {prompt!r} -> {path} ({result.decoder})\n   {_timings(result.timings)}")
+    result = pipe.edit(np.asarray(source), "make the square yellow", seed=0, steps=args.steps, progress=progress)
+    _save(result.image, str(out / "edit.png"))
+    print(f"edit 'make the square yellow' -> {out / 'edit.png'} ({result.decoder})\n   {_timings(result.timings)}")
+    return 0
+
+
 def _runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", required=True, help="engine folder (illume-edge export ... --out DIR)")
     p.add_argument("--seed", type=int, default=0)
@@ -184,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", default=None, help="HxW, one of the model's anchors (default: the first)")
     p.add_argument("prompt")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("demo", help="run understanding, generation and editing on an engine; save to --out")
+    _runtime_args(p)
+    p.add_argument("--out", default="outputs")
+    p.add_argument("--steps", type=int, default=None, help="diffusion decoder steps")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=24)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("edit", help="edit an image by an instruction")
     _runtime_args(p)

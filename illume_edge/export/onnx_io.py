@@ -133,38 +133,23 @@ def export_onnx(module: torch.nn.Module, args: tuple, path: str | os.PathLike, *
                                     verbose=False, report=False)
     if program is None:
         raise ExportError(f"{path.name}: torch.onnx.export returned no program")
-    model = program.model_proto
+    graph = program.model.graph
     # The exporter may prefix or rename graph outputs; enforce the contract's names.
-    for value, name in zip(model.graph.output, output_names):
-        if value.name != name:
-            _rename_value(model.graph, value.name, name)
-    model = onnx.shape_inference.infer_shapes(model) if model.ByteSize() < (1 << 31) - 1 else model
-    check_portable(model, path.name)
-
-    for f in (path, path.with_name(path.name + ".data")):
+    for value, name in zip(graph.outputs, output_names):
+        value.name = name
+    size = sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
+    use_external = external_data if external_data is not None else size >= EXTERNAL_DATA_THRESHOLD
+    data_path = path.with_name(path.name + ".data")
+    for f in (path, data_path):
         if f.exists():
             f.unlink()
-    size = sum(int(t.raw_data.__len__()) for t in model.graph.initializer)
-    use_external = external_data if external_data is not None else size >= EXTERNAL_DATA_THRESHOLD
-    files = [path]
-    if use_external:
-        data_name = path.name + ".data"
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        if (path.parent / data_name).exists():
-            files.append(path.parent / data_name)
-    else:
-        onnx.save_model(model, str(path))
-    onnx.checker.check_model(str(path))
+    # program.save streams each weight from torch to the sidecar: no second in-memory copy of the model.
+    program.save(str(path), external_data=use_external)
+    del program
+    model = onnx.load(str(path), load_external_data=False)  # graph only
+    check_portable(model, path.name)
+    onnx.checker.check_model(str(path))  # by path: handles external data of any size
+    files = [path] + ([data_path] if data_path.exists() else [])
     return GraphInfo(path=path, files=files, inputs=_tensor_infos(model.graph.input),
                      outputs=_tensor_infos(model.graph.output), opset=OPSET,
                      ops=sorted({op for _, op in graph_ops(model)}), dynamic_ranges=dim_ranges(dynamic_shapes))
-
-
-def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
-    for node in graph.node:
-        node.input[:] = [new if x == old else x for x in node.input]
-        node.output[:] = [new if x == old else x for x in node.output]
-    for v in list(graph.output) + list(graph.value_info):
-        if v.name == old:
-            v.name = new
