@@ -29,7 +29,10 @@ def cmd_export(args) -> int:
 
     root = Path(args.checkpoint)
     paths = CheckpointPaths.from_dir(root)
-    mods = load_checkpoint(paths if args.preset else root, preset_name=args.preset)
+    import torch
+
+    dtype = torch.float16 if args.precision == "fp16" else torch.float32  # fp16 halves the export's memory
+    mods = load_checkpoint(paths if args.preset else root, preset_name=args.preset, dtype=dtype)
     export_engine(mods, args.out, paths.mllm / "tokenizer.json", precision=args.precision,
                   source={"checkpoint": str(root), "preset": args.preset or ""},
                   progress=lambda s: print(f"[export] {s}", flush=True))
@@ -204,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="engine folder, e.g. engines/NAME")
     p.add_argument("--preset", choices=sorted(PRESETS), help="model config (default: the checkpoint's "
                                                              "illume_edge.json)")
-    p.add_argument("--precision", default="fp32", choices=["fp32"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
+                   help="fp16: fp16 weights and compute behind fp32 graph inputs/outputs (VAE stays fp32)")
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("info", help="print an engine's manifest in human form")

@@ -15,29 +15,15 @@ from illume_edge.export.export_vision import PixelFeatures, export_vision_pixel,
 from illume_edge.export.projector import build_projector
 from illume_edge.export.vit import ViTFeatures, build_vit
 from illume_edge.runtime.image_prep import pixel_inputs, vit_inputs
+from parity import randomize, tol
 
 CFG = preset("tiny-plus")
 SEM, PIX = CFG.branches
 HIDDEN = CFG.llm.hidden_size
 
 
-def tol(ref) -> float:
-    """fp32 parity bound: 1e-4 relative to the output scale (absolute below 1)."""
-    return 1e-4 * max(1.0, float(np.abs(np.asarray(ref)).max()))
-
-
-def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Weights at a scale that keeps activations O(1) and attention far from uniform."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim == 1 and name.endswith("weight"):  # norm scales
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            elif p.ndim == 1:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(1.5 * torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-    return module.eval()
+def randomize_gain(module, seed):
+    return randomize(module, seed, gain=1.5)
 
 
 def m11_image(h: int, w: int, seed: int) -> np.ndarray:
@@ -53,8 +39,8 @@ def session(path) -> ort.InferenceSession:
 # ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vit_parts():
-    vit = randomize(build_vit(SEM.encoder), 0)
-    projector = randomize(build_projector(SEM.in_dim, HIDDEN), 1)
+    vit = randomize_gain(build_vit(SEM.encoder), 0)
+    projector = randomize_gain(build_projector(SEM.in_dim, HIDDEN), 1)
     return vit, projector
 
 
@@ -213,21 +199,21 @@ def test_movq_dc_blocks_are_pool_and_nearest_plus_conv():
         torch.nn.init.zeros_(m.conv.bias)
     assert torch.allclose(down(x), F.avg_pool2d(x, 2), atol=1e-6)
     assert torch.equal(up(x), F.interpolate(x, scale_factor=2.0, mode="nearest"))
-    randomize(down, 3)
-    randomize(up, 4)
+    randomize_gain(down, 3)
+    randomize_gain(up, 4)
     assert torch.allclose(down(x), F.pixel_unshuffle(down.conv(x), 2) + F.avg_pool2d(x, 2), atol=1e-5)
     assert torch.allclose(up(x), F.pixel_shuffle(up.conv(x), 2) + F.interpolate(x, scale_factor=2.0), atol=1e-5)
 
 
 def test_movq_spatial_norm_and_attention_semantics():
     cfg = CFG.vq_decoder.movq
-    norm = randomize(mq.SpatialNorm(cfg, 16, 4), 5)
+    norm = randomize_gain(mq.SpatialNorm(cfg, 16, 4), 5)
     x, zq = torch.randn(1, 16, 8, 12), torch.randn(1, 4, 2, 3)
     with torch.no_grad():
         up = F.interpolate(zq, size=(8, 12), mode="nearest")  # the release: resize the code map, then convolve
         ref = norm.norm_layer(x) * norm.conv_y(up) + norm.conv_b(up)
         assert torch.allclose(norm(x, zq), ref, atol=1e-5)
-        attn = randomize(mq.AttnBlock(cfg, 16), 6)
+        attn = randomize_gain(mq.AttnBlock(cfg, 16), 6)
         h = attn.norm(x)
         q, k, v = (c(h).flatten(2).transpose(1, 2) for c in (attn.q, attn.k, attn.v))  # [1, hw, c]
         o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, 16, 8, 12)
@@ -245,8 +231,8 @@ def test_movq_rejects_bad_configs():
 
 @pytest.fixture(scope="module")
 def pixel_parts():
-    encoder = randomize(mq.build_movq_encoder(PIX.encoder.movq), 7)
-    projector = randomize(build_projector(PIX.in_dim, HIDDEN), 8)
+    encoder = randomize_gain(mq.build_movq_encoder(PIX.encoder.movq), 7)
+    projector = randomize_gain(build_projector(PIX.in_dim, HIDDEN), 8)
     return encoder, projector
 
 

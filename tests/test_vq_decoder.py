@@ -12,28 +12,12 @@ from illume_edge.config import ConfigError, preset
 from illume_edge.export import movq as mq
 from illume_edge.export.export_vision import export_vq_decoder, reference_vq_decode, vq_decoder_input_names
 from illume_edge.runtime.image_prep import resize_bicubic
+from parity import randomize, tol
 
 CFG = preset("tiny-plus")
 MOVQ = CFG.vq_decoder.movq
 # LLM-side sizes whose level grids are (semantic, pixel): (2x2, 4x4) and (3x4, 6x8).
 SIZES = [(64, 64), (96, 128)]
-
-
-def tol(ref) -> float:
-    return 1e-4 * max(1.0, float(np.abs(np.asarray(ref)).max()))
-
-
-def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim == 1 and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            elif p.ndim == 1:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-    return module.eval()
 
 
 def code_maps(height: int, width: int, seed: int) -> list[np.ndarray]:

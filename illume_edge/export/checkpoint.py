@@ -156,13 +156,14 @@ def _expected(groups, skip=frozenset()) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in grouped_state_dict(groups, skip).items()}
 
 
-def assign_groups(groups: list[tuple[str, nn.Module]], tensors: Mapping[str, torch.Tensor]) -> None:
-    """Assign fp32 copies of `tensors` to the modules of `groups`; a key goes to its longest matching prefix."""
+def assign_groups(groups: list[tuple[str, nn.Module]], tensors: Mapping[str, torch.Tensor],
+                  dtype: torch.dtype = torch.float32) -> None:
+    """Assign `tensors` (floats cast to `dtype`) to the modules of `groups`; a key goes to its longest prefix."""
     prefixes = sorted((p for p, _ in groups), key=len, reverse=True)
     per_group: dict[str, dict[str, torch.Tensor]] = {p: {} for p in prefixes}
     for k, t in tensors.items():
         owner = next(p for p in prefixes if k.startswith(p))  # '' matches everything
-        per_group[owner][k[len(owner):]] = t.float() if t.is_floating_point() else t
+        per_group[owner][k[len(owner):]] = t.to(dtype) if t.is_floating_point() else t
     for prefix, module in groups:
         missing, unexpected = module.load_state_dict(per_group[prefix], strict=False, assign=True)
         missing = [k for k in missing if k != "lm_head.weight"]  # tied: re-tied by the caller
@@ -233,8 +234,10 @@ def check_diffusion_configs(cfg: ModelConfig, folder: Path) -> None:
 # Load
 # ----------------------------------------------------------------------------------------------------
 def load_checkpoint(paths: CheckpointPaths | str | os.PathLike, cfg: ModelConfig | None = None,
-                    preset_name: str | None = None, with_diffusion: bool = True) -> IllumeModules:
-    """Load every component strictly into fp32 torch modules (one copy of the weights in memory)."""
+                    preset_name: str | None = None, with_diffusion: bool = True,
+                    dtype: torch.dtype = torch.float32) -> IllumeModules:
+    """Load every component strictly into torch modules of `dtype` (fp32, or fp16 to halve the memory of a
+    real-size export); the weights are held once."""
     root = None
     if not isinstance(paths, CheckpointPaths):
         root = Path(paths)
@@ -245,7 +248,7 @@ def load_checkpoint(paths: CheckpointPaths | str | os.PathLike, cfg: ModelConfig
 
     tensors = read_safetensors_folder(paths.mllm, "model")
     check_keys(str(paths.mllm), _expected(mods.mllm_modules(), tied_keys(cfg)), tensors)
-    assign_groups(list(mods.mllm_modules()), tensors)
+    assign_groups(list(mods.mllm_modules()), tensors, dtype)
     if cfg.llm.tie_word_embeddings:
         mods.llm.tie_weights()
     del tensors
@@ -256,27 +259,27 @@ def load_checkpoint(paths: CheckpointPaths | str | os.PathLike, cfg: ModelConfig
     tensors = read_dualvitok(paths.dualvitok)
     check_keys(str(paths.dualvitok), _expected(mods.dualvitok_modules()), tensors, DUALVITOK_IGNORED)
     assign_groups(list(mods.dualvitok_modules()),
-                  {k: v for k, v in tensors.items() if not k.startswith(DUALVITOK_IGNORED)})
+                  {k: v for k, v in tensors.items() if not k.startswith(DUALVITOK_IGNORED)}, dtype)
     del tensors
 
     if cfg.diffusion is not None and with_diffusion:
         if paths.diffusion_decoder is None:
             raise CheckpointError(f"model {cfg.name!r} has a diffusion decoder but no diffusion_decoder/ folder "
                                   f"was given")
-        _load_diffusion(mods, paths.diffusion_decoder)
+        _load_diffusion(mods, paths.diffusion_decoder, dtype)
     gen = paths.mllm / "generation_config.json"
     if gen.is_file():
         mods.generation_config = _read_json(gen)
     return mods.eval()
 
 
-def _load_diffusion(mods: IllumeModules, folder: Path) -> None:
+def _load_diffusion(mods: IllumeModules, folder: Path, dtype: torch.dtype) -> None:
     check_diffusion_configs(mods.cfg, folder)
     for sub, module in (("unet", mods.unet), ("vae", mods.vae)):
         tensors = read_safetensors_folder(folder / sub, "diffusion_pytorch_model")
         expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
         check_keys(str(folder / sub), expected, tensors)
-        module.load_state_dict({k: t.float() for k, t in tensors.items()}, strict=True, assign=True)
+        module.load_state_dict({k: t.to(dtype) for k, t in tensors.items()}, strict=True, assign=True)
     sched = folder / "scheduler" / "scheduler_config.json"
     if not sched.is_file():
         raise CheckpointError(f"{sched}: missing (the diffusion decoder's scheduler config)")

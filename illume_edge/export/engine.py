@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from .. import __version__
 from ..config import FORMAT_VERSION, ViTEncoderConfig
@@ -71,18 +72,50 @@ def export_graphs(mods: IllumeModules, out_dir: Path, progress: Progress = print
     return graphs
 
 
+EXPORT_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def set_precision(mods: IllumeModules, precision: str) -> None:
+    """Cast the modules for an export. fp16 keeps the SimVQ tables and the VAE in fp32: the tables are
+    host data, and the SDXL VAE overflows in fp16."""
+    if precision not in EXPORT_PRECISIONS:
+        raise ValueError(f"precision {precision!r}: export writes {sorted(EXPORT_PRECISIONS)} graphs (int8/int4 "
+                         f"engines are quantized from an fp32 export)")
+    dtype = EXPORT_PRECISIONS[precision]
+    keep_fp32 = {id(m) for m in [*mods.quantizers, mods.vae] if m is not None}
+    for m in mods.all_modules():
+        _cast_weights(m, torch.float32 if id(m) in keep_fp32 else dtype)
+
+
+def _cast_weights(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast parameters and persistent buffers; non-persistent ones (rotary frequency tables) keep fp32."""
+    for sub in module.modules():
+        for name, p in sub.named_parameters(recurse=False):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for name, b in sub.named_buffers(recurse=False):
+            if b.is_floating_point() and name not in sub._non_persistent_buffers_set:
+                setattr(sub, name, b.to(dtype))
+
+
+def _precision_of(path: Path) -> str:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    half = any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    return "fp16" if half else "fp32"
+
+
 def export_engine(mods: IllumeModules, out_dir: str | Path, tokenizer_json: str | Path, *,
                   precision: str = "fp32", source: dict | None = None, progress: Progress = print) -> Manifest:
-    if precision != "fp32":
-        raise ValueError(f"precision {precision!r}: this exporter writes fp32 graphs; quantized engines are "
-                         f"produced from them by `illume-edge quantize` (not available yet)")
+    set_precision(mods, precision)
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     cfg = mods.cfg
     graphs = export_graphs(mods, out_dir, progress)
-    components = {name: _component(out_dir, info, precision) for name, info in graphs.items()}
+    components = {name: _component(out_dir, info, _precision_of(info.path)) for name, info in graphs.items()}
 
     assets: dict[str, FileEntry] = {}
     shutil.copyfile(tokenizer_json, out_dir / "tokenizer.json")

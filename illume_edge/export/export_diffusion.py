@@ -42,6 +42,7 @@ class UNetGraph(nn.Module):
                 time_ids: torch.Tensor) -> torch.Tensor:
         batch = latent.shape[0]
         text, pooled = zero_text_conditioning(self.cfg, batch, latent)
+        pooled = pooled.float()  # concatenated with diffusers' fp32 sinusoidal time-id embedding (fp16 export)
         sample = torch.cat([latent, code_map], dim=1)  # [B, latent_channels + code_channels, h, w]
         return self.unet(sample, timestep, encoder_hidden_states=text,
                          added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False)[0]

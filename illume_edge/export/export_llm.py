@@ -88,7 +88,7 @@ class HeadSlice(nn.Module):
     def __init__(self, weight: torch.Tensor, start: int, stop: int):
         super().__init__()
         # Stored transposed so the graph is one MatMul with a [H, stop - start] initializer.
-        self.weight_t = nn.Parameter(weight[start:stop].detach().float().t().contiguous(), requires_grad=False)
+        self.weight_t = nn.Parameter(weight[start:stop].detach().t().contiguous(), requires_grad=False)  # model dtype
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.matmul(hidden, self.weight_t)

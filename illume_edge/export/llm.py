@@ -312,7 +312,7 @@ class LLMStep(nn.Module):
         qg = q.reshape(b, kvh, group * s, d)
         scores = torch.matmul(qg, key.transpose(2, 3)) * self.scale  # [B, kvh, group*S, T]
         scores = scores.view(b, self.num_heads, s, -1) + bias  # [B, h, S, T]
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)  # fp32 softmax, then the model's dtype
         ctx = torch.matmul(probs.view(b, kvh, group * s, -1), value)  # [B, kvh, group*S, d]
         ctx = ctx.view(b, self.num_heads, s, d).transpose(1, 2).reshape(b, s, self.num_heads * d)  # [B, S, h*d]
         return attn.o_proj(ctx), key, value
@@ -322,7 +322,7 @@ class LLMStep(nn.Module):
         inner = self.model.model
         x = splice_rows(inner.embed_tokens.weight, input_ids, image_embeds, self.vocab_rows)  # [B, S, H]
         bias = causal_padding_bias(attention_mask, input_ids.shape[1])  # [B, 1, S, T]
-        cos, sin = self.rope(position_ids)
+        cos, sin = (t.to(x.dtype) for t in self.rope(position_ids))  # fp32 angles, model-dtype tables
         presents: list[torch.Tensor] = []
         for layer, (past_key, past_value) in zip(inner.layers, past):
             h, key, value = self.attention(layer, layer.input_layernorm(x), cos, sin, bias, past_key, past_value)

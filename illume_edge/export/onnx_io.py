@@ -114,17 +114,64 @@ def check_portable(model: onnx.ModelProto, where: str) -> None:
                           f"wrapper with standard ops")
 
 
+class _HalfCompute(torch.nn.Module):
+    """fp16 weights and compute behind an fp32 interface: float inputs are cast to half on entry, float
+    outputs back to float32 on exit, so every engine keeps one I/O contract whatever its precision."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args):
+        from torch.utils._pytree import tree_map
+
+        def cast(dtype):
+            return lambda t: t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t
+
+        out = self.module(*tree_map(cast(torch.float16), args))  # nested inputs too (past K/V tuples)
+        return tree_map(cast(torch.float32), out)
+
+
+def _positional_shapes(module: torch.nn.Module, dynamic_shapes: Any) -> Any:
+    """dynamic_shapes for `_HalfCompute.forward(*args)`: {"args": per-position specs} (a dict keyed by the
+    wrapped forward's parameter names is reordered by its signature)."""
+    import inspect
+
+    if dynamic_shapes is None:
+        return None
+    params = inspect.signature(module.forward).parameters
+    if not isinstance(dynamic_shapes, dict):  # positional: one spec per forward parameter
+        dynamic_shapes = dict(zip(params, dynamic_shapes))
+    specs: list[Any] = []
+    for name, param in params.items():
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:  # forward(*maps): its spec is a sequence
+            specs.extend(dynamic_shapes.get(name) or ())
+        else:
+            specs.append(dynamic_shapes.get(name))
+    return {"args": tuple(specs)}
+
+
+def _has_half_weights(module: torch.nn.Module) -> bool:
+    return any(p.dtype == torch.float16 for p in module.parameters())
+
+
 def export_onnx(module: torch.nn.Module, args: tuple, path: str | os.PathLike, *, input_names: list[str],
                 output_names: list[str], dynamic_shapes: Any = None, kwargs: dict | None = None,
                 external_data: bool | None = None) -> GraphInfo:
     """Export `module(*args)` to `path` with torch.onnx.export(dynamo=True), opset 18, then verify it.
 
     `dynamic_shapes` follows torch.export (a tuple/dict mirroring args, with torch.export.Dim values).
-    Weights go to `<path>.data` when the model is large (or when `external_data` is True).
+    Weights go to `<path>.data` when the model is large (or when `external_data` is True). A module with
+    fp16 weights is exported with fp16 compute behind fp32 inputs and outputs (see `_HalfCompute`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = module.eval()
+    if _has_half_weights(module):  # an fp16 export: same fp32 I/O contract, fp16 inside
+        if kwargs:
+            raise ExportError(f"{path.name}: fp16 export takes positional inputs only")
+        dynamic_shapes = _positional_shapes(module, dynamic_shapes)
+        module = _HalfCompute(module)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, opset_version=OPSET,
