@@ -7,7 +7,7 @@ CKPT    ?= engines/checkpoints/$(PRESET)
 ENGINE  ?= engines/$(PRESET)
 PYTEST_ARGS ?=
 
-.PHONY: setup test export demo bench clean info
+.PHONY: setup test export demo bench clean info kernels
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,10 @@ demo: export
 
 bench: setup
 	@echo "make bench: the benchmark harness is not built yet (issue 4)"; exit 1
+
+# The CUDA sampling kernel's cubins for sm_87 / sm_89 / sm_90 (needs nvcc; NVRTC covers other archs at run time).
+kernels: setup
+	$(BIN)/python -m illume_edge.runtime.cuda.build --out illume_edge/runtime/cuda/prebuilt
 
 clean:
 	rm -rf engines/checkpoints $(filter-out engines/README.md,$(wildcard engines/*)) outputs .pytest_cache

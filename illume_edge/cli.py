@@ -74,6 +74,16 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_build_engines(args) -> int:
+    from .tensorrt_build import BuildOptions, build_engines
+
+    options = BuildOptions(precision=args.precision, int8=args.int8, workspace_gb=args.workspace_gb,
+                           components=tuple(args.components) if args.components else None)
+    manifest = build_engines(args.engine, options, progress=lambda s: print(f"[tensorrt] {s}", flush=True))
+    print(f"{len(manifest.plans)} plan(s) listed in {args.engine}/manifest.json")
+    return 0
+
+
 def _progress_bar(stage: str, done: int, total: int) -> None:
     width = 30
     filled = int(width * done / max(total, 1))
@@ -210,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
                    help="fp16: fp16 weights and compute behind fp32 graph inputs/outputs (VAE stays fp32)")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("build-engines", help="build TensorRT plans from an engine's ONNX (needs an NVIDIA GPU)")
+    p.add_argument("--engine", required=True)
+    p.add_argument("--precision", default="fp16", choices=["fp16", "fp32"])
+    p.add_argument("--int8", action="store_true", help="also allow INT8 kernels")
+    p.add_argument("--workspace-gb", dest="workspace_gb", type=float, default=4.0)
+    p.add_argument("--components", nargs="*", help="default: every ONNX component")
+    p.set_defaults(fn=cmd_build_engines)
 
     p = sub.add_parser("info", help="print an engine's manifest in human form")
     p.add_argument("engine")

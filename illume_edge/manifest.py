@@ -50,6 +50,7 @@ class Component:
     precision: str = "fp32"
     opset: int = 18
     ops: tuple[str, ...] = ()
+    portable: bool = True  # default ONNX domain only (TensorRT-parsable); False: com.microsoft ops (quantized)
 
     @property
     def path(self) -> str:
@@ -69,6 +70,18 @@ class Producer:
 
 
 @dataclass(frozen=True)
+class PlanEntry:
+    """A TensorRT plan built from one component's ONNX for one GPU arch and TensorRT version."""
+    component: str
+    file: FileEntry  # the .plan
+    sidecar: FileEntry  # its .json: what the plan was built from and for, checked before deserializing
+    onnx_sha256: str
+    precision: str
+    sm: str  # e.g. "87"
+    tensorrt: str  # TensorRT version that built it
+
+
+@dataclass(frozen=True)
 class Manifest:
     format_version: int
     name: str
@@ -78,6 +91,7 @@ class Manifest:
     components: dict[str, Any]  # name -> Component (parsed in __post_init__ of the loader)
     assets: dict[str, Any]  # name -> FileEntry: tokenizer, codebook_level{i}, scheduler, generation_config
     source: dict[str, Any] = field(default_factory=dict)  # where the weights came from (checkpoint paths, preset)
+    plans: dict[str, Any] = field(default_factory=dict)  # plan name -> PlanEntry (illume-edge build-engines)
 
     def model_config(self) -> ModelConfig:
         try:
@@ -100,7 +114,7 @@ class Manifest:
 
     def all_files(self) -> list[FileEntry]:
         out = [f for c in self.components.values() for f in c.files]
-        return out + list(self.assets.values())
+        return out + list(self.assets.values()) + [f for p in self.plans.values() for f in (p.file, p.sidecar)]
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -117,6 +131,7 @@ def parse_manifest(data: dict[str, Any], where: str = MANIFEST_NAME) -> Manifest
         m = from_jsonable(Manifest, data, "manifest")
         comps = {k: from_jsonable(Component, v, f"manifest.components.{k}") for k, v in m.components.items()}
         assets = {k: from_jsonable(FileEntry, v, f"manifest.assets.{k}") for k, v in m.assets.items()}
+        plans = {k: from_jsonable(PlanEntry, v, f"manifest.plans.{k}") for k, v in m.plans.items()}
     except ConfigError as e:
         raise EngineError(f"{where}: {e}; re-export the engine") from None
     for name, c in comps.items():
@@ -128,7 +143,11 @@ def parse_manifest(data: dict[str, Any], where: str = MANIFEST_NAME) -> Manifest
             raise EngineError(f"{where}: component {name} lists no files")
     if m.precision not in PRECISIONS:
         raise EngineError(f"{where}: precision {m.precision!r} not in {PRECISIONS}")
-    return dataclasses.replace(m, components=comps, assets=assets)
+    for name, p in plans.items():
+        if p.component not in comps:
+            raise EngineError(f"{where}: plan {name} was built from component {p.component!r}, which the manifest "
+                              f"does not list")
+    return dataclasses.replace(m, components=comps, assets=assets, plans=plans)
 
 
 def read_manifest(engine_dir: str | os.PathLike) -> Manifest:

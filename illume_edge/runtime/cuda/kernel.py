@@ -1,0 +1,301 @@
+"""Loading and launching ``sampling.cu``: cubin-or-NVRTC choice, argument packing, :class:`GpuSampler`.
+
+Binding: pycuda if importable, else cuda-python (``cuda.bindings.driver`` / ``cuda.cuda``). All imports
+are lazy; the pure functions here (:func:`choose_kernel_source`, :func:`pack_launch`,
+:func:`workspace_bytes`, :func:`shared_memory_bytes`) need numpy only and are unit-tested without a GPU.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..sampler import SamplingParams
+from .build import BLOCK, DEFAULT_OUT, ENTRY_POINTS, KMAX, nvrtc_compile
+
+
+class CudaUnavailableError(RuntimeError):
+    """No usable CUDA binding / driver / kernel image."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# cubin or NVRTC
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KernelChoice:
+    kind: str  # "cubin" | "nvrtc"
+    arch: int  # the sm the image is built for
+    path: Path | None = None
+    reason: str = ""
+
+
+def choose_kernel_source(sm: int, driver_version: int, manifest: dict | None, build_dir: Path = DEFAULT_OUT
+                         ) -> KernelChoice:
+    """A prebuilt cubin when one runs on ``sm`` (same major, built minor <= device minor) and the driver's
+    CUDA version (``cuDriverGetVersion``: 12040 = 12.4) is >= the toolkit that built it; else NVRTC."""
+    if not manifest or not manifest.get("cubins"):
+        return KernelChoice("nvrtc", sm, reason="no prebuilt cubins")
+    built = int(manifest.get("cuda_version", 0))
+    if driver_version < built:
+        return KernelChoice("nvrtc", sm, reason=f"driver CUDA {driver_version} < build CUDA {built}")
+    fits = [int(a) for a in manifest["cubins"] if int(a) // 10 == sm // 10 and int(a) <= sm]
+    if not fits:
+        return KernelChoice("nvrtc", sm, reason=f"no cubin for sm_{sm} (have {sorted(manifest['cubins'])})")
+    a = max(fits)
+    return KernelChoice("cubin", a, Path(build_dir) / manifest["cubins"][str(a)], reason="prebuilt")
+
+
+def read_manifest(build_dir: Path = DEFAULT_OUT) -> dict | None:
+    f = Path(build_dir) / "manifest.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# sizes and argument packing
+# ----------------------------------------------------------------------------------------------------
+def shared_memory_bytes(block: int = BLOCK, kmax: int = KMAX) -> int:
+    """Static shared memory of one block (the ``Shared`` struct): independent of V and k."""
+    nw = block // 32
+    n = kmax * 4 * 2 + (nw + 1) * 8 + (nw + 1) * 4 + nw * 4 + nw * 4 + 256 * 4 + 4 * 4
+    return (n + 7) // 8 * 8
+
+
+def workspace_bytes(rows: int, v: int) -> int:
+    """Global scratch: per output row the combined logits and a kept-set spill area (3 x 4 B x V)."""
+    return rows * 3 * 4 * v
+
+
+@dataclass
+class LaunchArgs:
+    """Host arrays and scalars for one launch (device copies are made by the binding)."""
+    cond_row: np.ndarray     # int32 [rows]: input row of each output's cond logits
+    uncond_row: np.ndarray   # int32 [rows]: input row of its uncond logits, -1 = none
+    params: np.ndarray       # float64 [rows, 4]: temperature, top_p, cfg_scale, repetition_penalty
+    top_k: np.ndarray        # int32 [rows]
+    uniforms: np.ndarray     # float64 [rows]
+    pen_offsets: np.ndarray  # int32 [rows + 1]
+    pen_ids: np.ndarray      # int32 [total] global token ids (the kernel subtracts range_start)
+    range_start: int
+    v: int
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+
+
+def pack_launch(rows: int, params: SamplingParams | Sequence[SamplingParams], uniforms, *, v: int,
+                range_start: int = 0, has_uncond: bool = False,
+                generated_ids_per_row: Sequence[Sequence[int]] | None = None) -> LaunchArgs:
+    """Arrays for ``rows`` outputs whose cond logits are input rows ``0..rows-1`` and, with ``has_uncond``,
+    uncond logits rows ``rows..2*rows-1`` (``guided_sample``'s layout of ``[cond; uncond]``)."""
+    ps = [params] * rows if isinstance(params, SamplingParams) else list(params)
+    if len(ps) != rows:
+        raise ValueError(f"params: expected {rows} entries, got {len(ps)}")
+    if any(p.temperature > 0 for p in ps):
+        if uniforms is None:
+            raise ValueError("uniforms: required when temperature > 0 (one float in [0, 1) per row)")
+        us = np.asarray(uniforms, dtype=np.float64).reshape(-1)
+        if us.shape != (rows,) or not ((us >= 0) & (us < 1)).all():
+            raise ValueError(f"uniforms: expected {rows} values in [0, 1), got {uniforms!r}")
+    else:
+        us = np.zeros(rows)
+    if generated_ids_per_row is not None and len(generated_ids_per_row) != rows:
+        raise ValueError(f"generated_ids_per_row: expected {rows} lists, got {len(generated_ids_per_row)}")
+    uses_cfg = has_uncond and any(p.cfg_scale != 1.0 for p in ps)
+    cond_row = np.arange(rows, dtype=np.int32)
+    uncond_row = (np.arange(rows, 2 * rows, dtype=np.int32) if uses_cfg else np.full(rows, -1, np.int32))
+    par = np.array([[p.temperature, p.top_p, p.cfg_scale, p.repetition_penalty] for p in ps], dtype=np.float64)
+    offs = [0]
+    ids: list[np.ndarray] = []
+    for r in range(rows):
+        g = (np.asarray(generated_ids_per_row[r], dtype=np.int64).reshape(-1)
+             if generated_ids_per_row is not None and ps[r].repetition_penalty != 1.0 else np.zeros(0, np.int64))
+        g = g[(g >= range_start) & (g < range_start + v)]
+        ids.append(g.astype(np.int32))
+        offs.append(offs[-1] + g.size)
+    return LaunchArgs(cond_row, uncond_row, par, np.array([p.top_k for p in ps], dtype=np.int32), us,
+                      np.array(offs, dtype=np.int32), np.concatenate(ids) if ids else np.zeros(0, np.int32),
+                      int(range_start), int(v), (rows, 1, 1), (BLOCK, 1, 1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# bindings (lazy)
+# ----------------------------------------------------------------------------------------------------
+class _PyCuda:
+    name = "pycuda"
+
+    def __init__(self):
+        import pycuda.autoinit  # noqa: F401  (creates a context on device 0)
+        import pycuda.driver as drv
+        self.drv = drv
+        dev = drv.Context.get_device()
+        self.sm = dev.compute_capability()[0] * 10 + dev.compute_capability()[1]
+        self.driver_version = drv.get_driver_version()
+
+    def load(self, image: bytes, names):
+        mod = self.drv.module_from_buffer(image)
+        self._mod = mod
+        return {k: mod.get_function(n) for k, n in names.items()}
+
+    def alloc(self, nbytes):
+        return self.drv.mem_alloc(max(int(nbytes), 8))
+
+    def htod(self, dst, arr):
+        if arr.nbytes:
+            self.drv.memcpy_htod(dst, np.ascontiguousarray(arr))
+
+    def dtoh(self, arr, src):
+        self.drv.memcpy_dtoh(arr, src)
+
+    def ptr(self, buf):
+        return int(buf)
+
+    def free(self, buf):
+        buf.free()
+
+    def launch(self, fn, grid, block, args):
+        fn(*[np.int64(a) if t == "i64" else np.int32(a) if t == "i32" else np.uintp(a) for t, a in args],
+           grid=grid, block=block)
+        self.drv.Context.synchronize()
+
+
+class _CudaPython:
+    name = "cuda-python"
+
+    def __init__(self):
+        try:
+            from cuda.bindings import driver as cu
+        except ImportError:
+            from cuda import cuda as cu
+        self.cu = cu
+        self._check(cu.cuInit(0))
+        dev = self._check(cu.cuDeviceGet(0))
+        self.ctx = self._check(cu.cuDevicePrimaryCtxRetain(dev))
+        self._check(cu.cuCtxSetCurrent(self.ctx))
+        a = cu.CUdevice_attribute
+        major = self._check(cu.cuDeviceGetAttribute(a.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev))
+        minor = self._check(cu.cuDeviceGetAttribute(a.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev))
+        self.sm = major * 10 + minor
+        self.driver_version = self._check(cu.cuDriverGetVersion())
+
+    @staticmethod
+    def _check(res):
+        err, *rest = res if isinstance(res, tuple) else (res,)
+        if int(err) != 0:
+            raise CudaUnavailableError(f"CUDA driver error {err}")
+        return rest[0] if len(rest) == 1 else (tuple(rest) or None)
+
+    def load(self, image: bytes, names):
+        self._mod = self._check(self.cu.cuModuleLoadData(image))
+        return {k: self._check(self.cu.cuModuleGetFunction(self._mod, n.encode())) for k, n in names.items()}
+
+    def alloc(self, nbytes):
+        return self._check(self.cu.cuMemAlloc(max(int(nbytes), 8)))
+
+    def htod(self, dst, arr):
+        arr = np.ascontiguousarray(arr)
+        if arr.nbytes:
+            self._check(self.cu.cuMemcpyHtoD(dst, arr.ctypes.data, arr.nbytes))
+
+    def dtoh(self, arr, src):
+        self._check(self.cu.cuMemcpyDtoH(arr.ctypes.data, src, arr.nbytes))
+
+    def ptr(self, buf):
+        return int(buf)
+
+    def free(self, buf):
+        self._check(self.cu.cuMemFree(buf))
+
+    def launch(self, fn, grid, block, args):
+        import ctypes
+        ct = {"i64": ctypes.c_longlong, "i32": ctypes.c_int, "ptr": ctypes.c_void_p}
+        vals = tuple(int(a) for _, a in args)
+        types = tuple(ct[t] for t, _ in args)
+        self._check(self.cu.cuLaunchKernel(fn, *grid, *block, 0, 0, (vals, types), 0))
+        self._check(self.cu.cuCtxSynchronize())
+
+
+def _binding():
+    errors = []
+    try:
+        import pycuda.driver  # noqa: F401
+        return _PyCuda()
+    except ImportError as e:
+        errors.append(f"pycuda: {e}")
+    try:
+        return _CudaPython()
+    except ImportError as e:
+        errors.append(f"cuda-python: {e}")
+    raise CudaUnavailableError("the CUDA sampling kernel needs pycuda or cuda-python (neither is usable: "
+                               + "; ".join(errors) + ")")
+
+
+def load_kernel(build_dir: Path = DEFAULT_OUT, binding=None):
+    """(binding, {"float32": fn, "float16": fn}, KernelChoice) for the current device."""
+    b = binding or _binding()
+    choice = choose_kernel_source(b.sm, b.driver_version, read_manifest(build_dir), build_dir)
+    image = choice.path.read_bytes() if choice.kind == "cubin" else nvrtc_compile(choice.arch)
+    return b, b.load(image, ENTRY_POINTS), choice
+
+
+# ----------------------------------------------------------------------------------------------------
+# the sampler
+# ----------------------------------------------------------------------------------------------------
+class GpuSampler:
+    """The kernel behind ``guided_sample``'s interface. ``sample`` takes host arrays (tests, parity);
+    ``sample_device`` takes the head's device logits buffer and writes ids into a device int64 buffer."""
+
+    def __init__(self, build_dir: Path = DEFAULT_OUT, binding=None):
+        self.binding, self.functions, self.choice = load_kernel(build_dir, binding)
+        self._ws = None
+        self._ws_bytes = 0
+
+    def _workspace(self, nbytes):
+        if nbytes > self._ws_bytes:
+            self._ws, self._ws_bytes = self.binding.alloc(nbytes), nbytes
+        return self._ws
+
+    def sample_device(self, logits_ptr: int, dtype: str, row_stride: int, col0: int, la: LaunchArgs,
+                      out_ptr: int, out_stride: int = 1) -> None:
+        b = self.binding
+        bufs = {}
+        for name in ("cond_row", "uncond_row", "params", "top_k", "uniforms", "pen_offsets", "pen_ids"):
+            arr = getattr(la, name)
+            bufs[name] = b.alloc(arr.nbytes)
+            b.htod(bufs[name], arr)
+        ws = self._workspace(workspace_bytes(la.grid[0], la.v))
+        P = lambda n: ("ptr", b.ptr(bufs[n]))  # noqa: E731
+        args = [("ptr", logits_ptr), ("i64", row_stride), ("i32", col0), ("i32", la.v), P("cond_row"),
+                P("uncond_row"), P("params"), P("top_k"), P("uniforms"), P("pen_offsets"), P("pen_ids"),
+                ("i64", la.range_start), ("ptr", out_ptr), ("i64", out_stride), ("ptr", b.ptr(ws))]
+        try:
+            b.launch(self.functions[dtype], la.grid, la.block, args)
+        finally:
+            for buf in bufs.values():
+                b.free(buf)
+
+    def sample(self, cond: np.ndarray, uncond: np.ndarray | None, params: SamplingParams, uniforms, *,
+               range_start: int = 0, generated_ids_per_row=None) -> np.ndarray:
+        """Same arguments and result as :func:`illume_edge.runtime.sampler.guided_sample` (indices within
+        the range); raises ValueError for a row the kernel flags (NaN/+inf or no finite logit)."""
+        cond = np.asarray(cond)
+        dtype = "float16" if cond.dtype == np.float16 else "float32"
+        cond = cond.astype(np.float16 if dtype == "float16" else np.float32)
+        rows, v = cond.shape
+        stack = cond if uncond is None else np.concatenate([cond, np.asarray(uncond, dtype=cond.dtype)])
+        la = pack_launch(rows, params, uniforms, v=v, range_start=range_start, has_uncond=uncond is not None,
+                         generated_ids_per_row=generated_ids_per_row)
+        b = self.binding
+        dl, do = b.alloc(stack.nbytes), b.alloc(rows * 8)
+        out = np.empty(rows, dtype=np.int64)
+        try:
+            b.htod(dl, stack)
+            self.sample_device(b.ptr(dl), dtype, v, 0, la, b.ptr(do))
+            b.dtoh(out, do)
+        finally:
+            b.free(dl)
+            b.free(do)
+        if (out < 0).any():
+            raise ValueError(f"logits: row {int(np.flatnonzero(out < 0)[0])} contains NaN/+inf or no finite logit")
+        return out - range_start

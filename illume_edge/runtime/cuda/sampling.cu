@@ -1,0 +1,362 @@
+// illume-edge fused sampling kernel: one launch per decode step, one thread block per output row.
+//
+// Reproduces illume_edge/runtime/sampler.py (its module docstring is the specification):
+//   repetition penalty on the cond row (HF rule) -> CFG u + s*(c-u) (float32, no FMA contraction)
+//   -> greedy argmax (T == 0, lowest id on ties) or
+//   -> top-k (radix select of the k-th largest key, ties at the k-th value kept in ascending id order)
+//   -> p_i = exp((x_i - x_max) / T) in float64 over the kept set
+//   -> top-p (threshold bisection on the descending-logit mass, ties at the threshold in ascending id order)
+//   -> inverse-CDF draw over the kept set in ascending id order with the row's float64 uniform.
+// Writes out_ids[row * out_stride] = range_start + index (int64: the next step's input_ids buffer), or -1 for
+// a row with a NaN/+inf logit or no finite logit.
+//
+// Self-contained on purpose (no headers): compiles unchanged with nvcc and with NVRTC.
+// Sizes: BLOCK threads per block; the kept set lives in shared memory when it has <= KMAX entries
+// (static shared memory ~34 KiB, independent of V), else in the global workspace.
+
+#ifndef ILLUME_BLOCK
+#define ILLUME_BLOCK 512
+#endif
+#ifndef ILLUME_KMAX
+#define ILLUME_KMAX 4096
+#endif
+#define BLOCK ILLUME_BLOCK
+#define NWARPS (BLOCK / 32)
+#define KMAX ILLUME_KMAX
+#define FULL 0xffffffffu
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+// ---------------------------------------------------------------------------------------------------
+// element access
+// ---------------------------------------------------------------------------------------------------
+__device__ __forceinline__ float load_logit(const float* p, int i) { return p[i]; }
+__device__ __forceinline__ float load_logit(const unsigned short* p, int i) {
+    float f;
+    unsigned short h = p[i];
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// Order-preserving map float -> u32 (larger float -> larger key); -0 is folded onto +0 so that they tie,
+// as they compare equal in numpy.
+__device__ __forceinline__ u32 fkey(float x) {
+    u32 b = __float_as_uint(x);
+    if ((b << 1) == 0u) b = 0u;
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+__device__ __forceinline__ float keyf(u32 k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// Exactly numpy's float32 expressions (explicit _rn intrinsics: no FMA contraction).
+__device__ __forceinline__ float penalize(float l, float p) { return l < 0.f ? __fmul_rn(l, p) : __fdiv_rn(l, p); }
+__device__ __forceinline__ float combine(float c, float u, float s) { return __fadd_rn(u, __fmul_rn(s, __fsub_rn(c, u))); }
+
+__device__ __forceinline__ double prob(float v, float xmax, double t) {
+    return exp(((double)v - (double)xmax) / t);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// block-wide primitives (fixed summation order; mirrored by emulation.py)
+// ---------------------------------------------------------------------------------------------------
+template <typename T>
+__device__ __forceinline__ T warp_incl_scan(T v, int lane) {
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        T n = __shfl_up_sync(FULL, v, o);
+        if (lane >= o) v += n;
+    }
+    return v;
+}
+
+// Inclusive scan over the block (Kogge-Stone inside warps, then over warp totals). sh: NWARPS+1 entries.
+template <typename T>
+__device__ __forceinline__ T block_incl_scan(T v, T* sh, T& total) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    v = warp_incl_scan(v, lane);
+    if (lane == 31) sh[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        T s = lane < NWARPS ? sh[lane] : T(0);
+        s = warp_incl_scan(s, lane);
+        if (lane < NWARPS) sh[lane] = s;
+    }
+    __syncthreads();
+    if (w > 0) v += sh[w - 1];
+    total = sh[NWARPS - 1];
+    __syncthreads();
+    return v;
+}
+
+// Sum over the block (tree inside warps, then over warp sums); every thread gets the result.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* sh) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(FULL, v, o);
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        T s = lane < NWARPS ? sh[lane] : T(0);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(FULL, s, o);
+        if (lane == 0) sh[NWARPS] = s;
+    }
+    __syncthreads();
+    T r = sh[NWARPS];
+    __syncthreads();
+    return r;
+}
+
+struct Shared {
+    int idx[KMAX];
+    float val[KMAX];
+    double dred[NWARPS + 1];
+    int ired[NWARPS + 1];
+    float fred[NWARPS];
+    int ared[NWARPS];
+    u32 hist[256];
+    u32 prefix;
+    int kk;
+    int hit;
+    int last;
+};
+
+// ---------------------------------------------------------------------------------------------------
+// the kernel
+// ---------------------------------------------------------------------------------------------------
+template <typename L>
+__device__ __forceinline__ void sample_row(
+    const L* __restrict__ logits, long long row_stride, int col0, int V,
+    const int* __restrict__ cond_row, const int* __restrict__ uncond_row,
+    const double* __restrict__ params, const int* __restrict__ top_ks, const double* __restrict__ uniforms,
+    const int* __restrict__ pen_offsets, const int* __restrict__ pen_ids, long long range_start,
+    long long* __restrict__ out_ids, long long out_stride, float* __restrict__ workspace, Shared& sm)
+{
+    const int r = blockIdx.x, tid = threadIdx.x;
+    const double temperature = params[4 * r + 0];
+    const double top_p = params[4 * r + 1];
+    const float cfg = (float)params[4 * r + 2];
+    const float penalty = (float)params[4 * r + 3];
+    const L* c_row = logits + (long long)cond_row[r] * row_stride + col0;
+    const int ur = uncond_row ? uncond_row[r] : -1;
+    const bool use_cfg = ur >= 0 && cfg != 1.0f;
+    const L* u_row = logits + (long long)(ur < 0 ? 0 : ur) * row_stride + col0;
+    float* x = workspace + (long long)r * 3 * V;        // combined logits [V]
+    int* g_idx = (int*)(x + V);                         // kept set when it exceeds KMAX: ids [V]
+    float* g_val = x + 2 * (long long)V;                // ... and logits [V]
+
+    // 1) combined logits into the workspace, then the repetition penalty (recomputed from c, idempotent).
+    for (int i = tid; i < V; i += BLOCK) {
+        float c = load_logit(c_row, i);
+        x[i] = use_cfg ? combine(c, load_logit(u_row, i), cfg) : c;
+    }
+    __syncthreads();
+    if (pen_offsets && penalty != 1.0f) {
+        for (int j = pen_offsets[r] + tid; j < pen_offsets[r + 1]; j += BLOCK) {
+            long long local = (long long)pen_ids[j] - range_start;
+            if (local >= 0 && local < V) {
+                int i = (int)local;
+                float c = penalize(load_logit(c_row, i), penalty);
+                x[i] = use_cfg ? combine(c, load_logit(u_row, i), cfg) : c;
+            }
+        }
+        __syncthreads();
+    }
+
+    // 2) row statistics: max with lowest arg, finite count, bad flag.
+    float bv = __int_as_float(0xff800000);  // -inf
+    int bi = 0x7fffffff, nfin = 0, bad = 0;
+    for (int i = tid; i < V; i += BLOCK) {
+        float v = x[i];
+        if (v != v || v == __int_as_float(0x7f800000)) bad = 1;
+        if (v > __int_as_float(0xff800000)) nfin++;
+        if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
+    }
+    {
+        const int lane = tid & 31, w = tid >> 5;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_down_sync(FULL, bv, o);
+            int oi = __shfl_down_sync(FULL, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+        }
+        if (lane == 0) { sm.fred[w] = bv; sm.ared[w] = bi; }
+        __syncthreads();
+        if (tid == 0) {
+            for (int q = 1; q < NWARPS; ++q)
+                if (sm.fred[q] > bv || (sm.fred[q] == bv && sm.ared[q] < bi)) { bv = sm.fred[q]; bi = sm.ared[q]; }
+            sm.fred[0] = bv; sm.ared[0] = bi;
+        }
+        __syncthreads();
+        bv = sm.fred[0]; bi = sm.ared[0];
+        __syncthreads();
+    }
+    nfin = block_sum(nfin, sm.ired);
+    bad = block_sum(bad, sm.ired);
+    long long* out = out_ids + (long long)r * out_stride;
+    if (bad || nfin == 0) { if (tid == 0) *out = -1; return; }
+    if (temperature == 0.0) { if (tid == 0) *out = range_start + bi; return; }   // greedy fast path
+    const float xmax = bv;
+
+    // 3) top-k: radix select (8-bit digits, MSB first) of the k-th largest key; ties kept by ascending id.
+    const int k = top_ks[r];
+    const bool topk = k > 0 && k < V && nfin > k;
+    u32 kth = 0u;
+    int need = 0;
+    if (topk) {
+        if (tid == 0) { sm.prefix = 0u; sm.kk = k; }
+        u32 mask = 0u;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            for (int b = tid; b < 256; b += BLOCK) sm.hist[b] = 0u;
+            __syncthreads();
+            const u32 prefix = sm.prefix;
+            for (int i = tid; i < V; i += BLOCK) {
+                u32 key = fkey(x[i]);
+                if ((key & mask) == prefix) atomicAdd(&sm.hist[(key >> shift) & 255u], 1u);
+            }
+            __syncthreads();
+            if (tid == 0) {
+                int kk = sm.kk, cum = 0, d = 255;
+                for (; d > 0; --d) {
+                    if (cum + (int)sm.hist[d] >= kk) break;
+                    cum += (int)sm.hist[d];
+                }
+                sm.kk = kk - cum;
+                sm.prefix = prefix | ((u32)d << shift);
+            }
+            mask |= 255u << shift;
+            __syncthreads();
+        }
+        kth = sm.prefix;
+        need = sm.kk;  // entries == kth to keep (those with the lowest ids)
+        __syncthreads();
+    }
+
+    // 4) compact the kept set (ascending id) into shared memory, or the workspace when larger than KMAX.
+    const int n = topk ? k : nfin;
+    int* s_idx = n <= KMAX ? sm.idx : g_idx;
+    float* s_val = n <= KMAX ? sm.val : g_val;
+    {
+        int eq_carry = 0, pos_carry = 0, tot;
+        for (int base = 0; base < V; base += BLOCK) {
+            const int i = base + tid;
+            const float v = i < V ? x[i] : __int_as_float(0xff800000);
+            const u32 key = fkey(v);
+            int keep;
+            if (topk) {
+                const int eq = (i < V && key == kth) ? 1 : 0;
+                const int eq_incl = block_incl_scan(eq, sm.ired, tot);
+                keep = (i < V) && (key > kth || (eq && eq_carry + eq_incl - 1 < need));
+                eq_carry += tot;
+            } else {
+                keep = v > __int_as_float(0xff800000);
+            }
+            const int pos = pos_carry + block_incl_scan(keep, sm.ired, tot) - keep;
+            if (keep) { s_idx[pos] = i; s_val[pos] = v; }
+            pos_carry += tot;
+        }
+        __syncthreads();
+    }
+
+    // 5) top-p over the kept set: largest key t with mass(key >= t) >= top_p * total (bisection), then the
+    //    ties at t in ascending id order while the mass before them is < top_p * total.
+    const double T = temperature;
+    u32 thr = 0u;
+    int need_p = 0x7fffffff;
+    if (top_p < 1.0 && n > 1) {
+        double carry = 0.0, tot;
+        for (int base = 0; base < n; base += BLOCK) {
+            const int i = base + tid;
+            block_incl_scan(i < n ? prob(s_val[i], xmax, T) : 0.0, sm.dred, tot);
+            carry += tot;
+        }
+        const double P = top_p * carry;
+        u64 lo = 0ull, hi = 0x100000000ull;
+        double mass_hi = 0.0;
+        while (hi - lo > 1ull) {
+            const u64 mid = (lo + hi) >> 1;
+            double m = 0.0;
+            for (int i = tid; i < n; i += BLOCK)
+                if ((u64)fkey(s_val[i]) >= mid) m += prob(s_val[i], xmax, T);
+            m = block_sum(m, sm.dred);
+            if (m >= P) lo = mid; else { hi = mid; mass_hi = m; }
+        }
+        thr = (u32)lo;
+        int ties = 0;
+        for (int i = tid; i < n; i += BLOCK) ties += fkey(s_val[i]) == thr;
+        ties = block_sum(ties, sm.ired);
+        const double pv = prob(keyf(thr), xmax, T);
+        int m = 1;
+        if (pv > 0.0) {
+            double q = ceil((P - mass_hi) / pv);
+            m = q < 1.0 ? 1 : (q > (double)ties ? ties : (int)q);
+            while (m > 1 && mass_hi + (double)(m - 1) * pv >= P) --m;
+            while (m < ties && mass_hi + (double)m * pv < P) ++m;
+        }
+        need_p = m < 1 ? 1 : m;
+    }
+
+    // 6) the draw: two ordered passes over the kept set in ascending id order: the total, then the first
+    //    position whose running sum (carry + in-chunk inclusive scan, float64) exceeds u * total.
+    const double u = uniforms[r];
+    double total = 0.0;
+    if (tid == 0) { sm.hit = 0x7fffffff; sm.last = -1; }
+    __syncthreads();
+    for (int pass = 0; pass < 2; ++pass) {
+        const double target = u * total;
+        double carry = 0.0, dtot;
+        int eq_carry = 0, itot;
+        for (int base = 0; base < n; base += BLOCK) {
+            const int i = base + tid;
+            const float v = i < n ? s_val[i] : __int_as_float(0xff800000);
+            const u32 key = fkey(v);
+            const int eq = (i < n && key == thr) ? 1 : 0;
+            const int eq_incl = block_incl_scan(eq, sm.ired, itot);
+            const bool keep = i < n && (key > thr || (eq && eq_carry + eq_incl - 1 < need_p));
+            eq_carry += itot;
+            const double incl = block_incl_scan(keep ? prob(v, xmax, T) : 0.0, sm.dred, dtot);
+            if (pass == 0) {
+                if (keep) atomicMax(&sm.last, i);
+            } else if (keep && carry + incl > target) {
+                atomicMin(&sm.hit, i);
+            }
+            carry += dtot;
+            if (pass == 1) {
+                __syncthreads();
+                if (sm.hit != 0x7fffffff) break;
+            }
+        }
+        total = carry;
+    }
+    if (tid == 0) {
+        const int j = sm.hit != 0x7fffffff ? sm.hit : sm.last;
+        *out = range_start + s_idx[j];
+    }
+}
+
+#define ILLUME_ARGS(L)                                                                                     \
+    const L* __restrict__ logits, long long row_stride, int col0, int V,                                 \
+    const int* __restrict__ cond_row, const int* __restrict__ uncond_row,                                \
+    const double* __restrict__ params, const int* __restrict__ top_ks,                                    \
+    const double* __restrict__ uniforms, const int* __restrict__ pen_offsets,                             \
+    const int* __restrict__ pen_ids, long long range_start, long long* __restrict__ out_ids,              \
+    long long out_stride, float* __restrict__ workspace
+
+#define ILLUME_CALL                                                                                        \
+    sample_row(logits, row_stride, col0, V, cond_row, uncond_row, params, top_ks, uniforms, pen_offsets,   \
+               pen_ids, range_start, out_ids, out_stride, workspace, sm)
+
+// fp32 logits
+extern "C" __global__ void __launch_bounds__(BLOCK) illume_sample_f32(ILLUME_ARGS(float)) {
+    __shared__ Shared sm;
+    ILLUME_CALL;
+}
+
+// fp16 logits (raw IEEE binary16 bits)
+extern "C" __global__ void __launch_bounds__(BLOCK) illume_sample_f16(ILLUME_ARGS(unsigned short)) {
+    __shared__ Shared sm;
+    ILLUME_CALL;
+}
