@@ -40,8 +40,11 @@ info:
 demo: export
 	$(BIN)/illume-edge demo --engine $(ENGINE) --out outputs
 
+# LLM decode at the Qwen2.5-0.5B shape: our fp32/int8/int4 engines vs transformers eager and
+# onnxruntime-genai, same weights, same run (docs/performance.md). The other stages are not benched yet.
 bench: setup
-	@echo "make bench: the benchmark harness is not built yet (issue 4)"; exit 1
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m benchmarks.llm_decode
 
 # The CUDA sampling kernel's cubins for sm_87 / sm_89 / sm_90 (needs nvcc; NVRTC covers other archs at run time).
 kernels: setup

@@ -221,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp16: fp16 weights and compute behind fp32 graph inputs/outputs (VAE stays fp32)")
     p.set_defaults(fn=cmd_export)
 
+    from .export.quantize import add_quantize_parser  # torch-free: onnxruntime's quantizer only
+
+    add_quantize_parser(sub)
+
     p = sub.add_parser("build-engines", help="build TensorRT plans from an engine's ONNX (needs an NVIDIA GPU)")
     p.add_argument("--engine", required=True)
     p.add_argument("--precision", default="fp16", choices=["fp16", "fp32"])

@@ -1,0 +1,202 @@
+"""Weight-only quantization of an fp32 engine folder: MatMul -> com.microsoft MatMulNBits (int8 / int4).
+
+`quantize_engine(src, dst, "int4")` copies an fp32 engine folder and rewrites the graphs whose decode cost is
+their weight read: the `llm` graph (every projection of every layer) and the `head_*` range graphs. Each
+constant MatMul weight [K, N] is quantized blockwise along K (blocks of `block_size`, symmetric, one fp32
+scale per block) by onnxruntime's `MatMulNBitsQuantizer`, with `accuracy_level=4` (int8 activations in the
+CPU kernel). Optionally (int4 only) the embedding Gather of the `llm` graph becomes GatherBlockQuantized.
+
+What this buys and costs
+- Bytes read per decode step drop ~4x (int8) / ~7x (int4, 4 bits + a 4-byte scale per 32 weights), and
+  decode on CPU is bandwidth bound, so time per token drops with them (docs/performance.md).
+- Quantized graphs use com.microsoft contrib ops: onnxruntime runs them (CPU, CUDA), TensorRT's ONNX
+  parser does not. Their manifest components say so (`portable: false`); fp32/fp16 engines stay portable.
+- The vision graphs are left in fp32: their linear layers are Gemm(transB=1) run once per image over many
+  tokens (compute bound, not bandwidth bound), so weight-only quantization would not make them faster.
+
+Torch-free (onnx + onnxruntime only): it runs on an exported folder, not on the checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable, Iterable
+
+from ..manifest import (MANIFEST_NAME, Component, EngineError, Manifest, file_entry, read_manifest, verify_engine,
+                        write_manifest)
+
+QUANT_BITS = {"int8": 8, "int4": 4}
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations x dequantized weights on CPU (the fast kernels)
+EXTERNAL_DATA_THRESHOLD = 1 << 20  # same rule as export: graphs >= 1 MiB keep weights in <file>.data
+
+Progress = Callable[[str], None]
+
+
+def default_components(manifest: Manifest) -> list[str]:
+    """The graphs whose per-token cost is a weight read: `llm` and every `head_*`."""
+    return [n for n in sorted(manifest.components) if n == "llm" or n.startswith("head_")]
+
+
+def _check_args(precision: str, block_size: int, embeddings: bool) -> int:
+    if precision not in QUANT_BITS:
+        raise ValueError(f"quantize: precision {precision!r} is not one of {sorted(QUANT_BITS)} (fp32/fp16 "
+                         f"engines come from `illume-edge export --precision`)")
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"quantize: block_size {block_size} is not one of {BLOCK_SIZES}")
+    if embeddings and precision != "int4":
+        raise ValueError("quantize: embedding quantization (GatherBlockQuantized) is int4 only")
+    return QUANT_BITS[precision]
+
+
+def _quantize_model(model, bits: int, block_size: int, embeddings: bool):
+    """Quantize every constant-weight MatMul (and the constant-table Gather if `embeddings`) in place."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    op_types = ("MatMul", "Gather") if embeddings else ("MatMul",)
+    quant_axes = (("MatMul", 0), ("Gather", 1))  # MatMul weights [K, N] along K; embedding rows along hidden
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
+                                     accuracy_level=ACCURACY_LEVEL, op_types_to_quantize=op_types,
+                                     quant_axes=quant_axes)
+    log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = log.level
+    log.setLevel(logging.ERROR)  # one INFO line per node, and a warning when an int4 table raises the opset
+    try:
+        quantizer.process()
+    finally:
+        log.setLevel(level)
+    return quantizer.model.model
+
+
+def _graph_ops(model) -> list[tuple[str, str]]:
+    from .onnx_io import graph_ops
+
+    return graph_ops(model)
+
+
+def _save(model, path: Path) -> list[Path]:
+    """Write `model` to `path` (+ `<path>.data` when large); return the files written."""
+    import onnx
+
+    data = path.with_name(path.name + ".data")
+    for f in (path, data):
+        if f.exists():
+            f.unlink()
+    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    external = size >= EXTERNAL_DATA_THRESHOLD
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024, convert_attribute=False)
+    return [path] + ([data] if data.exists() else [])
+
+
+def quantize_component(src_dir: Path, dst_dir: Path, name: str, comp: Component, precision: str,
+                       block_size: int = 32, embeddings: bool = False) -> Component:
+    """Quantize one component's graph from `src_dir` into `dst_dir`; return its new manifest entry."""
+    import onnx
+
+    bits = _check_args(precision, block_size, embeddings)
+    if comp.kind != "onnx":
+        raise EngineError(f"quantize: component {name} is {comp.kind!r}, only ONNX graphs can be quantized")
+    if comp.precision != "fp32":
+        raise EngineError(f"quantize: component {name} is {comp.precision}; quantize an fp32 export")
+    model = onnx.load(str(src_dir / comp.path), load_external_data=True)
+    before = {n.op_type for n in model.graph.node}
+    io_before = ([i.name for i in model.graph.input], [o.name for o in model.graph.output])
+    model = _quantize_model(model, bits, block_size, embeddings and name == "llm")
+    ops = _graph_ops(model)
+    if not any(op in ("MatMulNBits", "GatherBlockQuantized") for _, op in ops):
+        raise EngineError(f"quantize: {name} has no constant-weight MatMul to quantize (ops {sorted(before)})")
+    if ([i.name for i in model.graph.input], [o.name for o in model.graph.output]) != io_before:
+        raise EngineError(f"quantize: {name}: the quantizer changed the graph's inputs/outputs")
+    files = _save(model, dst_dir / comp.path)
+    portable = all(d in ("", "ai.onnx") for d, _ in ops)
+    # An int4 Gather table needs opset 21 (the quantizer raises the import); record what the graph says.
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=comp.opset)
+    return dataclasses.replace(comp, files=tuple(file_entry(dst_dir, f) for f in files), precision=precision,
+                               ops=tuple(sorted({op for _, op in ops})), portable=portable, opset=opset)
+
+
+def quantize_engine(src_dir: str | Path, dst_dir: str | Path, precision: str, block_size: int = 32,
+                    components: Iterable[str] | None = None, *, embeddings: bool = False,
+                    progress: Progress = print) -> Manifest:
+    """Copy the fp32 engine `src_dir` to `dst_dir` with `components` (default: llm + heads) quantized.
+
+    precision   "int8" | "int4": MatMulNBits bits, symmetric blocks of `block_size` along K, accuracy_level 4
+    embeddings  int4 only: also store the llm's embedding table as GatherBlockQuantized (smaller file and
+                resident memory; no effect on decode speed, one row per token is gathered either way)
+    The new manifest records each quantized component's precision, files (sha256, bytes), op list and
+    `portable: false`; the engine precision becomes `precision`; the producer is kept and
+    `source["quantization"]` records the recipe. Everything else is copied unchanged.
+    """
+    import onnxruntime as ort
+
+    bits = _check_args(precision, block_size, embeddings)
+    src, dst = Path(src_dir), Path(dst_dir)
+    manifest = read_manifest(src)
+    verify_engine(src, manifest, check_hash=False)
+    if manifest.precision != "fp32":
+        raise EngineError(f"quantize: {src} is a {manifest.precision} engine; quantize an fp32 export")
+    names = list(components) if components is not None else default_components(manifest)
+    unknown = [n for n in names if n not in manifest.components]
+    if unknown or not names:
+        raise EngineError(f"quantize: unknown component(s) {unknown or names} (engine has "
+                          f"{sorted(manifest.components)})")
+    if dst.resolve() == src.resolve():
+        raise EngineError("quantize: the output folder must differ from the fp32 engine folder")
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+
+    rewritten = {f.path for n in names for f in manifest.components[n].files}
+    for entry in manifest.all_files():
+        if entry.path not in rewritten:
+            (dst / entry.path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / entry.path, dst / entry.path)
+    comps = dict(manifest.components)
+    for name in names:
+        progress(f"quantize {name} -> {precision} (block {block_size})")
+        comps[name] = quantize_component(src, dst, name, comps[name], precision, block_size, embeddings)
+    source = dict(manifest.source)
+    source["quantization"] = {
+        "from": str(src), "precision": precision, "bits": bits, "block_size": block_size, "symmetric": True,
+        "accuracy_level": ACCURACY_LEVEL, "components": names, "embeddings": bool(embeddings),
+        "tool": f"onnxruntime {ort.__version__} MatMulNBitsQuantizer",
+    }
+    out = dataclasses.replace(manifest, precision=precision, components=comps, source=source)
+    write_manifest(dst, out)
+    return read_manifest(dst)  # round-trip through the strict parser
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI hook: `illume-edge quantize --engine engines/tiny-plus --out engines/tiny-plus-int4 --precision int4`
+# ---------------------------------------------------------------------------------------------------------
+def add_quantize_parser(sub) -> None:
+    """Add the `quantize` sub-command to the `illume-edge` sub-parsers."""
+    p = sub.add_parser("quantize", help="weight-only int8/int4 copy of an fp32 engine (llm + heads; "
+                                        "onnxruntime only, not TensorRT-portable)")
+    p.add_argument("--engine", required=True, help="fp32 engine folder")
+    p.add_argument("--out", required=True, help="new engine folder")
+    p.add_argument("--precision", required=True, choices=sorted(QUANT_BITS))
+    p.add_argument("--block-size", dest="block_size", type=int, default=32, choices=BLOCK_SIZES)
+    p.add_argument("--components", default=None,
+                   help="comma-separated component names (default: llm and every head_*)")
+    p.add_argument("--embeddings", action="store_true",
+                   help="int4 only: also quantize the llm's embedding table (GatherBlockQuantized)")
+    p.set_defaults(fn=cmd_quantize)
+
+
+def cmd_quantize(args) -> int:
+    comps = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
+    m = quantize_engine(args.engine, args.out, args.precision, args.block_size, comps, embeddings=args.embeddings,
+                        progress=lambda s: print(f"[quantize] {s}", flush=True))
+    src = read_manifest(args.engine)
+    for name, c in sorted(m.components.items()):
+        if c.precision != "fp32" or name in (comps or []):
+            old = sum(f.bytes for f in src.components[name].files)
+            new = sum(f.bytes for f in c.files)
+            print(f"  {name:<14} {old / 1e6:9.1f} MB -> {new / 1e6:8.1f} MB ({c.precision}, "
+                  f"{'portable' if c.portable else 'onnxruntime only'})")
+    print(f"engine written to {args.out} ({MANIFEST_NAME} precision {m.precision})")
+    return 0
