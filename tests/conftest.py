@@ -54,3 +54,16 @@ def tiny_engine(tmp_path_factory, tiny_checkpoint):
         return made[preset]
 
     return get
+
+
+@pytest.fixture()
+def engine_copy(tiny_engine, tmp_path):
+    """preset name -> a private copy of that preset's engine folder (for tests that damage it)."""
+    import shutil
+
+    def get(preset: str):
+        dst = tmp_path / f"engine-{preset}"
+        shutil.copytree(tiny_engine(preset)[0], dst)
+        return dst
+
+    return get

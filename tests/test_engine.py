@@ -152,11 +152,8 @@ def test_unet_and_vae_match_torch_at_two_sizes(built):
 # The manifest is strict and the files are checked before any session exists
 # ----------------------------------------------------------------------------------------------------
 @pytest.fixture()
-def engine_copy(tiny_engine, tmp_path):
-    src, _ = tiny_engine("tiny-v1")
-    dst = tmp_path / "engine"
-    shutil.copytree(src, dst)
-    return dst
+def v1_copy(engine_copy):
+    return engine_copy("tiny-v1")
 
 
 def _edit_manifest(engine_dir, fn):
@@ -166,58 +163,58 @@ def _edit_manifest(engine_dir, fn):
     path.write_text(json.dumps(data))
 
 
-def test_unknown_manifest_key(engine_copy):
-    _edit_manifest(engine_copy, lambda d: d.update(extra=1))
+def test_unknown_manifest_key(v1_copy):
+    _edit_manifest(v1_copy, lambda d: d.update(extra=1))
     with pytest.raises(EngineError, match=r"unknown key\(s\) \['extra'\]"):
-        read_manifest(engine_copy)
-    _edit_manifest(engine_copy, lambda d: (d.pop("extra"), d["components"]["llm"].update(shards=2)))
+        read_manifest(v1_copy)
+    _edit_manifest(v1_copy, lambda d: (d.pop("extra"), d["components"]["llm"].update(shards=2)))
     with pytest.raises(EngineError, match=r"components.llm: unknown key\(s\) \['shards'\]"):
-        read_manifest(engine_copy)
+        read_manifest(v1_copy)
 
 
-def test_missing_key_and_wrong_version(engine_copy):
-    _edit_manifest(engine_copy, lambda d: d.pop("producer"))
+def test_missing_key_and_wrong_version(v1_copy):
+    _edit_manifest(v1_copy, lambda d: d.pop("producer"))
     with pytest.raises(EngineError, match="missing key 'producer'"):
-        read_manifest(engine_copy)
-    _edit_manifest(engine_copy, lambda d: d.update(format_version=99, producer={}))
+        read_manifest(v1_copy)
+    _edit_manifest(v1_copy, lambda d: d.update(format_version=99, producer={}))
     with pytest.raises(EngineError, match="format_version 99 is not supported"):
-        read_manifest(engine_copy)
+        read_manifest(v1_copy)
 
 
-def test_sha_mismatch_truncation_lfs_and_missing_file(engine_copy):
-    m = read_manifest(engine_copy)
-    head = engine_copy / m.component("head_level0").path
+def test_sha_mismatch_truncation_lfs_and_missing_file(v1_copy):
+    m = read_manifest(v1_copy)
+    head = v1_copy / m.component("head_level0").path
     data = bytearray(head.read_bytes())
     data[-1] ^= 0xFF
     head.write_bytes(bytes(data))
     with pytest.raises(EngineError, match="sha256 .* does not match"):
-        verify_engine(engine_copy, m)
+        verify_engine(v1_copy, m)
     head.write_bytes(bytes(data[:-10]))
     with pytest.raises(EngineError, match="truncated or was replaced"):
-        verify_engine(engine_copy, m)
+        verify_engine(v1_copy, m)
     head.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
     with pytest.raises(EngineError, match="git-lfs pointer"):
-        verify_engine(engine_copy, m)
+        verify_engine(v1_copy, m)
     head.unlink()
     with pytest.raises(EngineError, match="head_level0.onnx: missing"):
-        Engine.load(engine_copy)
+        Engine.load(v1_copy)
 
 
-def test_unlisted_graph_is_refused(engine_copy):
-    shutil.copyfile(engine_copy / "head_level0.onnx", engine_copy / "rogue.onnx")
+def test_unlisted_graph_is_refused(v1_copy):
+    shutil.copyfile(v1_copy / "head_level0.onnx", v1_copy / "rogue.onnx")
     with pytest.raises(EngineError, match="rogue.onnx: graph/plan not listed"):
-        Engine.load(engine_copy)
+        Engine.load(v1_copy)
 
 
-def test_swapped_graph_is_caught_by_the_contract(engine_copy):
-    m = read_manifest(engine_copy)
-    a, b = engine_copy / m.component("head_text").path, engine_copy / m.component("vae_decoder").path
-    _edit_manifest(engine_copy, lambda d: d["components"]["head_text"].update(
+def test_swapped_graph_is_caught_by_the_contract(v1_copy):
+    m = read_manifest(v1_copy)
+    a, b = v1_copy / m.component("head_text").path, v1_copy / m.component("vae_decoder").path
+    _edit_manifest(v1_copy, lambda d: d["components"]["head_text"].update(
         files=[dict(d["components"]["vae_decoder"]["files"][0], path="head_text.onnx")]))
-    (engine_copy / "head_text.onnx").unlink()
-    (engine_copy / "head_text.onnx.data").unlink(missing_ok=True)
+    (v1_copy / "head_text.onnx").unlink()
+    (v1_copy / "head_text.onnx.data").unlink(missing_ok=True)
     shutil.copyfile(b, a)
-    engine = Engine.load(engine_copy)
+    engine = Engine.load(v1_copy)
     with pytest.raises(EngineError, match="head_text: graph inputs .* differ from the manifest"):
         engine.session("head_text")
 

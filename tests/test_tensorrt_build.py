@@ -2,7 +2,6 @@
 cache, manifest listing and the checks done before a plan is deserialized. (Real builds need a GPU.)"""
 import dataclasses
 import json
-import shutil
 import types
 
 import pytest
@@ -106,11 +105,8 @@ def fake_tensorrt(version="10.3.0", reject=None):
 
 
 @pytest.fixture()
-def engine_dir(tiny_engine, tmp_path):
-    src, _ = tiny_engine("tiny-plus")
-    dst = tmp_path / "engine"
-    shutil.copytree(src, dst)
-    return dst
+def engine_dir(engine_copy):
+    return engine_copy("tiny-plus")
 
 
 def test_profiles_cover_the_anchors(tiny_engine):
