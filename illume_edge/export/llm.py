@@ -264,6 +264,35 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
+class FusedLinear(nn.Module):
+    """Several Linear layers over the same input as one MatMul (their rows stacked), split by the caller.
+
+    At batch 1 a decode step is a chain of GEMVs bound by memory bandwidth; one [H, q+k+v] or [H, 2F] GEMV
+    keeps both cores streaming where three narrow ones (k and v are kv_heads*d wide) leave them idle. The
+    originals are re-pointed at views of the stacked weight, so the weights stay held once.
+    """
+
+    def __init__(self, *linears: nn.Linear):
+        super().__init__()
+        weight = torch.cat([lin.weight.detach() for lin in linears])  # [sum(out), in]
+        self.sizes = [lin.out_features for lin in linears]
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None
+        if any(lin.bias is not None for lin in linears):
+            bias = torch.cat([lin.bias.detach() if lin.bias is not None else weight.new_zeros(lin.out_features)
+                              for lin in linears])
+            self.bias = nn.Parameter(bias, requires_grad=False)
+        start = 0
+        for lin, n in zip(linears, self.sizes):
+            lin.weight = nn.Parameter(self.weight.data[start:start + n], requires_grad=False)
+            if lin.bias is not None:
+                lin.bias = nn.Parameter(self.bias.data[start:start + n], requires_grad=False)
+            start += n
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.split(nn.functional.linear(x, self.weight, self.bias), self.sizes, dim=-1)
+
+
 class LLMStep(nn.Module):
     """One LLM forward on explicit tensors: the body of the `llm` ONNX graph.
 
@@ -287,6 +316,10 @@ class LLMStep(nn.Module):
         if model.get_input_embeddings().weight.shape[0] != self.vocab_rows:
             raise ConfigError(f"LLMStep: model has {model.get_input_embeddings().weight.shape[0]} embedding rows, "
                               f"cfg.llm.vocab_rows is {self.vocab_rows}")
+        layers = model.model.layers
+        self.qkv = nn.ModuleList(FusedLinear(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj)
+                                 for l in layers)
+        self.gate_up = nn.ModuleList(FusedLinear(l.mlp.gate_proj, l.mlp.up_proj) for l in layers)
 
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, S] positions -> cos, sin [B, 1, S, d] (broadcast over heads)."""
@@ -294,15 +327,16 @@ class LLMStep(nn.Module):
         angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)  # [B, 1, S, d]
         return angles.cos() * self.rope_scaling, angles.sin() * self.rope_scaling
 
-    def attention(self, layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def attention(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   bias: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor):
-        attn = layer.self_attn
+        attn = self.model.model.layers[i].self_attn
         b, s, _ = x.shape
         kvh, d = self.num_kv_heads, self.head_dim
         group = self.num_heads // kvh
-        q = attn.q_proj(x).view(b, s, self.num_heads, d).transpose(1, 2)  # [B, h, S, d]
-        k = attn.k_proj(x).view(b, s, kvh, d).transpose(1, 2)  # [B, kvh, S, d]
-        v = attn.v_proj(x).view(b, s, kvh, d).transpose(1, 2)  # [B, kvh, S, d]
+        q, k, v = self.qkv[i](x)  # one MatMul for the three projections
+        q = q.view(b, s, self.num_heads, d).transpose(1, 2)  # [B, h, S, d]
+        k = k.view(b, s, kvh, d).transpose(1, 2)  # [B, kvh, S, d]
+        v = v.view(b, s, kvh, d).transpose(1, 2)  # [B, kvh, S, d]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         key = torch.cat([past_key, k], dim=2)  # [B, kvh, T, d]
@@ -324,10 +358,11 @@ class LLMStep(nn.Module):
         bias = causal_padding_bias(attention_mask, input_ids.shape[1])  # [B, 1, S, T]
         cos, sin = (t.to(x.dtype) for t in self.rope(position_ids))  # fp32 angles, model-dtype tables
         presents: list[torch.Tensor] = []
-        for layer, (past_key, past_value) in zip(inner.layers, past):
-            h, key, value = self.attention(layer, layer.input_layernorm(x), cos, sin, bias, past_key, past_value)
+        for i, (layer, (past_key, past_value)) in enumerate(zip(inner.layers, past)):
+            h, key, value = self.attention(i, layer.input_layernorm(x), cos, sin, bias, past_key, past_value)
             x = x + h
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            gate, up = self.gate_up[i](layer.post_attention_layernorm(x))  # one MatMul for gate and up
+            x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
             presents += [key, value]
         last = inner.norm(x[:, -1])  # [B, H]
         return (last, *presents)
