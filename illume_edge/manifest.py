@@ -183,9 +183,16 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 def file_entry(engine_dir: str | os.PathLike, path: str | os.PathLike) -> FileEntry:
-    engine_dir, path = Path(engine_dir), Path(path)
-    full = path if path.is_absolute() else engine_dir / path
-    return FileEntry(path=str(full.relative_to(engine_dir)), sha256=sha256_file(full), bytes=full.stat().st_size)
+    """The manifest entry of a file inside `engine_dir`; `path` may be relative to the engine folder, relative
+    to the working directory, or absolute (the engine folder itself may be given relative or absolute)."""
+    root = Path(engine_dir).resolve()
+    path = Path(path)
+    for candidate in ([path] if path.is_absolute() else [Path.cwd() / path, root / path]):
+        full = candidate.resolve()
+        if root in full.parents and full.is_file():
+            return FileEntry(path=full.relative_to(root).as_posix(), sha256=sha256_file(full),
+                             bytes=full.stat().st_size)
+    raise EngineError(f"{path}: not a file inside the engine folder {engine_dir}")
 
 
 def is_lfs_pointer(path: str | os.PathLike) -> bool:

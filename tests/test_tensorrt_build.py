@@ -181,3 +181,22 @@ def test_parser_rejection_names_the_component(engine_dir):
         build_engines(engine_dir, BuildOptions(), trt=trt, sm="87", progress=lambda s: None)
     with pytest.raises(EngineError, match="precision 'int4'"):
         build_engines(engine_dir, BuildOptions(precision="int4"), trt=trt, sm="87")
+
+
+def test_relative_engine_paths(engine_dir, monkeypatch):
+    """`make` passes engines/NAME relative to the repository: entries must still be engine-relative."""
+    from illume_edge.manifest import file_entry
+
+    monkeypatch.chdir(engine_dir.parent)
+    rel = engine_dir.name
+    assert file_entry(rel, f"{rel}/llm.onnx").path == "llm.onnx"  # cwd-relative
+    assert file_entry(rel, "llm.onnx").path == "llm.onnx"  # engine-relative
+    assert file_entry(rel, engine_dir / "llm.onnx").path == "llm.onnx"  # absolute
+    with pytest.raises(EngineError, match="not a file inside the engine folder"):
+        file_entry(rel, "../elsewhere.onnx")
+    trt, _ = fake_tensorrt()
+    manifest = build_engines(rel, BuildOptions(components=("head_level0",)), trt=trt, sm="87",
+                             progress=lambda s: None)
+    (plan,) = manifest.plans.values()
+    assert "/" not in plan.file.path and (engine_dir / plan.file.path).is_file()
+    Engine.load(rel)
