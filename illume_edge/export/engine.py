@@ -14,6 +14,7 @@ import torch
 from .. import __version__
 from ..config import FORMAT_VERSION, ViTEncoderConfig
 from ..manifest import Component, FileEntry, Manifest, Producer, TensorSpec, file_entry, write_manifest
+from ..tensorrt_ops import check_graph_ops
 from .modules import IllumeModules
 from .onnx_io import OPSET, GraphInfo
 
@@ -115,6 +116,8 @@ def export_engine(mods: IllumeModules, out_dir: str | Path, tokenizer_json: str 
     out_dir.mkdir(parents=True)
     cfg = mods.cfg
     graphs = export_graphs(mods, out_dir, progress)
+    for name, info in graphs.items():  # the same ONNX must become a TensorRT plan on a GPU target
+        check_graph_ops(name, info.ops)
     components = {name: _component(out_dir, info, _precision_of(info.path)) for name, info in graphs.items()}
 
     assets: dict[str, FileEntry] = {}
