@@ -5,6 +5,7 @@ Each call returns its result with per-stage timings (seconds). `understand(..., 
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,12 +106,11 @@ class Pipeline:
 
     # --- parameters ---------------------------------------------------------------------------------------
     def _params(self, task: str, temperature, top_k, top_p, cfg_scale, repetition_penalty) -> SamplingParams:
-        d = getattr(self.cfg.defaults, task)
-        return SamplingParams(
-            temperature=d.temperature if temperature is None else temperature,
-            top_k=d.top_k if top_k is None else top_k, top_p=d.top_p if top_p is None else top_p,
-            cfg_scale=d.cfg if cfg_scale is None else cfg_scale,
-            repetition_penalty=self.repetition_penalty if repetition_penalty is None else repetition_penalty)
+        """The task's defaults (and the checkpoint's repetition penalty), overridden by what the call sets."""
+        base = SamplingParams.from_defaults(getattr(self.cfg.defaults, task), self.repetition_penalty)
+        given = dict(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
+                     repetition_penalty=repetition_penalty)
+        return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
 
     def _decoder(self, decoder: str) -> str:
         if decoder not in DECODERS:
