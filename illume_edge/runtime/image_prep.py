@@ -15,6 +15,7 @@ The steps follow the ILLUME+ release:
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -114,6 +115,7 @@ def _cubic(x: np.ndarray, a: float) -> np.ndarray:
     return np.where(x < 1.0, near, np.where(x < 2.0, far, f32(0.0))).astype(f32)
 
 
+@functools.lru_cache(maxsize=64)  # pure in (in_size, out_size); rebuilt per image otherwise
 def _antialias_matrix(in_size: int, out_size: int) -> np.ndarray:
     """[out, in] weights of torch's separable bicubic+antialias (align_corners=False) along one axis.
 
@@ -136,9 +138,11 @@ def _antialias_matrix(in_size: int, out_size: int) -> np.ndarray:
         for v in w:  # sequential float32 sum, as torch
             total = f32(total + v)
         m[i, lo:hi] = w / total if total != 0.0 else w
+    m.setflags(write=False)  # cached: shared by every caller
     return m
 
 
+@functools.lru_cache(maxsize=64)  # pure in (in_size, out_size); rebuilt per image otherwise
 def _bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     """[out, in] weights of torch's plain bicubic (a=-0.75, align_corners=False, edge-clamped taps)."""
     f32 = np.float32
@@ -151,6 +155,7 @@ def _bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
         weights = _cubic(np.array([t + f32(1.0), t, f32(1.0) - t, f32(2.0) - t], dtype=f32), CUBIC_A_PLAIN)
         for k, w in enumerate(weights):
             m[i, min(max(base - 1 + k, 0), in_size - 1)] += w
+    m.setflags(write=False)  # cached: shared by every caller
     return m
 
 

@@ -14,12 +14,13 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..config import ConfigError, ModelConfig
+from .assessment import complete_object, parse_assessment
 from .decode_loops import Timings, sample_image_tokens, stream_text
 from .detokenize import code_maps, diffusion_decode, vq_decode
 from .engine import Engine
 from .image_prep import letterbox_to_anchor, load_image, preprocess_image, unletterbox
 from .llm_runner import LLMRunner
-from .prompts import TextTokenizer, edit_prompts, generate_prompts, understand_prompt
+from .prompts import TextTokenizer, assess_prompt, edit_prompts, generate_prompts, understand_prompt
 from .sampler import SamplingParams
 from .session import SessionOptions
 from .vision import PromptTable, encode_image
@@ -36,6 +37,13 @@ class UnderstandResult:
 
 
 @dataclass
+class AssessResult:
+    text: str  # the model's answer, cut after its JSON object
+    assessment: dict | None  # parsed (score as float), None when the answer held no valid assessment
+    timings: dict[str, float]
+
+
+@dataclass
 class ImageResult:
     image: np.ndarray  # uint8 [H, W, 3]
     codes: list[np.ndarray]  # per level, int64 [h_l, w_l]
@@ -43,7 +51,8 @@ class ImageResult:
     decoder: str
     timings: dict[str, float]
     seed: int
-    assessment: dict | None = field(default=None)
+    assessment: dict | None = field(default=None)  # best_of > 1: the model's assessment of this image
+    candidates: list["ImageResult"] = field(default_factory=list)  # best_of > 1: every candidate, in seed order
 
 
 class TextStream:
@@ -51,6 +60,7 @@ class TextStream:
 
     def __init__(self, pieces: Iterator[str], timings: Timings, t0: float):
         self._pieces, self._timings, self._t0 = pieces, timings, t0
+        self.timings = timings  # per-stage seconds so far (complete once iteration ends)
         self._text: list[str] = []
         self.result: UnderstandResult | None = None
 
@@ -126,31 +136,58 @@ class Pipeline:
                    temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                    repetition_penalty: float | None = None, seed: int = 0,
                    stream: bool = False) -> UnderstandResult | TextStream:
-        t0 = time.perf_counter()
-        timings = Timings()
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         prompt = understand_prompt(self.tokenizer, self.cfg, question)
         params = self._params("understand", temperature, top_k, top_p, 1.0, repetition_penalty)
-        with timings.timed("preprocess"):
-            pixels = preprocess_image(to_rgb(image), self.cfg)
-        table = PromptTable(self.cfg)
-        image_ids = table.add(encode_image(self.engine, pixels, timings))
-        pieces = stream_text(self.runner, self.tokenizer, prompt.expand([image_ids]), table.table(), params, seed,
-                             max_new_tokens, timings)
-        out = TextStream(pieces, timings, t0)
+        out = self._stream(image, prompt, params, seed, max_new_tokens)
         if stream:
             return out
         for _ in out:
             pass
         return out.result
 
+    def assess(self, image: ImageInput, prompt: str, *, max_new_tokens: int = 96, seed: int = 0) -> AssessResult:
+        """The model's own judgement of `image` against the generation `prompt` (cfg.prompts.assess), greedy;
+        decoding stops as soon as the answer's JSON object is complete."""
+        t0 = time.perf_counter()
+        params = self._params("understand", None, None, None, 1.0, None)
+        stream = self._stream(image, assess_prompt(self.tokenizer, self.cfg, prompt), params, seed, max_new_tokens)
+        text = ""
+        for piece in stream:
+            text += piece
+            if "}" in piece and complete_object(text) is not None:
+                break
+        obj = complete_object(text)
+        timings = dict(stream.timings.stages, total=time.perf_counter() - t0)
+        return AssessResult(obj if obj is not None else text, parse_assessment(text), timings)
+
+    def _stream(self, image: ImageInput, prompt, params: SamplingParams, seed: int, max_new_tokens: int) -> TextStream:
+        t0 = time.perf_counter()
+        timings = Timings()
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        with timings.timed("preprocess"):
+            pixels = preprocess_image(to_rgb(image), self.cfg)
+        table = PromptTable(self.cfg)
+        image_ids = table.add(encode_image(self.engine, pixels, timings))
+        pieces = stream_text(self.runner, self.tokenizer, prompt.expand([image_ids]), table.table(), params, seed,
+                             max_new_tokens, timings)
+        return TextStream(pieces, timings, t0)
+
     # --- generation ---------------------------------------------------------------------------------------
     def generate(self, prompt: str, *, resolution: str | Sequence[int] | None = None, seed: int = 0,
                  cfg: float | None = None, temperature: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, repetition_penalty: float | None = None, decoder: str = "auto",
                  steps: int | None = None, decoder_cfg: float | None = None,
-                 progress: ProgressFn | None = None) -> ImageResult:
+                 progress: ProgressFn | None = None, best_of: int = 1) -> ImageResult:
+        """Text to image. `best_of=N` > 1: N candidates (seeds seed .. seed+N-1), each assessed by the model
+        itself against `prompt` (`assess`); the best score wins (ties: the earlier seed). The winner carries its
+        `assessment` and the list of all `candidates`."""
+        if not isinstance(best_of, int) or best_of < 1:
+            raise ValueError(f"best_of must be a positive integer, got {best_of!r}")
+        if best_of > 1:
+            return self._best_of(prompt, best_of, seed, dict(resolution=resolution, cfg=cfg, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, decoder=decoder,
+                                 steps=steps, decoder_cfg=decoder_cfg, progress=progress))
         t0 = time.perf_counter()
         h, w = parse_resolution(resolution, self.cfg)
         cond, uncond = generate_prompts(self.tokenizer, self.cfg, prompt, h, w)
@@ -159,6 +196,21 @@ class Pipeline:
                              decoder_cfg, progress)
         result.timings["total"] = time.perf_counter() - t0
         return result
+
+    def _best_of(self, prompt: str, n: int, seed: int, kwargs: dict) -> ImageResult:
+        t0 = time.perf_counter()
+        candidates = []
+        for i in range(n):
+            result = self.generate(prompt, seed=seed + i, **kwargs)
+            judged = self.assess(result.image, prompt)
+            result.assessment = judged.assessment
+            result.timings["assess"] = judged.timings["total"]
+            candidates.append(result)
+        scores = [c.assessment["score"] if c.assessment is not None else -1.0 for c in candidates]
+        best = candidates[int(np.argmax(scores))]  # argmax: first of equal scores
+        out = dataclasses.replace(best, candidates=candidates,
+                                  timings={**best.timings, "total": time.perf_counter() - t0})
+        return out
 
     def edit(self, image: ImageInput, instruction: str, *, seed: int = 0, cfg: float | None = None,
              temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,

@@ -225,6 +225,16 @@ def understand_prompt(tok: TextTokenizer, cfg: ModelConfig, question: str, n_ima
     return _encode_with_images(tok, cfg, chat_text(cfg, message))
 
 
+def assess_prompt(tok: TextTokenizer, cfg: ModelConfig, caption: str) -> PromptIds:
+    """The self-assessment prompt (``cfg.prompts.assess``): one image slot, then the caption it is judged
+    against; the answer is one JSON assessment (runtime/assessment.py)."""
+    _require_text("caption", caption, cfg)
+    prompt = understand_prompt(tok, cfg, cfg.prompts.assess.format(caption=caption), n_images=1)
+    if prompt.n_images != 1:
+        raise ValueError(f"cfg.prompts.assess: expected exactly one image placeholder, found {prompt.n_images}")
+    return prompt
+
+
 def generate_prompts(tok: TextTokenizer, cfg: ModelConfig, caption: str, height: int,
                      width: int) -> tuple[PromptIds, PromptIds]:
     """(conditional, unconditional) text-to-image prompts, each ending with the assistant header and the
