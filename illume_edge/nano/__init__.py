@@ -1,0 +1,1 @@
+"""ILLUME-nano: a procedural shapes world with exactly known truth, and its programmatic evaluator."""

@@ -1,0 +1,370 @@
+"""ILLUME-nano shapes world and its evaluator: rendering round-trips, robust parsing, the held-out split, and
+every text (QA, prompts, edits, self-assessment) true of its scene by construction. Pure numpy, fast."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from illume_edge.nano import evaluator as ev
+from illume_edge.nano.world import (COLORS, EDIT_KINDS, GEN_CATEGORIES, NUMBER_WORDS, QA_KINDS, SHAPES, QA,
+                                    GenPrompt, Obj, Scene, WorldConfig, describe, full_prompt, gen_prompt_for,
+                                    heldout_scenes, is_heldout, make_edit, make_qa, position_name, qa_pairs,
+                                    render, sample_edit, sample_gen_prompt, sample_scene, text_corpus, vocabulary,
+                                    words)
+
+CFG = WorldConfig()
+THREE = Scene((Obj(0, 0, "circle", "red"), Obj(1, 1, "square", "blue"), Obj(2, 2, "triangle", "orange")))
+
+
+def scenes(n: int, seed: int = 0, split: str = "train") -> list[Scene]:
+    rng = np.random.default_rng(seed)
+    return [sample_scene(rng, CFG, split) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scenes, rendering, parsing
+# ----------------------------------------------------------------------------------------------------
+def test_scene_is_canonical_and_texts_read_naturally():
+    shuffled = Scene(tuple(reversed(THREE.objects)))
+    assert shuffled == THREE and shuffled.key() == THREE.key() == "00:red circle;11:blue square;22:orange triangle"
+    assert describe(THREE) == ("a red circle at the top left, a blue square in the center and an orange triangle "
+                               "at the bottom right")
+    assert describe(Scene((Obj(1, 0, "square", "green"),))) == "a green square on the left"
+    names = [position_name(r, c) for r in range(3) for c in range(3)]
+    assert names == ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom",
+                     "bottom right"]
+    assert THREE.count(color="red") == 1 and THREE.count(shape="circle", color="blue") == 0
+    assert THREE.find(shape="square") == [Obj(1, 1, "square", "blue")]
+
+
+def test_render_uses_exact_palette_colors():
+    img = render(THREE, CFG)
+    assert img.shape == (48, 48, 3) and img.dtype == np.uint8
+    colors = {tuple(int(v) for v in px) for px in img.reshape(-1, 3)}
+    assert colors == {(255, 255, 255), COLORS["red"], COLORS["blue"], COLORS["orange"]}
+    square = np.all(img == COLORS["blue"], axis=-1)
+    assert square.sum() == 144 and square[18:30, 18:30].all()  # centered 12x12 in the middle 16x16 cell
+    tri = np.all(img == COLORS["orange"], axis=-1)[34:46, 34:46]
+    assert tri[-1].all() and tri[0].sum() <= 2  # apex up, base at the bottom
+
+
+def test_parse_inverts_render_exactly():
+    for seed in range(10):
+        for i, scene in enumerate(scenes(50, seed, "heldout" if seed % 2 else "train")):
+            assert ev.parse(render(scene, CFG), CFG) == scene, (seed, i, scene.key())
+
+
+def _noise(img, rng):
+    return np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+
+
+def _blur(img, rng):
+    p = np.pad(img.astype(np.float32), ((1, 1), (1, 1), (0, 0)), mode="edge")
+    h, w = img.shape[:2]
+    return np.round(sum(p[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)) / 9).astype(np.uint8)
+
+
+def _shift(img, rng):
+    return np.clip(img.astype(int) + rng.choice([-15, 15], 3), 0, 255).astype(np.uint8)
+
+
+def _antialias(scene, rng):
+    """Rendered 4x larger and box-downsampled: soft, anti-aliased edges."""
+    big = render(scene, WorldConfig(image_size=192, object_size=48)).astype(np.float32)
+    return np.round(big.reshape(48, 4, 48, 4, 3).mean(axis=(1, 3))).astype(np.uint8)
+
+
+@pytest.mark.parametrize("distort", ["noise", "blur", "shift", "antialias"])
+def test_parse_is_robust_to_imperfect_images(distort):
+    rng = np.random.default_rng(7)
+    for scene in scenes(150, seed=3):
+        img = render(scene, CFG)
+        img = {"noise": _noise, "blur": _blur, "shift": _shift}[distort](img, rng) if distort != "antialias" \
+            else _antialias(scene, rng)
+        assert ev.parse(img, CFG) == scene, (distort, scene.key())
+
+
+def test_speckles_do_not_create_objects_and_off_colors_still_parse():
+    rng = np.random.default_rng(11)
+    for scene in scenes(100, seed=4):
+        img = render(scene, CFG)
+        for _ in range(6):  # isolated speckles of palette colors anywhere
+            img[rng.integers(48), rng.integers(48)] = COLORS[list(COLORS)[rng.integers(len(COLORS))]]
+        assert ev.parse(img, CFG) == scene
+    off = render(THREE, CFG).astype(int)
+    off[np.all(off == COLORS["blue"], axis=-1)] = (60, 95, 200)  # a slightly wrong blue
+    assert ev.parse(off.astype(np.uint8), CFG) == THREE
+
+
+def test_two_components_in_one_cell_keep_the_larger():
+    img = np.full((48, 48, 3), 255, np.uint8)
+    img[16:24, 16:24] = COLORS["blue"]  # 64 px
+    img[26:32, 26:32] = COLORS["red"]  # 36 px, apart from the blue one, same cell
+    assert ev.parse(img, CFG) == Scene((Obj(1, 1, "square", "blue"),))
+
+
+def test_touching_objects_of_different_colors_are_split():
+    scene = Scene((Obj(1, 0, "square", "red"), Obj(1, 1, "square", "blue")))
+    img = render(scene, CFG)
+    img[23:25, 14:18] = COLORS["red"]  # a red bridge joins the two squares
+    assert ev.parse(img, CFG) == scene
+
+
+# ----------------------------------------------------------------------------------------------------
+# Held-out split
+# ----------------------------------------------------------------------------------------------------
+def test_heldout_split_is_disjoint_and_deterministic():
+    rng = np.random.default_rng(5)
+    train = [sample_scene(rng, CFG, "train") for _ in range(2000)]
+    assert not any(is_heldout(s, CFG) for s in train)
+    held = heldout_scenes(50, CFG)
+    assert held == heldout_scenes(50, CFG) and all(is_heldout(s, CFG) for s in held)
+    assert held != heldout_scenes(50, CFG, seed=99)
+    counts = {len(s.objects) for s in train}
+    assert counts == {1, 2, 3}
+    assert len(sample_scene(rng, CFG, "heldout", n_objects=2).objects) == 2
+    assert all(not is_heldout(sample_edit(rng, CFG, "train").target, CFG) for _ in range(200))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Question answering
+# ----------------------------------------------------------------------------------------------------
+def test_qa_answers_are_correct_by_construction():
+    rng = np.random.default_rng(2)
+    for scene in scenes(300, seed=6):
+        for qa in qa_pairs(scene, rng):
+            q = qa.question
+            if qa.kind == "color":
+                shape = q.removeprefix("what color is the ").removesuffix("?")
+                assert [o.color for o in scene.find(shape=shape)] == [qa.answer]
+            elif qa.kind == "shape":
+                color = q.removeprefix("what shape is the ").removesuffix(" object?")
+                assert [o.shape for o in scene.find(color=color)] == [qa.answer]
+            elif qa.kind == "count":
+                subject = q.removeprefix("how many ").removesuffix(" are there?")
+                n = (len(scene.objects) if subject == "objects" else
+                     scene.count(color=subject.removesuffix(" objects")) if subject.endswith(" objects") else
+                     scene.count(shape=subject.removesuffix("s")))
+                assert qa.answer == NUMBER_WORDS[n]
+            elif qa.kind == "position":
+                color, shape = q.removeprefix("where is the ").removesuffix("?").split()
+                (o,) = scene.find(shape, color)
+                assert qa.answer == position_name(o.row, o.col)
+            elif qa.kind == "describe":
+                assert qa.answer == describe(scene) and ev.parse(render(scene, CFG), CFG) == scene
+            assert ev.answer_correct(qa, f"  {qa.answer.upper()}. ")
+
+
+def test_exist_and_relation_answers_are_balanced_and_true():
+    rng = np.random.default_rng(3)
+    answers = {"exist": [], "relation": []}
+    for scene in scenes(600, seed=8):
+        for kind in answers:
+            qa = make_qa(scene, rng, kind)
+            if qa is None:
+                continue
+            answers[kind].append(qa.answer == "yes")
+            if kind == "exist":
+                label = qa.question.removeprefix("is there ").removesuffix("?").split()[1:]
+                assert (scene.count(label[1], label[0]) > 0) == (qa.answer == "yes")
+    for kind, yes in answers.items():
+        assert len(yes) > 100 and 0.4 < np.mean(yes) < 0.6, (kind, len(yes), np.mean(yes))
+    relation = make_qa(Scene((Obj(0, 0, "circle", "red"), Obj(0, 2, "square", "blue"))), rng, "relation")
+    truth = {"is the red circle to the left of the blue square?": "yes",
+             "is the blue square to the left of the red circle?": "no",
+             "is the red circle to the right of the blue square?": "no",
+             "is the blue square to the right of the red circle?": "yes"}
+    assert truth[relation.question] == relation.answer  # same row: above/below are never asked
+
+
+def test_unaskable_questions_are_skipped():
+    twins = Scene((Obj(0, 0, "circle", "red"), Obj(0, 1, "circle", "red")))
+    rng = np.random.default_rng(0)
+    for kind in ("shape", "color", "position", "relation"):
+        assert make_qa(twins, rng, kind) is None
+    assert {qa.kind for qa in qa_pairs(THREE, rng)} == set(QA_KINDS)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation prompts
+# ----------------------------------------------------------------------------------------------------
+def test_every_prompt_is_true_of_its_scene():
+    rng = np.random.default_rng(4)
+    seen = {c: 0 for c in GEN_CATEGORIES}
+    for scene in scenes(300, seed=9):
+        for category in GEN_CATEGORIES + ("full",):
+            prompt = gen_prompt_for(scene, rng, category)
+            if prompt is None:
+                continue
+            seen[category] = seen.get(category, 0) + 1
+            verdicts = ev.check_prompt(prompt, scene)
+            assert all(v is not False for v in verdicts.values()) and ev.prompt_satisfied(prompt, scene), prompt
+            assert ev.assess(prompt, scene).good and hash(prompt.spec) is not None
+    assert all(n > 50 for n in seen.values()), seen
+    for category in GEN_CATEGORIES:
+        prompt, scene = sample_gen_prompt(rng, CFG, category, "heldout")
+        assert prompt.category == category and is_heldout(scene, CFG) and ev.prompt_satisfied(prompt, scene)
+
+
+def _prompt(scene: Scene, category: str, text: str) -> GenPrompt:
+    """A prompt of ``category`` with exactly this text (drawn until it comes up)."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        p = gen_prompt_for(scene, rng, category)
+        if p.text == text:
+            return p
+    raise AssertionError(f"no {category} prompt {text!r}")
+
+
+def test_wrong_scenes_fail_the_right_aspect():
+    two_circles = Scene((Obj(0, 0, "circle", "red"), Obj(2, 2, "circle", "red"), Obj(1, 1, "square", "blue")))
+    counting = _prompt(two_circles, "counting", "two circles")
+    one_left = Scene(two_circles.objects[1:])
+    assert ev.check_prompt(counting, one_left) == {"object": True, "count": False, "color": None, "spatial": None}
+    none_left = Scene((Obj(1, 1, "square", "blue"),))
+    assert ev.check_prompt(counting, none_left)["object"] is False
+
+    colors = _prompt(THREE, "colors", "a red circle")
+    recolored = Scene((Obj(0, 0, "circle", "green"),) + THREE.objects[1:])
+    assert ev.check_prompt(colors, recolored) == {"object": True, "count": None, "color": False, "spatial": None}
+
+    position = _prompt(THREE, "position", "a circle to the left of a square")
+    swapped = Scene((Obj(0, 0, "square", "blue"), Obj(1, 1, "circle", "red"), THREE.objects[2]))
+    assert ev.check_prompt(position, swapped) == {"object": True, "count": None, "color": None, "spatial": False}
+
+    two = _prompt(THREE, "two_object", "a circle and a triangle")
+    assert ev.check_prompt(two, Scene(THREE.objects[:2]))["object"] is False
+    attr = _prompt(THREE, "color_attr", "a blue square and an orange triangle")
+    assert ev.check_prompt(attr, recolored)["color"] is True and ev.check_prompt(attr, none_left)["object"] is False
+
+    full = full_prompt(THREE)
+    assert full.text == describe(THREE) and ev.prompt_satisfied(full, THREE)
+    assert ev.check_prompt(full, recolored) == {"object": True, "count": True, "color": False, "spatial": False}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Edits
+# ----------------------------------------------------------------------------------------------------
+def test_edits_change_exactly_what_they_say():
+    rng = np.random.default_rng(12)
+    seen = set()
+    for _ in range(300):
+        edit = sample_edit(rng, CFG, "train")
+        src, tgt = set(edit.source.objects), set(edit.target.objects)
+        gone, new = src - tgt, tgt - src
+        seen.add(edit.kind)
+        if edit.kind == "recolor":
+            ((a,), (b,)) = gone, new
+            assert (a.row, a.col, a.shape) == (b.row, b.col, b.shape) and a.color != b.color
+            assert edit.instruction == f"make the {a.color} {a.shape} {b.color}"
+        elif edit.kind == "remove":
+            ((a,),) = (gone,)
+            assert not new and edit.instruction == f"remove the {a.color} {a.shape}"
+        elif edit.kind == "add":
+            ((b,),) = (new,)
+            assert not gone and len(edit.target.objects) <= CFG.max_objects
+            assert edit.instruction.startswith("add ") and position_name(b.row, b.col) in edit.instruction
+        else:
+            ((a,), (b,)) = gone, new
+            assert (a.shape, a.color) == (b.shape, b.color) and (a.row, a.col) != (b.row, b.col)
+            assert edit.instruction == f"move the {a.color} {a.shape} to the {position_name(b.row, b.col)}"
+        if edit.kind != "add":  # the instruction names a referable object
+            assert edit.source.count(a.shape, a.color) == 1
+        assert ev.parse(render(edit.target, CFG), CFG) == edit.target and ev.edit_correct(edit, edit.target)
+        assert not ev.edit_correct(edit, edit.source)
+    assert seen == set(EDIT_KINDS)
+    crowded = Scene(tuple(Obj(r, 0, "circle", "red") for r in range(3)))  # max_objects, none referable
+    assert make_edit(crowded, rng, "add", CFG) is None and make_edit(crowded, rng, "recolor", CFG) is None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Self-assessment and scores
+# ----------------------------------------------------------------------------------------------------
+def test_assessment_json_round_trips_and_reads_clearly():
+    rng = np.random.default_rng(13)
+    for _ in range(200):
+        prompt, _ = sample_gen_prompt(rng, CFG, GEN_CATEGORIES[rng.integers(len(GEN_CATEGORIES))])
+        a = ev.assess(prompt, sample_scene(rng, CFG))
+        text = ev.assessment_to_json(a)
+        assert ev.assessment_from_json(text) == a and list(json.loads(text)) == list(ev.JSON_KEYS)
+        assert ev.assessment_agreement(ev.assessment_from_json(text), a)
+    counting = _prompt(Scene(THREE.objects + (Obj(0, 1, "circle", "red"),)), "counting", "two circles")
+    assert ev.assessment_to_json(ev.assess(counting, THREE)) == (
+        '{"object": "yes", "count": "no", "color": "n/a", "spatial": "n/a", "score": "0.50", '
+        '"analysis": "the image shows one circle, the prompt asks for two circles."}')
+    good = ev.assess(counting, Scene(THREE.objects + (Obj(0, 1, "circle", "red"),)))
+    assert good.good and good.score == 1.0 and good.analysis.startswith("the image shows a red circle at the top")
+
+
+def test_malformed_assessments_give_none_and_disagree():
+    a = ev.Assessment(True, None, False, None, "x")
+    text = ev.assessment_to_json(a)
+    bad = ["", "{", "null", "[1]", '{"object": "yes"}', text.replace('"0.50"', '"0.75"'),
+           text.replace('"yes"', '"maybe"'), text.replace('"score": "0.50"', '"score": 0.5'),
+           '{"count": "n/a", "object": "yes", "color": "no", "spatial": "n/a", "score": "0.50", "analysis": "x"}',
+           "[" * 100000, text + " trailing"]
+    for t in bad + [None, 42]:
+        assert ev.assessment_from_json(t) is None, t
+    assert not ev.assessment_agreement(None, a)
+    assert not ev.assessment_agreement(ev.Assessment(True, False, False, None, "x"), a)
+    assert ev.assessment_agreement(ev.Assessment(True, None, False, None, "other words"), a)
+    assert ev.assessment_scores([(text, a), ("junk", a)]) == {"valid": 0.5, "agreement": 0.5}
+
+
+def test_score_aggregates():
+    qa = QA("count", "how many objects are there?", "two")
+    und = ev.understanding_scores([(qa, "two"), (qa, "three"), (QA("exist", "is there a red circle?", "yes"), "yes")])
+    assert und == {"count": 0.5, "exist": 1.0, "overall": 2 / 3}
+    rng = np.random.default_rng(0)
+    single = gen_prompt_for(THREE, rng, "single_object")
+    colors = _prompt(THREE, "colors", "a red circle")
+    wrong = Scene(THREE.objects[1:])
+    gen = ev.generation_scores([(single, THREE), (colors, THREE), (colors, wrong), (colors, wrong),
+                                (full_prompt(THREE), wrong)])
+    assert gen["single_object"] == 1.0 and gen["colors"] == 1 / 3 and gen["overall"] == (1 + 1 / 3) / 2
+    assert gen["full"] == 0.0
+    edit = make_edit(THREE, rng, "remove", CFG)
+    assert ev.editing_scores([(edit, edit.target), (edit, THREE)]) == {"remove": 0.5, "overall": 0.5}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Vocabulary and invalid inputs
+# ----------------------------------------------------------------------------------------------------
+def test_corpus_words_are_in_the_vocabulary():
+    corpus = text_corpus(np.random.default_rng(14), CFG, 600)
+    vocab = set(vocabulary())
+    assert len(corpus) == 600 and set(w for t in corpus for w in words(t)) <= vocab
+    assert all(t == t.lower() for t in corpus)
+    for needed in ("triangles", "three", "bottom", "above", "an", "spatial", "/", "{", "describe", "move"):
+        assert needed in vocab
+    texts = " ".join(corpus)
+    for template in ("what color is", "what shape is", "how many", "is there", "where is", "to the right of",
+                     "describe the image.", "make the", "remove the", "add a", "move the", '"score"'):
+        assert template in texts, template
+
+
+def test_invalid_inputs_fail_clearly():
+    with pytest.raises(ValueError, match="unknown color 'pink'"):
+        Obj(0, 0, "circle", "pink")
+    with pytest.raises(ValueError, match="unknown shape 'star'"):
+        Obj(0, 0, "star", "red")
+    with pytest.raises(ValueError, match="row: expected an int in 0..2, got 3"):
+        Obj(3, 0, "circle", "red")
+    with pytest.raises(ValueError, match=r"two objects in cell \(1, 1\)"):
+        Scene((Obj(1, 1, "circle", "red"), Obj(1, 1, "square", "blue")))
+    with pytest.raises(ValueError, match="expected a uint8 array of shape \\(48, 48, 3\\), got uint8 \\(32, 32, 3\\)"):
+        ev.parse(np.zeros((32, 32, 3), np.uint8), CFG)
+    with pytest.raises(ValueError, match="got float32"):
+        ev.parse(np.zeros((48, 48, 3), np.float32), CFG)
+    with pytest.raises(ValueError, match="got list"):
+        ev.parse([[0]], CFG)
+    with pytest.raises(ValueError, match="split"):
+        sample_scene(np.random.default_rng(0), CFG, "test")
+    with pytest.raises(ValueError, match="unknown QA kind"):
+        make_qa(THREE, np.random.default_rng(0), "why")
+    with pytest.raises(ValueError, match="object_size"):
+        WorldConfig(object_size=20)
+    assert ev.parse(np.full((48, 48, 3), 255, np.uint8), CFG) == Scene(())
+    assert set(SHAPES) == {"circle", "square", "triangle"}
