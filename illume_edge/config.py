@@ -375,6 +375,8 @@ class PromptTemplates:
     edit: str = "{h}{w}<image>\nPlease edit the image according to the instruction: {instruction}\n"
     edit_uncond: str = "{h}{w}<image>\nReconstruct the image according to the given image\n"
     image_response_prefix: str = "{h}{w}"  # repeated after the assistant header for image outputs
+    # Self-assessment (ILLUME's self-enhancing alignment): the answer is one JSON object (runtime/assessment.py)
+    assess: str = "<image>\nassess the image for the prompt: {caption}\n"
 
 
 @dataclass(frozen=True)
@@ -649,7 +651,56 @@ def tiny_v1() -> ModelConfig:
     ).validate()
 
 
+# ILLUME-nano: the project's own trained member of the family (docs/nano.md). 48x48 images of the shapes world,
+# one semantic level (6x6 codes), a word-level base vocabulary below <|endoftext|>, a pixel-space-sized
+# diffusion decoder with a 4x VAE. Ids are laid out exactly like the release (Qwen specials, structural tokens,
+# codes), only shifted down to a small text vocabulary.
+NANO_TEXT_IDS = 1024  # byte symbols + the world's words and their BPE pieces + filler (see nano/tokenizer)
+
+
+def illume_nano() -> ModelConfig:
+    eot = NANO_TEXT_IDS
+    text_vocab = eot + 22  # Qwen2.5's 22 special tokens from <|endoftext|>
+    tokens = TokenIds(text_vocab_size=text_vocab, endoftext=eot, im_start=eot + 1, im_end=eot + 2,
+                      start_of_image=text_vocab, end_of_image=text_vocab + 1, end_of_line=text_vocab + 2,
+                      first_level_tag=text_vocab + 3, resolution_tag_step=16, resolution_tag_max=64)
+    first = tokens.first_code_id(1)
+    codebook = 128
+    n_vocab = first + codebook
+    vit = ViTEncoderConfig(depth=3, embed_dim=64, num_heads=4, mlp_ratio=2.0, patch_size=4, out_dim=96,
+                           resolution_map=())
+    unet = UNetConfig(latent_channels=4, code_channels=16, block_out_channels=(48, 96), layers_per_block=1,
+                      transformer_layers_per_block=(1, 1), attention_head_dim=(2, 4),
+                      down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                      cross_attention_dim=32, text_seq_len=1, addition_time_embed_dim=8, pooled_text_dim=16,
+                      norm_num_groups=16)
+    vae = VAEConfig(block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4, scaling_factor=1.0,
+                    norm_num_groups=16)
+    return ModelConfig(
+        name="illume-nano",
+        llm=LLMConfig("qwen2", 4, 128, 4, 2, 384, vocab_rows=-(-n_vocab // 64) * 64, rope_theta=10000.0,
+                      max_position_embeddings=512, max_batch=8),
+        tokens=tokens,
+        branches=(InputBranch("semantic", vit, "model.vision_tower.semantic_encoder", "model.mm_projector", 0),),
+        levels=(OutputLevel("semantic", codebook, 16, first, "semantic_quantizer"),),
+        vq_decoder=None,
+        # x0 ("sample") prediction: at this scale the code map nearly determines the image, and predicting it
+        # directly decoded 3x more images faithfully than epsilon prediction for the same training steps
+        diffusion=DiffusionDecoderConfig(unet=unet, vae=vae, upscale=1, resolutions=((48, 48),), default_steps=10,
+                                         default_cfg=1.5, max_batch=8,
+                                         scheduler=dict(SDXL_SCHEDULER, prediction_type="sample")),
+        defaults=TaskDefaults(generate=SamplingDefaults(temperature=1.0, top_k=8, top_p=1.0, cfg=2.0),
+                              edit=SamplingDefaults(temperature=1.0, top_k=8, top_p=1.0, cfg=1.5),
+                              understand=SamplingDefaults(temperature=0.0, top_k=1, top_p=1.0, cfg=1.0)),
+        anchors=((48, 48),),
+        min_pixels=48 * 48,
+        max_pixels=48 * 48,
+        max_prompt_len=448,
+    ).validate()
+
+
 PRESETS = {
+    "illume-nano": illume_nano,
     "illume-plus-3b": lambda: illume_plus("3b"),
     "illume-plus-7b": lambda: illume_plus("7b"),
     "tiny-plus": tiny_plus,

@@ -302,8 +302,19 @@ def mllm_config_json(cfg: ModelConfig) -> dict[str, Any]:
     return d
 
 
-def save_checkpoint(mods: IllumeModules, root: str | os.PathLike, shards: int = 2) -> CheckpointPaths:
-    """Write `mods` in the release layout under `root` (see the module docstring)."""
+def save_checkpoint(mods: IllumeModules, root: str | os.PathLike, shards: int = 2, *,
+                    base_words: list[str] | None = None,
+                    dualvitok_extra: Mapping[str, torch.Tensor] | None = None) -> CheckpointPaths:
+    """Write `mods` in the release layout under `root` (see the module docstring).
+
+    `base_words`: words the tokenizer encodes as single low ids (tokenizer_factory); `dualvitok_extra`: tensors
+    of the tokenizer's own training parts (keys under DUALVITOK_IGNORED prefixes), stored as the release does
+    and never loaded."""
+    extra = dict(dualvitok_extra or {})
+    stray = sorted(k for k in extra if not k.startswith(DUALVITOK_IGNORED))
+    if stray:
+        raise CheckpointError(f"dualvitok_extra: keys {stray[:5]} are not under the tokenizer-training prefixes "
+                              f"{DUALVITOK_IGNORED}")
     from safetensors.torch import save_file
 
     from .tokenizer_factory import save_tokenizer_files
@@ -317,7 +328,7 @@ def save_checkpoint(mods: IllumeModules, root: str | os.PathLike, shards: int = 
     (mllm / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": cfg.tokens.endoftext, "eos_token_id": [cfg.tokens.im_end, cfg.tokens.endoftext],
          "pad_token_id": cfg.tokens.endoftext, **mods.generation_config}, indent=2) + "\n")
-    save_tokenizer_files(cfg, mllm)
+    save_tokenizer_files(cfg, mllm, base_words)
 
     sd = {k: v.contiguous() for k, v in grouped_state_dict(mods.mllm_modules(), tied_keys(cfg)).items()}
     keys = list(sd)
@@ -335,6 +346,7 @@ def save_checkpoint(mods: IllumeModules, root: str | os.PathLike, shards: int = 
     dv = root / "dualvitok"
     dv.mkdir(exist_ok=True)
     dsd = {k: v.contiguous() for k, v in grouped_state_dict(mods.dualvitok_modules()).items()}
+    dsd.update({k: v.detach().contiguous() for k, v in extra.items()})
     torch.save(dsd, dv / "pytorch_model.bin")
 
     dd = None

@@ -1,0 +1,251 @@
+"""`make eval-nano`: ILLUME-nano's task accuracy on the held-out split, through the runtime engines.
+
+Every number comes from the world's evaluator reading the model's output (answers compared with the truth,
+generated and edited images parsed back into scenes), never from logits:
+
+- understanding: accuracy per question kind and overall (held-out scenes, greedy answers);
+- generation: GenEval's categories (single object, two objects, counting, colors, position, color attribute),
+  overall = the mean over categories, as GenEval reports it. Each prompt gets `candidates` samples (seeds
+  seed..seed+N-1); "single" is the mean accuracy over all samples (the expected single-sample accuracy),
+  "best_of_N" the accuracy of the candidate the model's own assessment ranks first;
+- editing: accuracy per edit kind and overall (output parsed == target scene);
+- self-assessment: agreement of the model's verdicts (object / count / color / spatial) with the evaluator's
+  on the model's own generations; "valid" is the share of answers that are a well-formed assessment.
+
+Backends: "runtime" (an engine folder, onnxruntime) or "torch" (the checkpoint through the export side's
+reference pipeline, the parity oracle), on the same prompts and seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import evaluator, world
+
+EVAL_SEED = 777
+
+
+@dataclass(frozen=True)
+class EvalSize:
+    qa_per_kind: int = 30
+    prompts_per_category: int = 20
+    edits_per_kind: int = 20
+    candidates: int = 4
+
+
+SIZES = {"full": EvalSize(), "small": EvalSize(qa_per_kind=6, prompts_per_category=4, edits_per_kind=4, candidates=2)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Held-out tasks (fixed seeds, never in training: world.is_heldout scenes only)
+# ----------------------------------------------------------------------------------------------------
+def heldout_tasks(size: EvalSize, wcfg: world.WorldConfig = world.WorldConfig()):
+    rng = np.random.default_rng(EVAL_SEED)
+    qas = []
+    for kind in world.QA_KINDS:
+        while sum(q.kind == kind for _, q in qas) < size.qa_per_kind:
+            scene = world.sample_scene(rng, wcfg, split="heldout")
+            q = world.make_qa(scene, rng, kind)
+            if q is not None:
+                qas.append((scene, q))
+    prompts = [world.sample_gen_prompt(rng, wcfg, cat, "heldout")[0]
+               for cat in world.GEN_CATEGORIES for _ in range(size.prompts_per_category)]
+    edits = [world.sample_edit(rng, wcfg, "heldout", kind) for kind in world.EDIT_KINDS
+             for _ in range(size.edits_per_kind)]
+    return qas, prompts, edits
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backends: answer / generate / edit / assess
+# ----------------------------------------------------------------------------------------------------
+class RuntimeBackend:
+    def __init__(self, engine_dir: str | Path, threads: int | None = None):
+        from ..runtime.pipeline import Pipeline
+
+        self.pipe = Pipeline.load(engine_dir, threads=threads)
+        self.name = f"runtime ({self.pipe.engine.manifest.precision})"
+
+    def answer(self, image, question: str) -> str:
+        return self.pipe.understand(image, question, max_new_tokens=64).text
+
+    def generate(self, prompt: str, seed: int) -> np.ndarray:
+        return self.pipe.generate(prompt, seed=seed).image
+
+    def edit(self, image, instruction: str, seed: int) -> np.ndarray:
+        return self.pipe.edit(image, instruction, seed=seed).image
+
+    def assess(self, image, prompt: str) -> str:
+        return self.pipe.assess(image, prompt).text
+
+
+class TorchBackend:
+    """The checkpoint in torch (export/reference.py), with the runtime's sampling semantics."""
+
+    def __init__(self, checkpoint: str | Path):
+        from ..export.checkpoint import CheckpointPaths, load_checkpoint
+        from ..export.reference import ReferencePipeline
+        from ..runtime.prompts import TextTokenizer
+        from ..runtime.sampler import SamplingParams
+
+        mods = load_checkpoint(checkpoint)
+        paths = CheckpointPaths.from_dir(checkpoint)
+        self.cfg = mods.cfg
+        self.tok = TextTokenizer.from_file(paths.mllm / "tokenizer.json", self.cfg)
+        self.ref = ReferencePipeline(mods, self.tok)
+        rp = float(mods.generation_config.get("repetition_penalty", 1.0))
+        self.params = {t: SamplingParams.from_defaults(getattr(self.cfg.defaults, t), rp)
+                       for t in ("understand", "generate", "edit")}
+        self.name = "torch reference"
+
+    def answer(self, image, question: str) -> str:
+        ids = self.ref.understand_ids(image, question, self.params["understand"], 0, 64)
+        return self.tok.decode(ids)
+
+    def _image(self, codes, seed: int) -> np.ndarray:
+        d = self.cfg.diffusion
+        h, w = self.cfg.anchors[0]
+        return self.ref.diffusion_image(codes, h, w, d.default_steps, d.default_cfg, seed)
+
+    def generate(self, prompt: str, seed: int) -> np.ndarray:
+        h, w = self.cfg.anchors[0]
+        return self._image(self.ref.generate_codes(prompt, h, w, self.params["generate"], seed), seed)
+
+    def edit(self, image, instruction: str, seed: int) -> np.ndarray:
+        codes, _, _ = self.ref.edit_codes(image, instruction, self.params["edit"], seed)
+        return self._image(codes, seed)
+
+    def assess(self, image, prompt: str) -> str:
+        from ..runtime.assessment import complete_object
+
+        text = self.answer(image, self.cfg.prompts.assess.format(caption=prompt))
+        return complete_object(text) or text
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------
+def evaluate(backend, size: EvalSize, wcfg: world.WorldConfig = world.WorldConfig(), progress=None) -> dict:
+    qas, prompts, edits = heldout_tasks(size, wcfg)
+    t0 = time.perf_counter()
+    total = len(qas) + len(prompts) + len(edits)
+    done = 0
+
+    def tick():
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    answers = []
+    for scene, q in qas:
+        answers.append((q, backend.answer(world.render(scene, wcfg), q.question)))
+        tick()
+    per_sample: list[list[tuple[world.GenPrompt, world.Scene]]] = [[] for _ in range(size.candidates)]
+    best, agree = [], []
+    for i, prompt in enumerate(prompts):
+        scored = []
+        for c in range(size.candidates):
+            image = backend.generate(prompt.text, seed=1000 * i + c)
+            scene = evaluator.parse(image, wcfg)
+            per_sample[c].append((prompt, scene))
+            text = backend.assess(image, prompt.text)
+            model = evaluator.assessment_from_json(text)
+            agree.append((text, evaluator.assess(prompt, scene)))
+            scored.append((model.score if model is not None else -1.0, scene))
+        best.append((prompt, scored[int(np.argmax([s for s, _ in scored]))][1]))
+        tick()
+    edited = []
+    for i, e in enumerate(edits):
+        edited.append((e, evaluator.parse(backend.edit(world.render(e.source, wcfg), e.instruction, seed=i), wcfg)))
+        tick()
+
+    single = [evaluator.generation_scores(s) for s in per_sample]
+    single_mean = {k: float(np.mean([s[k] for s in single])) for k in single[0]}
+    return {
+        "backend": backend.name,
+        "understanding": evaluator.understanding_scores(answers),
+        "generation_single": single_mean,
+        f"generation_best_of_{size.candidates}": evaluator.generation_scores(best),
+        "editing": evaluator.editing_scores(edited),
+        "self_assessment": evaluator.assessment_scores(agree),
+        "counts": {"questions": len(qas), "prompts": len(prompts), "samples_per_prompt": size.candidates,
+                   "edits": len(edits)},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def results_table(results: list[dict]) -> str:
+    """Markdown: one column per backend."""
+    rows: list[tuple[str, list[str]]] = []
+
+    def add(label: str, getter):
+        rows.append((label, [_fmt(getter(r)) for r in results]))
+
+    add("understanding (overall)", lambda r: r["understanding"].get("overall"))
+    for k in world.QA_KINDS:
+        add(f"  {k}", lambda r, k=k: r["understanding"].get(k))
+    gb = next(k for k in results[0] if k.startswith("generation_best_of"))
+    add("generation GenEval overall (single sample)", lambda r: r["generation_single"].get("overall"))
+    for k in world.GEN_CATEGORIES:
+        add(f"  {k}", lambda r, k=k: r["generation_single"].get(k))
+    add(f"generation GenEval overall ({gb.split('_', 1)[1].replace('_', '-')}, self-assessed)",
+        lambda r: r[gb].get("overall"))
+    add("editing (overall)", lambda r: r["editing"].get("overall"))
+    for k in world.EDIT_KINDS:
+        add(f"  {k}", lambda r, k=k: r["editing"].get(k))
+    add("self-assessment agreement", lambda r: r["self_assessment"].get("agreement"))
+    add("self-assessment valid JSON", lambda r: r["self_assessment"].get("valid"))
+    add("eval seconds", lambda r: r["seconds"])
+    head = "| metric | " + " | ".join(f"{r['backend']}: {Path(r.get('source', '')).name}" for r in results) + " |"
+    sep = "|---|" + "---|" * len(results)
+    return "\n".join([head, sep] + [f"| {label} | " + " | ".join(v) + " |" for label, v in rows])
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if isinstance(v, float) and v <= 1.0 else f"{v}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engine", action="append", default=[], help="engine folder (repeatable)")
+    ap.add_argument("--checkpoint", action="append", default=[], help="checkpoint folder for the torch reference")
+    ap.add_argument("--size", default="full", choices=sorted(SIZES))
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None, help="write all results here")
+    ap.add_argument("--from-json", dest="from_json", nargs="+", default=None,
+                    help="print one table from saved result files instead of evaluating")
+    args = ap.parse_args(argv)
+    if args.from_json:
+        print(results_table([r for f in args.from_json for r in json.loads(Path(f).read_text())]))
+        return 0
+    if not args.engine and not args.checkpoint:
+        ap.error("give at least one --engine or --checkpoint")
+    size = SIZES[args.size]
+    results = []
+    backends = [lambda e=e: RuntimeBackend(e, args.threads) for e in args.engine]
+    backends += [lambda c=c: TorchBackend(c) for c in args.checkpoint]
+    labels = args.engine + args.checkpoint
+    for label, make in zip(labels, backends):
+        backend = make()
+        res = evaluate(backend, size, progress=lambda d, t: print(f"\r[eval] {label}: {d}/{t}", end="",
+                                                                   file=sys.stderr, flush=True))
+        print(file=sys.stderr)
+        res["source"] = label
+        results.append(res)
+    print(results_table(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,318 @@
+"""`make nano`: train ILLUME-nano from scratch with fixed seeds and write it in the ILLUME+ release formats.
+
+Stages (docs/nano.md has the why of each):
+  vit        semantic ViT pretrained on the world (per-token cell classes)
+  tokenizer  SimVQ semantic tokenizer on the ViT features (6x6 codes per image)
+  vae, unet  the diffusion detokenizer (code map -> latent -> pixels)
+  stage1     visual-embedding init: projector + embeddings + LM head, image reconstruction and captioning
+  stage2     image-text alignment both ways: captioning, text-to-image (full captions), reconstruction
+  stage3     SFT: question answering, GenEval-style generation, editing (+ replay of stage 2 tasks)
+  stage4     self-enhancing alignment: the stage-3 model (exported, run by the runtime) generates images for
+             training prompts, the evaluator assesses them into JSON; assessments (poor samples: assessment
+             then a corrected image) join the SFT data for a last fine-tune. The same fine-tune without the
+             assessment data is the ablation (its checkpoint is kept under the work folder, not shipped).
+
+Run: python -m illume_edge.nano.recipe --out models/illume-nano [--work build/nano] [--schedule full|smoke]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig, preset
+from ..export.checkpoint import save_checkpoint
+from ..export.modules import IllumeModules, build_modules
+from ..export.tokenizer_factory import build_tokenizer
+from ..manifest import sha256_file
+from ..runtime.prompts import TextTokenizer
+from . import evaluator, world
+from .decoder_train import train_unet, train_vae
+from .llm_train import LLMTrainer
+from .progress import Progress
+from .sequences import Example, SequenceBuilder
+from .text import base_words
+from .vision_train import SemanticTokenizer, VisionTower, code_purity, num_token_classes, pretrain_vit, train_tokenizer
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Steps (and batch sizes) of every stage."""
+    vit: int = 200
+    tokenizer: int = 500
+    vae: int = 800
+    unet: int = 1600
+    stage1: int = 200
+    stage2: int = 800
+    stage3: int = 1400
+    stage4: int = 300
+    self_enhance_prompts: int = 320
+    vision_batch: int = 64
+    vae_batch: int = 16
+    decoder_batch: int = 32
+    llm_batch: int = 32
+
+
+SCHEDULES = {
+    "full": Schedule(),
+    # A seconds-long run of every stage for tests: same code path, meaningless weights.
+    "smoke": Schedule(vit=2, tokenizer=2, vae=2, unet=2, stage1=1, stage2=1, stage3=1, stage4=1,
+                      self_enhance_prompts=4, vision_batch=4, vae_batch=2, decoder_batch=2, llm_batch=2),
+}
+SEED = 20241209  # ILLUME's arXiv date
+
+
+# ----------------------------------------------------------------------------------------------------
+# Task samplers: rng -> Example (train split only)
+# ----------------------------------------------------------------------------------------------------
+class Tasks:
+    def __init__(self, builder: SequenceBuilder, wcfg: world.WorldConfig):
+        self.b, self.w = builder, wcfg
+
+    def _scene(self, rng):
+        s = world.sample_scene(rng, self.w, split="train")
+        return s, world.render(s, self.w)
+
+    def reconstruct(self, rng) -> Example:
+        _, im = self._scene(rng)
+        return self.b.edit(im, None, im, task="reconstruct")
+
+    def caption(self, rng) -> Example:
+        s, im = self._scene(rng)
+        return self.b.understand(im, world.make_qa(s, rng, "describe").question, world.describe(s), task="caption")
+
+    def t2i_full(self, rng) -> Example:
+        s, im = self._scene(rng)
+        return self.b.generate(world.describe(s), im, task="t2i_full")
+
+    def t2i_geneval(self, rng) -> Example:
+        prompt, s = world.sample_gen_prompt(rng, self.w, str(rng.choice(world.GEN_CATEGORIES)), "train")
+        return self.b.generate(prompt.text, world.render(s, self.w), task="t2i_geneval")
+
+    def t2i_uncond(self, rng) -> Example:
+        _, im = self._scene(rng)
+        return self.b.generate(None, im, task="t2i_uncond")
+
+    def qa(self, rng) -> Example:
+        while True:
+            s, im = self._scene(rng)
+            q = world.make_qa(s, rng, str(rng.choice(world.QA_KINDS)))
+            if q is not None:
+                return self.b.understand(im, q.question, q.answer, task=f"qa_{q.kind}")
+
+    def edit(self, rng) -> Example:
+        e = world.sample_edit(rng, self.w, "train")
+        return self.b.edit(world.render(e.source, self.w), e.instruction, world.render(e.target, self.w),
+                           task=f"edit_{e.kind}")
+
+
+def mixture(parts: list[tuple[float, Callable[[np.random.Generator], Example]]]):
+    weights = np.array([w for w, _ in parts], dtype=np.float64)
+    weights /= weights.sum()
+    fns = [f for _, f in parts]
+
+    def sample(rng: np.random.Generator) -> Example:
+        return fns[int(rng.choice(len(fns), p=weights))](rng)
+    return sample
+
+
+def stage_mixtures(t: Tasks) -> dict[str, Callable]:
+    stage2 = [(0.25, t.caption), (0.35, t.t2i_full), (0.2, t.reconstruct), (0.05, t.t2i_uncond), (0.15, t.qa)]
+    stage3 = [(0.3, t.qa), (0.2, t.t2i_geneval), (0.1, t.t2i_full), (0.05, t.t2i_uncond), (0.25, t.edit),
+              (0.05, t.reconstruct), (0.05, t.caption)]
+    return {"stage1": mixture([(0.5, t.reconstruct), (0.5, t.caption)]), "stage2": mixture(stage2),
+            "stage3": mixture(stage3)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Self-enhancing data
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class AssessedSample:
+    prompt: world.GenPrompt
+    source: world.Scene  # the scene the prompt was made from (its rendering is the correction)
+    image: np.ndarray  # what the model generated
+    assessment: evaluator.Assessment
+
+
+def self_assess_pool(engine_dir: Path, wcfg: world.WorldConfig, n: int, seed: int,
+                     progress: Progress) -> list[AssessedSample]:
+    """Generate one image per training prompt with the runtime on the exported stage-3 engine, assess it."""
+    from ..runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(engine_dir, threads=torch.get_num_threads(), check_hash=False)
+    rng = np.random.default_rng(seed)
+    out = []
+    categories = world.GEN_CATEGORIES + ("full",)
+    for i in range(n):
+        prompt, scene = world.sample_gen_prompt(rng, wcfg, categories[i % len(categories)], "train")
+        image = pipe.generate(prompt.text, seed=int(rng.integers(1 << 31))).image
+        out.append(AssessedSample(prompt, scene, image, evaluator.assess(prompt, evaluator.parse(image, wcfg))))
+        progress.update(i + 1, good=float(out[-1].assessment.good))
+    return out
+
+
+def assessment_examples(pool: list[AssessedSample], b: SequenceBuilder, wcfg: world.WorldConfig):
+    """Good samples: the assessment; poor ones: the assessment, then the corrected image."""
+    def sample(rng: np.random.Generator) -> Example:
+        s = pool[int(rng.integers(len(pool)))]
+        correction = None if s.assessment.good else world.render(s.source, wcfg)
+        return b.assess(s.image, s.prompt.text, evaluator.assessment_to_json(s.assessment), correction,
+                        task="assess")
+    return sample
+
+
+# ----------------------------------------------------------------------------------------------------
+# The recipe
+# ----------------------------------------------------------------------------------------------------
+def _seed(offset: int) -> int:
+    return SEED + offset
+
+
+def dualvitok_extra(tokenizer: SemanticTokenizer, vit: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tokenizer's own training parts, stored under the release's ignored prefixes."""
+    out = {f"semantic_encoder.vit.{k}": v for k, v in vit.state_dict().items()}
+    out.update({f"semantic_encoder.proj.{k}": v for k, v in tokenizer.proj.state_dict().items()})
+    out["semantic_encoder.feature_scale"] = tokenizer.feature_scale
+    out.update({f"semantic_decoder.{k}": v for k, v in tokenizer.decoder.state_dict().items()})
+    out.update({f"semantic_decoder.classes.{k}": v for k, v in tokenizer.classes.state_dict().items()})
+    return out
+
+
+def save(mods: IllumeModules, root: Path, words: list[str], extra: dict, dtype: torch.dtype) -> None:
+    mods = copy.deepcopy(mods)
+    for m in mods.all_modules():
+        m.to(dtype)
+    if root.exists():
+        shutil.rmtree(root)
+    save_checkpoint(mods, root, shards=1, base_words=words, dualvitok_extra={k: v.to(dtype) for k, v in extra.items()})
+
+
+def export_fp32(ckpt: Path, out: Path) -> None:
+    from ..export.checkpoint import load_checkpoint
+    from ..export.engine import export_engine
+
+    mods = load_checkpoint(ckpt)
+    export_engine(mods, out, ckpt / "mllm" / "tokenizer.json", progress=lambda s: None)
+
+
+def run(out: Path, work: Path, schedule: Schedule, threads: int = 2) -> dict:
+    torch.set_num_threads(threads)
+    torch.manual_seed(SEED)
+    t_start = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "train_log.jsonl"
+    log.write_text("")
+    cfg: ModelConfig = preset("illume-nano")
+    wcfg = world.WorldConfig()
+    words = base_words(cfg)
+    tok = TextTokenizer(build_tokenizer(cfg, words), cfg)
+    builder = SequenceBuilder(tok, cfg)
+    mods = build_modules(cfg)
+    times: dict[str, float] = {}
+
+    def stage(name: str, total: int) -> Progress:
+        times[name] = time.perf_counter()
+        return Progress(name, total, log)
+
+    def done(name: str) -> None:
+        times[name] = round(time.perf_counter() - times[name], 1)
+
+    s = schedule
+    vit = mods.encoders["semantic"].train().requires_grad_(True)
+    pretrain_vit(cfg, vit, wcfg, steps=s.vit, batch=s.vision_batch, lr=2e-3, seed=_seed(1),
+                 progress=stage("vit", s.vit))
+    done("vit")
+    grid = cfg.level_grid(0, *cfg.anchors[0])
+    quant = mods.quantizers[0].train().requires_grad_(True)
+    sem_tok = SemanticTokenizer(quant, cfg.branches[0].in_dim, num_token_classes(grid, wcfg))
+    p = stage("tokenizer", s.tokenizer)
+    train_tokenizer(cfg, vit, sem_tok, wcfg, steps=s.tokenizer, batch=s.vision_batch, lr=3e-3, seed=_seed(2),
+                    progress=p)
+    tower = VisionTower(cfg, vit, sem_tok)
+    p.note(code_purity=round(code_purity(tower, wcfg), 4))
+    done("tokenizer")
+
+    train_vae(mods.vae.train().requires_grad_(True), wcfg, steps=s.vae, batch=s.vae_batch, lr=2e-3,
+              seed=_seed(3), progress=stage("vae", s.vae))
+    done("vae")
+    train_unet(cfg, mods.unet.train().requires_grad_(True), mods.vae, tower, wcfg, mods.scheduler_config,
+               steps=s.unet, batch=s.decoder_batch, lr=2e-3, seed=_seed(4), progress=stage("unet", s.unet))
+    done("unet")
+
+    trainer = LLMTrainer(cfg, mods.llm, mods.projectors["semantic"], tower)
+    mixes = stage_mixtures(Tasks(builder, wcfg))
+    for name, trainable, lr in (("stage1", "vision_init", 2e-3), ("stage2", "all", 2e-3), ("stage3", "all", 1e-3)):
+        steps = getattr(s, name)
+        trainer.train(mixes[name], steps=steps, batch=s.llm_batch, lr=lr, seed=_seed(10 + int(name[-1])),
+                      trainable=trainable, progress=stage(name, steps))
+        done(name)
+
+    # stage 4: the model's own samples, assessed; then the fine-tune with and without them
+    extra = dualvitok_extra(sem_tok, vit)
+    stage3_ckpt, stage3_engine = work / "stage3_checkpoint", work / "stage3_engine"
+    p = stage("self_assess", s.self_enhance_prompts)
+    save(mods, stage3_ckpt, words, extra, torch.float32)
+    export_fp32(stage3_ckpt, stage3_engine)
+    pool = self_assess_pool(stage3_engine, wcfg, s.self_enhance_prompts, _seed(20), p)
+    good = sum(x.assessment.good for x in pool)
+    p.note(samples=len(pool), good=good, poor=len(pool) - good)
+    done("self_assess")
+    stage3_state = copy.deepcopy(mods)
+    assess_data = assessment_examples(pool, builder, wcfg)
+    with_assess = mixture([(0.3, assess_data), (0.7, mixes["stage3"])])
+    trainer.train(with_assess, steps=s.stage4, batch=s.llm_batch, lr=5e-4, seed=_seed(14), trainable="all",
+                  progress=stage("stage4", s.stage4))
+    done("stage4")
+
+    ablation = LLMTrainer(cfg, stage3_state.llm, stage3_state.projectors["semantic"], tower)
+    ablation.train(mixes["stage3"], steps=s.stage4, batch=s.llm_batch, lr=5e-4, seed=_seed(14), trainable="all",
+                   progress=stage("stage4_ablation", s.stage4))
+    done("stage4_ablation")
+    save(stage3_state, work / "ablation_checkpoint", words, extra, torch.float16)
+
+    mods.generation_config = {"repetition_penalty": 1.0}
+    save(mods, out, words, extra, torch.float16)
+    shutil.copyfile(log, out / "train_log.jsonl")
+    summary = {"schedule": dataclasses.asdict(s), "seed": SEED, "threads": threads, "stage_seconds": times,
+               "total_seconds": round(time.perf_counter() - t_start, 1), "torch": torch.__version__,
+               "self_assess_pool": {"samples": len(pool), "good": good}}
+    (out / "recipe.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_checksums(out)
+    return summary
+
+
+CHECKSUMS = "SHA256SUMS"
+
+
+def write_checksums(root: Path) -> None:
+    """`sha256  relative/path` for every shipped file (checked by tests/test_nano_model.py)."""
+    lines = [f"{sha256_file(p)}  {p.relative_to(root).as_posix()}" for p in sorted(root.rglob("*"))
+             if p.is_file() and p.name != CHECKSUMS]
+    (root / CHECKSUMS).write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="models/illume-nano", help="where the checkpoint is written")
+    ap.add_argument("--work", default="build/nano", help="intermediate checkpoints, engines and the ablation")
+    ap.add_argument("--schedule", default="full", choices=sorted(SCHEDULES))
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    summary = run(Path(args.out), Path(args.work), SCHEDULES[args.schedule], args.threads)
+    print(json.dumps(summary["stage_seconds"]), f"total {summary['total_seconds']} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

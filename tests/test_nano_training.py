@@ -1,0 +1,123 @@
+"""ILLUME-nano's training code: the pieces that must agree with the runtime and the exporters."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from illume_edge.config import preset
+from illume_edge.export.modules import build_modules
+from illume_edge.export.tokenizer_factory import build_tokenizer
+from illume_edge.export.vit import ViTFeatures
+from illume_edge.nano import world
+from illume_edge.nano.decoder_train import images_to_tensor, normalize_latents
+from illume_edge.nano.llm_train import LLMTrainer
+from illume_edge.nano.sequences import CODE_MARKER, IGNORE, SequenceBuilder
+from illume_edge.nano.text import base_words
+from illume_edge.nano.vision_train import (SemanticTokenizer, VisionTower, num_token_classes, token_classes,
+                                           vit_batch, vit_forward)
+from illume_edge.runtime.image_prep import preprocess_image, vit_inputs
+from illume_edge.runtime.prompts import IMAGE_MARKER, TextTokenizer, edit_prompts, generate_prompts
+
+W = world.WorldConfig()
+
+
+@pytest.fixture(scope="module")
+def nano():
+    cfg = preset("illume-nano")
+    torch.manual_seed(0)
+    mods = build_modules(cfg)
+    tok = TextTokenizer(build_tokenizer(cfg, base_words(cfg, n_corpus=400)), cfg)
+    return cfg, mods, tok
+
+
+def _images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    scenes = [world.sample_scene(rng, W) for _ in range(n)]
+    return scenes, [world.render(s, W) for s in scenes]
+
+
+def test_batched_vit_equals_the_exported_forward(nano):
+    """The trainer's batched ViT is the export wrapper's computation (tolerance 1e-5 x scale)."""
+    cfg, mods, _ = nano
+    enc = cfg.branches[0].encoder
+    _, images = _images(3)
+    got = vit_forward(mods.encoders["semantic"], enc, *vit_batch(images, cfg))
+    single = ViTFeatures(mods.encoders["semantic"], enc)
+    for i, im in enumerate(images):
+        ins = vit_inputs(preprocess_image(im, cfg), enc)
+        want = single(torch.from_numpy(ins.pixel_values), torch.from_numpy(ins.rotary_cos),
+                      torch.from_numpy(ins.rotary_sin))
+        assert got[i].shape == want.shape == (36, enc.out_dim)
+        torch.testing.assert_close(got[i], want, atol=1e-5 * float(want.abs().max()), rtol=0)
+
+
+def test_token_classes_mark_each_quarter_of_each_object():
+    scene = world.Scene((world.Obj(0, 0, "circle", "red"), world.Obj(2, 1, "triangle", "blue")))
+    cls = token_classes(scene, (6, 6), W).reshape(6, 6)
+    assert (cls[0:2, 0:2].reshape(-1) == 1 + np.arange(4)).all()  # red circle = kind 0, quarters 0..3
+    kind = world.SHAPES.index("triangle") * len(world.COLORS) + list(world.COLORS).index("blue")
+    assert (cls[4:6, 2:4].reshape(-1) == 1 + kind * 4 + np.arange(4)).all()
+    assert (cls == 0).sum() == 36 - 8
+    assert cls.max() < num_token_classes((6, 6), W)
+
+
+def test_sequences_are_the_runtime_prompts(nano):
+    """Training sequences start with exactly the ids the runtime prefills, then the image grammar."""
+    cfg, _, tok = nano
+    b = SequenceBuilder(tok, cfg)
+    _, (im,) = _images(1)
+    t = cfg.tokens
+    ex = b.generate("a red circle", im)
+    cond, _ = generate_prompts(tok, cfg, "a red circle", 48, 48)
+    n = len(cond.ids())
+    assert ex.ids[:n] == cond.ids()
+    assert ex.ids[n:n + 2] == [t.start_of_image, t.level_start(0)]
+    assert ex.ids.count(CODE_MARKER) == 36 and ex.ids.count(t.end_of_line) == 6
+    assert ex.ids[-3:] == [t.level_end(0), t.end_of_image, t.im_end]
+    assert ex.labels[:n] == [IGNORE] * n and ex.labels[n:] == ex.ids[n:]
+    ex = b.edit(im, None, im)  # unconditional edit = reconstruction prompt
+    _, uncond = edit_prompts(tok, cfg, "x", 48, 48)
+    assert ex.ids.count(IMAGE_MARKER) == 36 and len(ex.inputs) == 1 and len(ex.targets) == 1
+    assert ex.ids[:len(uncond.ids())][:5] == uncond.ids()[:5]
+    ex = b.assess(im, "a red circle", '{"score": "1.00"}', correction=im)
+    assert ex.ids.count(CODE_MARKER) == 36 and ex.ids.count(IMAGE_MARKER) == 36
+
+
+def test_trainer_batch_fills_features_and_codes_in_order(nano):
+    cfg, mods, tok = nano
+    b = SequenceBuilder(tok, cfg)
+    quant = mods.quantizers[0]
+    sem = SemanticTokenizer(quant, cfg.branches[0].in_dim, num_token_classes((6, 6), W))
+    tower = VisionTower(cfg, mods.encoders["semantic"], sem)
+    trainer = LLMTrainer(cfg, mods.llm, mods.projectors["semantic"], tower)
+    _, images = _images(3, seed=4)
+    exs = [b.edit(images[0], "make it blue", images[1]), b.understand(images[2], "describe the image.", "nothing")]
+    batch = trainer.batch(exs)
+    codes = tower.codes([images[1]])[0] + cfg.levels[0].first_token_id
+    lab = batch["labels"][0]
+    got = lab[(lab >= cfg.levels[0].first_token_id)]
+    assert torch.equal(got, codes)
+    feats = mods.projectors["semantic"](tower.features([images[2]]))[0]  # [36, hidden]
+    pos = torch.tensor(exs[1].ids) == IMAGE_MARKER
+    torch.testing.assert_close(batch["inputs_embeds"][1, :len(exs[1].ids)][pos], feats)
+    assert batch["attention_mask"][1].sum() == len(exs[1].ids)
+    assert torch.isfinite(trainer.loss(exs))
+    exs[0].targets.append(images[0])  # one target image too many: the batch must refuse
+    with pytest.raises(ValueError, match="code markers"):
+        trainer.batch(exs)
+
+
+def test_latent_normalisation_keeps_the_autoencoder(nano):
+    _, mods, _ = nano
+    vae = mods.vae
+    _, images = _images(4, seed=2)
+    x = images_to_tensor(images)
+    with torch.no_grad():
+        before = vae.decode(vae.encode(x).latent_dist.mean).sample
+        s = normalize_latents(vae, W, seed=0, n=8)
+        after = vae.decode(vae.encode(x).latent_dist.mean).sample
+        lat = vae.encode(images_to_tensor(_images(8, seed=1)[1])).latent_dist.mean  # the same 8 images it measured
+    assert s > 0
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    assert abs(float(lat.std()) - 1.0) < 0.3
