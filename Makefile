@@ -6,8 +6,10 @@ PRESET  ?= tiny-plus
 CKPT    ?= engines/checkpoints/$(PRESET)
 ENGINE  ?= engines/$(PRESET)
 PYTEST_ARGS ?=
+NANO_CKPT   := models/illume-nano
+NANO_ENGINE := engines/illume-nano
 
-.PHONY: setup test export demo bench clean info kernels
+.PHONY: setup test export demo bench clean info kernels nano eval-nano
 
 setup: $(VENV)/.installed
 
@@ -35,10 +37,29 @@ export: $(ENGINE)/manifest.json
 info:
 	$(BIN)/illume-edge info $(ENGINE)
 
-# Until the trained ILLUME-nano ships (issue 3) the default engine is the random tiny-plus model:
-# the demo exercises every stage end to end, but its answers and images are noise.
-demo: export
-	$(BIN)/illume-edge demo --engine $(ENGINE) --out outputs
+# The demo runs ILLUME-nano, the model this project trains (docs/nano.md); its checkpoint ships in
+# models/illume-nano, so the demo exports it and never trains.
+$(NANO_ENGINE)/manifest.json: $(NANO_CKPT)/illume_edge.json | setup
+	$(BIN)/illume-edge export --checkpoint $(NANO_CKPT) --out $(NANO_ENGINE)
+
+demo: $(NANO_ENGINE)/manifest.json
+	$(BIN)/illume-edge demo --engine $(NANO_ENGINE) --out outputs
+
+# Retrain ILLUME-nano from scratch (fixed seeds, ~40 min on 2 cores): every stage of the recipe, then the
+# checkpoint in the release formats under $(NANO_CKPT). Intermediate engines and the ablation go to build/nano.
+nano: setup
+	$(BIN)/python -m illume_edge.nano.recipe --out $(NANO_CKPT) --work build/nano
+
+# Held-out task accuracy through the runtime (fp32, int8, int4 engines) and the torch reference.
+$(NANO_ENGINE)-int8/manifest.json: $(NANO_ENGINE)/manifest.json
+	$(BIN)/illume-edge quantize --engine $(NANO_ENGINE) --out $(NANO_ENGINE)-int8 --precision int8
+
+$(NANO_ENGINE)-int4/manifest.json: $(NANO_ENGINE)/manifest.json
+	$(BIN)/illume-edge quantize --engine $(NANO_ENGINE) --out $(NANO_ENGINE)-int4 --precision int4
+
+eval-nano: $(NANO_ENGINE)/manifest.json $(NANO_ENGINE)-int8/manifest.json $(NANO_ENGINE)-int4/manifest.json
+	$(BIN)/python -m illume_edge.nano.evaluate --engine $(NANO_ENGINE) --engine $(NANO_ENGINE)-int8 \
+	    --engine $(NANO_ENGINE)-int4 --checkpoint $(NANO_CKPT) --json benchmarks/results/nano-eval.json
 
 # LLM decode at the Qwen2.5-0.5B shape: our fp32/int8/int4 engines vs transformers eager and
 # onnxruntime-genai, same weights, same run (docs/performance.md). The other stages are not benched yet.
@@ -51,4 +72,4 @@ kernels: setup
 	$(BIN)/python -m illume_edge.runtime.cuda.build --out illume_edge/runtime/cuda/prebuilt
 
 clean:
-	rm -rf engines/checkpoints $(filter-out engines/README.md,$(wildcard engines/*)) outputs .pytest_cache
+	rm -rf build/nano engines/checkpoints $(filter-out engines/README.md,$(wildcard engines/*)) outputs .pytest_cache

@@ -127,9 +127,12 @@ def _image_kwargs(args) -> dict:
 
 def cmd_generate(args) -> int:
     pipe = _pipeline(args)
-    result = pipe.generate(args.prompt, resolution=args.resolution, **_image_kwargs(args))
+    result = pipe.generate(args.prompt, resolution=args.resolution, best_of=args.best_of, **_image_kwargs(args))
     _save(result.image, args.out)
     print(f"wrote {args.out} ({result.image.shape[1]}x{result.image.shape[0]}, {result.decoder} decoder)")
+    if args.best_of > 1:
+        scores = [c.assessment["score"] if c.assessment else None for c in result.candidates]
+        print(f"best of {args.best_of} (seed {result.seed}; self-assessed scores {scores}): {result.assessment}")
     print(_timings(result.timings), file=sys.stderr)
     return 0
 
@@ -155,31 +158,57 @@ def demo_image(size: int = 128):
     return img
 
 
+def _demo_tasks(cfg):
+    """(source image, questions, prompts, edit instruction, truth notes) for the demo.
+
+    ILLUME-nano: a held-out scene of its world (never seen in training), its questions, GenEval-style prompts
+    and an edit, with the true answers printed next to the model's. Other models: a fixed drawn scene."""
+    import numpy as np
+
+    if cfg.name == "illume-nano":
+        from .nano import world
+
+        rng = np.random.default_rng(3)
+        wcfg = world.WorldConfig()
+        scene = world.heldout_scenes(8, wcfg)[5]
+        qas = [q for q in (world.make_qa(scene, rng, k) for k in ("describe", "count", "color", "position"))
+               if q is not None]
+        edit = next(e for e in (world.make_edit(scene, rng, k, wcfg) for k in ("recolor", "move", "add", "remove"))
+                    if e is not None)
+        prompts = ["a red circle to the left of a blue square", "two green triangles", "a yellow square"]
+        return (world.render(scene, wcfg), [(q.question, q.answer) for q in qas], prompts, edit.instruction,
+                world.describe(edit.target))
+    questions = [("What shapes are in the image?", None), ("What color is the circle?", None)]
+    return (np.asarray(demo_image()), questions, ["a red circle to the left of a blue square", "a green triangle"],
+            "make the square yellow", None)
+
+
 def cmd_demo(args) -> int:
     """Understanding (streamed), generation and editing on one engine; images and timings to --out."""
-    import numpy as np
+    from PIL import Image
 
     pipe = _pipeline(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    source = demo_image()
-    source.save(out / "input.png")
+    source, questions, prompts, instruction, edit_truth = _demo_tasks(pipe.cfg)
+    Image.fromarray(source).save(out / "input.png")
     print(f"engine {args.engine} ({pipe.cfg.name}); input image {out / 'input.png'}")
-    for question in ("What shapes are in the image?", "What color is the circle?"):
+    for question, truth in questions:
         print(f"Q: {question}\nA: ", end="", flush=True)
-        stream = pipe.understand(np.asarray(source), question, max_new_tokens=args.max_new_tokens, stream=True)
+        stream = pipe.understand(source, question, max_new_tokens=args.max_new_tokens, stream=True)
         for piece in stream:
             print(piece, end="", flush=True)
-        print(f"\n   {_timings(stream.result.timings)}")
+        print(f"\n   {_timings(stream.result.timings)}" + (f"\n   (truth: {truth})" if truth is not None else ""))
     progress = None if args.quiet else _progress_bar
-    for i, prompt in enumerate(("a red circle to the left of a blue square", "a green triangle")):
+    for i, prompt in enumerate(prompts):
         result = pipe.generate(prompt, seed=i, steps=args.steps, progress=progress)
         path = out / f"generate_{i}.png"
         _save(result.image, str(path))
         print(f"generate {prompt!r} -> {path} ({result.decoder})\n   {_timings(result.timings)}")
-    result = pipe.edit(np.asarray(source), "make the square yellow", seed=0, steps=args.steps, progress=progress)
+    result = pipe.edit(source, instruction, seed=0, steps=args.steps, progress=progress)
     _save(result.image, str(out / "edit.png"))
-    print(f"edit 'make the square yellow' -> {out / 'edit.png'} ({result.decoder})\n   {_timings(result.timings)}")
+    print(f"edit {instruction!r} -> {out / 'edit.png'} ({result.decoder})\n   {_timings(result.timings)}"
+          + (f"\n   (target: {edit_truth})" if edit_truth is not None else ""))
     return 0
 
 
@@ -248,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_args(p)
     _image_args(p)
     p.add_argument("--resolution", default=None, help="HxW, one of the model's anchors (default: the first)")
+    p.add_argument("--best-of", dest="best_of", type=int, default=1,
+                   help="generate N candidates and keep the one the model's own assessment ranks best")
     p.add_argument("prompt")
     p.set_defaults(fn=cmd_generate)
 
@@ -255,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_args(p)
     p.add_argument("--out", default="outputs")
     p.add_argument("--steps", type=int, default=None, help="diffusion decoder steps")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=24)
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=48)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_demo)
 

@@ -103,8 +103,8 @@ class TorchBackend:
                        for t in ("understand", "generate", "edit")}
         self.name = "torch reference"
 
-    def answer(self, image, question: str) -> str:
-        ids = self.ref.understand_ids(image, question, self.params["understand"], 0, 64)
+    def answer(self, image, question: str, max_new_tokens: int = 64) -> str:
+        ids = self.ref.understand_ids(image, question, self.params["understand"], 0, max_new_tokens)
         return self.tok.decode(ids)
 
     def _image(self, codes, seed: int) -> np.ndarray:
@@ -123,7 +123,9 @@ class TorchBackend:
     def assess(self, image, prompt: str) -> str:
         from ..runtime.assessment import complete_object
 
-        text = self.answer(image, self.cfg.prompts.assess.format(caption=prompt))
+        # the runtime's Pipeline.assess budget (96 tokens; it stops at the closing brace, which greedy
+        # decoding reaches identically here)
+        text = self.answer(image, self.cfg.prompts.assess.format(caption=prompt), max_new_tokens=96)
         return complete_object(text) or text
 
 
@@ -224,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="print one table from saved result files instead of evaluating")
     args = ap.parse_args(argv)
     if args.from_json:
-        print(results_table([r for f in args.from_json for r in json.loads(Path(f).read_text())]))
+        loaded = [json.loads(Path(f).read_text()) for f in args.from_json]
+        print(results_table([r for d in loaded for r in (d["results"] if isinstance(d, dict) else d)]))
         return 0
     if not args.engine and not args.checkpoint:
         ap.error("give at least one --engine or --checkpoint")

@@ -1,0 +1,76 @@
+"""The shipped ILLUME-nano checkpoint: intact, strict, within budget, and accurate through the runtime."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from illume_edge.config import ModelConfig, preset
+from illume_edge.manifest import sha256_file
+
+NANO = Path(__file__).resolve().parents[1] / "models" / "illume-nano"
+BUDGET_BYTES = 12 * 1024 * 1024
+# A regression guard on a small held-out subset (evaluate.SIZES["small"]: 42 questions, 24 prompts x 2
+# samples, 16 edits). The shipped model measured 0.667 / 0.688 / 0.312 / 0.583 there (fp32 runtime, 1
+# thread); the bars sit one or two misses below. They are NOT issue 3's targets (0.95 / 0.80 / 0.70 /
+# 0.90), which this model does not reach yet: docs/nano.md has the full-split numbers.
+SMALL_BARS = {"understanding": 0.55, "generation": 0.55, "editing": 0.2, "assessment": 0.45}
+
+
+def test_checkpoint_files_match_their_checksums():
+    lines = (NANO / "SHA256SUMS").read_text().splitlines()
+    listed = {}
+    for line in lines:
+        digest, rel = line.split("  ", 1)
+        listed[rel] = digest
+    on_disk = {p.relative_to(NANO).as_posix() for p in NANO.rglob("*") if p.is_file() and p.name != "SHA256SUMS"}
+    assert set(listed) == on_disk
+    for rel, digest in listed.items():
+        assert sha256_file(NANO / rel) == digest, f"{rel}: contents changed since the recipe wrote them"
+
+
+def test_checkpoint_fits_the_budget():
+    total = sum(p.stat().st_size for p in NANO.rglob("*") if p.is_file())
+    assert total <= BUDGET_BYTES, f"models/illume-nano holds {total / 2**20:.2f} MiB, budget 12 MiB"
+
+
+def test_checkpoint_config_is_the_preset():
+    shipped = ModelConfig.from_dict(json.loads((NANO / "illume_edge.json").read_text()))
+    assert shipped == preset("illume-nano")
+
+
+def test_checkpoint_loads_strictly():
+    from illume_edge.export.checkpoint import load_checkpoint
+
+    mods = load_checkpoint(NANO)
+    assert mods.cfg == preset("illume-nano")
+    assert mods.unet is not None and mods.vae is not None and len(mods.quantizers) == 1
+
+
+@pytest.fixture(scope="module")
+def nano_engine(tmp_path_factory):
+    from illume_edge.export.checkpoint import load_checkpoint
+    from illume_edge.export.engine import export_engine
+
+    out = tmp_path_factory.mktemp("nano") / "illume-nano"
+    export_engine(load_checkpoint(NANO), out, NANO / "mllm" / "tokenizer.json", progress=lambda s: None)
+    return out
+
+
+def test_engine_manifest_matches_the_checkpoint(nano_engine):
+    from illume_edge.manifest import read_manifest
+
+    m = read_manifest(nano_engine)
+    assert m.model_config() == preset("illume-nano")
+    assert m.assets["tokenizer"].sha256 == sha256_file(NANO / "mllm" / "tokenizer.json")
+
+
+def test_heldout_subset_meets_the_reduced_bar_through_the_runtime(nano_engine):
+    from illume_edge.nano.evaluate import SIZES, RuntimeBackend, evaluate
+
+    r = evaluate(RuntimeBackend(nano_engine), SIZES["small"])
+    got = {"understanding": r["understanding"]["overall"], "generation": r["generation_single"]["overall"],
+           "editing": r["editing"]["overall"], "assessment": r["self_assessment"]["agreement"]}
+    short = {k: (round(v, 3), SMALL_BARS[k]) for k, v in got.items() if v < SMALL_BARS[k]}
+    assert not short, f"below the bar (got, bar): {short}; full results: {json.dumps(r)}"
