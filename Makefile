@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 NANO_CKPT   := models/illume-nano
 NANO_ENGINE := engines/illume-nano
 
-.PHONY: setup test export demo bench clean info kernels nano eval-nano
+.PHONY: setup test export demo bench clean info kernels nano eval-nano eval-nano-ablation
 
 setup: $(VENV)/.installed
 
@@ -60,6 +60,13 @@ $(NANO_ENGINE)-int4/manifest.json: $(NANO_ENGINE)/manifest.json
 eval-nano: $(NANO_ENGINE)/manifest.json $(NANO_ENGINE)-int8/manifest.json $(NANO_ENGINE)-int4/manifest.json
 	$(BIN)/python -m illume_edge.nano.evaluate --engine $(NANO_ENGINE) --engine $(NANO_ENGINE)-int8 \
 	    --engine $(NANO_ENGINE)-int4 --checkpoint $(NANO_CKPT) --json benchmarks/results/nano-eval.json
+	$(BIN)/python -m illume_edge.nano.evaluate --decoder-fidelity $(NANO_CKPT)
+
+# The self-enhancing ablation (exists after `make nano`: build/nano/ablation_checkpoint), same evaluation.
+eval-nano-ablation: | setup
+	$(BIN)/illume-edge export --checkpoint build/nano/ablation_checkpoint --out $(NANO_ENGINE)-ablation
+	$(BIN)/python -m illume_edge.nano.evaluate --engine $(NANO_ENGINE)-ablation \
+	    --json benchmarks/results/nano-eval-ablation.json
 
 # LLM decode at the Qwen2.5-0.5B shape: our fp32/int8/int4 engines vs transformers eager and
 # onnxruntime-genai, same weights, same run (docs/performance.md). The other stages are not benched yet.

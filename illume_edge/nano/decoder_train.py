@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..export.diffusion import time_ids_for, zero_text_conditioning
+from ..runtime.schedulers import train_alphas_cumprod
 from . import world
 from .progress import Progress
 from .vision_train import VisionTower
@@ -76,17 +77,6 @@ def normalize_latents(vae: nn.Module, wcfg: world.WorldConfig, seed: int, n: int
     return s
 
 
-def ddpm_alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
-    """alpha-bar_t of the release's training schedule (scaled_linear betas)."""
-    if scheduler_config.get("beta_schedule") != "scaled_linear":
-        raise ValueError(f"scheduler_config: beta_schedule {scheduler_config.get('beta_schedule')!r}: the nano "
-                         f"trainer implements 'scaled_linear' (SDXL's)")
-    n = int(scheduler_config["num_train_timesteps"])
-    betas = torch.linspace(scheduler_config["beta_start"] ** 0.5, scheduler_config["beta_end"] ** 0.5, n,
-                           dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, 0).float()
-
-
 def code_map_from_indices(quantizer: nn.Module, idx: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """indices [B, rows*cols] -> code map [B, code_dim, rows, cols] (the runtime's code_maps, in torch)."""
     table = quantizer.effective_table()
@@ -121,7 +111,7 @@ def target_for(prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, alph
 def train_unet(cfg: ModelConfig, unet: nn.Module, vae: nn.Module, tower: VisionTower, wcfg: world.WorldConfig,
                scheduler_config: dict, *, steps: int, batch: int, lr: float, seed: int, progress: Progress,
                drop: float = 0.1) -> None:
-    alphas = ddpm_alphas_cumprod(scheduler_config)
+    alphas = torch.from_numpy(train_alphas_cumprod(scheduler_config))  # the runtime's own schedule code
     kind = scheduler_config.get("prediction_type", "epsilon")
     grid = cfg.level_grid(0, *cfg.anchors[0])
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -182,6 +184,45 @@ def evaluate(backend, size: EvalSize, wcfg: world.WorldConfig = world.WorldConfi
     }
 
 
+def decoder_fidelity(checkpoint: str | Path, n: int = 40, seed: int = 1,
+                     wcfg: world.WorldConfig = world.WorldConfig()) -> dict[str, float]:
+    """How faithfully the detokenizer draws *true* codes (torch): the codes of n rendered training scenes,
+    decoded by UNet + VAE at the model's defaults (and, for comparison, the VAE's own encode-decode), parsed
+    back; the share of exact scenes. An upper bound on generation accuracy that the LLM does not affect."""
+    import torch
+
+    from ..export.checkpoint import CheckpointPaths, load_checkpoint, read_dualvitok
+    from ..export.diffusion import reference_decode
+    from ..runtime.detokenize import initial_noise
+    from ..runtime.image_prep import postprocess_image
+    from .decoder_train import code_map_from_indices, images_to_tensor
+    from .vision_train import SemanticTokenizer, VisionTower
+
+    mods = load_checkpoint(checkpoint)
+    cfg, d = mods.cfg, mods.cfg.diffusion
+    sem = SemanticTokenizer.from_dualvitok(read_dualvitok(CheckpointPaths.from_dir(checkpoint).dualvitok),
+                                           mods.quantizers[0], cfg.branches[0].in_dim)
+    tower = VisionTower(cfg, mods.encoders["semantic"], sem)
+    rng = np.random.default_rng(seed)
+    scenes = [world.sample_scene(rng, wcfg) for _ in range(n)]
+    images = [world.render(s, wcfg) for s in scenes]
+    codes = tower.codes(images)
+    grid = cfg.level_grid(0, *cfg.anchors[0])
+    h, w = cfg.anchors[0]
+    lat = (1, d.unet.latent_channels, h * d.upscale // d.vae.downsample, w * d.upscale // d.vae.downsample)
+    vae_ok = decoder_ok = 0
+    with torch.no_grad():
+        rec = mods.vae.decode(mods.vae.encode(images_to_tensor(images)).latent_dist.mean).sample
+        for i, scene in enumerate(scenes):
+            vae_ok += evaluator.parse(postprocess_image(rec[i].numpy()), wcfg) == scene
+            out = reference_decode(mods.unet, mods.vae, mods.scheduler_config,
+                                   code_map_from_indices(mods.quantizers[0], codes[i:i + 1], grid),
+                                   d.resolution_index(h, w), d.default_steps, d.default_cfg,
+                                   torch.from_numpy(initial_noise(i, lat)), unet_cfg=d.unet)
+            decoder_ok += evaluator.parse(postprocess_image(out.numpy()), wcfg) == scene
+    return {"scenes": n, "vae_roundtrip_exact": vae_ok / n, "decoder_exact": decoder_ok / n}
+
+
 def results_table(results: list[dict]) -> str:
     """Markdown: one column per backend."""
     rows: list[tuple[str, list[str]]] = []
@@ -224,7 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write all results here")
     ap.add_argument("--from-json", dest="from_json", nargs="+", default=None,
                     help="print one table from saved result files instead of evaluating")
+    ap.add_argument("--decoder-fidelity", dest="decoder_fidelity", default=None, metavar="CHECKPOINT",
+                    help="only measure how faithfully the checkpoint's decoder draws true codes")
     args = ap.parse_args(argv)
+    if args.decoder_fidelity:
+        print(json.dumps(decoder_fidelity(args.decoder_fidelity)))
+        return 0
     if args.from_json:
         loaded = [json.loads(Path(f).read_text()) for f in args.from_json]
         print(results_table([r for d in loaded for r in (d["results"] if isinstance(d, dict) else d)]))
@@ -246,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     print(results_table(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                "date": time.strftime("%Y-%m-%d"), "threads": args.threads, "size": args.size}
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     return 0
 
 

@@ -4,9 +4,9 @@
   is pretrained first on a supervised task of the world: every merged token predicts what its cell holds
   (empty, or shape x color) and which quarter of that cell it sees. Its features then carry exactly the
   semantics the LLM must read and write.
-- The tokenizer is DualViTok's semantic half at nano scale: a linear map to the code dimension, a SimVQ
-  quantizer (frozen Gaussian table x learned linear map, the release's layout) and a small decoder that
-  reconstructs the ViT features from the codes (plus the token-class loss, so codes stay semantic).
+- The tokenizer is DualViTok's semantic half at nano scale: an MLP to the code dimension, a SimVQ quantizer
+  (frozen Gaussian table x learned linear map, the release's layout) and a small decoder that reconstructs the
+  ViT features from the codes; code c is assigned to token class c (see `train_tokenizer`).
   Codes of an image = its 6x6 grid of nearest-code indices.
 
 Inputs are made with the runtime's own preprocessing (`preprocess_image`, `vit_inputs`), so training and
@@ -105,6 +105,21 @@ class SemanticTokenizer(nn.Module):
     @torch.no_grad()
     def indices(self, feats: torch.Tensor) -> torch.Tensor:
         return self.encode(feats)[2]
+
+    @classmethod
+    def from_dualvitok(cls, state: dict[str, torch.Tensor], quantizer: nn.Module, in_dim: int) -> "SemanticTokenizer":
+        """Rebuild the encoder side from a DualViTok file written by the recipe (recipe.dualvitok_extra)."""
+        def group(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
+
+        classes = group("semantic_decoder.classes.")
+        tok = cls(quantizer, in_dim, classes["weight"].shape[0])
+        tok.proj.load_state_dict(group("semantic_encoder.proj."))
+        tok.classes.load_state_dict(classes)
+        tok.feature_scale.fill_(float(state["semantic_encoder.feature_scale"]))
+        decoder = {k: v for k, v in group("semantic_decoder.").items() if not k.startswith("classes.")}
+        tok.decoder.load_state_dict(decoder)
+        return tok.eval().requires_grad_(False)
 
 
 class VisionTower:

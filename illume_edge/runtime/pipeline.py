@@ -59,7 +59,7 @@ class TextStream:
     """Iterate to receive text pieces; `.result` holds the full answer and timings afterwards."""
 
     def __init__(self, pieces: Iterator[str], timings: Timings, t0: float):
-        self._pieces, self._timings, self._t0 = pieces, timings, t0
+        self._pieces, self._t0 = pieces, t0
         self.timings = timings  # per-stage seconds so far (complete once iteration ends)
         self._text: list[str] = []
         self.result: UnderstandResult | None = None
@@ -68,8 +68,8 @@ class TextStream:
         for piece in self._pieces:
             self._text.append(piece)
             yield piece
-        self._timings.add("total", time.perf_counter() - self._t0)
-        self.result = UnderstandResult("".join(self._text), dict(self._timings.stages))
+        self.timings.add("total", time.perf_counter() - self._t0)
+        self.result = UnderstandResult("".join(self._text), dict(self.timings.stages))
 
 
 def to_rgb(image: ImageInput) -> np.ndarray:

@@ -222,6 +222,12 @@ def _karras(in_sigmas: np.ndarray, n: int, c: dict[str, Any]) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 # Schedules
 # ----------------------------------------------------------------------------------------------------
+def train_alphas_cumprod(config: dict[str, Any]) -> np.ndarray:
+    """alpha-bar_t [num_train_timesteps] (float32) of a scheduler config's training schedule (what a trainer
+    noises with; diffusers' `scheduler.alphas_cumprod`)."""
+    return _alphas_cumprod(_read_config(config, None)[1])
+
+
 def make_schedule(config: dict[str, Any], num_steps: int, *, class_name: str | None = None) -> Schedule:
     """diffusers' `set_timesteps(num_steps)` for the scheduler named by `config["_class_name"]` (or by
     `class_name`, to run e.g. DPM-Solver++ 2M from an Euler config as `DPMSolverMultistepScheduler.from_config`
