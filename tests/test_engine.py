@@ -10,6 +10,7 @@ import torch
 from illume_edge.manifest import EngineError, read_manifest, verify_engine
 from illume_edge.runtime.engine import Engine
 from illume_edge.runtime.image_prep import pixel_inputs, vit_inputs
+from illume_edge.runtime.session import SessionOptions
 from illume_edge.tensorrt_ops import unsupported_ops
 
 PRESETS = ["tiny-plus", "tiny-v1"]
@@ -42,6 +43,23 @@ def test_components_and_assets(built):
     assert p.opset == 18 and p.torch.startswith("2.") and p.onnxruntime
     for i, q in enumerate(mods.quantizers):
         np.testing.assert_array_equal(engine.codebook(i), q.effective_table().detach().numpy())
+
+
+def test_sessions_do_not_spin_unless_asked(tiny_engine, monkeypatch):
+    """A pipeline alternates components, each its own session and thread pool: a pool that busy-waits after
+    its run takes the cores from the next session's (docs/performance.md measured 1.7x on decode)."""
+    engine_dir, _ = tiny_engine("tiny-plus")
+    monkeypatch.delenv("ILLUME_EDGE_SPIN", raising=False)
+
+    def spinning(options=None) -> str:
+        sess = Engine.load(engine_dir, options).session("llm")._sess
+        return sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+    assert spinning() == "0"
+    assert spinning(SessionOptions(spin=True)) == "1"
+    monkeypatch.setenv("ILLUME_EDGE_SPIN", "1")
+    assert spinning() == "1"
+    assert spinning(SessionOptions(spin=False)) == "0"
 
 
 def test_graphs_are_portable_and_tensorrt_parsable(built):

@@ -55,6 +55,10 @@ class SessionOptions:
     threads: int | None = None
     device: str = "cpu"  # IO-binding device for outputs: "cpu" or "cuda"
     device_id: int = 0
+    # Intra-op threads busy-wait for work after each run by default. Every engine component is its own
+    # session with its own pool, and a decode step alternates llm and head sessions: with spinning on,
+    # the idle pool's spinning threads take the cores the busy one needs. None: ILLUME_EDGE_SPIN or off.
+    spin: bool | None = None
 
 
 class Session:
@@ -68,6 +72,8 @@ class Session:
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        spin = opts.spin if opts.spin is not None else os.environ.get("ILLUME_EDGE_SPIN", "0") == "1"
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         self.providers = choose_providers(opts.providers)
         self.device, self.device_id = opts.device, opts.device_id
         try:
