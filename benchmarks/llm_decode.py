@@ -5,7 +5,9 @@
 
 One run, one set of weights (a seeded random Qwen2ForCausalLM of the shape):
 - illume-edge: our `llm` graph + `head_text` exported fp32, then `quantize_engine` int8 / int4, run by the
-  runtime's `LLMRunner` (IO-bound ping-pong KV) with greedy argmax over the text head each step.
+  runtime's `LLMRunner` (IO-bound ping-pong KV) with greedy argmax over the text head each step; default
+  session threading (a pool per session, no spinning), and for fp32 / int4 again in a fresh process with
+  ILLUME_EDGE_THREAD_POOL=shared (one pool for all sessions).
 - transformers eager on the same module (DynamicCache, logits_to_keep=1: the full LM head per step).
 - onnxruntime-genai: its model builder on a HF folder saved from the same module (fp32 and int4, block 32,
   accuracy level 4), `Generator` with intra_op_num_threads = cores, greedy.
@@ -246,6 +248,21 @@ def time_ours(engine_dir: Path, prompt: list[int], steps: int, warmup: int, reps
             "head_included": "text head (151704 rows) + argmax"}
 
 
+def time_ours_shared_pool(engine_dir: Path, prompt: list[int], steps: int, warmup: int, reps: int,
+                          threads: int) -> dict:
+    """`time_ours` with ILLUME_EDGE_THREAD_POOL=shared (all sessions on one intra-op pool), in a fresh process:
+    the pool mode is fixed per process once the first session exists."""
+    code = ("import json, sys; from pathlib import Path; from benchmarks.llm_decode import time_ours; "
+            "a = json.loads(sys.argv[1]); a['engine_dir'] = Path(a['engine_dir']); print(json.dumps(time_ours(**a)))")
+    args = {"engine_dir": str(engine_dir), "prompt": prompt, "steps": steps, "warmup": warmup, "reps": reps,
+            "threads": threads}
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "ILLUME_EDGE_THREAD_POOL": "shared"}, timeout=1800)
+    if out.returncode:
+        raise RuntimeError(f"shared-pool run failed: {out.stderr[-1500:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def time_eager(model, prompt: list[int], steps: int, warmup: int, reps: int, threads: int) -> dict:
     import torch
     from transformers import DynamicCache
@@ -473,6 +490,17 @@ def run(args) -> dict:
         except Exception as e:  # a failing configuration is reported, not hidden
             result["failures"][f"illume-edge {prec}"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
+        if prec in args.shared_pool:
+            name = f"illume-edge {prec} (shared pool)"
+            log(f"{name}: timing in a fresh process")
+            try:
+                r = time_ours_shared_pool(d, prompt, args.steps, args.warmup, args.reps, threads)
+                r.update({k: result["runs"][f"illume-edge {prec}"][k] for k in
+                          ("weight_bytes_per_token", "kv_bytes_per_token", "llm_weight_bytes", "head_weight_bytes")})
+                result["runs"][name] = r
+            except Exception as e:
+                result["failures"][name] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
 
     if not args.skip_eager:
         log("transformers eager fp32: timing")
@@ -576,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="default: the cores this process may use")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "int8", "int4"])
     ap.add_argument("--block-size", dest="block_size", type=int, default=32)
+    ap.add_argument("--shared-pool", dest="shared_pool", nargs="*", default=["fp32", "int4"],
+                    help="precisions also timed with ILLUME_EDGE_THREAD_POOL=shared (none: off)")
     ap.add_argument("--skip-eager", action="store_true")
     ap.add_argument("--skip-genai", action="store_true")
     ap.add_argument("--profile", nargs="*", default=["fp32", "int4"], help="precisions to profile (none: off)")
