@@ -31,16 +31,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.machine import REPO, cores, cpu_model, git_commit, measure_read_bandwidth, versions
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-REPO = Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -72,70 +71,6 @@ def smoke_shape():
 
 
 SHAPES = {"qwen2.5-0.5b": qwen25_05b_shape, "smoke": smoke_shape}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Machine
-# ---------------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def measure_read_bandwidth(threads: int, mib: int = 1024, reps: int = 7) -> dict:
-    """Streaming read of a buffer far larger than cache, split over `threads` threads (numpy's reductions
-    release the GIL). Best and median GB/s over `reps` passes (1 GB = 1e9 bytes)."""
-    buf = np.ones(mib * (1 << 20) // 8, np.float64)
-    parts = np.array_split(buf, threads)
-    sink = [0.0] * threads
-
-    def read(i):
-        sink[i] = float(np.add.reduce(parts[i]))
-
-    rates = []
-    for _ in range(reps):
-        ts = [threading.Thread(target=read, args=(i,)) for i in range(threads)]
-        t0 = time.perf_counter()
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        rates.append(buf.nbytes / (time.perf_counter() - t0) / 1e9)
-    del buf, parts
-    return {"threads": threads, "buffer_mib": mib, "best_gbs": max(rates), "median_gbs": statistics.median(rates),
-            "method": "numpy add.reduce over float64, one contiguous slice per thread"}
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("illume-edge", "numpy", "onnx", "onnxruntime", "onnxruntime-genai", "torch", "transformers"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
-        return sha + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -274,13 +209,13 @@ def time_eager(model, prompt: list[int], steps: int, warmup: int, reps: int, thr
         for rep in range(warmup + reps):
             cache = DynamicCache(config=model.config)
             t0 = time.perf_counter()
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
             tok = int(out.logits[0, -1].argmax())
             t_prefill = time.perf_counter() - t0
             step_s, got = [], [tok]
             for _ in range(steps):
                 t0 = time.perf_counter()
-                out = model(input_ids=torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True,
+                out = model(input_ids=torch.tensor([[tok]]), cache=out.cache, use_cache=True,
                             logits_to_keep=1)
                 tok = int(out.logits[0, -1].argmax())
                 step_s.append(time.perf_counter() - t0)
