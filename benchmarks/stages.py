@@ -135,6 +135,25 @@ def repeat(fn: Callable[[], object], reps: int, warmup: int = 1) -> dict:
     return stats(out)
 
 
+def time_greedy_decode(start: Callable[[], tuple[object, int]], step: Callable[[object, int], int],
+                       p: Protocol) -> tuple[dict, list[int]]:
+    """Batch-1 greedy decode: `start()` -> (state, first token) after the prompt, `step(state, token)` -> next
+    token. Per repetition the mean seconds per step (one warm-up repetition, then reps // 2, at least 1);
+    also the last repetition's first 8 tokens (the parity probe)."""
+    per_rep, got = [], []
+    for rep in range(1 + max(p.reps // 2, 1)):
+        state, tok = start()
+        times, got = [], []
+        for _ in range(p.decode_steps):
+            t0 = time.perf_counter()
+            tok = step(state, tok)
+            times.append(time.perf_counter() - t0)
+            got.append(tok)
+        if rep:
+            per_rep.append(sum(times) / len(times))
+    return stats(per_rep), got[:8]
+
+
 def test_photo(h: int, w: int) -> np.ndarray:
     """A deterministic photo-like uint8 [h, w, 3]: smooth gradients and a few flat shapes (not noise, so that
     resizing and encoders see ordinary content)."""
@@ -273,20 +292,14 @@ def ours_worker(engine_dir: Path, p: Protocol) -> dict:
         out[f"prefill_{n}"] = repeat(
             lambda: runner.logits("text", runner.prefill([ids], max_new_tokens=1).hidden).argmax(), p.reps)
 
-    def decode_b1():
+    def start():
         state = runner.prefill([text_ids(cfg, p.decode_prompt, 1)], max_new_tokens=p.decode_steps)
-        tok, steps, got = int(runner.logits("text", state.hidden)[0].argmax()), [], []
-        for _ in range(p.decode_steps):
-            t0 = time.perf_counter()
-            hidden = runner.feed(state, np.array([[tok]], np.int64))
-            tok = int(runner.logits("text", hidden)[0].argmax())
-            steps.append(time.perf_counter() - t0)
-            got.append(tok)
-        return steps, got
+        return state, int(runner.logits("text", state.hidden)[0].argmax())
 
-    reps = [decode_b1() for _ in range(1 + max(p.reps // 2, 1))][1:]
-    out["decode_b1"] = stats([sum(s) / len(s) for s, _ in reps])
-    out["parity_probe"]["greedy_tokens"] = reps[-1][1][:8]
+    def step(state, tok):
+        return int(runner.logits("text", runner.feed(state, np.array([[tok]], np.int64)))[0].argmax())
+
+    out["decode_b1"], out["parity_probe"]["greedy_tokens"] = time_greedy_decode(start, step, p)
 
     # the image-token loop at batch 1 (CFG off) on the generation prompt; CFG batch 2 is timed inside the
     # end-to-end generation below (the same loop; one full loop fewer on the clock)
@@ -410,22 +423,16 @@ def eager_worker(shape: str, tokenizer_json: Path, p: Protocol) -> dict:
 
         text_stop = cfg.head_ranges()["text"][1]
 
-        def decode_b1():
+        def start():  # the state is the last output, replaced each step
             o = llm(input_ids=torch.tensor([text_ids(cfg, p.decode_prompt, 1)]),
                     cache=DynamicCache(config=llm.config), use_cache=True, logits_to_keep=1)
-            tok, steps, got = int(o.logits[0, -1, :text_stop].argmax()), [], []
-            for _ in range(p.decode_steps):
-                t0 = time.perf_counter()
-                o = llm(input_ids=torch.tensor([[tok]]), cache=o.cache, use_cache=True,
-                        logits_to_keep=1)
-                tok = int(o.logits[0, -1, :text_stop].argmax())
-                steps.append(time.perf_counter() - t0)
-                got.append(tok)
-            return steps, got
+            return [o], int(o.logits[0, -1, :text_stop].argmax())
 
-        reps = [decode_b1() for _ in range(1 + max(p.reps // 2, 1))][1:]
-        out["decode_b1"] = stats([sum(s) / len(s) for s, _ in reps])
-        out["parity_probe"]["greedy_tokens"] = reps[-1][1][:8]
+        def step(state, tok):
+            state[0] = llm(input_ids=torch.tensor([[tok]]), cache=state[0].cache, use_cache=True, logits_to_keep=1)
+            return int(state[0].logits[0, -1, :text_stop].argmax())
+
+        out["decode_b1"], out["parity_probe"]["greedy_tokens"] = time_greedy_decode(start, step, p)
 
         # image-token steps as the reference loop runs them: each CFG row its own batch-1 forward, the full LM
         # head, then the level's range (forced tokens cost the same forward)
