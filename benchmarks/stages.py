@@ -608,6 +608,11 @@ def markdown(result: dict) -> str:
                          f"other host {b2['host_ms']:.2f} ms (host work {b2['host_pct']:.1f}% of the loop; "
                          f"{b2['llm_calls']} LLM calls for {b2['positions']} positions). Peak RSS "
                          f"{o['peak_rss_mb']:.0f} MB.")
+        rows = [(k, o[k]) for k in ("decode_b1", "image_loop_b1", "image_loop_b2") if "roofline_pct" in o.get(k, {})]
+        if rows:
+            lines.append(f"Roofline {prec} (weights streamed per token at {result['machine']['read_bandwidth_gbs']:.1f}"
+                         " GB/s): " + "; ".join(f"{k} {r['mb_read']:.0f} MB, bound {r['bound_ms']:.1f} ms, "
+                                                f"{r['roofline_pct']:.0f}%" for k, r in rows) + ".")
     if "peak_rss_mb" in eager:
         lines.append(f"Eager peak RSS {eager['peak_rss_mb']:.0f} MB (the torch modules of every component).")
     for k, why in result["failures"].items():
@@ -615,6 +620,30 @@ def markdown(result: dict) -> str:
     for k, ok in result.get("parity", {}).items():
         lines.append(f"parity {k}: {ok}")
     return "\n".join(lines)
+
+
+def roofline(o: dict, engine_dir: Path, cfg, p: Protocol, gbs: float) -> None:
+    """Bytes of weights a decode step streams (initializers of the llm and head graphs, gathered tables
+    excluded; llm_decode.streamed_weight_bytes) and, for batch-1 decode and the image loops, the bound at the
+    measured bandwidth and the achieved share of it. Per image token: the LLM once per call, each sampled
+    position its level's head."""
+    from benchmarks.llm_decode import streamed_weight_bytes
+
+    weights = {name: streamed_weight_bytes(engine_dir / f"{name}.onnx")["streamed"]
+               for name in ["llm", "head_text"] + [f"head_level{i}" for i in range(cfg.num_levels)]}
+    sampled = [a * b for a, b in (cfg.level_grid(i, *p.image_hw) for i in range(cfg.num_levels))]
+
+    def add(r: dict, nbytes: float, ms: float) -> None:
+        bound = nbytes / (gbs * 1e9) * 1e3
+        r.update({"mb_read": nbytes / 1e6, "bound_ms": bound, "roofline_pct": 100 * bound / ms})
+
+    if "decode_b1" in o:
+        add(o["decode_b1"], weights["llm"] + weights["head_text"], o["decode_b1"]["ms"])
+    for key in ("image_loop_b1", "image_loop_b2"):
+        if key in o:
+            r = o[key]
+            heads = sum(n * weights[f"head_level{i}"] for i, n in enumerate(sampled))
+            add(r, (r["llm_calls"] * weights["llm"] + heads) / r["positions"], r["ms_per_image_token"])
 
 
 def parity(ours: dict, eager: dict) -> dict:
@@ -674,6 +703,8 @@ def run(args) -> dict:
             result["eager_composed"] = compose_eager_e2e(result["eager"], cfg, p)
         except Exception:
             result["failures"]["eager"] = traceback.format_exc()
+    for prec, o in result["ours"].items():
+        roofline(o, work / f"engine-{prec}", cfg, p, result["machine"]["read_bandwidth_gbs"])
     result["parity"] = parity(result["ours"], result["eager"])
     result["total_s"] = time.perf_counter() - t_start
     if not args.keep:

@@ -86,6 +86,24 @@ def test_eager_worker_and_the_table(ours, tiny_engine):
     assert "greedy tokens" in result["parity"]["fp32"]
 
 
+def test_roofline_counts_llm_calls_and_level_heads(ours, tiny_engine):
+    from benchmarks.llm_decode import streamed_weight_bytes
+
+    engine_dir = tiny_engine("tiny-plus")[0]
+    cfg = preset("tiny-plus")
+    o = {k: dict(v) for k, v in ours.items() if k in ("decode_b1", "image_loop_b1")}
+    stages.roofline(o, engine_dir, cfg, SMOKE, gbs=10.0)
+    w = {n: streamed_weight_bytes(engine_dir / f"{n}.onnx")["streamed"] for n in ("llm", "head_text", "head_level0",
+                                                                                 "head_level1")}
+    loop = o["image_loop_b1"]
+    grid = [a * b for a, b in (cfg.level_grid(i, *SMOKE.image_hw) for i in range(2))]
+    want = (loop["llm_calls"] * w["llm"] + grid[0] * w["head_level0"] + grid[1] * w["head_level1"]) / loop["positions"]
+    assert loop["mb_read"] == pytest.approx(want / 1e6)
+    assert loop["bound_ms"] == pytest.approx(want / 10e9 * 1e3)
+    assert o["decode_b1"]["mb_read"] == pytest.approx((w["llm"] + w["head_text"]) / 1e6)
+    assert o["decode_b1"]["roofline_pct"] == pytest.approx(100 * o["decode_b1"]["bound_ms"] / o["decode_b1"]["ms"])
+
+
 def test_parity_flags_different_weights():
     a = {"fp32": {"parity_probe": {"vision_features_head": [0.0, 1.0], "greedy_tokens": [1, 2, 3]}}}
     b = {"parity_probe": {"vision_features_head": [0.0, 1.5], "greedy_tokens": [1, 9, 3]}}
