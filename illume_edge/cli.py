@@ -183,6 +183,27 @@ def _demo_tasks(cfg):
             "make the square yellow", None)
 
 
+BENCHES = {"decode": "benchmarks.llm_decode", "stages": "benchmarks.stages"}
+
+
+def cmd_bench(args) -> int:
+    """`make bench` from the command line: the repository's benchmarks/ (they build random models with torch
+    and time the peers, so they live in the source checkout, not in the installed package)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "stages.py").is_file():
+        raise FileNotFoundError(f"illume-edge bench runs the benchmarks/ folder of a source checkout; none beside "
+                                f"{Path(__file__).resolve().parent} (install with `pip install -e .` from the "
+                                f"repository, or run `make bench` there)")
+    names = list(BENCHES) if args.which == "all" else [args.which]
+    for name in names:
+        rc = subprocess.call([sys.executable, "-m", BENCHES[name], *args.bench_args], cwd=root)
+        if rc:
+            return rc
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Understanding (streamed), generation and editing on one engine; images and timings to --out."""
     from PIL import Image
@@ -289,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=48)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("bench", help="run the benchmarks (make bench): LLM decode and/or every stage vs peers")
+    p.add_argument("which", nargs="?", default="all", choices=["all", *BENCHES])
+    p.add_argument("bench_args", nargs=argparse.REMAINDER,
+                   help="passed to the bench, e.g. `stages --shape smoke` (see python -m benchmarks.stages -h)")
+    p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("edit", help="edit an image by an instruction")
     _runtime_args(p)

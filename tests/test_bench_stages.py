@@ -113,3 +113,29 @@ def test_parity_flags_different_weights():
 def test_unknown_worker_fails_clearly():
     with pytest.raises(SystemExit, match="unknown worker 'gpu'"):
         stages._worker_main("gpu", json.dumps({"protocol": dataclasses.asdict(SMOKE)}))
+
+
+def test_cli_bench_runs_the_checkout_benches_in_order(monkeypatch, capsys):
+    import subprocess
+
+    from illume_edge import cli
+
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, cwd: calls.append((cmd[2:], cwd)) or (1 if
+                        cmd[3:] == ["--fail"] else 0))
+    assert cli.main(["bench", "stages", "--shape", "smoke"]) == 0
+    assert calls == [(["benchmarks.stages", "--shape", "smoke"], REPO)]
+    calls.clear()
+    assert cli.main(["bench"]) == 0
+    assert [c[0][0] for c in calls] == ["benchmarks.llm_decode", "benchmarks.stages"]
+    calls.clear()
+    assert cli.main(["bench", "all", "--fail"]) == 1  # the first failure stops the run
+    assert len(calls) == 1
+
+
+def test_cli_bench_outside_a_checkout_says_how(monkeypatch, tmp_path, capsys):
+    from illume_edge import cli
+
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "illume_edge" / "cli.py"))
+    assert cli.main(["bench"]) == 2
+    assert "source checkout" in capsys.readouterr().err
