@@ -84,6 +84,57 @@ def test_sequences_are_the_runtime_prompts(nano):
     assert ex.ids.count(CODE_MARKER) == 36 and ex.ids.count(IMAGE_MARKER) == 36
 
 
+def test_dialogue_continues_the_runtime_prompt_and_supervises_every_answer(nano):
+    cfg, _, tok = nano
+    b = SequenceBuilder(tok, cfg)
+    _, (im,) = _images(1)
+    turns = [("what color is the circle?", "red"), ("is there a blue square?", "no"), ("describe the image.", "a red circle")]
+    ex = b.dialogue(im, turns)
+    first = b.understand(im, *turns[0])
+    assert ex.ids[:len(first.ids)] == first.ids and ex.labels[:len(first.labels)] == first.labels
+    assert ex.ids.count(IMAGE_MARKER) == 36 and len(ex.inputs) == 1
+    supervised = [i for i, x in zip(ex.ids, ex.labels) if x != IGNORE]
+    want = []
+    for _, answer in turns:
+        want += tok.encode(answer) + [cfg.tokens.im_end]
+    assert supervised == want
+    assert tok.decode(ex.ids[len(first.ids):]).count("user") == 2  # each follow-up is a user turn
+    with pytest.raises(ValueError, match="at least one"):
+        b.dialogue(im, [])
+
+
+def test_grouped_micro_batches_give_the_full_batch_gradient(nano):
+    """loss(batch) is the token mean (= the token-weighted mean of per-example losses), and the length-grouped
+    micro-batches give the full batch's loss and gradient (tolerance 1e-5 relative)."""
+    cfg, mods, tok = nano
+    b = SequenceBuilder(tok, cfg)
+    sem = SemanticTokenizer(mods.quantizers[0], cfg.branches[0].in_dim, num_token_classes((6, 6), W))
+    trainer = LLMTrainer(cfg, mods.llm, mods.projectors["semantic"], VisionTower(cfg, mods.encoders["semantic"], sem))
+    _, images = _images(4, seed=5)
+    exs = [b.understand(images[0], "is there a red circle?", "yes"), b.generate("a red circle", images[1]),
+           b.edit(images[2], "remove the red circle", images[3]), b.understand(images[3], "describe the image.", "nothing")]
+    mods.llm.eval()
+    with torch.no_grad():
+        singles = [trainer.loss([e]) for e in exs]
+        weighted = sum(loss * n for loss, n in singles) / sum(n for _, n in singles)
+        full_loss, counted = trainer.loss(exs)
+        assert counted == sum(n for _, n in singles) == sum(sum(x != IGNORE for x in e.labels[1:]) for e in exs)
+        torch.testing.assert_close(full_loss, weighted, rtol=1e-5, atol=1e-6)
+    params = [p for p in mods.llm.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    trainer.loss(exs)[0].backward()
+    full = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    grouped = trainer.grouped_loss(exs, groups=3)
+    torch.testing.assert_close(grouped, full_loss, rtol=1e-5, atol=1e-6)
+    for p, g in zip(params, full):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    mods.llm.requires_grad_(False)
+
+
 def test_trainer_batch_fills_features_and_codes_in_order(nano):
     cfg, mods, tok = nano
     b = SequenceBuilder(tok, cfg)
@@ -102,7 +153,7 @@ def test_trainer_batch_fills_features_and_codes_in_order(nano):
     pos = torch.tensor(exs[1].ids) == IMAGE_MARKER
     torch.testing.assert_close(batch["inputs_embeds"][1, :len(exs[1].ids)][pos], feats)
     assert batch["attention_mask"][1].sum() == len(exs[1].ids)
-    assert torch.isfinite(trainer.loss(exs))
+    assert torch.isfinite(trainer.loss(exs)[0])
     exs[0].targets.append(images[0])  # one target image too many: the batch must refuse
     with pytest.raises(ValueError, match="code markers"):
         trainer.batch(exs)

@@ -75,9 +75,18 @@ SEED = 20241209  # ILLUME's arXiv date
 # ----------------------------------------------------------------------------------------------------
 # Task samplers: rng -> Example (train split only)
 # ----------------------------------------------------------------------------------------------------
+# GenEval categories in the SFT mix, weighted toward what needs composition (counts, attribute binding,
+# relations) rather than what a single object already teaches.
+GEN_WEIGHTS = {"single_object": 0.5, "two_object": 1.0, "counting": 2.0, "colors": 0.5, "position": 1.5,
+               "color_attr": 2.0}
+MAX_QA_TURNS = 6  # questions per image in a QA dialogue
+
+
 class Tasks:
     def __init__(self, builder: SequenceBuilder, wcfg: world.WorldConfig):
         self.b, self.w = builder, wcfg
+        weights = np.array([GEN_WEIGHTS[c] for c in world.GEN_CATEGORIES])
+        self.gen_p = weights / weights.sum()
 
     def _scene(self, rng):
         s = world.sample_scene(rng, self.w, split="train")
@@ -96,7 +105,8 @@ class Tasks:
         return self.b.generate(world.describe(s), im, task="t2i_full")
 
     def t2i_geneval(self, rng) -> Example:
-        prompt, s = world.sample_gen_prompt(rng, self.w, str(rng.choice(world.GEN_CATEGORIES)), "train")
+        category = world.GEN_CATEGORIES[int(rng.choice(len(world.GEN_CATEGORIES), p=self.gen_p))]
+        prompt, s = world.sample_gen_prompt(rng, self.w, category, "train")
         return self.b.generate(prompt.text, world.render(s, self.w), task="t2i_geneval")
 
     def t2i_uncond(self, rng) -> Example:
@@ -104,11 +114,18 @@ class Tasks:
         return self.b.generate(None, im, task="t2i_uncond")
 
     def qa(self, rng) -> Example:
+        """A dialogue of 1..MAX_QA_TURNS distinct questions (kinds uniform) about one training scene."""
         while True:
             s, im = self._scene(rng)
-            q = world.make_qa(s, rng, str(rng.choice(world.QA_KINDS)))
-            if q is not None:
-                return self.b.understand(im, q.question, q.answer, task=f"qa_{q.kind}")
+            want, turns = int(rng.integers(1, MAX_QA_TURNS + 1)), {}
+            for _ in range(3 * want):  # some kinds cannot be asked of every scene
+                q = world.make_qa(s, rng, str(rng.choice(world.QA_KINDS)))
+                if q is not None:
+                    turns.setdefault(q.question, q.answer)
+                if len(turns) == want:
+                    break
+            if turns:
+                return self.b.dialogue(im, list(turns.items()), task="qa")
 
     def edit(self, rng) -> Example:
         e = world.sample_edit(rng, self.w, "train")
