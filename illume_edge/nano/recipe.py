@@ -80,6 +80,7 @@ SEED = 20241209  # ILLUME's arXiv date
 GEN_WEIGHTS = {"single_object": 0.5, "two_object": 1.0, "counting": 2.0, "colors": 0.5, "position": 1.5,
                "color_attr": 2.0}
 MAX_QA_TURNS = 6  # questions per image in a QA dialogue
+SCAFFOLD_SHARE = 0.35  # share of QA turns that are one-attribute exist / relation / position (world.scaffold_qa)
 
 
 class Tasks:
@@ -113,13 +114,21 @@ class Tasks:
         _, im = self._scene(rng)
         return self.b.generate(None, im, task="t2i_uncond")
 
+    @staticmethod
+    def question(s: world.Scene, rng) -> world.QA | None:
+        if rng.random() < SCAFFOLD_SHARE:
+            return world.scaffold_qa(s, rng, str(rng.choice(world.SCAFFOLD_KINDS)))
+        return world.make_qa(s, rng, str(rng.choice(world.QA_KINDS)))
+
     def qa(self, rng) -> Example:
-        """A dialogue of 1..MAX_QA_TURNS distinct questions (kinds uniform) about one training scene."""
+        """A dialogue of 1..MAX_QA_TURNS distinct questions about one training scene: kinds uniform, plus
+        the one-attribute scaffolds of exist / relation / position (docs/nano.md: without them the
+        conjunctive yes/no questions never leave chance)."""
         while True:
             s, im = self._scene(rng)
             want, turns = int(rng.integers(1, MAX_QA_TURNS + 1)), {}
             for _ in range(3 * want):  # some kinds cannot be asked of every scene
-                q = world.make_qa(s, rng, str(rng.choice(world.QA_KINDS)))
+                q = self.question(s, rng)
                 if q is not None:
                     turns.setdefault(q.question, q.answer)
                 if len(turns) == want:
@@ -144,8 +153,8 @@ def mixture(parts: list[tuple[float, Callable[[np.random.Generator], Example]]])
 
 
 def stage_mixtures(t: Tasks) -> dict[str, Callable]:
-    stage2 = [(0.25, t.caption), (0.35, t.t2i_full), (0.2, t.reconstruct), (0.05, t.t2i_uncond), (0.15, t.qa)]
-    stage3 = [(0.3, t.qa), (0.2, t.t2i_geneval), (0.1, t.t2i_full), (0.05, t.t2i_uncond), (0.25, t.edit),
+    stage2 = [(0.2, t.caption), (0.35, t.t2i_full), (0.2, t.reconstruct), (0.05, t.t2i_uncond), (0.2, t.qa)]
+    stage3 = [(0.35, t.qa), (0.2, t.t2i_geneval), (0.05, t.t2i_full), (0.05, t.t2i_uncond), (0.25, t.edit),
               (0.05, t.reconstruct), (0.05, t.caption)]
     return {"stage1": mixture([(0.5, t.reconstruct), (0.5, t.caption)]), "stage2": mixture(stage2),
             "stage3": mixture(stage3)}
