@@ -172,3 +172,31 @@ def test_latent_normalisation_keeps_the_autoencoder(nano):
     assert s > 0
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
     assert abs(float(lat.std()) - 1.0) < 0.3
+
+
+def test_grounding_dialogues_end_with_a_conjunctive_yes_no_question(nano):
+    """The curriculum's dialogues (recipe.Tasks.qa_grounding): one-attribute questions about one image, then a
+    conjunctive exist / relation question where the scene poses one; every answer supervised, each a yes / no or a position."""
+    from illume_edge.nano import recipe
+
+    cfg, _, tok = nano
+    tasks = recipe.Tasks(SequenceBuilder(tok, cfg), W)
+    positions = {world.position_name(r, c) for r in range(3) for c in range(3)}
+    rng = np.random.default_rng(0)
+    lasts = []
+    for _ in range(40):
+        ex = tasks.qa_grounding(rng)
+        assert ex.task == "qa_grounding" and len(ex.inputs) == 1
+        supervised = [i for i, x in zip(ex.ids, ex.labels) if x != IGNORE]
+        answers, cur = [], []
+        for t in supervised:
+            if t == cfg.tokens.im_end:
+                answers.append(tok.decode(cur).strip())
+                cur = []
+            else:
+                cur.append(t)
+        assert 1 <= len(answers) <= 5 and not cur
+        assert all(a in ("yes", "no") or a in positions for a in answers), answers
+        lasts.append(answers[-1])
+    # the conjunctive question is skipped where the scene cannot pose it (a relation needs two objects)
+    assert {"yes", "no"} <= set(lasts) and sum(a in ("yes", "no") for a in lasts) >= 0.75 * len(lasts)
