@@ -68,11 +68,13 @@ eval-nano-ablation: | setup
 	$(BIN)/python -m illume_edge.nano.evaluate --engine $(NANO_ENGINE)-ablation \
 	    --json benchmarks/results/nano-eval-ablation.json
 
-# LLM decode at the Qwen2.5-0.5B shape: our fp32/int8/int4 engines vs transformers eager and
-# onnxruntime-genai, same weights, same run (docs/performance.md). The other stages are not benched yet.
+# LLM decode at the Qwen2.5-0.5B shape (our fp32/int8/int4 engines vs transformers eager and
+# onnxruntime-genai), then every stage of the pipeline at an ILLUME+-layout CPU preset vs PyTorch eager; same
+# weights on every side, results under benchmarks/results/ (docs/performance.md).
 bench: setup
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m benchmarks.llm_decode
+	$(BIN)/python -m benchmarks.stages
 
 # The CUDA sampling kernel's cubins for sm_87 / sm_89 / sm_90 (needs nvcc; NVRTC covers other archs at run time).
 kernels: setup

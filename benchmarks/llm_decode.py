@@ -5,7 +5,9 @@
 
 One run, one set of weights (a seeded random Qwen2ForCausalLM of the shape):
 - illume-edge: our `llm` graph + `head_text` exported fp32, then `quantize_engine` int8 / int4, run by the
-  runtime's `LLMRunner` (IO-bound ping-pong KV) with greedy argmax over the text head each step.
+  runtime's `LLMRunner` (IO-bound ping-pong KV) with greedy argmax over the text head each step; default
+  session threading (a pool per session, no spinning), and for fp32 / int4 again in a fresh process with
+  ILLUME_EDGE_THREAD_POOL=shared (one pool for all sessions).
 - transformers eager on the same module (DynamicCache, logits_to_keep=1: the full LM head per step).
 - onnxruntime-genai: its model builder on a HF folder saved from the same module (fp32 and int4, block 32,
   accuracy level 4), `Generator` with intra_op_num_threads = cores, greedy.
@@ -29,16 +31,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.machine import REPO, cores, cpu_model, git_commit, measure_read_bandwidth, versions
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-REPO = Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -70,70 +71,6 @@ def smoke_shape():
 
 
 SHAPES = {"qwen2.5-0.5b": qwen25_05b_shape, "smoke": smoke_shape}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Machine
-# ---------------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def measure_read_bandwidth(threads: int, mib: int = 1024, reps: int = 7) -> dict:
-    """Streaming read of a buffer far larger than cache, split over `threads` threads (numpy's reductions
-    release the GIL). Best and median GB/s over `reps` passes (1 GB = 1e9 bytes)."""
-    buf = np.ones(mib * (1 << 20) // 8, np.float64)
-    parts = np.array_split(buf, threads)
-    sink = [0.0] * threads
-
-    def read(i):
-        sink[i] = float(np.add.reduce(parts[i]))
-
-    rates = []
-    for _ in range(reps):
-        ts = [threading.Thread(target=read, args=(i,)) for i in range(threads)]
-        t0 = time.perf_counter()
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        rates.append(buf.nbytes / (time.perf_counter() - t0) / 1e9)
-    del buf, parts
-    return {"threads": threads, "buffer_mib": mib, "best_gbs": max(rates), "median_gbs": statistics.median(rates),
-            "method": "numpy add.reduce over float64, one contiguous slice per thread"}
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("illume-edge", "numpy", "onnx", "onnxruntime", "onnxruntime-genai", "torch", "transformers"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
-        return sha + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -246,6 +183,21 @@ def time_ours(engine_dir: Path, prompt: list[int], steps: int, warmup: int, reps
             "head_included": "text head (151704 rows) + argmax"}
 
 
+def time_ours_shared_pool(engine_dir: Path, prompt: list[int], steps: int, warmup: int, reps: int,
+                          threads: int) -> dict:
+    """`time_ours` with ILLUME_EDGE_THREAD_POOL=shared (all sessions on one intra-op pool), in a fresh process:
+    the pool mode is fixed per process once the first session exists."""
+    code = ("import json, sys; from pathlib import Path; from benchmarks.llm_decode import time_ours; "
+            "a = json.loads(sys.argv[1]); a['engine_dir'] = Path(a['engine_dir']); print(json.dumps(time_ours(**a)))")
+    args = {"engine_dir": str(engine_dir), "prompt": prompt, "steps": steps, "warmup": warmup, "reps": reps,
+            "threads": threads}
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "ILLUME_EDGE_THREAD_POOL": "shared"}, timeout=1800)
+    if out.returncode:
+        raise RuntimeError(f"shared-pool run failed: {out.stderr[-1500:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def time_eager(model, prompt: list[int], steps: int, warmup: int, reps: int, threads: int) -> dict:
     import torch
     from transformers import DynamicCache
@@ -257,13 +209,13 @@ def time_eager(model, prompt: list[int], steps: int, warmup: int, reps: int, thr
         for rep in range(warmup + reps):
             cache = DynamicCache(config=model.config)
             t0 = time.perf_counter()
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
             tok = int(out.logits[0, -1].argmax())
             t_prefill = time.perf_counter() - t0
             step_s, got = [], [tok]
             for _ in range(steps):
                 t0 = time.perf_counter()
-                out = model(input_ids=torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True,
+                out = model(input_ids=torch.tensor([[tok]]), cache=out.cache, use_cache=True,
                             logits_to_keep=1)
                 tok = int(out.logits[0, -1].argmax())
                 step_s.append(time.perf_counter() - t0)
@@ -473,6 +425,17 @@ def run(args) -> dict:
         except Exception as e:  # a failing configuration is reported, not hidden
             result["failures"][f"illume-edge {prec}"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
+        if prec in args.shared_pool:
+            name = f"illume-edge {prec} (shared pool)"
+            log(f"{name}: timing in a fresh process")
+            try:
+                r = time_ours_shared_pool(d, prompt, args.steps, args.warmup, args.reps, threads)
+                r.update({k: result["runs"][f"illume-edge {prec}"][k] for k in
+                          ("weight_bytes_per_token", "kv_bytes_per_token", "llm_weight_bytes", "head_weight_bytes")})
+                result["runs"][name] = r
+            except Exception as e:
+                result["failures"][name] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
 
     if not args.skip_eager:
         log("transformers eager fp32: timing")
@@ -576,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="default: the cores this process may use")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "int8", "int4"])
     ap.add_argument("--block-size", dest="block_size", type=int, default=32)
+    ap.add_argument("--shared-pool", dest="shared_pool", nargs="*", default=["fp32", "int4"],
+                    help="precisions also timed with ILLUME_EDGE_THREAD_POOL=shared (none: off)")
     ap.add_argument("--skip-eager", action="store_true")
     ap.add_argument("--skip-genai", action="store_true")
     ap.add_argument("--profile", nargs="*", default=["fp32", "int4"], help="precisions to profile (none: off)")

@@ -10,6 +10,7 @@ import torch
 from illume_edge.manifest import EngineError, read_manifest, verify_engine
 from illume_edge.runtime.engine import Engine
 from illume_edge.runtime.image_prep import pixel_inputs, vit_inputs
+from illume_edge.runtime.session import SessionOptions
 from illume_edge.tensorrt_ops import unsupported_ops
 
 PRESETS = ["tiny-plus", "tiny-v1"]
@@ -42,6 +43,66 @@ def test_components_and_assets(built):
     assert p.opset == 18 and p.torch.startswith("2.") and p.onnxruntime
     for i, q in enumerate(mods.quantizers):
         np.testing.assert_array_equal(engine.codebook(i), q.effective_table().detach().numpy())
+
+
+_POOL_PROBE = """
+import sys
+from illume_edge.runtime.engine import Engine
+from illume_edge.runtime.session import SessionOptions, thread_pool_mode
+spin = {"none": None, "on": True}[sys.argv[2]]
+so = Engine.load(sys.argv[1], SessionOptions(threads=2, spin=spin)).session("llm")._sess.get_session_options()
+key = "session.intra_op.allow_spinning"
+try:
+    spinning = so.get_session_config_entry(key)
+except RuntimeError:  # not set: the shared pool decides
+    spinning = "-"
+print(thread_pool_mode(), so.use_per_session_threads, spinning)
+"""
+
+
+@pytest.mark.parametrize("env, spin, want", [
+    ({}, "none", "per-session True 0"),
+    ({}, "on", "per-session True 1"),
+    ({"ILLUME_EDGE_SPIN": "1"}, "none", "per-session True 1"),
+    ({"ILLUME_EDGE_THREAD_POOL": "shared"}, "none", "shared False -"),
+])
+def test_sessions_share_one_pool_or_do_not_spin(tiny_engine, env, spin, want):
+    """A pipeline alternates components, each its own session: a pool per session must not busy-wait after
+    its run, or it takes the cores from the next session's (docs/performance.md); opt-in, all sessions share
+    one pool. The mode is per process, so each case runs in its own."""
+    import os
+    import subprocess
+    import sys
+
+    engine_dir, _ = tiny_engine("tiny-plus")
+    clean = {k: v for k, v in os.environ.items() if k not in ("ILLUME_EDGE_THREAD_POOL", "ILLUME_EDGE_SPIN")}
+    out = subprocess.run([sys.executable, "-c", _POOL_PROBE, str(engine_dir), spin], env={**clean, **env},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = out.stdout.strip().splitlines()[-1]
+    assert got.startswith(want), got
+
+
+@pytest.mark.parametrize("env, arena, want", [({}, None, False), ({"ILLUME_EDGE_MEM_ARENA": "1"}, None, True),
+                                             ({}, True, True), ({"ILLUME_EDGE_MEM_ARENA": "1"}, False, False)])
+def test_memory_arena_is_off_unless_asked(tiny_engine, monkeypatch, env, arena, want):
+    """onnxruntime's CPU arena keeps each session's largest activations resident for the process's life (a
+    640x480 understanding request: 4.6 GB against 1.2 GB, docs/performance.md): off unless the caller or
+    ILLUME_EDGE_MEM_ARENA=1 asks for it."""
+    monkeypatch.delenv("ILLUME_EDGE_MEM_ARENA", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    engine = Engine.load(tiny_engine("tiny-plus")[0], SessionOptions(threads=1, memory_arena=arena))
+    assert engine.session("head_text")._sess.get_session_options().enable_cpu_mem_arena is want
+
+
+def test_unknown_thread_pool_mode_fails_clearly(monkeypatch):
+    from illume_edge.runtime import session
+
+    monkeypatch.setattr(session, "_pool", {})
+    monkeypatch.setenv("ILLUME_EDGE_THREAD_POOL", "global")
+    with pytest.raises(EngineError, match="ILLUME_EDGE_THREAD_POOL='global'.*shared"):
+        session.thread_pool_mode()
 
 
 def test_graphs_are_portable_and_tensorrt_parsable(built):

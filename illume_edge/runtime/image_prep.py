@@ -169,8 +169,9 @@ def _resize_hwc(img: np.ndarray, out_h: int, out_w: int, matrix, where: str) -> 
     rows = matrix(h, out_h)  # [out_h, h]
     cols = matrix(w, out_w)  # [out_w, w]
     x = (rows @ img.astype(np.float64).reshape(h, w * c)).reshape(out_h, w, c)
-    x = np.einsum("pw,owc->opc", cols, x)  # [out_h, out_w, c]
-    return x.astype(np.float32)
+    # along the width as one BLAS product (a plain einsum here loops in C: 1.5 s for a 640x480 image)
+    x = np.tensordot(x, cols, axes=([1], [1]))  # [out_h, c, out_w]
+    return np.ascontiguousarray(x.transpose(0, 2, 1), dtype=np.float32)  # [out_h, out_w, c]
 
 
 def resize_bicubic_antialias(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:

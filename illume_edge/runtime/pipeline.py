@@ -151,14 +151,13 @@ class Pipeline:
         t0 = time.perf_counter()
         params = self._params("understand", None, None, None, 1.0, None)
         stream = self._stream(image, assess_prompt(self.tokenizer, self.cfg, prompt), params, seed, max_new_tokens)
-        text = ""
+        text, obj = "", None
         for piece in stream:
             text += piece
-            if "}" in piece and complete_object(text) is not None:
+            if "}" in piece and (obj := complete_object(text)) is not None:
                 break
-        obj = complete_object(text)
         timings = dict(stream.timings.stages, total=time.perf_counter() - t0)
-        return AssessResult(obj if obj is not None else text, parse_assessment(text), timings)
+        return AssessResult(obj or text, parse_assessment(obj or text), timings)
 
     def _stream(self, image: ImageInput, prompt, params: SamplingParams, seed: int, max_new_tokens: int) -> TextStream:
         t0 = time.perf_counter()
@@ -208,9 +207,8 @@ class Pipeline:
             candidates.append(result)
         scores = [c.assessment["score"] if c.assessment is not None else -1.0 for c in candidates]
         best = candidates[int(np.argmax(scores))]  # argmax: first of equal scores
-        out = dataclasses.replace(best, candidates=candidates,
-                                  timings={**best.timings, "total": time.perf_counter() - t0})
-        return out
+        return dataclasses.replace(best, candidates=candidates,
+                                   timings={**best.timings, "total": time.perf_counter() - t0})
 
     def edit(self, image: ImageInput, instruction: str, *, seed: int = 0, cfg: float | None = None,
              temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,

@@ -229,10 +229,7 @@ def assess_prompt(tok: TextTokenizer, cfg: ModelConfig, caption: str) -> PromptI
     """The self-assessment prompt (``cfg.prompts.assess``): one image slot, then the caption it is judged
     against; the answer is one JSON assessment (runtime/assessment.py)."""
     _require_text("caption", caption, cfg)
-    prompt = understand_prompt(tok, cfg, cfg.prompts.assess.format(caption=caption), n_images=1)
-    if prompt.n_images != 1:
-        raise ValueError(f"cfg.prompts.assess: expected exactly one image placeholder, found {prompt.n_images}")
-    return prompt
+    return understand_prompt(tok, cfg, cfg.prompts.assess.format(caption=caption), n_images=1)
 
 
 def generate_prompts(tok: TextTokenizer, cfg: ModelConfig, caption: str, height: int,

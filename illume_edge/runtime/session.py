@@ -55,6 +55,46 @@ class SessionOptions:
     threads: int | None = None
     device: str = "cpu"  # IO-binding device for outputs: "cpu" or "cuda"
     device_id: int = 0
+    # Per-session pools only (see thread_pool_mode): let the pool busy-wait after its run (None:
+    # ILLUME_EDGE_SPIN=1 or off).
+    spin: bool | None = None
+    # onnxruntime's CPU memory arena (None: ILLUME_EDGE_MEM_ARENA=1 or off). Off by default: the arena keeps
+    # every session's largest activations for the life of the process (a 640x480 understanding request left
+    # 4.6 GB resident against 1.2 GB without it, at the same speed; docs/performance.md).
+    memory_arena: bool | None = None
+
+
+# Every engine component is its own session, and a decode step alternates the llm and head sessions. With a
+# pool per session (the default), the pool that just ran would busy-wait for work and take the cores the next
+# session needs, so spinning is off unless asked. ILLUME_EDGE_THREAD_POOL=shared makes every session of the
+# process share one intra-op pool, created by the first session with its ``threads`` (another 5-15% on
+# decode); onnxruntime then refuses any session in the process that owns a pool (so it is opt-in: other
+# onnxruntime users in the same process break). The mode is read when the first session is made.
+# docs/performance.md has the measurements.
+THREAD_POOL_MODES = ("shared", "per-session")
+_pool: dict[str, object] = {}
+
+
+def thread_pool_mode() -> str:
+    mode = os.environ.get("ILLUME_EDGE_THREAD_POOL", "per-session")
+    if mode not in THREAD_POOL_MODES:
+        raise EngineError(f"ILLUME_EDGE_THREAD_POOL={mode!r}: expected one of {THREAD_POOL_MODES}")
+    return str(_pool.setdefault("mode", mode))
+
+
+def _shared_intra_op_pool(threads: int) -> None:
+    """Create (once per process) the intra-op pool every session shares."""
+    if "threads" in _pool:
+        return
+    import onnxruntime.capi._pybind_state as ort_c
+
+    try:
+        ort_c.set_global_thread_pool_sizes(threads, 1)
+    except Exception as e:  # onnxruntime's own error type
+        if "already been created" not in str(e):
+            raise EngineError(f"cannot create onnxruntime's shared thread pool ({threads} threads): {e}; "
+                              f"set ILLUME_EDGE_THREAD_POOL=per-session") from None
+    _pool["threads"] = threads
 
 
 class Session:
@@ -64,9 +104,19 @@ class Session:
         self.name, self.component = name, component
         opts = options or SessionOptions()
         so = ort.SessionOptions()
-        so.intra_op_num_threads = opts.threads or default_threads()
-        so.inter_op_num_threads = 1
+        threads = opts.threads or default_threads()
+        if thread_pool_mode() == "shared":
+            _shared_intra_op_pool(threads)
+            so.use_per_session_threads = False
+        else:
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            spin = opts.spin if opts.spin is not None else os.environ.get("ILLUME_EDGE_SPIN", "0") == "1"
+            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        arena = opts.memory_arena if opts.memory_arena is not None else \
+            os.environ.get("ILLUME_EDGE_MEM_ARENA", "0") == "1"
+        so.enable_cpu_mem_arena = arena
         so.log_severity_level = 3
         self.providers = choose_providers(opts.providers)
         self.device, self.device_id = opts.device, opts.device_id

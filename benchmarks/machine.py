@@ -1,0 +1,82 @@
+"""What a benchmark records about the machine and the software it ran on (shared by every bench)."""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def measure_read_bandwidth(threads: int, mib: int = 1024, reps: int = 7) -> dict:
+    """Streaming read of a buffer far larger than cache, split over `threads` threads (numpy's reductions
+    release the GIL). Best and median GB/s over `reps` passes (1 GB = 1e9 bytes)."""
+    buf = np.ones(mib * (1 << 20) // 8, np.float64)
+    parts = np.array_split(buf, threads)
+    sink = [0.0] * threads
+
+    def read(i):
+        sink[i] = float(np.add.reduce(parts[i]))
+
+    rates = []
+    for _ in range(reps):
+        ts = [threading.Thread(target=read, args=(i,)) for i in range(threads)]
+        t0 = time.perf_counter()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        rates.append(buf.nbytes / (time.perf_counter() - t0) / 1e9)
+    del buf, parts
+    return {"threads": threads, "buffer_mib": mib, "best_gbs": max(rates), "median_gbs": statistics.median(rates),
+            "method": "numpy add.reduce over float64, one contiguous slice per thread"}
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("illume-edge", "numpy", "onnx", "onnxruntime", "onnxruntime-genai", "torch", "transformers", "diffusers"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
+        return sha + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

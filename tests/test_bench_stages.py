@@ -1,0 +1,97 @@
+"""The per-stage benchmark harness (benchmarks/stages.py): every stage runs and is accounted for, the runtime
+side never imports torch, and the table's arithmetic is right. Timings themselves are not asserted (speed
+goals live in `make bench`)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import stages
+from illume_edge.config import preset
+from illume_edge.runtime.grammar import ImageGrammar
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = dataclasses.replace(stages.Protocol(**stages.PROTOCOL_SIZES["smoke"]), threads=1)
+
+
+def _timing(r: dict) -> None:
+    assert r["n"] >= 1 and 0 < r["min"] <= r["ms"] <= r["max"], r
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_engine):
+    """The runtime worker on the tiny-plus engine, in its own interpreter (as `make bench` runs it)."""
+    args = {"engine": str(tiny_engine("tiny-plus")[0]), "protocol": dataclasses.asdict(SMOKE)}
+    code = "import sys; from benchmarks.stages import _worker_main; _worker_main('ours', sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_ours_worker_times_every_stage_without_torch(ours):
+    cfg = preset("tiny-plus")
+    assert ours["torch_imported"] is False
+    keys = [k for k, _, _ in stages.stage_rows(SMOKE)]
+    for key in keys:
+        assert key in ours, f"stage {key} missing"
+        if not key.startswith("image_loop"):
+            _timing(ours[key])
+    positions = ImageGrammar(cfg, *SMOKE.image_hw).length
+    for batch in (1, 2):
+        loop = ours[f"image_loop_b{batch}"]
+        assert loop["positions"] == positions and loop["batch"] == batch
+        # forced runs go in with the next sampled token: fewer LLM calls than positions
+        assert 0 < loop["llm_calls"] < positions
+        parts = loop["llm_ms"] + loop["head_ms"] + loop["sampler_ms"] + loop["host_ms"]
+        assert parts == pytest.approx(loop["ms_per_image_token"], rel=1e-6)
+        assert 0 <= loop["host_pct"] <= 100
+    assert ours["decoder"] == "diffusion"
+    assert set(ours["e2e_generate"]["stages_ms"]) >= {"prefill", "image_tokens", "unet", "vae_decoder", "total"}
+    assert ours["peak_rss_mb"] > 0
+    assert len(ours["parity_probe"]["greedy_tokens"]) == SMOKE.decode_steps
+
+
+def test_eager_worker_and_the_table(ours, tiny_engine):
+    """The eager side on the same shape (its own seeded weights), composed end-to-end figures and the table."""
+    eager = stages.eager_worker("smoke", tiny_engine("tiny-plus")[0] / "tokenizer.json", SMOKE)
+    for key in ("vision_semantic", "vision_pixel", "decode_b1", "image_step_b1", "image_step_b2", "vq_decoder",
+                "unet_step_b2", "vae_decoder") + tuple(f"prefill_{n}" for n in SMOKE.prompt_lengths):
+        _timing(eager[key])
+    cfg = stages.smoke_shape()
+    _timing(eager["prefill_generate"]), _timing(eager["edit_prefix"]), _timing(eager["e2e_understand"])
+    composed = stages.compose_eager_e2e(eager, cfg, SMOKE)
+    positions = ImageGrammar(cfg, *SMOKE.image_hw).length
+    tail = (positions * eager["image_step_b2"]["ms"] + SMOKE.diffusion_steps * eager["unet_step_b2"]["ms"]
+            + eager["vae_decoder"]["ms"])
+    assert composed["e2e_generate"]["ms"] == pytest.approx(eager["prefill_generate"]["ms"] + tail)
+    assert composed["e2e_edit"]["ms"] == pytest.approx(eager["edit_prefix"]["ms"] + tail)
+    result = {"machine": {"cpu": "test", "cores": 1, "read_bandwidth_gbs": 1.0},
+              "versions": {k: "x" for k in ("onnxruntime", "torch", "transformers", "diffusers")},
+              "git_commit": "0" * 12, "protocol": dataclasses.asdict(SMOKE),
+              "shape": {"name": "smoke", "summary": "tiny"}, "ours": {"fp32": ours}, "eager": eager,
+              "eager_composed": composed, "failures": {"ours int4": "Traceback\nRuntimeError: boom"},
+              "parity": stages.parity({"fp32": ours}, eager)}
+    table = stages.markdown(result)
+    ratio = eager["unet_step_b2"]["ms"] / ours["unet_step_b2"]["ms"]
+    assert f"{ratio:.2f}x" in table.split("UNet step")[1].splitlines()[0]
+    assert "(composed)" in table.split("generation")[1].splitlines()[0]
+    assert "(composed)" not in table.split("understanding")[1].splitlines()[0]  # measured whole
+    assert "FAILED ours int4: RuntimeError: boom" in table
+    assert "greedy tokens" in result["parity"]["fp32"]
+
+
+def test_parity_flags_different_weights():
+    a = {"fp32": {"parity_probe": {"vision_features_head": [0.0, 1.0], "greedy_tokens": [1, 2, 3]}}}
+    b = {"parity_probe": {"vision_features_head": [0.0, 1.5], "greedy_tokens": [1, 9, 3]}}
+    assert stages.parity(a, b)["fp32"] == "vision features max |diff| 5.00e-01; greedy tokens 2/3 equal"
+
+
+def test_unknown_worker_fails_clearly():
+    with pytest.raises(SystemExit, match="unknown worker 'gpu'"):
+        stages._worker_main("gpu", json.dumps({"protocol": dataclasses.asdict(SMOKE)}))
