@@ -84,6 +84,57 @@ def test_sequences_are_the_runtime_prompts(nano):
     assert ex.ids.count(CODE_MARKER) == 36 and ex.ids.count(IMAGE_MARKER) == 36
 
 
+def test_dialogue_continues_the_runtime_prompt_and_supervises_every_answer(nano):
+    cfg, _, tok = nano
+    b = SequenceBuilder(tok, cfg)
+    _, (im,) = _images(1)
+    turns = [("what color is the circle?", "red"), ("is there a blue square?", "no"), ("describe the image.", "a red circle")]
+    ex = b.dialogue(im, turns)
+    first = b.understand(im, *turns[0])
+    assert ex.ids[:len(first.ids)] == first.ids and ex.labels[:len(first.labels)] == first.labels
+    assert ex.ids.count(IMAGE_MARKER) == 36 and len(ex.inputs) == 1
+    supervised = [i for i, x in zip(ex.ids, ex.labels) if x != IGNORE]
+    want = []
+    for _, answer in turns:
+        want += tok.encode(answer) + [cfg.tokens.im_end]
+    assert supervised == want
+    assert tok.decode(ex.ids[len(first.ids):]).count("user") == 2  # each follow-up is a user turn
+    with pytest.raises(ValueError, match="at least one"):
+        b.dialogue(im, [])
+
+
+def test_grouped_micro_batches_give_the_full_batch_gradient(nano):
+    """loss(batch) is the token mean (= the token-weighted mean of per-example losses), and the length-grouped
+    micro-batches give the full batch's loss and gradient (tolerance 1e-5 relative)."""
+    cfg, mods, tok = nano
+    b = SequenceBuilder(tok, cfg)
+    sem = SemanticTokenizer(mods.quantizers[0], cfg.branches[0].in_dim, num_token_classes((6, 6), W))
+    trainer = LLMTrainer(cfg, mods.llm, mods.projectors["semantic"], VisionTower(cfg, mods.encoders["semantic"], sem))
+    _, images = _images(4, seed=5)
+    exs = [b.understand(images[0], "is there a red circle?", "yes"), b.generate("a red circle", images[1]),
+           b.edit(images[2], "remove the red circle", images[3]), b.understand(images[3], "describe the image.", "nothing")]
+    mods.llm.eval()
+    with torch.no_grad():
+        singles = [trainer.loss([e]) for e in exs]
+        weighted = sum(loss * n for loss, n in singles) / sum(n for _, n in singles)
+        full_loss, counted = trainer.loss(exs)
+        assert counted == sum(n for _, n in singles) == sum(sum(x != IGNORE for x in e.labels[1:]) for e in exs)
+        torch.testing.assert_close(full_loss, weighted, rtol=1e-5, atol=1e-6)
+    params = [p for p in mods.llm.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    trainer.loss(exs)[0].backward()
+    full = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    grouped = trainer.grouped_loss(exs, groups=3)
+    torch.testing.assert_close(grouped, full_loss, rtol=1e-5, atol=1e-6)
+    for p, g in zip(params, full):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    mods.llm.requires_grad_(False)
+
+
 def test_trainer_batch_fills_features_and_codes_in_order(nano):
     cfg, mods, tok = nano
     b = SequenceBuilder(tok, cfg)
@@ -102,7 +153,7 @@ def test_trainer_batch_fills_features_and_codes_in_order(nano):
     pos = torch.tensor(exs[1].ids) == IMAGE_MARKER
     torch.testing.assert_close(batch["inputs_embeds"][1, :len(exs[1].ids)][pos], feats)
     assert batch["attention_mask"][1].sum() == len(exs[1].ids)
-    assert torch.isfinite(trainer.loss(exs))
+    assert torch.isfinite(trainer.loss(exs)[0])
     exs[0].targets.append(images[0])  # one target image too many: the batch must refuse
     with pytest.raises(ValueError, match="code markers"):
         trainer.batch(exs)
@@ -121,3 +172,31 @@ def test_latent_normalisation_keeps_the_autoencoder(nano):
     assert s > 0
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
     assert abs(float(lat.std()) - 1.0) < 0.3
+
+
+def test_grounding_dialogues_end_with_a_conjunctive_yes_no_question(nano):
+    """The curriculum's dialogues (recipe.Tasks.qa_grounding): one-attribute questions about one image, then a
+    conjunctive exist / relation question where the scene poses one; every answer supervised, each a yes / no or a position."""
+    from illume_edge.nano import recipe
+
+    cfg, _, tok = nano
+    tasks = recipe.Tasks(SequenceBuilder(tok, cfg), W)
+    positions = {world.position_name(r, c) for r in range(3) for c in range(3)}
+    rng = np.random.default_rng(0)
+    lasts = []
+    for _ in range(40):
+        ex = tasks.qa_grounding(rng)
+        assert ex.task == "qa_grounding" and len(ex.inputs) == 1
+        supervised = [i for i, x in zip(ex.ids, ex.labels) if x != IGNORE]
+        answers, cur = [], []
+        for t in supervised:
+            if t == cfg.tokens.im_end:
+                answers.append(tok.decode(cur).strip())
+                cur = []
+            else:
+                cur.append(t)
+        assert 1 <= len(answers) <= 5 and not cur
+        assert all(a in ("yes", "no") or a in positions for a in answers), answers
+        lasts.append(answers[-1])
+    # the conjunctive question is skipped where the scene cannot pose it (a relation needs two objects)
+    assert {"yes", "no"} <= set(lasts) and sum(a in ("yes", "no") for a in lasts) >= 0.75 * len(lasts)

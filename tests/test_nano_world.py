@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from illume_edge.nano import evaluator as ev
-from illume_edge.nano.world import (COLORS, EDIT_KINDS, GEN_CATEGORIES, NUMBER_WORDS, QA_KINDS, SHAPES, QA,
+from illume_edge.nano.world import (COLORS, EDIT_KINDS, GEN_CATEGORIES, NUMBER_WORDS, QA_KINDS, RELATIONS,
+                                    SCAFFOLD_KINDS, SHAPES, QA, scaffold_qa,
                                     GenPrompt, Obj, Scene, WorldConfig, describe, full_prompt, gen_prompt_for,
                                     heldout_scenes, is_heldout, make_edit, make_qa, position_name, qa_pairs,
                                     render, sample_edit, sample_gen_prompt, sample_scene, text_corpus, vocabulary,
@@ -177,6 +178,43 @@ def test_exist_and_relation_answers_are_balanced_and_true():
              "is the red circle to the right of the blue square?": "no",
              "is the blue square to the right of the red circle?": "yes"}
     assert truth[relation.question] == relation.answer  # same row: above/below are never asked
+
+
+def test_scaffold_questions_are_true_balanced_and_name_one_object():
+    """The one-attribute exist / relation / position questions of the training curriculum."""
+    rng = np.random.default_rng(12)
+    vocab = set(vocabulary())
+    yes = {"exist": [], "relation": []}
+    for scene in scenes(500, seed=13):
+        for kind in SCAFFOLD_KINDS:
+            qa = scaffold_qa(scene, rng, kind)
+            if qa is None:
+                continue
+            assert set(words(qa.question)) <= vocab and qa.kind == kind
+            q = qa.question.removesuffix("?")
+            if kind == "exist":
+                what = q.removeprefix("is there ").split()[1:]
+                n = scene.count(color=what[0]) if what[-1] == "object" else scene.count(shape=what[0])
+                assert (n > 0) == (qa.answer == "yes")
+            elif kind == "position":
+                name = q.removeprefix("where is the ").split()
+                found = scene.find(color=name[0]) if name[-1] == "object" else scene.find(shape=name[0])
+                assert len(found) == 1 and qa.answer == position_name(found[0].row, found[0].col)
+            else:
+                phrase = next(r for r, (text, _) in RELATIONS.items() if f" {text} " in q)
+                a, b = q.removeprefix("is ").split(f" {RELATIONS[phrase][0]} ")
+
+                def one(name):
+                    w = name.removeprefix("the ").split()
+                    (o,) = scene.find(color=w[0]) if w[-1] == "object" else scene.find(shape=w[0])
+                    return o
+                assert RELATIONS[phrase][1](one(a), one(b)) == (qa.answer == "yes")
+            if kind in yes:
+                yes[kind].append(qa.answer == "yes")
+    for kind, got in yes.items():
+        assert len(got) > 100 and 0.4 < np.mean(got) < 0.6, (kind, len(got), np.mean(got))
+    with pytest.raises(ValueError, match="unknown kind 'count'"):
+        scaffold_qa(THREE, rng, "count")
 
 
 def test_unaskable_questions_are_skipped():

@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
@@ -60,8 +61,30 @@ class LLMTrainer:
             embeds = embeds.masked_scatter(feat_pos.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
         return {"inputs_embeds": embeds, "attention_mask": mask, "labels": labels}
 
-    def loss(self, examples: list[Example]) -> torch.Tensor:
-        return self.llm(**self.batch(examples)).loss
+    def loss(self, examples: list[Example]) -> tuple[torch.Tensor, int]:
+        """(Mean next-token loss over the batch's supervised tokens, their number)."""
+        b = self.batch(examples)
+        logits = self.llm(inputs_embeds=b["inputs_embeds"], attention_mask=b["attention_mask"]).logits
+        labels = b["labels"][:, 1:]  # [B, L-1]: token t+1 is predicted at position t
+        counted = int((labels != IGNORE).sum())
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                               ignore_index=IGNORE)
+        return loss, counted
+
+    def grouped_loss(self, examples: list[Example], groups: int) -> torch.Tensor:
+        """Backpropagates the batch's mean token loss in ``groups`` length-sorted micro-batches (a mixed batch
+        padded to its longest example wastes ~30% of the compute) and returns it. Same gradient as one
+        batch: each micro-batch's mean is weighted by its share of the supervised tokens."""
+        order = sorted(examples, key=lambda e: len(e.ids))
+        chunks = [[order[i] for i in c] for c in np.array_split(np.arange(len(order)), groups) if len(c)]
+        total = sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in order)
+        out = torch.zeros(())
+        for chunk in chunks:
+            loss, counted = self.loss(chunk)
+            part = loss * (counted / total)
+            part.backward()
+            out += part.detach()
+        return out
 
     def set_trainable(self, trainable: str) -> list[nn.Parameter]:
         self.llm.requires_grad_(trainable == "all")
@@ -74,7 +97,7 @@ class LLMTrainer:
         return [p for m in (self.llm, self.projector) for p in m.parameters() if p.requires_grad]
 
     def train(self, sampler: Sampler, *, steps: int, batch: int, lr: float, seed: int, trainable: str,
-              progress: Progress, warmup: float = 0.05) -> float:
+              progress: Progress, warmup: float = 0.05, groups: int = 2) -> float:
         params = self.set_trainable(trainable)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=warmup,
@@ -86,9 +109,8 @@ class LLMTrainer:
         self.llm.set_attn_implementation("sdpa")  # ~1.5x faster training; the exporters keep their own attention
         last = float("nan")
         for step in range(steps):
-            loss = self.loss([sampler(rng) for _ in range(batch)])
             opt.zero_grad()
-            loss.backward()
+            loss = self.grouped_loss([sampler(rng) for _ in range(batch)], groups)
             nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
@@ -105,5 +127,5 @@ class LLMTrainer:
         self.llm.eval()
         total = 0.0
         for start in range(0, n, batch):
-            total += self.loss([sampler(rng) for _ in range(min(batch, n - start))]).item() * min(batch, n - start)
+            total += self.loss([sampler(rng) for _ in range(min(batch, n - start))])[0].item() * min(batch, n - start)
         return total / n

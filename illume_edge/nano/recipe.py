@@ -54,7 +54,8 @@ class Schedule:
     unet: int = 1600
     stage1: int = 200
     stage2: int = 800
-    stage3: int = 1400
+    stage3_curriculum: int = 400
+    stage3: int = 1000
     stage4: int = 300
     self_enhance_prompts: int = 320
     vision_batch: int = 64
@@ -66,7 +67,7 @@ class Schedule:
 SCHEDULES = {
     "full": Schedule(),
     # A seconds-long run of every stage for tests: same code path, meaningless weights.
-    "smoke": Schedule(vit=2, tokenizer=2, vae=2, unet=2, stage1=1, stage2=1, stage3=1, stage4=1,
+    "smoke": Schedule(vit=2, tokenizer=2, vae=2, unet=2, stage1=1, stage2=1, stage3_curriculum=1, stage3=1, stage4=1,
                       self_enhance_prompts=4, vision_batch=4, vae_batch=2, decoder_batch=2, llm_batch=2),
 }
 SEED = 20241209  # ILLUME's arXiv date
@@ -75,9 +76,19 @@ SEED = 20241209  # ILLUME's arXiv date
 # ----------------------------------------------------------------------------------------------------
 # Task samplers: rng -> Example (train split only)
 # ----------------------------------------------------------------------------------------------------
+# GenEval categories in the SFT mix, weighted toward what needs composition (counts, attribute binding,
+# relations) rather than what a single object already teaches.
+GEN_WEIGHTS = {"single_object": 0.5, "two_object": 1.0, "counting": 2.0, "colors": 0.5, "position": 1.5,
+               "color_attr": 2.0}
+MAX_QA_TURNS = 6  # questions per image in a QA dialogue
+SCAFFOLD_SHARE = 0.35  # share of QA turns that are one-attribute exist / relation / position (world.scaffold_qa)
+
+
 class Tasks:
     def __init__(self, builder: SequenceBuilder, wcfg: world.WorldConfig):
         self.b, self.w = builder, wcfg
+        weights = np.array([GEN_WEIGHTS[c] for c in world.GEN_CATEGORIES])
+        self.gen_p = weights / weights.sum()
 
     def _scene(self, rng):
         s = world.sample_scene(rng, self.w, split="train")
@@ -96,19 +107,54 @@ class Tasks:
         return self.b.generate(world.describe(s), im, task="t2i_full")
 
     def t2i_geneval(self, rng) -> Example:
-        prompt, s = world.sample_gen_prompt(rng, self.w, str(rng.choice(world.GEN_CATEGORIES)), "train")
+        category = world.GEN_CATEGORIES[int(rng.choice(len(world.GEN_CATEGORIES), p=self.gen_p))]
+        prompt, s = world.sample_gen_prompt(rng, self.w, category, "train")
         return self.b.generate(prompt.text, world.render(s, self.w), task="t2i_geneval")
 
     def t2i_uncond(self, rng) -> Example:
         _, im = self._scene(rng)
         return self.b.generate(None, im, task="t2i_uncond")
 
+    @staticmethod
+    def question(s: world.Scene, rng) -> world.QA | None:
+        if rng.random() < SCAFFOLD_SHARE:
+            return world.scaffold_qa(s, rng, str(rng.choice(world.SCAFFOLD_KINDS)))
+        return world.make_qa(s, rng, str(rng.choice(world.QA_KINDS)))
+
     def qa(self, rng) -> Example:
+        """A dialogue of 1..MAX_QA_TURNS distinct questions about one training scene: kinds uniform, plus
+        the one-attribute scaffolds of exist / relation / position (docs/nano.md: without them the
+        conjunctive yes/no questions never leave chance)."""
         while True:
             s, im = self._scene(rng)
-            q = world.make_qa(s, rng, str(rng.choice(world.QA_KINDS)))
+            want, turns = int(rng.integers(1, MAX_QA_TURNS + 1)), {}
+            for _ in range(3 * want):  # some kinds cannot be asked of every scene
+                q = self.question(s, rng)
+                if q is not None:
+                    turns.setdefault(q.question, q.answer)
+                if len(turns) == want:
+                    break
+            if turns:
+                return self.b.dialogue(im, list(turns.items()), task="qa")
+
+    def qa_grounding(self, rng) -> Example:
+        """Curriculum: a dialogue of one-attribute exist / relation / position questions, then one
+        conjunctive exist or relation question about the same image (docs/nano.md: the conjunctive yes/no
+        questions leave chance only after the one-attribute ones are learnt)."""
+        while True:
+            s, im = self._scene(rng)
+            turns = {}
+            for _ in range(12):
+                q = world.scaffold_qa(s, rng, str(rng.choice(world.SCAFFOLD_KINDS, p=(0.6, 0.25, 0.15))))
+                if q is not None:
+                    turns.setdefault(q.question, q.answer)
+                if len(turns) == 4:
+                    break
+            q = world.make_qa(s, rng, "exist" if rng.random() < 0.7 else "relation")
             if q is not None:
-                return self.b.understand(im, q.question, q.answer, task=f"qa_{q.kind}")
+                turns.setdefault(q.question, q.answer)
+            if turns:
+                return self.b.dialogue(im, list(turns.items()), task="qa_grounding")
 
     def edit(self, rng) -> Example:
         e = world.sample_edit(rng, self.w, "train")
@@ -127,11 +173,12 @@ def mixture(parts: list[tuple[float, Callable[[np.random.Generator], Example]]])
 
 
 def stage_mixtures(t: Tasks) -> dict[str, Callable]:
-    stage2 = [(0.25, t.caption), (0.35, t.t2i_full), (0.2, t.reconstruct), (0.05, t.t2i_uncond), (0.15, t.qa)]
-    stage3 = [(0.3, t.qa), (0.2, t.t2i_geneval), (0.1, t.t2i_full), (0.05, t.t2i_uncond), (0.25, t.edit),
+    stage2 = [(0.2, t.caption), (0.35, t.t2i_full), (0.2, t.reconstruct), (0.05, t.t2i_uncond), (0.2, t.qa)]
+    stage3 = [(0.35, t.qa), (0.2, t.t2i_geneval), (0.05, t.t2i_full), (0.05, t.t2i_uncond), (0.25, t.edit),
               (0.05, t.reconstruct), (0.05, t.caption)]
     return {"stage1": mixture([(0.5, t.reconstruct), (0.5, t.caption)]), "stage2": mixture(stage2),
-            "stage3": mixture(stage3)}
+            "stage3": mixture(stage3),
+            "stage3_curriculum": mixture([(0.5, t.qa_grounding)] + [(w / 2, f) for w, f in stage3])}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -252,9 +299,10 @@ def run(out: Path, work: Path, schedule: Schedule, threads: int = 2) -> dict:
 
     trainer = LLMTrainer(cfg, mods.llm, mods.projectors["semantic"], tower)
     mixes = stage_mixtures(Tasks(builder, wcfg))
-    for name, trainable, lr in (("stage1", "vision_init", 2e-3), ("stage2", "all", 2e-3), ("stage3", "all", 1e-3)):
+    for name, trainable, lr, seed in (("stage1", "vision_init", 2e-3, 11), ("stage2", "all", 2e-3, 12),
+                                      ("stage3_curriculum", "all", 1e-3, 15), ("stage3", "all", 1e-3, 13)):
         steps = getattr(s, name)
-        trainer.train(mixes[name], steps=steps, batch=s.llm_batch, lr=lr, seed=_seed(10 + int(name[-1])),
+        trainer.train(mixes[name], steps=steps, batch=s.llm_batch, lr=lr, seed=_seed(seed),
                       trainable=trainable, progress=stage(name, steps))
         done(name)
 

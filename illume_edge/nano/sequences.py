@@ -75,6 +75,24 @@ class SequenceBuilder:
         prompt = understand_prompt(self.tok, self.cfg, question).expand([self.input_ids])
         return self._answer(prompt, self._text(answer), [image], [], task)
 
+    def dialogue(self, image: np.ndarray, turns: list[tuple[str, str]], task: str = "dialogue") -> Example:
+        """Several question/answer turns about one image (multi-turn SFT, as in LLaVA-style data).
+
+        The first turn is laid out exactly as :meth:`understand` (the runtime's single-turn prompt); each
+        later turn continues the chat (``\\n<|im_start|>user\\n{q}<|im_end|>\\n<|im_start|>assistant\\n``).
+        Every answer and its ``<|im_end|>`` is supervised, so one image's features serve several answers."""
+        if not turns:
+            raise ValueError("dialogue: expected at least one (question, answer) turn, got none")
+        (question, answer), rest = turns[0], turns[1:]
+        ex = self.understand(image, question, answer, task)
+        p = self.cfg.prompts
+        for question, answer in rest:
+            follow = self._text("\n" + p.turn.format(role="user", content=question) + p.assistant_header)
+            reply = self._text(answer) + [self.im_end]
+            ex.ids += follow + reply
+            ex.labels += [IGNORE] * len(follow) + reply
+        return ex
+
     def generate(self, caption: str | None, image: np.ndarray, task: str = "generate") -> Example:
         """Text to image; ``caption=None`` gives the unconditional prompt (trained for CFG)."""
         cond, uncond = generate_prompts(self.tok, self.cfg, caption or "x", self.height, self.width)

@@ -316,6 +316,44 @@ def make_qa(scene: Scene, rng: np.random.Generator, kind: str) -> QA | None:
     raise ValueError(f"unknown QA kind {kind!r}: expected one of {QA_KINDS}")
 
 
+SCAFFOLD_KINDS = ("exist", "relation", "position")
+
+
+def scaffold_qa(scene: Scene, rng: np.random.Generator, kind: str) -> QA | None:
+    """A one-attribute version of an exist / relation / position question (training curriculum, never
+    evaluated): "is there a red object?", "is there a circle?", "is the circle above the square?",
+    "where is the red object?". Objects are named by one attribute only where that names one object.
+    The conjunctive questions of `make_qa` ("is there a red circle?") carry no signal that either the
+    question or the image alone predicts; these do, and the model learns the conjunction from them."""
+    if kind == "exist":
+        attr = "color" if rng.random() < 0.5 else "shape"
+        pool = COLORS if attr == "color" else SHAPES
+        present = sorted({getattr(o, attr) for o in scene.objects})
+        yes = bool(present) and rng.random() < 0.5
+        absent = [v for v in pool if v not in present]
+        if not yes and not absent:
+            return None
+        v = _pick(rng, present if yes else absent)
+        text = amount(1, "object", v) if attr == "color" else amount(1, v)
+        return QA(kind, f"is there {text}?", "yes" if yes else "no")
+    unique = [(o, f"the {o.shape}") for o in scene.objects if scene.count(shape=o.shape) == 1] + \
+             [(o, f"the {o.color} object") for o in scene.objects if scene.count(color=o.color) == 1]
+    if kind == "position":
+        if not unique:
+            return None
+        o, name = unique[int(rng.integers(len(unique)))]
+        return QA(kind, f"where is {name}?", position_name(o.row, o.col))
+    if kind == "relation":
+        cands = [(a, na, b, nb, r) for a, na in unique for b, nb in unique if a != b for r in RELATIONS
+                 if (a.col != b.col if r in ("left", "right") else a.row != b.row)]
+        if not cands:
+            return None
+        want = bool(rng.random() < 0.5)
+        a, na, b, nb, r = _pick(rng, [c for c in cands if RELATIONS[c[4]][1](c[0], c[2]) == want])
+        return QA(kind, f"is {na} {RELATIONS[r][0]} {nb}?", "yes" if want else "no")
+    raise ValueError(f"scaffold_qa: unknown kind {kind!r}: expected one of {SCAFFOLD_KINDS}")
+
+
 def qa_pairs(scene: Scene, rng: np.random.Generator) -> list[QA]:
     return [qa for qa in (make_qa(scene, rng, k) for k in QA_KINDS) if qa is not None]
 
