@@ -1,8 +1,8 @@
 """Per-stage latency of the whole runtime (vision, prefill, decode, image-token loop, detokenizers, end to end)
 at ILLUME+ architecture shapes with random weights, against PyTorch eager on the same weights.
 
-    python -m benchmarks.stages                  # CPU preset, a few minutes on 2 cores
-    python -m benchmarks.stages --shape smoke    # tiny shapes, seconds (checks the harness; run by the tests)
+    python -m benchmarks.stages                  # CPU preset, ~13 minutes on 2 cores
+    python -m benchmarks.stages --shape smoke    # tiny shapes, ~2 minutes (checks the harness end to end)
 
 Every side runs in its own process, so that each one's peak RSS is its own:
 - export (torch): seeded random modules of the shape -> fp32 engine (every graph) -> int4 engine (LLM + heads);
