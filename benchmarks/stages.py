@@ -255,15 +255,15 @@ def _loop_breakdown(loop_s: float, acc, positions: int, batch: int) -> dict:
 
 
 def ours_worker(engine_dir: Path, p: Protocol) -> dict:
-    from illume_edge.runtime.decode_loops import Timings, sample_image_tokens
+    from illume_edge.runtime.decode_loops import Timings, sample_image_tokens, stream_text
     from illume_edge.runtime.detokenize import code_maps, diffusion_decode, initial_noise, merge_code_maps, \
         upsample_nearest, vq_decode
     from illume_edge.runtime.engine import Engine
-    from illume_edge.runtime.grammar import ImageGrammar, mask_text_logits
+    from illume_edge.runtime.grammar import ImageGrammar
     from illume_edge.runtime.image_prep import preprocess_image
     from illume_edge.runtime.pipeline import Pipeline, to_rgb
     from illume_edge.runtime.prompts import generate_prompts, understand_prompt
-    from illume_edge.runtime.sampler import SamplingParams, Uniforms, guided_sample
+    from illume_edge.runtime.sampler import SamplingParams
     from illume_edge.runtime.session import SessionOptions
     from illume_edge.runtime.vision import PromptTable, encode_image
 
@@ -336,20 +336,14 @@ def ours_worker(engine_dir: Path, p: Protocol) -> dict:
         out["vae_decoder"] = repeat(lambda: vae.run({"latent": feeds["latent"][:1]}), p.reps)
 
     # end to end
-    def understand_e2e():
-        t0 = time.perf_counter()
-        prompt = understand_prompt(pipe.tokenizer, cfg, QUESTION)
+    def understand_e2e():  # Pipeline.understand's work with a fixed answer length: TTFT = the first piece
+        t0, ttft = time.perf_counter(), None
         table = PromptTable(cfg)
         image_ids = table.add(encode_image(engine, preprocess_image(to_rgb(photo), cfg)))
-        state = runner.prefill([prompt.expand([image_ids])], table.table(), max_new_tokens=p.answer_tokens)
-        uniforms = Uniforms(0, rows=1, steps=p.answer_tokens)
-        ttft = None
-        for step in range(p.answer_tokens):
-            logits = mask_text_logits(runner.logits("text", state.hidden), cfg)
-            token = int(guided_sample(logits, None, greedy, uniforms[step], generated_ids_per_row=state.fed)[0])
+        prompt = understand_prompt(pipe.tokenizer, cfg, QUESTION).expand([image_ids])
+        for _ in stream_text(runner, pipe.tokenizer, prompt, table.table(), greedy, 0, p.answer_tokens,
+                             ignore_eos=True):
             ttft = ttft or time.perf_counter() - t0
-            if step + 1 < p.answer_tokens:
-                runner.feed(state, np.array([[token]], np.int64))
         return ttft, time.perf_counter() - t0
 
     runs = [understand_e2e() for _ in range(1 + p.e2e_reps)][1:]

@@ -265,3 +265,39 @@ def test_llm_runner_kv_positions_and_padding_equal_full_recompute(tiny_pipe):
         for step, (h, e) in enumerate(zip(hidden, expected)):
             np.testing.assert_allclose(h[b], e, atol=1e-5, err_msg=f"row {b} step {step}")
     assert state.length == 9 + 1 + 3 + 1 and state.next_pos.tolist() == [14, 9]
+
+
+def test_stream_text_stops_at_eos_unless_told_to_ignore_it(tiny_engine):
+    """A model whose text head always prefers <|im_end|>: the answer ends at once, or, with ignore_eos (the
+    benchmarks' fixed-length answers), runs all max_new_tokens steps."""
+    from types import SimpleNamespace
+
+    from illume_edge.config import preset
+    from illume_edge.runtime.decode_loops import stream_text
+    from illume_edge.runtime.prompts import TextTokenizer
+
+    cfg = preset("tiny-plus")
+    tok = TextTokenizer.from_file(tiny_engine("tiny-plus")[0] / "tokenizer.json", cfg)
+
+    class EndRunner:
+        def __init__(self):
+            self.cfg, self.fed = cfg, 0
+
+        def prefill(self, rows, image_embeds, max_new_tokens):
+            return SimpleNamespace(hidden=np.zeros((1, 4), np.float32), fed=[list(rows[0])])
+
+        def logits(self, head, hidden):
+            out = np.zeros((1, cfg.head_ranges()["text"][1]), np.float32)
+            out[0, cfg.tokens.im_end] = 10.0
+            return out
+
+        def feed(self, state, tokens):
+            self.fed += 1
+            state.fed[0].extend(tokens[0].tolist())
+            return state.hidden
+
+    greedy = SamplingParams(temperature=0.0)
+    for ignore, feeds in ((False, 0), (True, 7)):
+        runner = EndRunner()
+        list(stream_text(runner, tok, [1, 2, 3], None, greedy, 0, 8, ignore_eos=ignore))
+        assert runner.fed == feeds  # the last of the 8 tokens is never fed back

@@ -84,6 +84,23 @@ MAX_QA_TURNS = 6  # questions per image in a QA dialogue
 SCAFFOLD_SHARE = 0.35  # share of QA turns that are one-attribute exist / relation / position (world.scaffold_qa)
 
 
+GROUNDING_TURNS = 4  # one-attribute questions before the conjunctive one in a grounding dialogue
+GROUNDING_KIND_P = (0.6, 0.25, 0.15)  # their kinds, in world.SCAFFOLD_KINDS order (exist, relation, position)
+
+
+def distinct_turns(ask: Callable[[], world.QA | None], want: int, tries: int) -> dict[str, str]:
+    """question -> answer for up to `want` distinct questions from `ask` (None: this scene cannot pose the
+    question drawn), giving up after `tries` draws."""
+    turns: dict[str, str] = {}
+    for _ in range(tries):
+        q = ask()
+        if q is not None:
+            turns.setdefault(q.question, q.answer)
+        if len(turns) == want:
+            break
+    return turns
+
+
 class Tasks:
     def __init__(self, builder: SequenceBuilder, wcfg: world.WorldConfig):
         self.b, self.w = builder, wcfg
@@ -123,33 +140,24 @@ class Tasks:
 
     def qa(self, rng) -> Example:
         """A dialogue of 1..MAX_QA_TURNS distinct questions about one training scene: kinds uniform, plus
-        the one-attribute scaffolds of exist / relation / position (docs/nano.md: without them the
-        conjunctive yes/no questions never leave chance)."""
+        the one-attribute scaffolds of exist / relation / position (docs/nano.md: "Why exist and relation sit
+        at chance")."""
         while True:
             s, im = self._scene(rng)
-            want, turns = int(rng.integers(1, MAX_QA_TURNS + 1)), {}
-            for _ in range(3 * want):  # some kinds cannot be asked of every scene
-                q = self.question(s, rng)
-                if q is not None:
-                    turns.setdefault(q.question, q.answer)
-                if len(turns) == want:
-                    break
+            want = int(rng.integers(1, MAX_QA_TURNS + 1))
+            turns = distinct_turns(lambda: self.question(s, rng), want, tries=3 * want)
             if turns:
                 return self.b.dialogue(im, list(turns.items()), task="qa")
 
     def qa_grounding(self, rng) -> Example:
         """Curriculum: a dialogue of one-attribute exist / relation / position questions, then one
-        conjunctive exist or relation question about the same image (docs/nano.md: the conjunctive yes/no
-        questions leave chance only after the one-attribute ones are learnt)."""
+        conjunctive exist or relation question about the same image (docs/nano.md: in probes the conjunctive
+        yes/no questions left chance only after the one-attribute ones were learnt)."""
         while True:
             s, im = self._scene(rng)
-            turns = {}
-            for _ in range(12):
-                q = world.scaffold_qa(s, rng, str(rng.choice(world.SCAFFOLD_KINDS, p=(0.6, 0.25, 0.15))))
-                if q is not None:
-                    turns.setdefault(q.question, q.answer)
-                if len(turns) == 4:
-                    break
+            turns = distinct_turns(lambda: world.scaffold_qa(s, rng, str(rng.choice(world.SCAFFOLD_KINDS,
+                                                                                   p=GROUNDING_KIND_P))),
+                                   GROUNDING_TURNS, tries=3 * GROUNDING_TURNS)
             q = world.make_qa(s, rng, "exist" if rng.random() < 0.7 else "relation")
             if q is not None:
                 turns.setdefault(q.question, q.answer)

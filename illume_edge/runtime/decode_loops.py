@@ -105,11 +105,12 @@ def sample_image_tokens(runner: LLMRunner, rows: list[list[int]], image_embeds: 
 
 def stream_text(runner: LLMRunner, tokenizer, prompt: list[int], image_embeds: np.ndarray | None,
                 params: SamplingParams, seed: int, max_new_tokens: int,
-                timings: Timings | None = None) -> Iterator[str]:
-    """Yield decoded text pieces as tokens are generated; stops at the stop ids or `max_new_tokens`."""
+                timings: Timings | None = None, ignore_eos: bool = False) -> Iterator[str]:
+    """Yield decoded text pieces as tokens are generated; stops at the stop ids or `max_new_tokens`
+    (`ignore_eos`: always `max_new_tokens` tokens, for benchmarks)."""
     cfg: ModelConfig = runner.cfg
     timings = timings or Timings()
-    stops = {cfg.tokens.im_end, cfg.tokens.endoftext}
+    stops = set() if ignore_eos else {cfg.tokens.im_end, cfg.tokens.endoftext}
     uniforms = Uniforms(seed, rows=1, steps=max_new_tokens)
     decoder = tokenizer.stream()
     t0 = time.perf_counter()

@@ -97,6 +97,11 @@ def _shared_intra_op_pool(threads: int) -> None:
     _pool["threads"] = threads
 
 
+def _flag(value: bool | None, env: str) -> bool:
+    """An on/off session option: the caller's value, else the environment variable `env` = "1", else off."""
+    return value if value is not None else os.environ.get(env, "0") == "1"
+
+
 class Session:
     def __init__(self, name: str, path: str, component: Component, options: SessionOptions | None = None):
         import onnxruntime as ort
@@ -111,12 +116,10 @@ class Session:
         else:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
-            spin = opts.spin if opts.spin is not None else os.environ.get("ILLUME_EDGE_SPIN", "0") == "1"
+            spin = _flag(opts.spin, "ILLUME_EDGE_SPIN")
             so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        arena = opts.memory_arena if opts.memory_arena is not None else \
-            os.environ.get("ILLUME_EDGE_MEM_ARENA", "0") == "1"
-        so.enable_cpu_mem_arena = arena
+        so.enable_cpu_mem_arena = _flag(opts.memory_arena, "ILLUME_EDGE_MEM_ARENA")
         so.log_severity_level = 3
         self.providers = choose_providers(opts.providers)
         self.device, self.device_id = opts.device, opts.device_id
