@@ -331,7 +331,7 @@ def profile_ours(engine_dir: Path, prompt: list[int], steps: int, threads: int, 
 # ---------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------
-def export_bench_engine(model, cfg, out_dir: Path) -> None:
+def export_bench_engine(model, cfg, out_dir: Path, llm_graph: str) -> None:
     """llm + head graphs of `model` in an engine folder the runtime loads (no vision/decoder graphs)."""
     from illume_edge.config import FORMAT_VERSION
     from illume_edge.export.engine import _component, _precision_of, producer
@@ -339,7 +339,7 @@ def export_bench_engine(model, cfg, out_dir: Path) -> None:
     from illume_edge.manifest import Manifest, write_manifest
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    graphs = {"llm": export_llm(model, cfg, out_dir / "llm.onnx")}
+    graphs = {"llm": export_llm(model, cfg, out_dir / "llm.onnx", graph=llm_graph)}
     graphs.update({f"head_{k}": v for k, v in export_heads(model, cfg, out_dir).items()})
     comps = {n: _component(out_dir, g, _precision_of(g.path)) for n, g in graphs.items()}
     write_manifest(out_dir, Manifest(format_version=FORMAT_VERSION, name=cfg.name, config=cfg.to_dict(),
@@ -381,7 +381,7 @@ def run(args) -> dict:
                   "kv_heads": llm.num_kv_heads, "ffn": llm.intermediate_size, "vocab_rows": llm.vocab_rows,
                   "text_head_rows": cfg.head_ranges()["text"][1], "tied_embeddings": llm.tie_word_embeddings},
         "protocol": {"batch": 1, "prompt_tokens": args.prompt, "decode_steps": args.steps, "warmup": args.warmup,
-                     "reps": args.reps, "greedy": True, "mean_context": context},
+                     "reps": args.reps, "greedy": True, "mean_context": context, "llm_graph": args.llm_graph},
         "runs": {}, "failures": {}, "build_s": {},
     }
 
@@ -391,7 +391,7 @@ def run(args) -> dict:
     fp32_dir = work / "engine-fp32"
     if fp32_dir.exists():
         shutil.rmtree(fp32_dir)
-    export_bench_engine(model, cfg, fp32_dir)
+    export_bench_engine(model, cfg, fp32_dir, args.llm_graph)
     result["build_s"]["export_fp32"] = time.perf_counter() - t0
     hf_dir = work / "hf"
     if not args.skip_genai:
@@ -539,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="default: the cores this process may use")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "int8", "int4"])
     ap.add_argument("--block-size", dest="block_size", type=int, default=32)
+    ap.add_argument("--llm-graph", dest="llm_graph", default="fused", choices=["fused", "portable"],
+                    help="our llm graph: onnxruntime contrib ops (fused) or standard ops (portable)")
     ap.add_argument("--shared-pool", dest="shared_pool", nargs="*", default=["fp32", "int4"],
                     help="precisions also timed with ILLUME_EDGE_THREAD_POOL=shared (none: off)")
     ap.add_argument("--skip-eager", action="store_true")

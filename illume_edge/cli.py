@@ -34,7 +34,7 @@ def cmd_export(args) -> int:
     dtype = torch.float16 if args.precision == "fp16" else torch.float32  # fp16 halves the export's memory
     mods = load_checkpoint(paths if args.preset else root, preset_name=args.preset, dtype=dtype)
     export_engine(mods, args.out, paths.mllm / "tokenizer.json", precision=args.precision,
-                  source={"checkpoint": str(root), "preset": args.preset or ""},
+                  source={"checkpoint": str(root), "preset": args.preset or ""}, llm_graph=args.llm_graph,
                   progress=lambda s: print(f"[export] {s}", flush=True))
     print(f"engine written to {args.out}")
     return 0
@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "illume_edge.json)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
                    help="fp16: fp16 weights and compute behind fp32 graph inputs/outputs (VAE stays fp32)")
+    p.add_argument("--llm-graph", dest="llm_graph", default="fused", choices=["fused", "portable"],
+                   help="fused: onnxruntime contrib ops (GroupQueryAttention, fused norms and RoPE), the fast "
+                        "path on onnxruntime CPU/CUDA; portable: standard ONNX ops, for TensorRT plans")
     p.set_defaults(fn=cmd_export)
 
     from .export.quantize import add_quantize_parser  # torch-free: onnxruntime's quantizer only

@@ -152,7 +152,13 @@ def build_engines(engine_dir: str | Path, options: BuildOptions | None = None, *
     manifest = read_manifest(engine_dir)
     verify_engine(engine_dir, manifest)
     cfg = manifest.model_config()
-    names = options.components or tuple(n for n, c in manifest.components.items() if c.kind == "onnx")
+    names = options.components or tuple(n for n, c in manifest.components.items()
+                                        if c.kind == "onnx" and c.portable)
+    not_portable = [n for n in names if not manifest.component(n).portable]
+    if not_portable:
+        raise EngineError(f"{engine_dir}: components {not_portable} use onnxruntime contrib ops (a quantized or "
+                          f"fused graph) that TensorRT's parser does not take; build plans from an fp32/fp16 "
+                          f"export with --llm-graph portable, or leave them to onnxruntime")
     logger = trt.Logger(trt.Logger.WARNING)
     cache_path = engine_dir / TIMING_CACHE
     cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""

@@ -38,32 +38,37 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_engine(tmp_path_factory, tiny_checkpoint):
-    """preset name -> (engine folder, loaded torch modules)."""
+    """(preset name, llm graph = the export default) -> (engine folder, loaded torch modules)."""
     from illume_edge.export.checkpoint import load_checkpoint
-    from illume_edge.export.engine import export_engine
+    from illume_edge.export.engine import DEFAULT_LLM_GRAPH, export_engine
 
-    made: dict[str, tuple] = {}
+    made: dict[tuple[str, str], tuple] = {}
 
-    def get(preset: str):
-        if preset not in made:
+    def get(preset: str, llm_graph: str = DEFAULT_LLM_GRAPH):
+        key = (preset, llm_graph)
+        if key not in made:
             ckpt = tiny_checkpoint(preset)
             mods = load_checkpoint(ckpt)
-            out = tmp_path_factory.mktemp(f"engine-{preset}") / preset
-            export_engine(mods, out, ckpt / "mllm" / "tokenizer.json", progress=lambda s: None)
-            made[preset] = (out, mods)
-        return made[preset]
+            out = tmp_path_factory.mktemp(f"engine-{preset}-{llm_graph}") / preset
+            export_engine(mods, out, ckpt / "mllm" / "tokenizer.json", progress=lambda s: None,
+                          llm_graph=llm_graph)
+            made[key] = (out, mods)
+        return made[key]
 
     return get
 
 
 @pytest.fixture()
 def engine_copy(tiny_engine, tmp_path):
-    """preset name -> a private copy of that preset's engine folder (for tests that damage it)."""
+    """(preset name, llm graph = the export default) -> a private copy of that engine folder (for tests that
+    damage it)."""
     import shutil
 
-    def get(preset: str):
-        dst = tmp_path / f"engine-{preset}"
-        shutil.copytree(tiny_engine(preset)[0], dst)
+    from illume_edge.export.engine import DEFAULT_LLM_GRAPH
+
+    def get(preset: str, llm_graph: str = DEFAULT_LLM_GRAPH):
+        dst = tmp_path / f"engine-{preset}-{llm_graph}"
+        shutil.copytree(tiny_engine(preset, llm_graph)[0], dst)
         return dst
 
     return get

@@ -46,8 +46,9 @@ def test_ours_worker_times_every_stage_without_torch(ours):
     for batch in (1, 2):
         loop = ours[f"image_loop_b{batch}"]
         assert loop["positions"] == positions and loop["batch"] == batch
-        # forced runs go in with the next sampled token: fewer LLM calls than positions
-        assert 0 < loop["llm_calls"] < positions
+        # forced runs go in with the next sampled token: fewer LLM calls than positions, except a CFG pair
+        # on the fused graph, whose attention kernel takes one new token per row on a non-empty cache
+        assert 0 < loop["llm_calls"] < positions if batch == 1 else 0 < loop["llm_calls"] <= positions
         parts = loop["llm_ms"] + loop["head_ms"] + loop["sampler_ms"] + loop["host_ms"]
         assert parts == pytest.approx(loop["ms_per_image_token"], rel=1e-6)
         assert 0 <= loop["host_pct"] <= 100

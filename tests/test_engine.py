@@ -1,5 +1,6 @@
-"""Engine folders from tiny checkpoints: strict manifest, portable + TensorRT-parsable graphs, and every
-exported component equal to its torch module (fp32) at two or more shapes, for tiny-plus and tiny-v1."""
+"""Engine folders from tiny checkpoints: strict manifest, TensorRT-parsable graphs (all of a portable export,
+all but the fused llm graph of the default one), and every exported component equal to its torch module
+(fp32) at two or more shapes, for tiny-plus and tiny-v1."""
 import json
 import shutil
 
@@ -10,10 +11,16 @@ import torch
 from illume_edge.manifest import EngineError, read_manifest, verify_engine
 from illume_edge.runtime.engine import Engine
 from illume_edge.runtime.image_prep import pixel_inputs, vit_inputs
+from illume_edge.runtime.llm_runner import LLMRunner
 from illume_edge.runtime.session import SessionOptions
 from illume_edge.tensorrt_ops import unsupported_ops
 
 PRESETS = ["tiny-plus", "tiny-v1"]
+
+
+@pytest.fixture(params=PRESETS)
+def preset_name(request) -> str:
+    return request.param
 
 
 def _close(got, want, what, rel=1e-4):
@@ -105,16 +112,22 @@ def test_unknown_thread_pool_mode_fails_clearly(monkeypatch):
         session.thread_pool_mode()
 
 
-def test_graphs_are_portable_and_tensorrt_parsable(built):
+@pytest.mark.parametrize("llm_graph", ["portable", "fused"])
+def test_graphs_are_portable_and_tensorrt_parsable(tiny_engine, preset_name, llm_graph):
+    """Every graph of a --llm-graph portable export is TensorRT-parsable; the default (fused) export differs
+    only in its llm graph, which its manifest marks as onnxruntime-only."""
     import onnx
 
-    engine, _ = built
+    engine = Engine.load(tiny_engine(preset_name, llm_graph)[0])
     for name, comp in engine.manifest.components.items():
         model = onnx.load(str(engine.dir / comp.path), load_external_data=False)
         domains = {n.domain or "ai.onnx" for n in model.graph.node}
-        assert domains == {"ai.onnx"}, f"{name}: non-standard domains {domains}"
         ops = {n.op_type for n in model.graph.node}
         assert set(comp.ops) == ops
+        if name == "llm" and llm_graph == "fused":
+            assert domains == {"ai.onnx", "com.microsoft"} and not comp.portable
+            continue
+        assert domains == {"ai.onnx"} and comp.portable, f"{name}: non-standard domains {domains}"
         assert not unsupported_ops(ops), f"{name}: {unsupported_ops(ops)} not in TensorRT's ONNX parser"
 
 
@@ -142,27 +155,23 @@ def test_vision_branches_match_torch_at_two_sizes(built):
 
 
 def test_llm_and_heads_match_transformers(built):
-    """Prefill (P=0) then decode steps through the engine's graphs vs transformers' full forward."""
+    """Prefill then decode steps through the engine's graphs (driven by the runtime's LLMRunner, whatever
+    the graph's KV layout) vs transformers' full forward."""
     engine, mods = built
     cfg = mods.cfg
     rng = np.random.default_rng(1)
     for length in (5, 11):
         ids = rng.integers(0, cfg.tokens.text_vocab_size, (1, length))
-        llm = engine.session("llm")
-        kv = {f"past_key_values.{i}.{k}": np.zeros((1, cfg.llm.num_kv_heads, 0, cfg.llm.head_size), np.float32)
-              for i in range(cfg.llm.num_layers) for k in ("key", "value")}
+        runner = LLMRunner(engine)
         seq = ids
+        state = runner.prefill(ids.tolist(), max_new_tokens=2)
         for step in range(3):
-            new = seq if step == 0 else seq[:, -1:]
-            past_len = seq.shape[1] - new.shape[1]
-            out = llm.run({"input_ids": new, "image_embeds": np.zeros((0, cfg.llm.hidden_size), np.float32),
-                           "attention_mask": np.ones((1, seq.shape[1]), np.int64),
-                           "position_ids": np.arange(past_len, seq.shape[1])[None], **kv})
-            kv = {k.replace("present", "past_key_values"): v for k, v in out.items() if k.startswith("present")}
+            if step:
+                runner.feed(state, seq[:, -1:])
             with torch.no_grad():
                 want = mods.llm(torch.from_numpy(seq)).logits[:, -1].numpy()
             for name, (a, z) in cfg.head_ranges().items():
-                got = engine.session(f"head_{name}").run({"hidden": out["last_hidden"]})["logits"]
+                got = engine.session(f"head_{name}").run({"hidden": state.hidden})["logits"]
                 _close(got, want[:, a:z], f"head_{name} len {length} step {step}")
             seq = np.concatenate([seq, rng.integers(0, 1000, (1, 1))], axis=1)
 

@@ -1,5 +1,8 @@
 """The `llm` graph (KV cache, left padding, prompt-table splicing) and the `head_<range>` graphs against
-transformers, for a Qwen2 (tiny-plus) and a LLaMA (tiny-v1) model.
+transformers, for a Qwen2 (tiny-plus) and a LLaMA (tiny-v1) model, in both graph flavours: "portable"
+(standard ops, concat KV layout) and "fused" (onnxruntime contrib ops, one shared KV buffer). The tests
+see one contract: `Bundle.step` adapts the fused graph's shared buffer to past [B,kvh,P,d] -> present
+[B,kvh,P+S,d], so every assertion below holds for both.
 
 Tolerances: fp32 throughout; the graph reorders a few float ops (scaled queries, grouped-head matmuls), so
 hidden states and logits agree with transformers to LOGIT_ATOL absolute (observed ~1e-6 on these models).
@@ -9,15 +12,17 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
 
 from illume_edge.config import ConfigError, preset
+from illume_edge.manifest import KV_CAPACITY_DIM
 from illume_edge.export.export_llm import (export_heads, export_llm, head_graph_name, lm_head_weight,
                                            llm_input_names, llm_output_names)
-from illume_edge.export.llm import (build_llm, cache_tensors, hf_config, llm_config_from_hf, reference_step,
-                                    splice_embeds)
+from illume_edge.export.llm import (LLM_GRAPHS, LLMStep, build_llm, cache_tensors, hf_config,
+                                    llm_config_from_hf, reference_step, splice_embeds)
 
 LOGIT_ATOL = 1e-4
 HIDDEN_ATOL = 1e-4
@@ -44,10 +49,10 @@ def _sharpen_attention(model):
 class Bundle:
     """A tiny model, its exported llm + head graphs and onnxruntime sessions."""
 
-    def __init__(self, name: str, out_dir):
-        self.cfg = preset(name)
+    def __init__(self, name: str, graph: str, out_dir):
+        self.cfg, self.graph = preset(name), graph
         self.model = _sharpen_attention(build_llm(self.cfg, seed=0))
-        self.llm_info = export_llm(self.model, self.cfg, out_dir / "llm.onnx")
+        self.llm_info = export_llm(self.model, self.cfg, out_dir / "llm.onnx", graph=graph)
         self.head_infos = export_heads(self.model, self.cfg, out_dir)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 2
@@ -71,9 +76,33 @@ class Bundle:
     def step(self, ids, image_embeds, mask, positions, past) -> tuple[np.ndarray, list[np.ndarray]]:
         feeds = {"input_ids": np.asarray(ids, np.int64), "image_embeds": image_embeds,
                  "attention_mask": np.asarray(mask, np.int64), "position_ids": np.asarray(positions, np.int64)}
-        feeds.update(zip(llm_input_names(self.cfg)[4:], past))
-        out = self.llm.run(None, feeds)
-        return out[0], out[1:]
+        if self.graph == "portable":
+            feeds.update(zip(llm_input_names(self.cfg)[4:], past))
+            out = self.llm.run(None, feeds)
+            return out[0], out[1:]
+        return self._shared_step(feeds, past)
+
+    def _shared_step(self, feeds, past) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The fused graph: copy `past` into buffers with spare capacity, bind each as past and present
+        (the runtime's shared layout), return the valid slots."""
+        total = feeds["attention_mask"].shape[1]
+        batch, kvh, p, d = past[0].shape
+        buffers = []
+        for t in past:
+            buf = np.full((batch, kvh, total + 3, d), np.nan, np.float32)  # NaN: slots past T must stay unread
+            buf[:, :, :p] = t
+            buffers.append(buf)
+        io = self.llm.io_binding()
+        for name, arr in feeds.items():
+            io.bind_cpu_input(name, arr)
+        hidden = np.empty((batch, self.llm_cfg.hidden_size), np.float32)
+        io.bind_output("last_hidden", "cpu", 0, np.float32, list(hidden.shape), hidden.ctypes.data)
+        for past_name, present_name, buf in zip(llm_input_names(self.cfg)[4:], llm_output_names(self.cfg)[1:],
+                                                buffers):
+            io.bind_cpu_input(past_name, buf)
+            io.bind_output(present_name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+        self.llm.run_with_iobinding(io)
+        return hidden, [buf[:, :, :total] for buf in buffers]
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """[B, tokenizer_len]: the head graphs' outputs side by side, in range order."""
@@ -81,9 +110,11 @@ class Bundle:
         return np.concatenate(parts, axis=1)
 
 
-@pytest.fixture(scope="module", params=["tiny-plus", "tiny-v1"])
+@pytest.fixture(scope="module", params=[(name, graph) for name in ("tiny-plus", "tiny-v1")
+                                        for graph in LLM_GRAPHS], ids=lambda p: "-".join(p))
 def bundle(request, tmp_path_factory) -> Bundle:
-    return Bundle(request.param, tmp_path_factory.mktemp(request.param))
+    name, graph = request.param
+    return Bundle(name, graph, tmp_path_factory.mktemp(f"{name}-{graph}"))
 
 
 def _left_padded(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -269,15 +300,23 @@ def test_llm_graph_contract(bundle):
                                                                            ["image_rows", llm.hidden_size])
     assert (inputs["attention_mask"].dtype, inputs["attention_mask"].shape) == ("int64", ["batch", "total"])
     assert (inputs["position_ids"].dtype, inputs["position_ids"].shape) == ("int64", ["batch", "seq"])
-    kv = ["batch", llm.num_kv_heads, "past", llm.head_size]
+    past_axis = "past" if bundle.graph == "portable" else KV_CAPACITY_DIM
+    kv = ["batch", llm.num_kv_heads, past_axis, llm.head_size]
     for i in range(llm.num_layers):
         for part in ("key", "value"):
             assert inputs[f"past_key_values.{i}.{part}"].shape == kv
             assert outputs[f"present.{i}.{part}"].dtype == "float32"
             assert outputs[f"present.{i}.{part}"].shape[:2] == ["batch", llm.num_kv_heads]
+            if bundle.graph == "fused":  # one buffer in and out
+                assert outputs[f"present.{i}.{part}"].shape == kv
     assert (outputs["last_hidden"].dtype, outputs["last_hidden"].shape) == ("float32", ["batch", llm.hidden_size])
-    assert info.dynamic_ranges["past"][0] == 0 and info.dynamic_ranges["image_rows"][0] == 0
-    assert "MatMul" in info.ops and "Softmax" in info.ops
+    assert info.dynamic_ranges[past_axis][0] == (0 if bundle.graph == "portable" else 1)
+    assert info.dynamic_ranges["image_rows"][0] == 0
+    if bundle.graph == "portable":
+        assert "MatMul" in info.ops and "Softmax" in info.ops and info.portable
+    else:  # the fused kernels replace the attention, norm and RoPE chains
+        assert {"GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization"} <= set(info.ops)
+        assert "Softmax" not in info.ops and "Pow" not in info.ops and not info.portable
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -368,3 +407,49 @@ def test_hf_config_attention_implementations():
     torch.testing.assert_close(sdpa, eager, atol=LOGIT_ATOL, rtol=0)
     with pytest.raises(ConfigError, match="attn_implementation expected one of"):
         hf_config(cfg, "flash_attention_2")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The fused graph's own contract
+# ----------------------------------------------------------------------------------------------------
+def test_fused_step_equals_portable_step_in_torch():
+    """The custom ops' eager arithmetic is the portable step's: identical outputs in torch, per layer."""
+    cfg = preset("tiny-plus")
+    model = _sharpen_attention(build_llm(cfg, seed=1))
+    portable, fused = LLMStep(model, cfg, "portable"), LLMStep(model, cfg, "fused")
+    ids, mask, pos = (torch.from_numpy(a) for a in _left_padded(_prompts(cfg, seed=11)))
+    llm, (b, t) = cfg.llm, ids.shape
+    empty = tuple((torch.zeros(b, llm.num_kv_heads, 0, llm.head_size),) * 2 for _ in range(llm.num_layers))
+    shared = tuple((torch.zeros(b, llm.num_kv_heads, t + 4, llm.head_size),) * 2 for _ in range(llm.num_layers))
+    table = torch.zeros(0, llm.hidden_size)
+    with torch.no_grad():
+        want, got = portable(ids, table, mask, pos, empty), fused(ids, table, mask, pos, shared)
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=0)
+    for w, g in zip(want[1:], got[1:]):
+        assert g.shape[2] == t + 4
+        torch.testing.assert_close(g[:, :, :t], w, atol=1e-6, rtol=0)
+        assert not g[:, :, t:].any(), "slots past T must stay untouched"
+
+
+def test_fused_graph_layers_are_fused_kernels(bundle):
+    """What makes it fast: per layer one attention kernel, two RoPE kernels and two add+norm kernels
+    replace the portable graph's softmax, power/mean/sqrt norm chains and KV concats."""
+    if bundle.graph != "fused":
+        pytest.skip("fused graph only")
+    model = onnx.load(str(bundle.llm_info.path), load_external_data=False)
+    count = lambda op: sum(n.op_type == op for n in model.graph.node)  # noqa: E731
+    layers = bundle.llm_cfg.num_layers
+    assert count("GroupQueryAttention") == layers and count("RotaryEmbedding") == 2 * layers
+    # layer 0's input norm has no residual to add; every other norm (and the final one) does
+    assert count("SimplifiedLayerNormalization") == 1 and count("SkipSimplifiedLayerNormalization") == 2 * layers
+    assert count("Softmax") == count("Pow") == count("Sqrt") == 0
+    assert {n.domain for n in model.graph.node if n.op_type == "GroupQueryAttention"} == {"com.microsoft"}
+
+
+def test_fused_graph_needs_head_dim_multiple_of_16():
+    cfg = preset("tiny-plus")
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, hidden_size=96, num_heads=4, head_dim=24))
+    with pytest.raises(ConfigError, match=r"head_dim % 16 == 0.*--llm-graph portable"):
+        LLMStep(build_llm(cfg, seed=0), cfg, "fused")
+    with pytest.raises(ConfigError, match="graph expected one of"):
+        LLMStep(build_llm(preset("tiny-plus"), seed=0), preset("tiny-plus"), "flash")

@@ -13,17 +13,20 @@ import numpy as np
 import pytest
 
 from illume_edge.manifest import EngineError
+from illume_edge.runtime.engine import Engine
+from illume_edge.runtime.llm_runner import LLMRunner
 from illume_edge.runtime.pipeline import Pipeline
 from illume_edge.runtime.sampler import SamplingParams
 
-PRESETS = ["tiny-plus", "tiny-v1"]
+# (preset, llm graph): both presets on the default (fused) graph, and the portable graph once
+ENGINES = [("tiny-plus", "fused"), ("tiny-v1", "fused"), ("tiny-plus", "portable")]
 
 
-@pytest.fixture(scope="module", params=PRESETS)
+@pytest.fixture(scope="module", params=ENGINES, ids=lambda p: "-".join(p))
 def pair(request, tiny_engine):
     from illume_edge.export.reference import ReferencePipeline
 
-    engine_dir, mods = tiny_engine(request.param)
+    engine_dir, mods = tiny_engine(*request.param)
     pipe = Pipeline.load(engine_dir)
     return pipe, ReferencePipeline(mods, pipe.tokenizer)
 
@@ -238,22 +241,24 @@ def test_cli_reports_bad_input_in_one_line(tiny_engine, tmp_path):
     assert out.returncode == 2 and "not supported" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_llm_runner_kv_positions_and_padding_equal_full_recompute(tiny_pipe):
-    """Ping-pong KV buffers, left padding and multi-token feeds vs recomputing each row from scratch."""
-    runner = tiny_pipe.runner
-    cfg = runner.cfg
+@pytest.mark.parametrize("graph,layout", [("fused", "shared"), ("portable", "concat")])
+def test_llm_runner_kv_positions_and_padding_equal_full_recompute(tiny_engine, graph, layout):
+    """Both KV layouts (ping-pong buffers for the portable graph, one shared buffer for the fused one), left
+    padding and multi-token feeds (a 2-row feed of 3 tokens: the fused graph takes it a token at a time)
+    vs recomputing each row from scratch."""
+    runner = LLMRunner(Engine.load(tiny_engine("tiny-plus", graph)[0]))
+    assert runner.kv_layout == layout
+    runs = runner.runs
     rng = np.random.default_rng(0)
     rows = [list(rng.integers(0, 5000, 9)), list(rng.integers(0, 5000, 4))]
     state = runner.prefill(rows, None, max_new_tokens=8)
     hidden = [state.hidden.copy()]
     for chunk in ([[11], [12]], [[13, 14, 15], [16, 17, 18]], [[19], [20]]):
         hidden.append(runner.feed(state, np.array(chunk)).copy())
+    assert runner.runs - runs == 1 + 1 + (3 if layout == "shared" else 1) + 1
 
-    def full(seq):
-        kv = {n: np.zeros((1, cfg.llm.num_kv_heads, 0, cfg.llm.head_size), np.float32) for n in runner._past_names}
-        return runner.session.run({"input_ids": np.array([seq]), "image_embeds": np.zeros((0, 64), np.float32),
-                                   "attention_mask": np.ones((1, len(seq)), np.int64),
-                                   "position_ids": np.arange(len(seq))[None], **kv})["last_hidden"][0]
+    def full(seq):  # one unpadded row from scratch
+        return runner.prefill([seq]).hidden[0]
 
     for b, row in enumerate(rows):
         seq = list(row)
@@ -265,6 +270,8 @@ def test_llm_runner_kv_positions_and_padding_equal_full_recompute(tiny_pipe):
         for step, (h, e) in enumerate(zip(hidden, expected)):
             np.testing.assert_allclose(h[b], e, atol=1e-5, err_msg=f"row {b} step {step}")
     assert state.length == 9 + 1 + 3 + 1 and state.next_pos.tolist() == [14, 9]
+    assert state.kv.nbytes == (1 if layout == "shared" else 2) * 2 * runner.num_layers * 2 * runner.kv_heads \
+        * state.kv.capacity * runner.head_dim * 4
 
 
 def test_stream_text_stops_at_eos_unless_told_to_ignore_it(tiny_engine):

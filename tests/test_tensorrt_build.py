@@ -106,7 +106,7 @@ def fake_tensorrt(version="10.3.0", reject=None):
 
 @pytest.fixture()
 def engine_dir(engine_copy):
-    return engine_copy("tiny-plus")
+    return engine_copy("tiny-plus", "portable")  # TensorRT plans come from the portable graphs
 
 
 def test_profiles_cover_the_anchors(tiny_engine):
@@ -145,6 +145,17 @@ def test_build_lists_plans_and_reuses_the_timing_cache(engine_dir):
     build_engines(engine_dir, BuildOptions(components=("head_text",)), trt=fake_tensorrt()[0], sm="87",
                   progress=lambda s: None)
     assert (engine_dir / "tensorrt.timing_cache").read_bytes().startswith(b"+" * len(manifest.plans))
+
+
+def test_fused_llm_graph_is_left_to_onnxruntime(engine_copy):
+    """The default export's llm graph uses contrib ops: plans are built for every other component, and
+    asking for the llm by name is refused with the fix."""
+    engine_dir = engine_copy("tiny-plus", "fused")
+    manifest = build_engines(engine_dir, BuildOptions(), trt=fake_tensorrt()[0], sm="87", progress=lambda s: None)
+    assert {p.component for p in manifest.plans.values()} == set(manifest.components) - {"llm"}
+    with pytest.raises(EngineError, match=r"\['llm'\] use onnxruntime contrib ops.*--llm-graph portable"):
+        build_engines(engine_dir, BuildOptions(components=("llm",)), trt=fake_tensorrt()[0], sm="87",
+                      progress=lambda s: None)
 
 
 def test_stale_or_unlisted_plans_are_refused(engine_dir):

@@ -19,6 +19,8 @@ from .modules import IllumeModules
 from .onnx_io import OPSET, GraphInfo
 
 Progress = Callable[[str], None]
+# The `llm` graph an export writes unless told (LLMStep: "fused" for onnxruntime, "portable" for TensorRT).
+DEFAULT_LLM_GRAPH = "fused"
 
 
 def _version(pkg: str) -> str:
@@ -41,11 +43,12 @@ def _component(out_dir: Path, info: GraphInfo, precision: str) -> Component:
     return Component(kind="onnx", files=tuple(file_entry(out_dir, f) for f in info.files),
                      inputs=specs(info.inputs), outputs=specs(info.outputs),
                      dynamic_ranges={k: list(v) for k, v in info.dynamic_ranges.items()},
-                     precision=precision, opset=info.opset, ops=tuple(info.ops))
+                     precision=precision, opset=info.opset, ops=tuple(info.ops), portable=info.portable)
 
 
-def export_graphs(mods: IllumeModules, out_dir: Path, progress: Progress = print) -> dict[str, GraphInfo]:
-    """Every component's ONNX graph, named as design.md's contracts."""
+def export_graphs(mods: IllumeModules, out_dir: Path, progress: Progress = print,
+                  llm_graph: str = DEFAULT_LLM_GRAPH) -> dict[str, GraphInfo]:
+    """Every component's ONNX graph, named as design.md's contracts. `llm_graph`: see LLMStep."""
     from .export_diffusion import export_unet, export_vae_decoder
     from .export_llm import export_heads, export_llm
     from .export_vision import export_vision_pixel, export_vision_semantic, export_vq_decoder
@@ -58,7 +61,7 @@ def export_graphs(mods: IllumeModules, out_dir: Path, progress: Progress = print
         graphs[f"vision_{b.name}"] = fn(mods.encoders[b.name], mods.projectors[b.name], b,
                                         out_dir / f"vision_{b.name}.onnx")
     progress("export llm")
-    graphs["llm"] = export_llm(mods.llm, cfg, out_dir / "llm.onnx")
+    graphs["llm"] = export_llm(mods.llm, cfg, out_dir / "llm.onnx", graph=llm_graph)
     progress("export heads")
     graphs.update({f"head_{k}": v for k, v in export_heads(mods.llm, cfg, out_dir).items()})
     if mods.vq_decoder is not None:
@@ -108,16 +111,18 @@ def _precision_of(path: Path) -> str:
 
 
 def export_engine(mods: IllumeModules, out_dir: str | Path, tokenizer_json: str | Path, *,
-                  precision: str = "fp32", source: dict | None = None, progress: Progress = print) -> Manifest:
+                  precision: str = "fp32", source: dict | None = None, progress: Progress = print,
+                  llm_graph: str = DEFAULT_LLM_GRAPH) -> Manifest:
     set_precision(mods, precision)
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     cfg = mods.cfg
-    graphs = export_graphs(mods, out_dir, progress)
-    for name, info in graphs.items():  # the same ONNX must become a TensorRT plan on a GPU target
-        check_graph_ops(name, info.ops)
+    graphs = export_graphs(mods, out_dir, progress, llm_graph)
+    for name, info in graphs.items():  # a portable ONNX must become a TensorRT plan on a GPU target
+        if info.portable:
+            check_graph_ops(name, info.ops)
     components = {name: _component(out_dir, info, _precision_of(info.path)) for name, info in graphs.items()}
 
     assets: dict[str, FileEntry] = {}

@@ -27,6 +27,7 @@ from torch import nn
 from torch.export import Dim
 
 from illume_edge.config import ConfigError, ModelConfig
+from illume_edge.manifest import KV_CAPACITY_DIM
 from illume_edge.export.llm import LLMStep
 from illume_edge.export.onnx_io import GraphInfo, export_onnx
 
@@ -53,12 +54,18 @@ def head_graph_name(name: str) -> str:
     return f"head_{name}"
 
 
-def export_llm(model: nn.Module, cfg: ModelConfig, path: str | os.PathLike) -> GraphInfo:
-    """Export the one-graph LLM step (see the module docstring for the I/O contract) to `path`."""
+def export_llm(model: nn.Module, cfg: ModelConfig, path: str | os.PathLike, graph: str = "portable") -> GraphInfo:
+    """Export the one-graph LLM step (see the module docstring for the I/O contract) to `path`.
+
+    graph "portable": standard ops, concat KV layout. graph "fused": onnxruntime contrib ops, shared KV
+    layout (past_key_values.* and present.* are [batch, kv_heads, kv_capacity, head_dim], one buffer).
+    """
     llm = cfg.llm
-    step = LLMStep(model, cfg)
+    step = LLMStep(model, cfg, graph)
     b, s, p, n = _SAMPLE_BATCH, _SAMPLE_SEQ, _SAMPLE_PAST, _SAMPLE_IMAGE_ROWS
-    kv_shape = (b, llm.num_kv_heads, p, llm.head_size)
+    fused = graph == "fused"
+    kv_len = p + s + 2 if fused else p  # shared layout: a buffer with room to spare
+    kv_shape = (b, llm.num_kv_heads, kv_len, llm.head_size)
     past = tuple((torch.zeros(kv_shape), torch.zeros(kv_shape)) for _ in range(llm.num_layers))
     ids = torch.tensor([[1, llm.vocab_rows, 2], [3, 4, llm.vocab_rows + 1]], dtype=torch.int64)[:b, :s]
     args = (ids, torch.zeros(n, llm.hidden_size), torch.ones(b, p + s, dtype=torch.int64),
@@ -70,7 +77,7 @@ def export_llm(model: nn.Module, cfg: ModelConfig, path: str | os.PathLike) -> G
     past_len = Dim("past", min=0, max=ctx)
     total = Dim("total", min=1, max=ctx)
     image_rows = Dim("image_rows", min=0, max=ctx)
-    kv = {0: batch, 2: past_len}
+    kv = {0: batch, 2: Dim(KV_CAPACITY_DIM, min=1, max=ctx) if fused else past_len}
     dynamic_shapes = (
         {0: batch, 1: seq},
         {0: image_rows},
@@ -78,8 +85,11 @@ def export_llm(model: nn.Module, cfg: ModelConfig, path: str | os.PathLike) -> G
         {0: batch, 1: seq},
         tuple((kv, kv) for _ in range(llm.num_layers)),
     )
+    translations = None
+    if fused:
+        from .fused_ops import TRANSLATIONS as translations
     return export_onnx(step, args, path, input_names=llm_input_names(cfg), output_names=llm_output_names(cfg),
-                       dynamic_shapes=dynamic_shapes)
+                       dynamic_shapes=dynamic_shapes, translations=translations)
 
 
 class HeadSlice(nn.Module):

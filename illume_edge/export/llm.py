@@ -245,17 +245,20 @@ def cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]
 # ----------------------------------------------------------------------------------------------------
 # The exported step
 # ----------------------------------------------------------------------------------------------------
-def causal_padding_bias(attention_mask: torch.Tensor, new_len: int | torch.SymInt) -> torch.Tensor:
+def causal_padding_bias(attention_mask: torch.Tensor, new_len: int | torch.SymInt,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[B, T] 1/0 mask over past + new keys -> additive bias [B, 1, S, T] for the S newest queries.
 
     Query i sits at cache slot T - S + i and may see key slot j iff j <= T - S + i and mask[b, j] == 1.
+    Disallowed keys get `dtype`'s most negative finite value (MASK_VALUE for float32).
     """
     total = attention_mask.shape[1]
     key_slot = torch.arange(total, device=attention_mask.device)  # [T]
     query_slot = torch.arange(new_len, device=attention_mask.device) + (total - new_len)  # [S]
     causal = key_slot.unsqueeze(0) <= query_slot.unsqueeze(1)  # [S, T]
     allowed = causal.unsqueeze(0) & (attention_mask != 0).unsqueeze(1)  # [B, S, T]
-    bias = torch.where(allowed, torch.zeros((), dtype=torch.float32), torch.full((), MASK_VALUE))
+    masked = torch.full((), torch.finfo(dtype).min, dtype=dtype)
+    bias = torch.where(allowed, torch.zeros((), dtype=dtype), masked)
     return bias.unsqueeze(1)  # [B, 1, S, T]
 
 
@@ -293,17 +296,29 @@ class FusedLinear(nn.Module):
         return torch.split(nn.functional.linear(x, self.weight, self.bias), self.sizes, dim=-1)
 
 
+LLM_GRAPHS = ("portable", "fused")
+
+
 class LLMStep(nn.Module):
     """One LLM forward on explicit tensors: the body of the `llm` ONNX graph.
 
-    forward(input_ids [B,S] int64, image_embeds [N,H] f32, attention_mask [B,P+S] int64,
-            position_ids [B,S] int64, past ((key, value) per layer, each [B,kvh,P,d]))
-      -> (last_hidden [B,H], key_0, value_0, key_1, ...), keys/values [B,kvh,P+S,d] (post-RoPE, like
-         transformers' cache).
+    forward(input_ids [B,S] int64, image_embeds [N,H] f32, attention_mask [B,T] int64 (T = P+S),
+            position_ids [B,S] int64, past ((key, value) per layer))
+      -> (last_hidden [B,H], key_0, value_0, key_1, ...), keys/values post-RoPE like transformers' cache.
+
+    graph "portable" (standard ONNX ops): past [B,kvh,P,d] -> present [B,kvh,P+S,d] (the "concat" KV layout).
+    graph "fused" (onnxruntime contrib ops, export/fused_ops.py): past and present are one buffer of
+    capacity C >= T, [B,kvh,C,d]; the step writes slots [P, T) (the "shared" KV layout).
     """
 
-    def __init__(self, model: Qwen2ForCausalLM | LlamaForCausalLM, cfg: ModelConfig):
+    def __init__(self, model: Qwen2ForCausalLM | LlamaForCausalLM, cfg: ModelConfig, graph: str = "portable"):
         super().__init__()
+        if graph not in LLM_GRAPHS:
+            raise ConfigError(f"LLMStep: graph expected one of {LLM_GRAPHS}, got {graph!r}")
+        if graph == "fused" and cfg.llm.head_size % 16:
+            raise ConfigError(f"{cfg.name}: the fused llm graph needs head_dim % 16 == 0 (onnxruntime's "
+                              f"GroupQueryAttention), got {cfg.llm.head_size}; export with --llm-graph portable")
+        self.graph = graph
         self.model = model.eval()
         self.vocab_rows = cfg.llm.vocab_rows
         self.num_heads = cfg.llm.num_heads
@@ -320,6 +335,10 @@ class LLMStep(nn.Module):
         self.qkv = nn.ModuleList(FusedLinear(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj)
                                  for l in layers)
         self.gate_up = nn.ModuleList(FusedLinear(l.mlp.gate_proj, l.mlp.up_proj) for l in layers)
+        if graph == "fused":  # RoPE tables for every position, [max_positions, d/2], as RotaryEmbedding takes
+            freqs = torch.arange(cfg.llm.max_position_embeddings).float().unsqueeze(1) * self.inv_freq
+            self.register_buffer("cos_cache", freqs.cos() * self.rope_scaling)
+            self.register_buffer("sin_cache", freqs.sin() * self.rope_scaling)
 
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, S] positions -> cos, sin [B, 1, S, d] (broadcast over heads)."""
@@ -353,6 +372,8 @@ class LLMStep(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, image_embeds: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor, past: tuple[tuple[torch.Tensor, torch.Tensor], ...]):
+        if self.graph == "fused":
+            return self.forward_fused(input_ids, image_embeds, attention_mask, position_ids, past)
         inner = self.model.model
         x = splice_rows(inner.embed_tokens.weight, input_ids, image_embeds, self.vocab_rows)  # [B, S, H]
         bias = causal_padding_bias(attention_mask, input_ids.shape[1])  # [B, 1, S, T]
@@ -365,4 +386,35 @@ class LLMStep(nn.Module):
             x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
             presents += [key, value]
         last = inner.norm(x[:, -1])  # [B, H]
+        return (last, *presents)
+
+    def forward_fused(self, input_ids: torch.Tensor, image_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                      position_ids: torch.Tensor, past: tuple[tuple[torch.Tensor, torch.Tensor], ...]):
+        """The same step through the contrib-op custom ops (export/fused_ops.py), shared KV layout."""
+        from .fused_ops import gqa, gqa_lengths, rms_norm, rotary, skip_rms_norm
+
+        inner = self.model.model
+        x = splice_rows(inner.embed_tokens.weight, input_ids, image_embeds, self.vocab_rows)  # [B, S, H]
+        bias = causal_padding_bias(attention_mask, input_ids.shape[1], x.dtype)  # [B, 1, S, T]
+        cos, sin = self.cos_cache.to(x.dtype), self.sin_cache.to(x.dtype)
+        seqlens, total = gqa_lengths(attention_mask)
+        eps = float(inner.norm.variance_epsilon)
+        presents: list[torch.Tensor] = []
+        residual, branch = x, None  # the residual stream, and the last sublayer's output not yet added to it
+        for i, (layer, (past_key, past_value)) in enumerate(zip(inner.layers, past)):
+            if branch is None:
+                h = rms_norm(residual, layer.input_layernorm.weight, eps)
+            else:
+                h, residual = skip_rms_norm(branch, residual, layer.input_layernorm.weight, eps)
+            q, k, v = self.qkv[i](h)  # one MatMul for the three projections; each [B, S, heads*d]
+            q = rotary(q, position_ids, cos, sin, self.num_heads)
+            k = rotary(k, position_ids, cos, sin, self.num_kv_heads)
+            ctx, key, value = gqa(q, k, v, past_key, past_value, seqlens, total, bias, self.num_heads,
+                                  self.num_kv_heads, self.scale)
+            h, residual = skip_rms_norm(layer.self_attn.o_proj(ctx), residual,
+                                        layer.post_attention_layernorm.weight, eps)
+            gate, up = self.gate_up[i](h)  # one MatMul for gate and up
+            branch = layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+            presents += [key, value]
+        last, _ = skip_rms_norm(branch[:, -1], residual[:, -1], inner.norm.weight, eps)  # [B, H]
         return (last, *presents)

@@ -48,6 +48,7 @@ class GraphInfo:
     opset: int
     ops: list[str] = field(default_factory=list)  # sorted distinct op types
     dynamic_ranges: dict[str, list[int | None]] = field(default_factory=dict)  # name -> [min, max|None]
+    portable: bool = True  # default ONNX domain only; False when exported with contrib-op translations
 
 
 def _bound(v: Any) -> int | None:
@@ -157,12 +158,14 @@ def _has_half_weights(module: torch.nn.Module) -> bool:
 
 def export_onnx(module: torch.nn.Module, args: tuple, path: str | os.PathLike, *, input_names: list[str],
                 output_names: list[str], dynamic_shapes: Any = None, kwargs: dict | None = None,
-                external_data: bool | None = None) -> GraphInfo:
+                external_data: bool | None = None, translations: dict | None = None) -> GraphInfo:
     """Export `module(*args)` to `path` with torch.onnx.export(dynamo=True), opset 18, then verify it.
 
     `dynamic_shapes` follows torch.export (a tuple/dict mirroring args, with torch.export.Dim values).
     Weights go to `<path>.data` when the model is large (or when `external_data` is True). A module with
     fp16 weights is exported with fp16 compute behind fp32 inputs and outputs (see `_HalfCompute`).
+    `translations` maps torch custom ops to onnxscript functions that emit onnxruntime contrib ops (the
+    fused LLM graph); without it the graph must be portable (default ONNX domain only).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +180,7 @@ def export_onnx(module: torch.nn.Module, args: tuple, path: str | os.PathLike, *
         program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, opset_version=OPSET,
                                     input_names=input_names, output_names=output_names,
                                     dynamic_shapes=dynamic_shapes, external_data=False, optimize=True,
-                                    verbose=False, report=False)
+                                    verbose=False, report=False, custom_translation_table=translations)
     if program is None:
         raise ExportError(f"{path.name}: torch.onnx.export returned no program")
     graph = program.model.graph
@@ -194,9 +197,11 @@ def export_onnx(module: torch.nn.Module, args: tuple, path: str | os.PathLike, *
     program.save(str(path), external_data=use_external)
     del program
     model = onnx.load(str(path), load_external_data=False)  # graph only
-    check_portable(model, path.name)
+    if not translations:
+        check_portable(model, path.name)
     onnx.checker.check_model(str(path))  # by path: handles external data of any size
     files = [path] + ([data_path] if data_path.exists() else [])
     return GraphInfo(path=path, files=files, inputs=_tensor_infos(model.graph.input),
                      outputs=_tensor_infos(model.graph.output), opset=OPSET,
-                     ops=sorted({op for _, op in graph_ops(model)}), dynamic_ranges=dim_ranges(dynamic_shapes))
+                     ops=sorted({op for _, op in graph_ops(model)}), dynamic_ranges=dim_ranges(dynamic_shapes),
+                     portable=not translations)

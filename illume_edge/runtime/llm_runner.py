@@ -1,9 +1,14 @@
 """Drive the `llm` graph: left-padded prefill, decode steps, preallocated KV cache, head graphs.
 
-The KV cache is two preallocated buffers used ping-pong: a step reads `past` from one and ORT writes
-`present` (past + new) into the other through IO binding, so no step allocates or copies the cache on the
-host. Each layer's K and V occupy a fixed region of a buffer; the view for length L is the region's first
-B*kv*L*hd floats reshaped to [B, kv, L, hd] (contiguous, as the graph needs).
+The KV cache is preallocated per request and bound through IO binding, so no step allocates it on the
+host. Its layout follows the graph (`kv_layout`):
+- "concat" (the portable graph): two buffers used ping-pong; a step reads `past` from one and ORT writes
+  `present` (past + new) into the other. Each layer's K and V occupy a fixed region of a buffer; the view
+  for length L is the region's first B*kv*L*hd floats reshaped to [B, kv, L, hd] (contiguous).
+- "shared" (the fused graph): one buffer; each layer's K and V are [B, kv, capacity, hd] views bound as
+  both `past` and `present`, and the step writes only its new slots (GroupQueryAttention's shared-buffer
+  mode). onnxruntime's kernel refuses batch > 1 with several new tokens on a non-empty cache, so such
+  runs (forced tokens in a CFG batch) are fed a token at a time.
 """
 from __future__ import annotations
 
@@ -12,19 +17,28 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import ModelConfig
-from ..manifest import EngineError
+from ..manifest import KV_CAPACITY_DIM, Component, EngineError
 from .engine import Engine
 
 
-class KVBuffers:
-    """Two flat float32 buffers holding K and V of every layer for up to `capacity` positions."""
+def kv_layout(component: Component) -> str:
+    """"shared" if the graph's past K/V axis is the cache capacity (fused graph), else "concat"."""
+    past = next((t for t in component.inputs if t.name == "past_key_values.0.key"), None)
+    return "shared" if past is not None and past.shape[2] == KV_CAPACITY_DIM else "concat"
 
-    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int):
+
+class KVBuffers:
+    """Flat float32 buffers (two for "concat", one for "shared") holding K and V of every layer for up
+    to `capacity` positions."""
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
+                 buffers: int = 2):
         self.shape = (batch, kv_heads, head_dim)
         self.capacity = capacity
         self.region = batch * kv_heads * capacity * head_dim  # floats per (layer, K|V) region
         self.count = 2 * num_layers
-        self._buf = [np.empty(self.count * self.region, np.float32) for _ in range(2)]
+        # zeros, not empty: slots past the valid length are never read, but stay finite if a kernel touches them
+        self._buf = [np.zeros(self.count * self.region, np.float32) for _ in range(buffers)]
         self.current = 0  # the buffer holding the valid past
 
     def views(self, which: int, length: int) -> list[np.ndarray]:
@@ -36,7 +50,7 @@ class KVBuffers:
 
     @property
     def nbytes(self) -> int:
-        return 2 * self._buf[0].nbytes
+        return sum(b.nbytes for b in self._buf)
 
 
 @dataclass
@@ -59,6 +73,8 @@ class LLMRunner:
         self.engine = engine
         self.cfg: ModelConfig = engine.config
         self.session = engine.session("llm")
+        self.kv_layout = kv_layout(self.session.component)
+        self.runs = 0  # llm graph runs so far (benchmarks count them)
         llm = self.cfg.llm
         self.num_layers, self.hidden = llm.num_layers, llm.hidden_size
         self.kv_heads, self.head_dim = llm.num_kv_heads, llm.head_size
@@ -92,7 +108,8 @@ class LLMRunner:
             mask[b, width - len(r):width] = 1
         self._check_ids(ids, table.shape[0])
         positions = np.maximum(np.cumsum(mask[:, :width], axis=1) - 1, 0)  # padded slots get position 0
-        kv = KVBuffers(self.num_layers, batch, self.kv_heads, self.head_dim, capacity)
+        kv = KVBuffers(self.num_layers, batch, self.kv_heads, self.head_dim, capacity,
+                       buffers=1 if self.kv_layout == "shared" else 2)
         state = DecodeState(kv=kv, mask=mask, next_pos=mask[:, :width].sum(axis=1), fed=[[] for _ in rows])
         self._run(state, ids, positions, table)
         return state
@@ -109,6 +126,14 @@ class LLMRunner:
         if state.length + s > state.kv.capacity:
             raise EngineError(f"llm: KV cache full ({state.kv.capacity} positions); raise max_new_tokens")
         self._check_ids(tokens, 0)
+        if self.kv_layout == "shared" and s > 1 and state.batch > 1 and state.length > 0:
+            for j in range(s):  # the fused kernel's limit (module docstring)
+                hidden = self._append(state, tokens[:, j:j + 1])
+            return hidden
+        return self._append(state, tokens)
+
+    def _append(self, state: DecodeState, tokens: np.ndarray) -> np.ndarray:
+        s = tokens.shape[1]
         state.mask[:, state.length:state.length + s] = 1
         positions = state.next_pos[:, None] + np.arange(s)[None, :]  # [B, S]
         for row, toks in zip(state.fed, tokens.tolist()):
@@ -118,13 +143,19 @@ class LLMRunner:
 
     def _run(self, state: DecodeState, ids: np.ndarray, positions: np.ndarray, table: np.ndarray) -> np.ndarray:
         p, s = state.length, ids.shape[1]
-        src, dst = state.kv.current, 1 - state.kv.current
         feeds = {"input_ids": ids, "image_embeds": table, "attention_mask": state.mask[:, :p + s],
                  "position_ids": positions.astype(np.int64)}
-        feeds.update(zip(self._past_names, state.kv.views(src, p)))
+        if self.kv_layout == "shared":  # one buffer, bound as past and present alike
+            past = present = state.kv.views(0, state.kv.capacity)
+            dst = 0
+        else:  # ping-pong: read past (P slots), write past + new (P + S) into the other buffer
+            dst = 1 - state.kv.current
+            past, present = state.kv.views(state.kv.current, p), state.kv.views(dst, p + s)
+        feeds.update(zip(self._past_names, past))
         hidden = np.empty((state.batch, self.hidden), np.float32)
-        out = {"last_hidden": hidden, **dict(zip(self._present_names, state.kv.views(dst, p + s)))}
+        out = {"last_hidden": hidden, **dict(zip(self._present_names, present))}
         self.session.run(feeds, out=out)
+        self.runs += 1
         state.kv.current = dst
         state.length = p + s
         state.hidden = hidden

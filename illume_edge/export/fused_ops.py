@@ -1,0 +1,206 @@
+"""Torch custom ops that export as onnxruntime's fused contrib ops (the `fused` LLM graph).
+
+The portable `llm` graph spells RMSNorm, RoPE and attention in standard ONNX ops: about 60 nodes per layer,
+whose elementwise chains and per-node dispatch cost as much as the int4 GEMVs themselves on a 2-core CPU
+(docs/performance.md). The fused graph expresses the same step with onnxruntime's com.microsoft kernels
+(the ones its GenAI model builder emits), about 12 nodes per layer:
+
+  rms_norm       -> SimplifiedLayerNormalization             (default domain, registered by onnxruntime)
+  skip_rms_norm  -> com.microsoft.SkipSimplifiedLayerNormalization   residual add + RMSNorm in one kernel
+  rotary         -> com.microsoft.RotaryEmbedding             RoPE with explicit position ids
+  gqa            -> com.microsoft.GroupQueryAttention          attention over a KV cache it updates in place
+
+Each op has an eager implementation with the portable graph's arithmetic, so `LLMStep(..., graph="fused")`
+runs in torch and its parity with the transformers reference is tested like the portable step.
+
+GroupQueryAttention's cache contract ("shared" KV layout): past_key / present_key are the *same* buffer of
+`capacity` positions, [B, kv_heads, capacity, head_dim]; the step writes its S new keys at slots
+[T - S, T) (T = attention_mask's length) and attends over slots [0, T). onnxruntime takes the shared path
+when the two bound buffers have the same address (the runtime binds them so); `gqa` below computes
+present = past with those slots replaced. Rotary runs as its own op: GroupQueryAttention's internal rotary
+ignores position_ids on the first prompt (measured with onnxruntime 1.32), and left-padded rows need them.
+Limits of onnxruntime's CPU kernel, checked at export or in the runtime: head_dim a multiple of 16; a call
+with batch > 1 and S > 1 on a non-empty cache is refused (the runtime feeds such runs a token at a time).
+
+Not TensorRT-parsable: engines with this graph are `portable: false` in their manifest.
+"""
+from __future__ import annotations
+
+import onnxscript  # noqa: F401  imported before the schemas below are registered (see _register_schemas)
+import torch
+from onnx import defs
+from onnxscript import opset18 as op
+
+MSFT = "com.microsoft"
+
+
+def _register_schemas() -> None:
+    """Make the contrib ops known to onnx (the exporter builds nodes through their schemas).
+
+    onnxruntime registers them in its own runtime, not in the `onnx` package the exporter consults. Must
+    run after `onnx.reference` is imported (onnxscript imports it): that module indexes every schema by
+    name once and refuses two domains defining the same name (RotaryEmbedding exists in ONNX opset 23).
+    """
+    FP = defs.OpSchema.FormalParameter
+    single, optional = defs.OpSchema.FormalParameterOption.Single, defs.OpSchema.FormalParameterOption.Optional
+    floats = ("T", ["tensor(float)", "tensor(float16)"], "float tensors")
+    stats = ("U", ["tensor(float)"], "float32 statistics (mean, inverse std)")
+    ints = ("M", ["tensor(int64)", "tensor(int32)"], "integer tensors")
+    INT, FLOAT = defs.OpSchema.AttrType.INT, defs.OpSchema.AttrType.FLOAT
+
+    def param(spec: str) -> FP:
+        name, typ = spec.rstrip("?").split(":")
+        return FP(name, typ, param_option=optional if spec.endswith("?") else single)
+
+    table = {
+        ("SimplifiedLayerNormalization", ""): (["X:T", "scale:T"], ["Y:T"], [("epsilon", FLOAT)]),
+        ("SkipSimplifiedLayerNormalization", MSFT): (
+            ["input:T", "skip:T", "gamma:T"], ["output:T", "mean:U?", "inv_std_var:U?", "input_skip_bias_sum:T?"],
+            [("epsilon", FLOAT)]),
+        ("RotaryEmbedding", MSFT): (["input:T", "position_ids:M", "cos_cache:T", "sin_cache:T"], ["output:T"],
+                                    [("num_heads", INT), ("interleaved", INT)]),
+        ("GroupQueryAttention", MSFT): (
+            ["query:T", "key:T?", "value:T?", "past_key:T?", "past_value:T?", "seqlens_k:M",
+             "total_sequence_length:M", "cos_cache:T?", "sin_cache:T?", "position_ids:M?", "attention_bias:T?"],
+            ["output:T", "present_key:T", "present_value:T"],
+            [("num_heads", INT), ("kv_num_heads", INT), ("scale", FLOAT)]),
+    }
+    for (name, domain), (inputs, outputs, attrs) in table.items():
+        if defs.has(name, domain):
+            continue
+        defs.register_schema(defs.OpSchema(
+            name, domain, 1, inputs=[param(s) for s in inputs], outputs=[param(s) for s in outputs],
+            type_constraints=[floats, ints] + ([stats] if any(":U" in s for s in outputs) else []), attributes=[defs.OpSchema.Attribute(a, t, "") for a, t in attrs]))
+
+
+_register_schemas()
+_msft = onnxscript.values.Opset(MSFT, 1)
+_ort = onnxscript.values.Opset("", 1)  # onnxruntime's default-domain additions (SimplifiedLayerNormalization)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Eager implementations (the arithmetic of the portable graph)
+# ----------------------------------------------------------------------------------------------------
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Qwen2/LLaMA RMSNorm: fp32 statistics, result in the input dtype times the weight."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+@torch.library.custom_op("illume_edge::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _rms(x, weight, eps)
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("illume_edge::skip_rms_norm", mutates_args=())
+def skip_rms_norm(x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + skip), x + skip): a residual add and the next norm."""
+    total = x + skip
+    return _rms(total, weight, eps), total.clone()
+
+
+@skip_rms_norm.register_fake
+def _(x, skip, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@torch.library.custom_op("illume_edge::rotary", mutates_args=())
+def rotary(x: torch.Tensor, position_ids: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+           num_heads: int) -> torch.Tensor:
+    """Half-rotation RoPE on x [B, S, n*d] at position_ids [B, S]; caches [max_positions, d/2]."""
+    b, s, width = x.shape
+    d = width // num_heads
+    heads = x.view(b, s, num_heads, d)
+    cos = cos_cache[position_ids].unsqueeze(2)  # [B, S, 1, d/2]
+    sin = sin_cache[position_ids].unsqueeze(2)
+    first, second = heads[..., : d // 2], heads[..., d // 2:]
+    out = torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)  # [B, S, n, d]
+    return out.reshape(b, s, width)
+
+
+@rotary.register_fake
+def _(x, position_ids, cos_cache, sin_cache, num_heads):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("illume_edge::gqa", mutates_args=())
+def gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
+        seqlens_k: torch.Tensor, total: torch.Tensor, bias: torch.Tensor, num_heads: int, kv_heads: int,
+        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grouped-query attention over a shared-buffer cache (see the module docstring).
+
+    q [B, S, h*d], k / v [B, S, kvh*d] (post-RoPE), past_key / past_value [B, kvh, C, d] (slots [0, T - S)
+    valid), seqlens_k int32 [B] = T - 1 and total int32 [] = T (the kernel's bookkeeping; see
+    `gqa_lengths`), bias [B, 1, S, T] additive (causal + padding). Returns (out [B, S, h*d], present_key,
+    present_value [B, kvh, C, d]).
+    """
+    b, s, _ = q.shape
+    total = bias.shape[-1]
+    d = past_key.shape[-1]
+    group = num_heads // kv_heads
+    present_key, present_value = past_key.clone(), past_value.clone()
+    present_key[:, :, total - s:total] = k.view(b, s, kv_heads, d).transpose(1, 2)
+    present_value[:, :, total - s:total] = v.view(b, s, kv_heads, d).transpose(1, 2)
+    key, value = present_key[:, :, :total], present_value[:, :, :total]  # [B, kvh, T, d]
+    qg = q.view(b, s, num_heads, d).transpose(1, 2).reshape(b, kv_heads, group * s, d)  # [B, kvh, g*S, d]
+    scores = torch.matmul(qg, key.transpose(2, 3)) * scale  # [B, kvh, g*S, T]
+    scores = scores.view(b, num_heads, s, total) + bias  # [B, h, S, T]
+    probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
+    ctx = torch.matmul(probs.view(b, kv_heads, group * s, total), value)  # [B, kvh, g*S, d]
+    out = ctx.view(b, num_heads, s, d).transpose(1, 2).reshape(b, s, num_heads * d)  # [B, S, h*d]
+    return out, present_key, present_value
+
+
+@gqa.register_fake
+def _(q, k, v, past_key, past_value, seqlens_k, total, bias, num_heads, kv_heads, scale):
+    return torch.empty_like(q), torch.empty_like(past_key), torch.empty_like(past_value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ONNX translations (onnxscript, traced by torch.onnx's dynamo exporter)
+# ----------------------------------------------------------------------------------------------------
+def _rms_norm_onnx(x, weight, eps: float):
+    return _ort.SimplifiedLayerNormalization(x, weight, epsilon=eps)
+
+
+def _skip_rms_norm_onnx(x, skip, weight, eps: float):
+    out, _, _, total = _msft.SkipSimplifiedLayerNormalization(x, skip, weight, epsilon=eps)
+    return out, total
+
+
+def _rotary_onnx(x, position_ids, cos_cache, sin_cache, num_heads: int):
+    return _msft.RotaryEmbedding(x, position_ids, cos_cache, sin_cache, num_heads=num_heads, interleaved=0)
+
+
+def _gqa_onnx(q, k, v, past_key, past_value, seqlens_k, total, bias, num_heads: int, kv_heads: int,
+              scale: float):
+    out, present_key, present_value = _msft.GroupQueryAttention(
+        q, k, v, past_key, past_value, seqlens_k, total, None, None, None, bias,
+        num_heads=num_heads, kv_num_heads=kv_heads, scale=scale)
+    return out, present_key, present_value
+
+
+def gqa_lengths(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupQueryAttention's seqlens_k (int32 [B], T - 1 per row) and total_sequence_length (int32 [], T)
+    for an attention mask [B, T]: every row spans all T slots (left padding is masked by the bias).
+    Computed once per step and shared by every layer."""
+    seqlens = (torch.ones_like(attention_mask).sum(dim=1) - 1).to(torch.int32)  # [B]
+    return seqlens, seqlens.max() + 1
+
+
+TRANSLATIONS = {
+    torch.ops.illume_edge.rms_norm.default: _rms_norm_onnx,
+    torch.ops.illume_edge.skip_rms_norm.default: _skip_rms_norm_onnx,
+    torch.ops.illume_edge.rotary.default: _rotary_onnx,
+    torch.ops.illume_edge.gqa.default: _gqa_onnx,
+}
+
+# onnxruntime's CPU GroupQueryAttention requires head_dim % 16 == 0.
+GQA_HEAD_MULTIPLE = 16
