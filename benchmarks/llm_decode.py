@@ -1,13 +1,14 @@
 """LLM decode benchmark at a real architecture shape with random weights: our runtime vs its peers.
 
-    python -m benchmarks.llm_decode                  # Qwen2.5-0.5B shape, ~6-9 minutes on 2 cores
+    python -m benchmarks.llm_decode                  # Qwen2.5-0.5B shape, ~4-5 minutes on 2 cores
     python -m benchmarks.llm_decode --shape smoke    # tiny shape, seconds (checks the harness)
 
 One run, one set of weights (a seeded random Qwen2ForCausalLM of the shape):
-- illume-edge: our `llm` graph + `head_text` exported fp32, then `quantize_engine` int8 / int4, run by the
-  runtime's `LLMRunner` (IO-bound ping-pong KV) with greedy argmax over the text head each step; default
-  session threading (a pool per session, no spinning), and for fp32 / int4 again in a fresh process with
-  ILLUME_EDGE_THREAD_POOL=shared (one pool for all sessions).
+- illume-edge: our `llm` graph (`--llm-graph`, default the fused one) + `head_text` exported fp32, then
+  `quantize_engine` int8 / int4, run by the runtime's `LLMRunner` (IO-bound KV cache) with greedy argmax
+  over the text head each step; default session threading (a pool per session, no spinning), and with
+  `--shared-pool fp32 int4` again in a fresh process with ILLUME_EDGE_THREAD_POOL=shared (one pool for all
+  sessions). `--profile` (default int4) runs onnxruntime's profiler over the `llm` graph's decode steps.
 - transformers eager on the same module (DynamicCache, logits_to_keep=1: the full LM head per step).
 - onnxruntime-genai: its model builder on a HF folder saved from the same module (fp32 and int4, block 32,
   accuracy level 4), `Generator` with intra_op_num_threads = cores, greedy.
@@ -541,11 +542,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-size", dest="block_size", type=int, default=32)
     ap.add_argument("--llm-graph", dest="llm_graph", default="fused", choices=["fused", "portable"],
                     help="our llm graph: onnxruntime contrib ops (fused) or standard ops (portable)")
-    ap.add_argument("--shared-pool", dest="shared_pool", nargs="*", default=["fp32", "int4"],
-                    help="precisions also timed with ILLUME_EDGE_THREAD_POOL=shared (none: off)")
+    ap.add_argument("--shared-pool", dest="shared_pool", nargs="*", default=[],
+                    help="precisions also timed with ILLUME_EDGE_THREAD_POOL=shared (default none; e.g. fp32 int4)")
     ap.add_argument("--skip-eager", action="store_true")
     ap.add_argument("--skip-genai", action="store_true")
-    ap.add_argument("--profile", nargs="*", default=["fp32", "int4"], help="precisions to profile (none: off)")
+    ap.add_argument("--profile", nargs="*", default=["int4"], help="precisions to profile (none: off)")
     ap.add_argument("--profile-steps", dest="profile_steps", type=int, default=16)
     ap.add_argument("--workdir", default=None, help="keep build outputs here (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir")

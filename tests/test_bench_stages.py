@@ -23,15 +23,19 @@ def _timing(r: dict) -> None:
     assert r["n"] >= 1 and 0 < r["min"] <= r["ms"] <= r["max"], r
 
 
-@pytest.fixture(scope="module")
-def ours(tiny_engine):
-    """The runtime worker on the tiny-plus engine, in its own interpreter (as `make bench` runs it)."""
-    args = {"engine": str(tiny_engine("tiny-plus")[0]), "protocol": dataclasses.asdict(SMOKE)}
+def _ours_worker(engine_dir: Path, llm_stages_only: bool = False) -> dict:
+    """The runtime worker in its own interpreter (as `make bench` runs it)."""
+    args = {"engine": str(engine_dir), "protocol": dataclasses.asdict(SMOKE), "llm_stages_only": llm_stages_only}
     code = "import sys; from benchmarks.stages import _worker_main; _worker_main('ours', sys.argv[1])"
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_engine):
+    return _ours_worker(tiny_engine("tiny-plus")[0])
 
 
 def test_ours_worker_times_every_stage_without_torch(ours):
@@ -85,6 +89,21 @@ def test_eager_worker_and_the_table(ours, tiny_engine):
     assert "(composed)" not in table.split("understanding")[1].splitlines()[0]  # measured whole
     assert "FAILED ours int4: RuntimeError: boom" in table
     assert "greedy tokens" in result["parity"]["fp32"]
+
+
+def test_quantized_worker_skips_the_graphs_it_shares_with_fp32(ours, tiny_engine):
+    """The int4 worker (llm_stages_only) times the LLM stages and end to end, not the fp32 graphs again;
+    the table marks those cells."""
+    int4 = _ours_worker(tiny_engine("tiny-plus")[0], llm_stages_only=True)
+    assert not set(stages.FP32_GRAPH_STAGES) & set(int4)
+    assert {"decode_b1", "image_loop_b1", "image_loop_b2", "e2e_generate", "e2e_edit"} <= set(int4)
+    result = {"machine": {"cpu": "test", "cores": 1, "read_bandwidth_gbs": 1.0},
+              "versions": {k: "x" for k in ("onnxruntime", "torch", "transformers", "diffusers")},
+              "git_commit": "0" * 12, "protocol": dataclasses.asdict(SMOKE),
+              "shape": {"name": "smoke", "summary": "tiny"}, "ours": {"fp32": ours, "int4": int4}, "failures": {}}
+    table = stages.markdown(result)
+    assert "(fp32 graph)" in table.split("UNet step")[1].splitlines()[0]
+    assert "(fp32 graph)" not in table.split("decode, batch 1")[1].splitlines()[0]
 
 
 def test_roofline_counts_llm_calls_and_level_heads(ours, tiny_engine):
