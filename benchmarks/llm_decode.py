@@ -77,19 +77,21 @@ SHAPES = {"qwen2.5-0.5b": qwen25_05b_shape, "smoke": smoke_shape}
 # ---------------------------------------------------------------------------------------------------------
 # Bytes read per decode step
 # ---------------------------------------------------------------------------------------------------------
+# (op type, input index) of tables a node reads by index, a few rows per token: embeddings, and the fused
+# graph's RoPE cos / sin caches (RotaryEmbedding reads the rows at the position ids).
+INDEXED_INPUTS = {("Gather", 0), ("GatherBlockQuantized", 0), ("RotaryEmbedding", 2), ("RotaryEmbedding", 3)}
+
+
 def streamed_weight_bytes(onnx_path: Path) -> dict:
     """Bytes of the initializers a decode step reads in full: every initializer except tables that are only
-    gathered from (embeddings: one row per token). A table also used by a MatMul (tied head) counts."""
+    read by index (INDEXED_INPUTS). A table also used by a MatMul (tied head) counts."""
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     gathered, other = set(), set()
     for node in model.graph.node:
         for i, name in enumerate(node.input):
-            if node.op_type in ("Gather", "GatherBlockQuantized") and i == 0:
-                gathered.add(name)
-            elif i > 0 or node.op_type not in ("Gather", "GatherBlockQuantized"):
-                other.add(name)
+            (gathered if (node.op_type, i) in INDEXED_INPUTS else other).add(name)
     total = table = 0
     for init in model.graph.initializer:
         size = _initializer_bytes(init)

@@ -159,3 +159,22 @@ def test_cli_bench_outside_a_checkout_says_how(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "illume_edge" / "cli.py"))
     assert cli.main(["bench"]) == 2
     assert "source checkout" in capsys.readouterr().err
+
+
+def test_streamed_bytes_leave_out_tables_read_by_index(tiny_engine):
+    """The roofline counts what a decode step reads in full: not the embedding table (one row per token) nor
+    the fused graph's RoPE cos / sin caches (the rows at the position ids), but every projection."""
+    import onnx
+    from onnx import numpy_helper
+
+    from benchmarks.llm_decode import streamed_weight_bytes
+
+    path = tiny_engine("tiny-plus", "fused")[0] / "llm.onnx"
+    model = onnx.load(str(path))
+    sizes = {t.name: numpy_helper.to_array(t).nbytes for t in model.graph.initializer}
+    rope = {n.input[i] for n in model.graph.node if n.op_type == "RotaryEmbedding" for i in (2, 3)}
+    embed = {n.input[0] for n in model.graph.node if n.op_type == "Gather"} & set(sizes)
+    assert len(rope) == 2 and rope <= set(sizes) and embed
+    got = streamed_weight_bytes(path)
+    assert got["gathered_tables"] == sum(sizes[n] for n in rope | embed)
+    assert got["streamed"] == sum(sizes.values()) - got["gathered_tables"]
