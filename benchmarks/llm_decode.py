@@ -9,11 +9,14 @@ One run, one set of weights (a seeded random Qwen2ForCausalLM of the shape):
   over the text head each step; default session threading (a pool per session, no spinning), and with
   `--shared-pool fp32 int4` again in a fresh process with ILLUME_EDGE_THREAD_POOL=shared (one pool for all
   sessions). `--profile` (default int4) runs onnxruntime's profiler over the `llm` graph's decode steps.
+  With `--llm-graphs fused portable`, fp32 and int4 are also timed on the portable graph (the A/B).
 - transformers eager on the same module (DynamicCache, logits_to_keep=1: the full LM head per step).
 - onnxruntime-genai: its model builder on a HF folder saved from the same module (fp32 and int4, block 32,
   accuracy level 4), `Generator` with intra_op_num_threads = cores, greedy.
 Every peer's per-token number includes its LM head and the greedy pick. Batch 1, a 128-token prompt, then
-64 decode steps; warm-up + repetitions; median and spread. The machine's read bandwidth is measured in the
+64 decode steps; every runtime is loaded first, warmed up, then timed in interleaved rounds (each round runs
+every runtime once, in a rotating order), so that the machine's drift over minutes falls on all of them
+alike; median over rounds and spread. The machine's read bandwidth is measured in the
 same run and each decode time is compared with its weight-read bound (bytes read per token / bandwidth).
 Writes benchmarks/results/<date>-<host>.json and prints a markdown table.
 """
@@ -35,6 +38,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -153,18 +157,21 @@ def summarize(prefill_s: list[float], steps_s: list[list[float]]) -> dict:
     }
 
 
-def time_ours(engine_dir: Path, prompt: list[int], steps: int, warmup: int, reps: int, threads: int) -> dict:
+# A runtime under test is a function running one repetition: (prefill seconds, per-step seconds, tokens).
+Rep = Callable[[], tuple[float, list[float], list[int]]]
+
+
+def ours_rep(engine_dir: Path, prompt: list[int], steps: int, threads: int) -> Rep:
+    """Load our engine (llm + text head sessions) and return its repetition function."""
     from illume_edge.runtime.engine import Engine
     from illume_edge.runtime.llm_runner import LLMRunner
     from illume_edge.runtime.session import SessionOptions
 
     engine = Engine.load(engine_dir, SessionOptions(threads=threads), check_hash=False)
     runner = LLMRunner(engine)
-    t0 = time.perf_counter()
     runner.engine.session("head_text")
-    load_s = time.perf_counter() - t0
-    prefills, decodes, tokens = [], [], []
-    for rep in range(warmup + reps):
+
+    def rep():
         t0 = time.perf_counter()
         state = runner.prefill([prompt], max_new_tokens=steps)
         tok = int(np.argmax(runner.logits("text", state.hidden)[0]))
@@ -176,13 +183,51 @@ def time_ours(engine_dir: Path, prompt: list[int], steps: int, warmup: int, reps
             tok = int(np.argmax(runner.logits("text", hidden)[0]))
             step_s.append(time.perf_counter() - t0)
             out.append(tok)
-        if rep >= warmup:
-            prefills.append(t_prefill)
-            decodes.append(step_s)
-            tokens = out
-    del runner, engine
-    gc.collect()
-    return {**summarize(prefills, decodes), "session_load_s": load_s, "tokens": tokens[:16],
+        return t_prefill, step_s, out
+
+    return rep
+
+
+def time_reps(rep: Rep, warmup: int, reps: int) -> dict:
+    """One runtime alone: warm-up, then `reps` repetitions, summarized."""
+    for _ in range(warmup):
+        rep()
+    runs = [rep() for _ in range(reps)]
+    return {**summarize([r[0] for r in runs], [r[1] for r in runs]), "tokens": runs[-1][2][:16]}
+
+
+def interleaved(reps_by_name: dict[str, Rep], warmup: int, reps: int, log, failures: dict) -> dict[str, dict]:
+    """Every runtime's warm-up, then repetition r of each runtime in turn (the order rotating by one each
+    round), so that a slow drift of the machine (this VM's memory bandwidth moves by 10-20% over minutes)
+    lands on every runtime alike instead of on whichever ran during it. A runtime that fails is reported
+    and leaves the rotation."""
+    names = list(reps_by_name)
+    runs: dict[str, list] = {n: [] for n in names}
+    for name in names:
+        try:
+            for _ in range(warmup):
+                reps_by_name[name]()
+        except Exception as e:  # a failing configuration is reported, not hidden
+            failures[name] = f"{type(e).__name__}: {str(e)[-1500:]}"
+            traceback.print_exc()
+            names.remove(name)
+    for r in range(reps):
+        order = names[r % len(names):] + names[:r % len(names)] if names else []
+        log(f"round {r + 1}/{reps}: {', '.join(order)}")
+        for name in order:
+            try:
+                runs[name].append(reps_by_name[name]())
+            except Exception as e:
+                failures[name] = f"{type(e).__name__}: {str(e)[-1500:]}"
+                traceback.print_exc()
+                names.remove(name)
+    return {n: {**summarize([x[0] for x in rs], [x[1] for x in rs]), "tokens": rs[-1][2][:16]}
+            for n, rs in runs.items() if rs and n not in failures}
+
+
+def time_ours(engine_dir: Path, prompt: list[int], steps: int, warmup: int, reps: int, threads: int) -> dict:
+    """Our engine alone (used in a fresh process for the shared-pool variant)."""
+    return {**time_reps(ours_rep(engine_dir, prompt, steps, threads), warmup, reps),
             "head_included": "text head (151704 rows) + argmax"}
 
 
@@ -201,34 +246,31 @@ def time_ours_shared_pool(engine_dir: Path, prompt: list[int], steps: int, warmu
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def time_eager(model, prompt: list[int], steps: int, warmup: int, reps: int, threads: int) -> dict:
+def eager_rep(model, prompt: list[int], steps: int, threads: int) -> Rep:
+    """transformers eager on the module: DynamicCache, logits_to_keep=1 (the full LM head per step)."""
     import torch
     from transformers import DynamicCache
 
     torch.set_num_threads(threads)
     ids = torch.tensor([prompt], dtype=torch.int64)
-    prefills, decodes, tokens = [], [], []
-    with torch.inference_mode():
-        for rep in range(warmup + reps):
-            cache = DynamicCache(config=model.config)
+
+    @torch.inference_mode()
+    def rep():
+        cache = DynamicCache(config=model.config)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        tok = int(out.logits[0, -1].argmax())
+        t_prefill = time.perf_counter() - t0
+        step_s, got = [], [tok]
+        for _ in range(steps):
             t0 = time.perf_counter()
-            out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=torch.tensor([[tok]]), cache=out.cache, use_cache=True, logits_to_keep=1)
             tok = int(out.logits[0, -1].argmax())
-            t_prefill = time.perf_counter() - t0
-            step_s, got = [], [tok]
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                out = model(input_ids=torch.tensor([[tok]]), cache=out.cache, use_cache=True,
-                            logits_to_keep=1)
-                tok = int(out.logits[0, -1].argmax())
-                step_s.append(time.perf_counter() - t0)
-                got.append(tok)
-            if rep >= warmup:
-                prefills.append(t_prefill)
-                decodes.append(step_s)
-                tokens = got
-    return {**summarize(prefills, decodes), "tokens": tokens[:16],
-            "head_included": "full LM head (151936 rows) + argmax"}
+            step_s.append(time.perf_counter() - t0)
+            got.append(tok)
+        return t_prefill, step_s, got
+
+    return rep
 
 
 def build_genai(hf_dir: Path, out_dir: Path, precision: str, threads: int, cache_dir: Path) -> float:
@@ -252,15 +294,16 @@ def build_genai(hf_dir: Path, out_dir: Path, precision: str, threads: int, cache
     return time.perf_counter() - t0
 
 
-def time_genai(model_dir: Path, prompt: list[int], steps: int, warmup: int, reps: int) -> dict:
+def genai_rep(model_dir: Path, prompt: list[int], steps: int) -> Rep:
+    """onnxruntime-genai's Generator on the builder's model, greedy, a fixed number of steps."""
     import onnxruntime_genai as og
 
     model = og.Model(str(model_dir))
-    prefills, decodes, tokens = [], [], []
-    finished_early = False
-    for rep in range(warmup + reps):
+
+    def rep():
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + steps + 1, do_sample=False, min_length=len(prompt) + steps + 1)
+        params.set_search_options(max_length=len(prompt) + steps + 1, do_sample=False,
+                                  min_length=len(prompt) + steps + 1)
         gen = og.Generator(model, params)
         t0 = time.perf_counter()
         gen.append_tokens(np.array(prompt, np.int32))  # prefill + the first token
@@ -268,20 +311,14 @@ def time_genai(model_dir: Path, prompt: list[int], steps: int, warmup: int, reps
         step_s = []
         for _ in range(steps):
             if gen.is_done():
-                finished_early = True
-                break
+                raise RuntimeError(f"the Generator stopped after {len(step_s)} of {steps} steps")
             t0 = time.perf_counter()
             gen.generate_next_token()
             step_s.append(time.perf_counter() - t0)
-        if rep >= warmup:
-            prefills.append(t_prefill)
-            decodes.append(step_s)
-            tokens = list(gen.get_sequence(0))[len(prompt):len(prompt) + 16]
-        del gen, params
-    del model
-    gc.collect()
-    return {**summarize(prefills, decodes), "tokens": [int(t) for t in tokens], "finished_early": finished_early,
-            "head_included": "full LM head (151936 rows) + greedy search"}
+        tokens = [int(t) for t in list(gen.get_sequence(0))[len(prompt):]]
+        return t_prefill, step_s, tokens
+
+    return rep
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -334,6 +371,14 @@ def profile_ours(engine_dir: Path, prompt: list[int], steps: int, threads: int, 
 # ---------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------
+# Precisions also timed on the non-default llm graph (the A/B of the two graphs).
+COMPARED_PRECISIONS = ("fp32", "int4")
+
+
+def run_name(precision: str, graph: str, default_graph: bool) -> str:
+    return f"illume-edge {precision}" + ("" if default_graph else f" ({graph} graph)")
+
+
 def export_bench_engine(model, cfg, out_dir: Path, llm_graph: str) -> None:
     """llm + head graphs of `model` in an engine folder the runtime loads (no vision/decoder graphs)."""
     from illume_edge.config import FORMAT_VERSION
@@ -384,101 +429,111 @@ def run(args) -> dict:
                   "kv_heads": llm.num_kv_heads, "ffn": llm.intermediate_size, "vocab_rows": llm.vocab_rows,
                   "text_head_rows": cfg.head_ranges()["text"][1], "tied_embeddings": llm.tie_word_embeddings},
         "protocol": {"batch": 1, "prompt_tokens": args.prompt, "decode_steps": args.steps, "warmup": args.warmup,
-                     "reps": args.reps, "greedy": True, "mean_context": context, "llm_graph": args.llm_graph},
+                     "reps": args.reps, "greedy": True, "mean_context": context, "llm_graphs": args.llm_graphs,
+                     "timing": "interleaved rounds"},
         "runs": {}, "failures": {}, "build_s": {},
     }
 
     log(f"building random {cfg.name} ({llm.num_layers} layers, hidden {llm.hidden_size}) and exporting")
-    t0 = time.perf_counter()
     model = build_llm(cfg, seed=0)
-    fp32_dir = work / "engine-fp32"
-    if fp32_dir.exists():
-        shutil.rmtree(fp32_dir)
-    export_bench_engine(model, cfg, fp32_dir, args.llm_graph)
-    result["build_s"]["export_fp32"] = time.perf_counter() - t0
-    hf_dir = work / "hf"
+    engines: dict[str, Path] = {}  # run name -> engine folder
+    for graph in args.llm_graphs:
+        t0 = time.perf_counter()
+        fp32_dir = work / f"engine-{graph}-fp32"
+        if fp32_dir.exists():
+            shutil.rmtree(fp32_dir)
+        export_bench_engine(model, cfg, fp32_dir, graph)
+        result["build_s"][f"export_{graph}_fp32"] = time.perf_counter() - t0
+        first = graph == args.llm_graphs[0]
+        for prec in args.precisions:
+            if not first and prec not in COMPARED_PRECISIONS:
+                continue  # the other graph: fp32 and int4 only, for the A/B
+            d = fp32_dir
+            if prec != "fp32":
+                t0 = time.perf_counter()
+                log(f"quantize {graph} {prec}")
+                d = work / f"engine-{graph}-{prec}"
+                quantize_engine(fp32_dir, d, prec, block_size=args.block_size, progress=lambda s: None)
+                result["build_s"][f"quantize_{graph}_{prec}"] = time.perf_counter() - t0
+            engines[run_name(prec, graph, first)] = d
+    eager_bytes = param_bytes(model)
+    kv = kv_bytes_per_step(cfg, context)
+
+    genai_dirs: dict[str, Path] = {}
     if not args.skip_genai:
+        hf_dir = work / "hf"
         model.save_pretrained(hf_dir, safe_serialization=True)
         save_tokenizer_files(cfg, hf_dir)
-    eager_bytes = param_bytes(model)
-
-    engines = {"fp32": fp32_dir}
-    for prec in args.precisions:
-        if prec == "fp32":
-            continue
-        t0 = time.perf_counter()
-        log(f"quantize {prec}")
-        engines[prec] = work / f"engine-{prec}"
-        quantize_engine(fp32_dir, engines[prec], prec, block_size=args.block_size, progress=lambda s: None)
-        result["build_s"][f"quantize_{prec}"] = time.perf_counter() - t0
-
-    kv = kv_bytes_per_step(cfg, context)
-    for prec, d in engines.items():
-        llm_b = streamed_weight_bytes(d / "llm.onnx")
-        head_b = streamed_weight_bytes(d / "head_text.onnx")
-        weights = llm_b["streamed"] + head_b["streamed"]
-        log(f"ours {prec}: {weights / 1e6:.0f} MB weights per step; timing")
-        try:
-            r = time_ours(d, prompt, args.steps, args.warmup, args.reps, threads)
-            r["weight_bytes_per_token"] = weights
-            r["kv_bytes_per_token"] = kv
-            r["llm_weight_bytes"], r["head_weight_bytes"] = llm_b["streamed"], head_b["streamed"]
-            r["files_bytes"] = sum(p.stat().st_size for p in d.iterdir() if p.name.startswith(("llm", "head_")))
-            result["runs"][f"illume-edge {prec}"] = r
-        except Exception as e:  # a failing configuration is reported, not hidden
-            result["failures"][f"illume-edge {prec}"] = f"{type(e).__name__}: {e}"
-            traceback.print_exc()
-        if prec in args.shared_pool:
-            name = f"illume-edge {prec} (shared pool)"
-            log(f"{name}: timing in a fresh process")
-            try:
-                r = time_ours_shared_pool(d, prompt, args.steps, args.warmup, args.reps, threads)
-                r.update({k: result["runs"][f"illume-edge {prec}"][k] for k in
-                          ("weight_bytes_per_token", "kv_bytes_per_token", "llm_weight_bytes", "head_weight_bytes")})
-                result["runs"][name] = r
-            except Exception as e:
-                result["failures"][name] = f"{type(e).__name__}: {e}"
-                traceback.print_exc()
-
-    if not args.skip_eager:
-        log("transformers eager fp32: timing")
-        try:
-            r = time_eager(model, prompt, args.steps, args.warmup, max(1, args.reps - 1), threads)
-            r["weight_bytes_per_token"], r["kv_bytes_per_token"] = eager_bytes, kv
-            result["runs"]["transformers eager fp32"] = r
-        except Exception as e:
-            result["failures"]["transformers eager fp32"] = f"{type(e).__name__}: {e}"
-            traceback.print_exc()
-    del model
-    gc.collect()
-
-    if not args.skip_genai:
         for prec in ("fp32", "int4"):
-            name = f"onnxruntime-genai {prec}"
-            out = work / f"genai-{prec}"
+            name, out = f"onnxruntime-genai {prec}", work / f"genai-{prec}"
             try:
                 if out.exists():
                     shutil.rmtree(out)
                 log(f"{name}: model builder")
                 result["build_s"][f"genai_{prec}"] = build_genai(hf_dir, out, prec, threads, work / "genai-cache")
-                b = streamed_weight_bytes(out / "model.onnx")
-                log(f"{name}: {b['streamed'] / 1e6:.0f} MB weights per step; timing")
-                r = time_genai(out, prompt, args.steps, args.warmup, args.reps)
-                r["weight_bytes_per_token"], r["kv_bytes_per_token"] = b["streamed"], kv
-                result["runs"][name] = r
-            except Exception as e:
+                genai_dirs[name] = out
+            except Exception as e:  # a failing peer is reported, not hidden
                 result["failures"][name] = f"{type(e).__name__}: {str(e)[-1500:]}"
                 traceback.print_exc()
-            if out.exists() and not args.keep:
-                shutil.rmtree(out, ignore_errors=True)
+
+    # Load every runtime, then time them interleaved (see `interleaved`).
+    reps_by_name: dict[str, Rep] = {}
+    bytes_by_name: dict[str, dict] = {}
+    for name, d in engines.items():
+        llm_b, head_b = streamed_weight_bytes(d / "llm.onnx"), streamed_weight_bytes(d / "head_text.onnx")
+        bytes_by_name[name] = {"weight_bytes_per_token": llm_b["streamed"] + head_b["streamed"],
+                               "llm_weight_bytes": llm_b["streamed"], "head_weight_bytes": head_b["streamed"],
+                               "files_bytes": sum(p.stat().st_size for p in d.iterdir()
+                                                  if p.name.startswith(("llm", "head_"))),
+                               "head_included": "text head (151704 rows) + argmax"}
+        log(f"{name}: {bytes_by_name[name]['weight_bytes_per_token'] / 1e6:.0f} MB weights per step; loading")
+        try:
+            reps_by_name[name] = ours_rep(d, prompt, args.steps, threads)
+        except Exception as e:
+            result["failures"][name] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+    if not args.skip_eager:
+        reps_by_name["transformers eager fp32"] = eager_rep(model, prompt, args.steps, threads)
+        bytes_by_name["transformers eager fp32"] = {"weight_bytes_per_token": eager_bytes,
+                                                   "head_included": "full LM head (151936 rows) + argmax"}
+    for name, out in genai_dirs.items():
+        b = streamed_weight_bytes(out / "model.onnx")
+        bytes_by_name[name] = {"weight_bytes_per_token": b["streamed"],
+                               "head_included": "full LM head (151936 rows) + greedy search"}
+        try:
+            reps_by_name[name] = genai_rep(out, prompt, args.steps)
+        except Exception as e:
+            result["failures"][name] = f"{type(e).__name__}: {str(e)[-1500:]}"
+            traceback.print_exc()
+    log(f"timing {len(reps_by_name)} runtimes interleaved: {args.warmup} warm-up + {args.reps} rounds")
+    for name, r in interleaved(reps_by_name, args.warmup, args.reps, log, result["failures"]).items():
+        result["runs"][name] = {**r, **bytes_by_name[name], "kv_bytes_per_token": kv}
+    del reps_by_name
+    gc.collect()
+
+    for prec in args.shared_pool:
+        base = run_name(prec, args.llm_graphs[0], True)
+        if base not in result["runs"]:
+            continue
+        name = f"{base} (shared pool)"
+        log(f"{name}: timing in a fresh process")
+        try:
+            r = time_ours_shared_pool(engines[base], prompt, args.steps, args.warmup, args.reps, threads)
+            result["runs"][name] = {**r, **bytes_by_name[base], "kv_bytes_per_token": kv}
+        except Exception as e:
+            result["failures"][name] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+    del model
+    gc.collect()
 
     if args.profile:
         result["profiles"] = {}
         for prec in args.profile:
-            if prec in engines:
+            base = run_name(prec, args.llm_graphs[0], True)
+            if base in engines:
                 log(f"profile ours {prec} ({args.profile_steps} decode steps)")
                 try:
-                    result["profiles"][prec] = profile_ours(engines[prec], prompt, args.profile_steps, threads,
+                    result["profiles"][prec] = profile_ours(engines[base], prompt, args.profile_steps, threads,
                                                             work / f"profile-{prec}.json")
                 except Exception as e:
                     result["failures"][f"profile {prec}"] = f"{type(e).__name__}: {e}"
@@ -510,7 +565,7 @@ def markdown(result: dict) -> str:
         f"{result['git_commit'][:12]}.",
         f"Shape {result['shape']['name']}: batch 1, prompt {result['protocol']['prompt_tokens']}, "
         f"{result['protocol']['decode_steps']} decode steps, {result['protocol']['warmup']} warm-up + "
-        f"{result['protocol']['reps']} reps (eager: reps - 1).",
+        f"{result['protocol']['reps']} interleaved rounds (each round times every runtime once).",
         "",
         "| runtime | decode ms/token (median) | min-max | step p10-p90 | prefill ms | MB read/token | bound ms | "
         "achieved GB/s | roofline % | vs eager |",
@@ -542,8 +597,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="default: the cores this process may use")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "int8", "int4"])
     ap.add_argument("--block-size", dest="block_size", type=int, default=32)
-    ap.add_argument("--llm-graph", dest="llm_graph", default="fused", choices=["fused", "portable"],
-                    help="our llm graph: onnxruntime contrib ops (fused) or standard ops (portable)")
+    ap.add_argument("--llm-graphs", dest="llm_graphs", nargs="+", default=["fused"],
+                    choices=["fused", "portable"],
+                    help="our llm graphs: the first gets every precision, the others fp32 and int4 (the A/B)")
     ap.add_argument("--shared-pool", dest="shared_pool", nargs="*", default=[],
                     help="precisions also timed with ILLUME_EDGE_THREAD_POOL=shared (default none; e.g. fp32 int4)")
     ap.add_argument("--skip-eager", action="store_true")
