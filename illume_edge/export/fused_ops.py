@@ -26,7 +26,8 @@ Not TensorRT-parsable: engines with this graph are `portable: false` in their ma
 """
 from __future__ import annotations
 
-import onnxscript  # noqa: F401  imported before the schemas below are registered (see _register_schemas)
+import onnx.reference  # noqa: F401  imported before the schemas below are registered (see _register_schemas)
+import onnxscript
 import torch
 from onnx import defs
 from onnxscript import opset18 as op
