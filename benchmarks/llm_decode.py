@@ -42,9 +42,9 @@ from typing import Callable
 
 import numpy as np
 
-from benchmarks.machine import REPO, cores, cpu_model, git_commit, measure_read_bandwidth, versions
+from benchmarks.machine import REPO, cores, cpu_model, git_commit, measure_read_bandwidth, versions, write_result
+from illume_edge.manifest import DEFAULT_LLM_GRAPH, LLM_GRAPHS
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -54,7 +54,7 @@ def qwen25_05b_shape():
     """Qwen2.5-0.5B's LLM (24 layers, hidden 896, 14/2 heads, FFN 4864, 151936 vocab rows, tied embeddings)
     inside an ILLUME-layout ModelConfig. The two image levels get 116 codes each so that the vocabulary is
     exactly 151936 rows: the text head covers ids [0, 151704), the peers' LM head all 151936 rows (0.15% more)."""
-    from illume_edge.config import LLMConfig, ModelConfig, OutputLevel, TokenIds, tiny_plus
+    from illume_edge.config import LLMConfig, OutputLevel, TokenIds, tiny_plus
 
     tokens = TokenIds(tokenizer_len=None)
     first = tokens.first_code_id(2)
@@ -157,8 +157,18 @@ def summarize(prefill_s: list[float], steps_s: list[list[float]]) -> dict:
     }
 
 
-# A runtime under test is a function running one repetition: (prefill seconds, per-step seconds, tokens).
-Rep = Callable[[], tuple[float, list[float], list[int]]]
+# A runtime under test is a function running one repetition: (prefill seconds, per-step seconds, tokens,
+# {part: seconds over the steps} for the runtimes that can split a step, e.g. ours into llm and head).
+Rep = Callable[[], tuple[float, list[float], list[int], dict[str, float]]]
+
+
+def summarize_reps(runs: list[tuple]) -> dict:
+    """`summarize` of several repetitions, the last one's first tokens, and each part's ms per token
+    (median over repetitions)."""
+    out = {**summarize([r[0] for r in runs], [r[1] for r in runs]), "tokens": runs[-1][2][:16]}
+    for part in runs[-1][3]:
+        out[f"{part}_ms_per_token"] = statistics.median(1e3 * r[3][part] / len(r[1]) for r in runs)
+    return out
 
 
 def ours_rep(engine_dir: Path, prompt: list[int], steps: int, threads: int) -> Rep:
@@ -176,24 +186,18 @@ def ours_rep(engine_dir: Path, prompt: list[int], steps: int, threads: int) -> R
         state = runner.prefill([prompt], max_new_tokens=steps)
         tok = int(np.argmax(runner.logits("text", state.hidden)[0]))
         t_prefill = time.perf_counter() - t0
-        step_s, out = [], [tok]
+        step_s, out, llm_s = [], [tok], 0.0
         for _ in range(steps):
             t0 = time.perf_counter()
             hidden = runner.feed(state, np.array([[tok]], np.int64))
+            t1 = time.perf_counter()
             tok = int(np.argmax(runner.logits("text", hidden)[0]))
             step_s.append(time.perf_counter() - t0)
+            llm_s += t1 - t0
             out.append(tok)
-        return t_prefill, step_s, out
+        return t_prefill, step_s, out, {"llm": llm_s, "head_and_pick": sum(step_s) - llm_s}
 
     return rep
-
-
-def time_reps(rep: Rep, warmup: int, reps: int) -> dict:
-    """One runtime alone: warm-up, then `reps` repetitions, summarized."""
-    for _ in range(warmup):
-        rep()
-    runs = [rep() for _ in range(reps)]
-    return {**summarize([r[0] for r in runs], [r[1] for r in runs]), "tokens": runs[-1][2][:16]}
 
 
 def interleaved(reps_by_name: dict[str, Rep], warmup: int, reps: int, log, failures: dict) -> dict[str, dict]:
@@ -203,7 +207,7 @@ def interleaved(reps_by_name: dict[str, Rep], warmup: int, reps: int, log, failu
     and leaves the rotation."""
     names = list(reps_by_name)
     runs: dict[str, list] = {n: [] for n in names}
-    for name in names:
+    for name in list(names):  # a copy: a failing runtime leaves `names`
         try:
             for _ in range(warmup):
                 reps_by_name[name]()
@@ -221,14 +225,16 @@ def interleaved(reps_by_name: dict[str, Rep], warmup: int, reps: int, log, failu
                 failures[name] = f"{type(e).__name__}: {str(e)[-1500:]}"
                 traceback.print_exc()
                 names.remove(name)
-    return {n: {**summarize([x[0] for x in rs], [x[1] for x in rs]), "tokens": rs[-1][2][:16]}
-            for n, rs in runs.items() if rs and n not in failures}
+    return {n: summarize_reps(rs) for n, rs in runs.items() if rs and n not in failures}
 
 
 def time_ours(engine_dir: Path, prompt: list[int], steps: int, warmup: int, reps: int, threads: int) -> dict:
     """Our engine alone (used in a fresh process for the shared-pool variant)."""
-    return {**time_reps(ours_rep(engine_dir, prompt, steps, threads), warmup, reps),
-            "head_included": "text head (151704 rows) + argmax"}
+    failures: dict[str, str] = {}
+    out = interleaved({"ours": ours_rep(engine_dir, prompt, steps, threads)}, warmup, reps, lambda s: None, failures)
+    if failures:
+        raise RuntimeError(failures["ours"])
+    return out["ours"]
 
 
 def time_ours_shared_pool(engine_dir: Path, prompt: list[int], steps: int, warmup: int, reps: int,
@@ -268,7 +274,7 @@ def eager_rep(model, prompt: list[int], steps: int, threads: int) -> Rep:
             tok = int(out.logits[0, -1].argmax())
             step_s.append(time.perf_counter() - t0)
             got.append(tok)
-        return t_prefill, step_s, got
+        return t_prefill, step_s, got, {}
 
     return rep
 
@@ -316,7 +322,7 @@ def genai_rep(model_dir: Path, prompt: list[int], steps: int) -> Rep:
             gen.generate_next_token()
             step_s.append(time.perf_counter() - t0)
         tokens = [int(t) for t in list(gen.get_sequence(0))[len(prompt):]]
-        return t_prefill, step_s, tokens
+        return t_prefill, step_s, tokens, {}
 
     return rep
 
@@ -364,8 +370,9 @@ def profile_ours(engine_dir: Path, prompt: list[int], steps: int, threads: int, 
     del runner, engine, sess
     gc.collect()
     share = {k: round(100 * v / total, 1) for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])}
-    return {"steps": steps, "model_run_ms_per_step": run_us / 1e3 / steps,
-            "kernel_ms_per_step": total / 1e3 / steps, "op_share_pct": share}
+    return {"steps": steps, "context": len(prompt) + steps // 2, "model_run_ms_per_step": run_us / 1e3 / steps,
+            "kernel_ms_per_step": total / 1e3 / steps, "op_share_pct": share,
+            "op_ms_per_step": {k: round(by_op[k] / 1e3 / steps, 3) for k in share}}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -579,10 +586,17 @@ def markdown(result: dict) -> str:
                      f"{r['roofline_pct']:.0f} | {sp} |")
     for name, why in result["failures"].items():
         lines.append(f"| {name} | FAILED: {why.splitlines()[-1][:160] if why else ''} | | | | | | | | |")
+    split = [f"{name} {r['llm_ms_per_token']:.1f} + {r['head_and_pick_ms_per_token']:.1f}"
+             for name, r in result["runs"].items() if "llm_ms_per_token" in r]
+    if split:
+        lines.append(f"\nOur step split, `llm` graph + head and greedy pick (ms/token): {'; '.join(split)}")
     for prec, p in result.get("profiles", {}).items():
-        top = ", ".join(f"{k} {v}%" for k, v in list(p["op_share_pct"].items())[:8])
-        lines.append(f"\nProfile illume-edge {prec} ({p['steps']} steps): model_run {p['model_run_ms_per_step']:.1f} "
-                     f"ms/step, kernels {p['kernel_ms_per_step']:.1f} ms/step; {top}")
+        ms = p.get("op_ms_per_step", {})
+        top = ", ".join(f"{k} {v}%" + (f" ({ms[k]:.2f} ms)" if k in ms else "")
+                        for k, v in list(p["op_share_pct"].items())[:8])
+        where = f", mean context {p['context']}" if "context" in p else ""
+        lines.append(f"\nProfile illume-edge {prec} ({p['steps']} steps{where}): model_run "
+                     f"{p['model_run_ms_per_step']:.1f} ms/step, kernels {p['kernel_ms_per_step']:.1f} ms/step; {top}")
     return "\n".join(lines)
 
 
@@ -597,8 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="default: the cores this process may use")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "int8", "int4"])
     ap.add_argument("--block-size", dest="block_size", type=int, default=32)
-    ap.add_argument("--llm-graphs", dest="llm_graphs", nargs="+", default=["fused"],
-                    choices=["fused", "portable"],
+    ap.add_argument("--llm-graphs", dest="llm_graphs", nargs="+", default=[DEFAULT_LLM_GRAPH], choices=LLM_GRAPHS,
                     help="our llm graphs: the first gets every precision, the others fp32 and int4 (the A/B)")
     ap.add_argument("--shared-pool", dest="shared_pool", nargs="*", default=[],
                     help="precisions also timed with ILLUME_EDGE_THREAD_POOL=shared (default none; e.g. fp32 int4)")
@@ -611,11 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<date>-<host>.json)")
     args = ap.parse_args(argv)
     result = run(args)
-    out = Path(args.out) if args.out else RESULTS_DIR / f"{dt.date.today().isoformat()}-{socket.gethostname()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown(result))
-    print(f"\nwrote {out} ({result['total_s']:.0f} s)")
+    write_result(result, args.out, "", markdown(result))
     return 0
 
 

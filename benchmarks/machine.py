@@ -80,3 +80,21 @@ def git_commit() -> str:
 def peak_rss_mb() -> float:
     """This process's peak resident set (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+RESULTS_DIR = REPO / "benchmarks" / "results"
+
+
+def write_result(result: dict, out: str | None, suffix: str, markdown: str) -> Path:
+    """Write a bench's JSON to `out` (default benchmarks/results/<date>-<host><suffix>.json), print its
+    markdown table and where it went; returns the path."""
+    import datetime as dt
+    import json
+    import socket
+
+    path = Path(out) if out else RESULTS_DIR / f"{dt.date.today().isoformat()}-{socket.gethostname()}{suffix}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown)
+    print(f"\nwrote {path} ({result['total_s']:.0f} s)")
+    return path

@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
-import os
 import shutil
 import socket
 import statistics
@@ -39,9 +38,9 @@ from typing import Callable
 
 import numpy as np
 
-from benchmarks.machine import REPO, cores, cpu_model, git_commit, measure_read_bandwidth, peak_rss_mb, versions
+from benchmarks.machine import (REPO, cores, cpu_model, git_commit, measure_read_bandwidth, peak_rss_mb, versions,
+                                write_result)
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SEED = 0
 
 
@@ -262,8 +261,7 @@ FP32_GRAPH_STAGES = ("vision_semantic", "vision_pixel", "vq_decoder", "unet_step
 
 def ours_worker(engine_dir: Path, p: Protocol, llm_stages_only: bool = False) -> dict:
     from illume_edge.runtime.decode_loops import Timings, sample_image_tokens, stream_text
-    from illume_edge.runtime.detokenize import code_maps, diffusion_decode, initial_noise, merge_code_maps, \
-        upsample_nearest, vq_decode
+    from illume_edge.runtime.detokenize import code_maps, initial_noise, merge_code_maps, upsample_nearest, vq_decode
     from illume_edge.runtime.engine import Engine
     from illume_edge.runtime.grammar import ImageGrammar
     from illume_edge.runtime.image_prep import preprocess_image
@@ -721,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.stages", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="cpu", choices=sorted(SHAPES))
-    ap.add_argument("--reps", type=int, default=None, help="short-stage repetitions (default: the shape's, 5)")
+    ap.add_argument("--reps", type=int, default=None, help="short-stage repetitions (default: the shape's, 3)")
     ap.add_argument("--e2e-reps", dest="e2e_reps", type=int, default=None, help="end-to-end repetitions (1)")
     ap.add_argument("--diffusion-steps", dest="diffusion_steps", type=int, default=None, help="UNet steps (25)")
     ap.add_argument("--threads", type=int, default=None, help="default: the cores this process may use")
@@ -731,11 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<date>-<host>-stages.json)")
     args = ap.parse_args(argv)
     result = run(args)
-    out = Path(args.out) if args.out else RESULTS_DIR / f"{dt.date.today().isoformat()}-{socket.gethostname()}-stages.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown(result))
-    print(f"\nwrote {out} ({result['total_s']:.0f} s)")
+    write_result(result, args.out, "-stages", markdown(result))
     return 1 if result["failures"] else 0
 
 

@@ -262,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_make_tiny)
 
+    from .manifest import DEFAULT_LLM_GRAPH, LLM_GRAPHS  # torch-free
+
     p = sub.add_parser("export", help="export a checkpoint to an engine folder (ONNX graphs + manifest)")
     p.add_argument("--checkpoint", required=True, help="folder with mllm/, dualvitok/, diffusion_decoder/")
     p.add_argument("--out", required=True, help="engine folder, e.g. engines/NAME")
@@ -269,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "illume_edge.json)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
                    help="fp16: fp16 weights and compute behind fp32 graph inputs/outputs (VAE stays fp32)")
-    p.add_argument("--llm-graph", dest="llm_graph", default="fused", choices=["fused", "portable"],
+    p.add_argument("--llm-graph", dest="llm_graph", default=DEFAULT_LLM_GRAPH, choices=LLM_GRAPHS,
                    help="fused: onnxruntime contrib ops (GroupQueryAttention, fused norms and RoPE), the fast "
                         "path on onnxruntime CPU/CUDA; portable: standard ONNX ops, for TensorRT plans")
     p.set_defaults(fn=cmd_export)

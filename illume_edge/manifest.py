@@ -20,6 +20,10 @@ from .config import FORMAT_VERSION, ConfigError, ModelConfig, from_jsonable
 MANIFEST_NAME = "manifest.json"
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+# The `llm` graph comes in two forms with one contract (export/llm.py LLMStep): "fused" (onnxruntime contrib
+# kernels, the export default) and "portable" (standard ops, for TensorRT).
+LLM_GRAPHS = ("fused", "portable")
+DEFAULT_LLM_GRAPH = "fused"
 # The `llm` graph's past K/V axis when past and present share one preallocated buffer (the fused graph).
 KV_CAPACITY_DIM = "kv_capacity"
 

@@ -40,7 +40,8 @@ def tiny_checkpoint(tmp_path_factory):
 def tiny_engine(tmp_path_factory, tiny_checkpoint):
     """(preset name, llm graph = the export default) -> (engine folder, loaded torch modules)."""
     from illume_edge.export.checkpoint import load_checkpoint
-    from illume_edge.export.engine import DEFAULT_LLM_GRAPH, export_engine
+    from illume_edge.export.engine import export_engine
+    from illume_edge.manifest import DEFAULT_LLM_GRAPH
 
     made: dict[tuple[str, str], tuple] = {}
 
@@ -64,7 +65,7 @@ def engine_copy(tiny_engine, tmp_path):
     damage it)."""
     import shutil
 
-    from illume_edge.export.engine import DEFAULT_LLM_GRAPH
+    from illume_edge.manifest import DEFAULT_LLM_GRAPH
 
     def get(preset: str, llm_graph: str = DEFAULT_LLM_GRAPH):
         dst = tmp_path / f"engine-{preset}-{llm_graph}"

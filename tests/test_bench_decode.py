@@ -22,7 +22,7 @@ def test_interleaved_rounds_rotate_and_report_failures():
             calls.append(name)
             if fail_at is not None and calls.count(name) == fail_at:
                 raise RuntimeError(f"{name} broke")
-            return 0.5, [0.01 * len(name)] * 4, [1, 2, 3]
+            return 0.5, [0.01 * len(name)] * 4, [1, 2, 3], ({"llm": 0.03} if name == "a" else {})
         return rep
 
     failures: dict[str, str] = {}
@@ -35,6 +35,14 @@ def test_interleaved_rounds_rotate_and_report_failures():
     assert set(out) == {"a", "bb"} and "ccc broke" in failures["ccc"]
     assert out["a"]["reps"] == 3 and out["a"]["decode_ms_per_token"] == pytest.approx(10.0)
     assert out["bb"]["decode_ms_per_token"] == pytest.approx(20.0) and out["a"]["prefill_ms"] == 500.0
+    assert out["a"]["llm_ms_per_token"] == pytest.approx(7.5) and "llm_ms_per_token" not in out["bb"]
+
+    # a runtime failing its warm-up leaves the rotation; the one after it is still warmed up and timed
+    calls.clear()
+    failures.clear()
+    out = llm_decode.interleaved({"x": fake("x", fail_at=1), "y": fake("y"), "z": fake("z")}, 1, 2,
+                                 lambda s: None, failures)
+    assert calls == ["x", "y", "z", "y", "z", "z", "y"] and set(out) == {"y", "z"} and "x broke" in failures["x"]
 
 
 def test_smoke_run_times_both_graphs_and_eager(tmp_path):
@@ -55,5 +63,8 @@ def test_smoke_run_times_both_graphs_and_eager(tmp_path):
     # same weights, fp32, greedy: both graphs and eager pick the same tokens
     assert runs["illume-edge fp32"]["tokens"] == runs["illume-edge fp32 (portable graph)"]["tokens"] \
         == runs["transformers eager fp32"]["tokens"]
-    assert "GroupQueryAttention" in result["profiles"]["int4"]["op_share_pct"]
+    ours = runs["illume-edge int4"]
+    assert 0 < ours["llm_ms_per_token"] < ours["decode_ms_max"] and ours["head_and_pick_ms_per_token"] > 0
+    profile = result["profiles"]["int4"]
+    assert "GroupQueryAttention" in profile["op_share_pct"] and profile["op_ms_per_step"]["GroupQueryAttention"] > 0
     assert "interleaved rounds" in proc.stdout

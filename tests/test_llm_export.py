@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from illume_edge.config import ConfigError, preset
-from illume_edge.manifest import KV_CAPACITY_DIM
+from illume_edge.manifest import KV_CAPACITY_DIM, LLM_GRAPHS
 from illume_edge.export.export_llm import (export_heads, export_llm, head_graph_name, lm_head_weight,
                                            llm_input_names, llm_output_names)
-from illume_edge.export.llm import (LLM_GRAPHS, LLMStep, build_llm, cache_tensors, hf_config,
-                                    llm_config_from_hf, reference_step, splice_embeds)
+from illume_edge.export.llm import (LLMStep, build_llm, cache_tensors, hf_config, llm_config_from_hf,
+                                    reference_step, splice_embeds)
 
 LOGIT_ATOL = 1e-4
 HIDDEN_ATOL = 1e-4

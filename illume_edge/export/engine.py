@@ -13,14 +13,13 @@ import torch
 
 from .. import __version__
 from ..config import FORMAT_VERSION, ViTEncoderConfig
-from ..manifest import Component, FileEntry, Manifest, Producer, TensorSpec, file_entry, write_manifest
+from ..manifest import (DEFAULT_LLM_GRAPH, Component, FileEntry, Manifest, Producer, TensorSpec, file_entry,
+                        write_manifest)
 from ..tensorrt_ops import check_graph_ops
 from .modules import IllumeModules
 from .onnx_io import OPSET, GraphInfo
 
 Progress = Callable[[str], None]
-# The `llm` graph an export writes unless told (LLMStep: "fused" for onnxruntime, "portable" for TensorRT).
-DEFAULT_LLM_GRAPH = "fused"
 
 
 def _version(pkg: str) -> str:

@@ -27,7 +27,7 @@ from torch import nn
 from torch.export import Dim
 
 from illume_edge.config import ConfigError, ModelConfig
-from illume_edge.manifest import KV_CAPACITY_DIM
+from illume_edge.manifest import DEFAULT_LLM_GRAPH, KV_CAPACITY_DIM
 from illume_edge.export.llm import LLMStep
 from illume_edge.export.onnx_io import GraphInfo, export_onnx
 
@@ -54,7 +54,8 @@ def head_graph_name(name: str) -> str:
     return f"head_{name}"
 
 
-def export_llm(model: nn.Module, cfg: ModelConfig, path: str | os.PathLike, graph: str = "portable") -> GraphInfo:
+def export_llm(model: nn.Module, cfg: ModelConfig, path: str | os.PathLike,
+               graph: str = DEFAULT_LLM_GRAPH) -> GraphInfo:
     """Export the one-graph LLM step (see the module docstring for the I/O contract) to `path`.
 
     graph "portable": standard ops, concat KV layout. graph "fused": onnxruntime contrib ops, shared KV

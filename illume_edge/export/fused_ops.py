@@ -3,7 +3,7 @@
 The portable `llm` graph spells RMSNorm, RoPE and attention in standard ONNX ops: about 60 nodes per layer,
 whose elementwise chains and per-node dispatch cost as much as the int4 GEMVs themselves on a 2-core CPU
 (docs/performance.md). The fused graph expresses the same step with onnxruntime's com.microsoft kernels
-(the ones its GenAI model builder emits), about 12 nodes per layer:
+(the ones its GenAI model builder emits), about 16 nodes per layer:
 
   rms_norm       -> SimplifiedLayerNormalization             (default domain, registered by onnxruntime)
   skip_rms_norm  -> com.microsoft.SkipSimplifiedLayerNormalization   residual add + RMSNorm in one kernel
@@ -30,7 +30,6 @@ import onnx.reference  # noqa: F401  imported before the schemas below are regis
 import onnxscript
 import torch
 from onnx import defs
-from onnxscript import opset18 as op
 
 MSFT = "com.microsoft"
 
@@ -69,9 +68,10 @@ def _register_schemas() -> None:
     for (name, domain), (inputs, outputs, attrs) in table.items():
         if defs.has(name, domain):
             continue
+        constraints = [floats, ints] + ([stats] if any(":U" in s for s in outputs) else [])
         defs.register_schema(defs.OpSchema(
             name, domain, 1, inputs=[param(s) for s in inputs], outputs=[param(s) for s in outputs],
-            type_constraints=[floats, ints] + ([stats] if any(":U" in s for s in outputs) else []), attributes=[defs.OpSchema.Attribute(a, t, "") for a, t in attrs]))
+            type_constraints=constraints, attributes=[defs.OpSchema.Attribute(a, t, "") for a, t in attrs]))
 
 
 _register_schemas()
@@ -115,14 +115,15 @@ def _(x, skip, weight, eps):
 @torch.library.custom_op("illume_edge::rotary", mutates_args=())
 def rotary(x: torch.Tensor, position_ids: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
            num_heads: int) -> torch.Tensor:
-    """Half-rotation RoPE on x [B, S, n*d] at position_ids [B, S]; caches [max_positions, d/2]."""
+    """Half-rotation RoPE on x [B, S, n*d] at position_ids [B, S]; caches [max_positions, d/2]. The portable
+    step's arithmetic (LLMStep.attention): x * cos + rotate_half(x) * sin."""
+    from .llm import _rotate_half
+
     b, s, width = x.shape
-    d = width // num_heads
-    heads = x.view(b, s, num_heads, d)
+    heads = x.view(b, s, num_heads, width // num_heads)  # [B, S, n, d]
     cos = cos_cache[position_ids].unsqueeze(2)  # [B, S, 1, d/2]
     sin = sin_cache[position_ids].unsqueeze(2)
-    first, second = heads[..., : d // 2], heads[..., d // 2:]
-    out = torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)  # [B, S, n, d]
+    out = heads * torch.cat([cos, cos], dim=-1) + _rotate_half(heads) * torch.cat([sin, sin], dim=-1)
     return out.reshape(b, s, width)
 
 
@@ -143,18 +144,18 @@ def gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_key: torch.Tenso
     present_value [B, kvh, C, d]).
     """
     b, s, _ = q.shape
-    total = bias.shape[-1]
+    t = bias.shape[-1]  # T (the eager body reads it from the bias; seqlens_k / total are the kernel's)
     d = past_key.shape[-1]
     group = num_heads // kv_heads
     present_key, present_value = past_key.clone(), past_value.clone()
-    present_key[:, :, total - s:total] = k.view(b, s, kv_heads, d).transpose(1, 2)
-    present_value[:, :, total - s:total] = v.view(b, s, kv_heads, d).transpose(1, 2)
-    key, value = present_key[:, :, :total], present_value[:, :, :total]  # [B, kvh, T, d]
+    present_key[:, :, t - s:t] = k.view(b, s, kv_heads, d).transpose(1, 2)
+    present_value[:, :, t - s:t] = v.view(b, s, kv_heads, d).transpose(1, 2)
+    key, value = present_key[:, :, :t], present_value[:, :, :t]  # [B, kvh, T, d]
     qg = q.view(b, s, num_heads, d).transpose(1, 2).reshape(b, kv_heads, group * s, d)  # [B, kvh, g*S, d]
     scores = torch.matmul(qg, key.transpose(2, 3)) * scale  # [B, kvh, g*S, T]
-    scores = scores.view(b, num_heads, s, total) + bias  # [B, h, S, T]
+    scores = scores.view(b, num_heads, s, t) + bias  # [B, h, S, T]
     probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
-    ctx = torch.matmul(probs.view(b, kv_heads, group * s, total), value)  # [B, kvh, g*S, d]
+    ctx = torch.matmul(probs.view(b, kv_heads, group * s, t), value)  # [B, kvh, g*S, d]
     out = ctx.view(b, num_heads, s, d).transpose(1, 2).reshape(b, s, num_heads * d)  # [B, S, h*d]
     return out, present_key, present_value
 
@@ -202,6 +203,3 @@ TRANSLATIONS = {
     torch.ops.illume_edge.rotary.default: _rotary_onnx,
     torch.ops.illume_edge.gqa.default: _gqa_onnx,
 }
-
-# onnxruntime's CPU GroupQueryAttention requires head_dim % 16 == 0.
-GQA_HEAD_MULTIPLE = 16

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from illume_edge.config import ConfigError, LLMConfig, ModelConfig
+from illume_edge.manifest import LLM_GRAPHS
 
 # Additive mask value for disallowed (future or padded) keys: the most negative finite float32, as
 # transformers uses. Added to a finite score it stays finite, so a query row whose keys are all masked
@@ -25,6 +26,8 @@ from illume_edge.config import ConfigError, LLMConfig, ModelConfig
 MASK_VALUE = torch.finfo(torch.float32).min
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+# onnxruntime's CPU GroupQueryAttention (the fused graph) requires head_dim % 16 == 0.
+GQA_HEAD_MULTIPLE = 16
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -296,9 +299,6 @@ class FusedLinear(nn.Module):
         return torch.split(nn.functional.linear(x, self.weight, self.bias), self.sizes, dim=-1)
 
 
-LLM_GRAPHS = ("portable", "fused")
-
-
 class LLMStep(nn.Module):
     """One LLM forward on explicit tensors: the body of the `llm` ONNX graph.
 
@@ -315,9 +315,10 @@ class LLMStep(nn.Module):
         super().__init__()
         if graph not in LLM_GRAPHS:
             raise ConfigError(f"LLMStep: graph expected one of {LLM_GRAPHS}, got {graph!r}")
-        if graph == "fused" and cfg.llm.head_size % 16:
-            raise ConfigError(f"{cfg.name}: the fused llm graph needs head_dim % 16 == 0 (onnxruntime's "
-                              f"GroupQueryAttention), got {cfg.llm.head_size}; export with --llm-graph portable")
+        if graph == "fused" and cfg.llm.head_size % GQA_HEAD_MULTIPLE:
+            raise ConfigError(f"{cfg.name}: the fused llm graph needs head_dim % {GQA_HEAD_MULTIPLE} == 0 "
+                              f"(onnxruntime's GroupQueryAttention), got {cfg.llm.head_size}; export with "
+                              f"--llm-graph portable")
         self.graph = graph
         self.model = model.eval()
         self.vocab_rows = cfg.llm.vocab_rows

@@ -28,18 +28,35 @@ def kv_layout(component: Component) -> str:
 
 
 class KVBuffers:
-    """Flat float32 buffers (two for "concat", one for "shared") holding K and V of every layer for up
-    to `capacity` positions."""
+    """K and V of every layer for up to `capacity` positions, in the graph's layout (module docstring):
+    two flat float32 buffers used ping-pong for "concat", one for "shared"."""
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
-                 buffers: int = 2):
+                 layout: str = "concat"):
         self.shape = (batch, kv_heads, head_dim)
         self.capacity = capacity
+        self.layout = layout
         self.region = batch * kv_heads * capacity * head_dim  # floats per (layer, K|V) region
         self.count = 2 * num_layers
         # zeros, not empty: slots past the valid length are never read, but stay finite if a kernel touches them
-        self._buf = [np.zeros(self.count * self.region, np.float32) for _ in range(buffers)]
+        self._buf = [np.zeros(self.count * self.region, np.float32)
+                     for _ in range(1 if layout == "shared" else 2)]
         self.current = 0  # the buffer holding the valid past
+        # shared: the same full-capacity views every step, made once
+        self._shared = self.views(0, capacity) if layout == "shared" else None
+
+    def bindings(self, past_len: int, new_len: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(past, present) views for a step appending `new_len` positions to `past_len`; `advance()` after
+        the step has run."""
+        if self._shared is not None:  # one buffer, bound as past and present alike
+            return self._shared, self._shared
+        # ping-pong: read past (P slots), write past + new (P + S) into the other buffer
+        return self.views(self.current, past_len), self.views(1 - self.current, past_len + new_len)
+
+    def advance(self) -> None:
+        """The step has run: for "concat" the buffer just written holds the valid past."""
+        if self._shared is None:
+            self.current = 1 - self.current
 
     def views(self, which: int, length: int) -> list[np.ndarray]:
         """[K0, V0, K1, V1, ...] of buffer `which`, each [B, kv, length, hd] over the region's start."""
@@ -108,8 +125,7 @@ class LLMRunner:
             mask[b, width - len(r):width] = 1
         self._check_ids(ids, table.shape[0])
         positions = np.maximum(np.cumsum(mask[:, :width], axis=1) - 1, 0)  # padded slots get position 0
-        kv = KVBuffers(self.num_layers, batch, self.kv_heads, self.head_dim, capacity,
-                       buffers=1 if self.kv_layout == "shared" else 2)
+        kv = KVBuffers(self.num_layers, batch, self.kv_heads, self.head_dim, capacity, self.kv_layout)
         state = DecodeState(kv=kv, mask=mask, next_pos=mask[:, :width].sum(axis=1), fed=[[] for _ in rows])
         self._run(state, ids, positions, table)
         return state
@@ -145,18 +161,13 @@ class LLMRunner:
         p, s = state.length, ids.shape[1]
         feeds = {"input_ids": ids, "image_embeds": table, "attention_mask": state.mask[:, :p + s],
                  "position_ids": positions.astype(np.int64)}
-        if self.kv_layout == "shared":  # one buffer, bound as past and present alike
-            past = present = state.kv.views(0, state.kv.capacity)
-            dst = 0
-        else:  # ping-pong: read past (P slots), write past + new (P + S) into the other buffer
-            dst = 1 - state.kv.current
-            past, present = state.kv.views(state.kv.current, p), state.kv.views(dst, p + s)
+        past, present = state.kv.bindings(p, s)
         feeds.update(zip(self._past_names, past))
         hidden = np.empty((state.batch, self.hidden), np.float32)
         out = {"last_hidden": hidden, **dict(zip(self._present_names, present))}
         self.session.run(feeds, out=out)
         self.runs += 1
-        state.kv.current = dst
+        state.kv.advance()
         state.length = p + s
         state.hidden = hidden
         return hidden
