@@ -8,7 +8,7 @@ One run, one set of weights (a seeded random Qwen2ForCausalLM of the shape):
   `quantize_engine` int8 / int4, run by the runtime's `LLMRunner` (IO-bound KV cache) with greedy argmax
   over the text head each step; default session threading (a pool per session, no spinning), and with
   `--shared-pool fp32 int4` again in a fresh process with ILLUME_EDGE_THREAD_POOL=shared (one pool for all
-  sessions). `--profile` (default int4) runs onnxruntime's profiler over the `llm` graph's decode steps.
+  sessions). `--profile` (default int4) runs onnxruntime's profiler over the decode steps (llm + head).
   With `--llm-graphs fused portable`, fp32 and int4 are also timed on the portable graph (the A/B).
 - transformers eager on the same module (DynamicCache, logits_to_keep=1: the full LM head per step).
 - onnxruntime-genai: its model builder on a HF folder saved from the same module (fp32 and int4, block 32,
@@ -331,48 +331,48 @@ def genai_rep(model_dir: Path, prompt: list[int], steps: int) -> Rep:
 # Profile
 # ---------------------------------------------------------------------------------------------------------
 def profile_ours(engine_dir: Path, prompt: list[int], steps: int, threads: int, out_json: Path) -> dict:
-    """onnxruntime's profiler over `steps` decode steps of the llm graph: time share per op type."""
-    import onnxruntime as ort
-
+    """onnxruntime's profiler over `steps` greedy decode steps (llm graph + text head) with the runtime's own
+    session options: ms per step and time share per op type, per graph."""
     from illume_edge.runtime.engine import Engine
     from illume_edge.runtime.llm_runner import LLMRunner
-    from illume_edge.runtime.session import Session, SessionOptions
+    from illume_edge.runtime.session import SessionOptions
 
-    engine = Engine.load(engine_dir, SessionOptions(threads=threads), check_hash=False)
+    engine = Engine.load(engine_dir, SessionOptions(threads=threads, profile_prefix=str(out_json.with_suffix(""))),
+                         check_hash=False)
     runner = LLMRunner(engine)
     state = runner.prefill([prompt], max_new_tokens=steps)
-    # A second, profiling session of the same graph (the runtime's own options + enable_profiling).
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.enable_profiling = True
-    so.profile_file_prefix = str(out_json.with_suffix(""))
-    comp = engine.manifest.component("llm")
-    sess = Session("llm", str(engine_dir / comp.path), comp, SessionOptions(threads=threads))
-    sess._sess = ort.InferenceSession(str(engine_dir / comp.path), so, providers=["CPUExecutionProvider"])
-    runner.session = sess
-    tok = 0
+    tok = int(np.argmax(runner.logits("text", state.hidden)[0]))
     for _ in range(steps):
-        runner.feed(state, np.array([[tok]], np.int64))
-        tok = (tok + 1) % 1000
-    path = sess._sess.end_profiling()
-    events = json.loads(Path(path).read_text())
+        tok = int(np.argmax(runner.logits("text", runner.feed(state, np.array([[tok]], np.int64)))[0]))
+    result = {"steps": steps, "context": len(prompt) + steps // 2, "graphs": {}}
+    for name in ("llm", "head_text"):
+        path = Path(engine.session(name).end_profiling())
+        result["graphs"][name] = profile_summary(json.loads(path.read_text()), skip_runs=1)
+        path.unlink(missing_ok=True)
+    del runner, engine
+    gc.collect()
+    return result
+
+
+def profile_summary(events: list[dict], skip_runs: int = 0) -> dict:
+    """Per-step wall time of a session's runs and its kernels' time per op type, from onnxruntime profiler
+    events; the first `skip_runs` runs (the prefill) are left out."""
+    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                  key=lambda e: e["ts"])[skip_runs:]
+    if not runs:
+        raise RuntimeError("the profile holds no decode runs")
+    start, n = runs[0]["ts"], len(runs)
     by_op: dict[str, float] = {}
-    run_us = 0.0
     for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= start:
             op = e.get("args", {}).get("op_name", "?")
             by_op[op] = by_op.get(op, 0.0) + e.get("dur", 0)
-        elif e.get("cat") == "Session" and e.get("name") == "model_run":
-            run_us += e.get("dur", 0)
     total = sum(by_op.values()) or 1.0
-    Path(path).unlink(missing_ok=True)
-    del runner, engine, sess
-    gc.collect()
-    share = {k: round(100 * v / total, 1) for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])}
-    return {"steps": steps, "context": len(prompt) + steps // 2, "model_run_ms_per_step": run_us / 1e3 / steps,
-            "kernel_ms_per_step": total / 1e3 / steps, "op_share_pct": share,
-            "op_ms_per_step": {k: round(by_op[k] / 1e3 / steps, 3) for k in share}}
+    order = sorted(by_op, key=lambda k: -by_op[k])
+    return {"runs": n, "model_run_ms_per_step": sum(r["dur"] for r in runs) / 1e3 / n,
+            "kernel_ms_per_step": total / 1e3 / n,
+            "op_share_pct": {k: round(100 * by_op[k] / total, 1) for k in order},
+            "op_ms_per_step": {k: round(by_op[k] / 1e3 / n, 3) for k in order}}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -591,12 +591,14 @@ def markdown(result: dict) -> str:
     if split:
         lines.append(f"\nOur step split, `llm` graph + head and greedy pick (ms/token): {'; '.join(split)}")
     for prec, p in result.get("profiles", {}).items():
-        ms = p.get("op_ms_per_step", {})
-        top = ", ".join(f"{k} {v}%" + (f" ({ms[k]:.2f} ms)" if k in ms else "")
-                        for k, v in list(p["op_share_pct"].items())[:8])
-        where = f", mean context {p['context']}" if "context" in p else ""
-        lines.append(f"\nProfile illume-edge {prec} ({p['steps']} steps{where}): model_run "
-                     f"{p['model_run_ms_per_step']:.1f} ms/step, kernels {p['kernel_ms_per_step']:.1f} ms/step; {top}")
+        parts = []
+        for graph, g in p["graphs"].items():
+            top = ", ".join(f"{k} {v}% ({g['op_ms_per_step'][k]:.2f} ms)"
+                            for k, v in list(g["op_share_pct"].items())[:8])
+            parts.append(f"`{graph}` run {g['model_run_ms_per_step']:.1f} ms/step, kernels "
+                         f"{g['kernel_ms_per_step']:.1f} ms/step: {top}")
+        lines.append(f"\nProfile illume-edge {prec} ({p['steps']} steps, mean context {p['context']}): "
+                     + "; ".join(parts))
     return "\n".join(lines)
 
 

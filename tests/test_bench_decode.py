@@ -65,6 +65,9 @@ def test_smoke_run_times_both_graphs_and_eager(tmp_path):
         == runs["transformers eager fp32"]["tokens"]
     ours = runs["illume-edge int4"]
     assert 0 < ours["llm_ms_per_token"] < ours["decode_ms_max"] and ours["head_and_pick_ms_per_token"] > 0
-    profile = result["profiles"]["int4"]
-    assert "GroupQueryAttention" in profile["op_share_pct"] and profile["op_ms_per_step"]["GroupQueryAttention"] > 0
+    profile = result["profiles"]["int4"]["graphs"]
+    llm, head = profile["llm"], profile["head_text"]
+    assert "GroupQueryAttention" in llm["op_share_pct"] and llm["op_ms_per_step"]["GroupQueryAttention"] > 0
+    assert llm["runs"] == head["runs"] == result["profiles"]["int4"]["steps"]  # the decode steps, not the prefill
+    assert list(head["op_share_pct"]) == ["MatMulNBits"]  # the int4 text head: one weight-only GEMM
     assert "interleaved rounds" in proc.stdout

@@ -56,27 +56,31 @@ _POOL_PROBE = """
 import sys
 from illume_edge.runtime.engine import Engine
 from illume_edge.runtime.session import SessionOptions, thread_pool_mode
-spin = {"none": None, "on": True}[sys.argv[2]]
+spin = None if sys.argv[2] == "none" else sys.argv[2]
 so = Engine.load(sys.argv[1], SessionOptions(threads=2, spin=spin)).session("llm")._sess.get_session_options()
-key = "session.intra_op.allow_spinning"
-try:
-    spinning = so.get_session_config_entry(key)
-except RuntimeError:  # not set: the shared pool decides
-    spinning = "-"
-print(thread_pool_mode(), so.use_per_session_threads, spinning)
+entries = []
+for key in ("session.intra_op.allow_spinning", "session.force_spinning_stop"):
+    try:
+        entries.append(so.get_session_config_entry(key))
+    except RuntimeError:  # not set: the shared pool decides
+        entries.append("-")
+print(thread_pool_mode(), so.use_per_session_threads, *entries)
 """
 
 
 @pytest.mark.parametrize("env, spin, want", [
-    ({}, "none", "per-session True 0"),
-    ({}, "on", "per-session True 1"),
-    ({"ILLUME_EDGE_SPIN": "1"}, "none", "per-session True 1"),
-    ({"ILLUME_EDGE_THREAD_POOL": "shared"}, "none", "shared False -"),
+    ({}, "none", "per-session True 1 1"),
+    ({}, "off", "per-session True 0 0"),
+    ({}, "always", "per-session True 1 0"),
+    ({"ILLUME_EDGE_SPIN": "always"}, "none", "per-session True 1 0"),
+    ({"ILLUME_EDGE_SPIN": "always"}, "run", "per-session True 1 1"),
+    ({"ILLUME_EDGE_THREAD_POOL": "shared"}, "none", "shared False - -"),
 ])
-def test_sessions_share_one_pool_or_do_not_spin(tiny_engine, env, spin, want):
-    """A pipeline alternates components, each its own session: a pool per session must not busy-wait after
-    its run, or it takes the cores from the next session's (docs/performance.md); opt-in, all sessions share
-    one pool. The mode is per process, so each case runs in its own."""
+def test_sessions_share_one_pool_or_spin_only_inside_a_run(tiny_engine, env, spin, want):
+    """A pipeline alternates components, each its own session: a pool per session may busy-wait between the
+    nodes of its run but must stop when the run returns, or it takes the cores from the next session's
+    (docs/performance.md); opt-in, all sessions share one pool. The mode is per process, so each case runs
+    in its own."""
     import os
     import subprocess
     import sys
@@ -88,6 +92,21 @@ def test_sessions_share_one_pool_or_do_not_spin(tiny_engine, env, spin, want):
     assert out.returncode == 0, out.stderr[-2000:]
     got = out.stdout.strip().splitlines()[-1]
     assert got.startswith(want), got
+
+
+@pytest.mark.parametrize("env, spin", [({}, "sometimes"), ({"ILLUME_EDGE_SPIN": "1"}, None)])
+def test_unknown_spin_mode_is_refused_by_name(tiny_engine, monkeypatch, env, spin):
+    from illume_edge.runtime.engine import Engine
+    from illume_edge.runtime.session import SessionOptions
+
+    engine_dir, _ = tiny_engine("tiny-plus")
+    monkeypatch.delenv("ILLUME_EDGE_THREAD_POOL", raising=False)
+    monkeypatch.delenv("ILLUME_EDGE_SPIN", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    where = "SessionOptions.spin" if spin else "ILLUME_EDGE_SPIN"
+    with pytest.raises(EngineError, match=f"{where}=.*expected one of .'run', 'always', 'off'"):
+        Engine.load(engine_dir, SessionOptions(threads=1, spin=spin)).session("llm")
 
 
 @pytest.mark.parametrize("env, arena, want", [({}, None, False), ({"ILLUME_EDGE_MEM_ARENA": "1"}, None, True),

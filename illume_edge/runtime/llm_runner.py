@@ -19,6 +19,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..manifest import KV_CAPACITY_DIM, Component, EngineError
 from .engine import Engine
+from .session import Binding
 
 
 def kv_layout(component: Component) -> str:
@@ -66,6 +67,11 @@ class KVBuffers:
         return [buf[i * self.region: i * self.region + n].reshape(b, kv, length, hd) for i in range(self.count)]
 
     @property
+    def fixed(self) -> bool:
+        """True if every step binds the same buffers (the shared layout): bind them once."""
+        return self._shared is not None
+
+    @property
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self._buf)
 
@@ -79,6 +85,7 @@ class DecodeState:
     length: int = 0  # positions filled (prompt incl. padding + fed tokens)
     hidden: np.ndarray | None = None  # float32 [B, hidden]: last position's final hidden state
     fed: list[list[int]] = field(default_factory=list)  # ids fed after the prompt, per row
+    binding: Binding | None = None  # the llm session's IO binding, kept across steps
 
     @property
     def batch(self) -> int:
@@ -159,13 +166,17 @@ class LLMRunner:
 
     def _run(self, state: DecodeState, ids: np.ndarray, positions: np.ndarray, table: np.ndarray) -> np.ndarray:
         p, s = state.length, ids.shape[1]
-        feeds = {"input_ids": ids, "image_embeds": table, "attention_mask": state.mask[:, :p + s],
-                 "position_ids": positions.astype(np.int64)}
-        past, present = state.kv.bindings(p, s)
-        feeds.update(zip(self._past_names, past))
+        binding = state.binding
+        if binding is None or not state.kv.fixed:  # K/V buffers: once for the shared layout, else every step
+            binding = state.binding = binding or self.session.binding()
+            past, present = state.kv.bindings(p, s)
+            binding.bind_inputs(dict(zip(self._past_names, past)))
+            binding.bind_outputs(dict(zip(self._present_names, present)))
+        binding.bind_inputs({"input_ids": ids, "image_embeds": table, "attention_mask": state.mask[:, :p + s],
+                             "position_ids": positions.astype(np.int64)})
         hidden = np.empty((state.batch, self.hidden), np.float32)
-        out = {"last_hidden": hidden, **dict(zip(self._present_names, present))}
-        self.session.run(feeds, out=out)
+        binding.bind_outputs({"last_hidden": hidden})
+        binding.run()
         self.runs += 1
         state.kv.advance()
         state.length = p + s

@@ -55,23 +55,33 @@ class SessionOptions:
     threads: int | None = None
     device: str = "cpu"  # IO-binding device for outputs: "cpu" or "cuda"
     device_id: int = 0
-    # Per-session pools only (see thread_pool_mode): let the pool busy-wait after its run (None:
-    # ILLUME_EDGE_SPIN=1 or off).
-    spin: bool | None = None
+    # Per-session pools only (see thread_pool_mode): how the pool's threads wait for work, one of SPIN_MODES
+    # (None: ILLUME_EDGE_SPIN, else "run").
+    spin: str | None = None
     # onnxruntime's CPU memory arena (None: ILLUME_EDGE_MEM_ARENA=1 or off). Off by default: the arena keeps
     # every session's largest activations for the life of the process (a 640x480 understanding request left
     # 4.6 GB resident against 1.2 GB without it, at the same speed; docs/performance.md).
     memory_arena: bool | None = None
+    # onnxruntime's profiler: each session writes <profile_prefix>-<component>_<time>.json, flushed by
+    # Session.end_profiling() (or when the session is freed). Off when None.
+    profile_prefix: str | None = None
 
 
 # Every engine component is its own session, and a decode step alternates the llm and head sessions. With a
-# pool per session (the default), the pool that just ran would busy-wait for work and take the cores the next
-# session needs, so spinning is off unless asked. ILLUME_EDGE_THREAD_POOL=shared makes every session of the
+# pool per session (the default), how the pool's threads wait for work decides the decode speed:
+#   "run"    busy-wait between the nodes of a run and stop the moment the run returns
+#            (session.force_spinning_stop): warm threads inside a run, and a pool that just ran no longer
+#            spins on the cores the next session needs. The default.
+#   "always" onnxruntime's own default, spinning after the run too: only for a session that runs alone
+#            (1.7x slower decode when the llm and head pools spin against each other on 2 cores).
+#   "off"    block whenever a worker runs out of work (15% slower int4 decode than "run" on 2 cores).
+# ILLUME_EDGE_THREAD_POOL=shared makes every session of the
 # process share one intra-op pool, created by the first session with its ``threads`` (another 5-15% on
 # decode); onnxruntime then refuses any session in the process that owns a pool (so it is opt-in: other
 # onnxruntime users in the same process break). The mode is read when the first session is made.
 # docs/performance.md has the measurements.
 THREAD_POOL_MODES = ("shared", "per-session")
+SPIN_MODES = ("run", "always", "off")
 _pool: dict[str, object] = {}
 
 
@@ -97,6 +107,21 @@ def _shared_intra_op_pool(threads: int) -> None:
     _pool["threads"] = threads
 
 
+def spin_mode(value: str | None) -> str:
+    """The caller's spin mode, else ILLUME_EDGE_SPIN, else "run"; see SPIN_MODES."""
+    mode = value if value is not None else os.environ.get("ILLUME_EDGE_SPIN", "run")
+    if mode not in SPIN_MODES:
+        src = "SessionOptions.spin" if value is not None else "ILLUME_EDGE_SPIN"
+        raise EngineError(f"{src}={mode!r}: expected one of {SPIN_MODES}")
+    return mode
+
+
+def _spin_config(mode: str) -> dict[str, str]:
+    """onnxruntime session config entries for a per-session pool's spin mode."""
+    return {"session.intra_op.allow_spinning": "0" if mode == "off" else "1",
+            "session.force_spinning_stop": "1" if mode == "run" else "0"}
+
+
 def _flag(value: bool | None, env: str) -> bool:
     """An on/off session option: the caller's value, else the environment variable `env` = "1", else off."""
     return value if value is not None else os.environ.get(env, "0") == "1"
@@ -116,11 +141,14 @@ class Session:
         else:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
-            spin = _flag(opts.spin, "ILLUME_EDGE_SPIN")
-            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+            for key, value in _spin_config(spin_mode(opts.spin)).items():
+                so.add_session_config_entry(key, value)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.enable_cpu_mem_arena = _flag(opts.memory_arena, "ILLUME_EDGE_MEM_ARENA")
         so.log_severity_level = 3
+        if opts.profile_prefix:
+            so.enable_profiling = True
+            so.profile_file_prefix = f"{opts.profile_prefix}-{name}"
         self.providers = choose_providers(opts.providers)
         self.device, self.device_id = opts.device, opts.device_id
         try:
@@ -179,35 +207,78 @@ class Session:
     def run(self, feeds: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray] | None = None,
             outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run the graph. `out` preallocates output buffers (IO binding); others are allocated by ORT."""
-        self.validate(feeds)
-        try:
-            if out is None and self.device == "cpu":
-                names = outputs or self.output_names
+        if out is None and self.device == "cpu":
+            self.validate(feeds)
+            names = outputs or self.output_names
+            try:
                 return dict(zip(names, self._sess.run(names, dict(feeds))))
-            return self._run_bound(feeds, out or {}, outputs or self.output_names)
-        except EngineError:
-            raise
-        except Exception as e:  # onnxruntime's own error types
-            raise EngineError(f"{self.name}: onnxruntime failed: {str(e).splitlines()[0][:300]}") from None
+            except Exception as e:  # onnxruntime's own error types
+                raise EngineError(f"{self.name}: onnxruntime failed: {str(e).splitlines()[0][:300]}") from None
+        binding = self.binding()
+        binding.bind_inputs(feeds)
+        binding.bind_outputs(out or {}, outputs or self.output_names)
+        return binding.run()
 
-    def _run_bound(self, feeds, out, names) -> dict[str, np.ndarray]:
-        binding = self._sess.io_binding()
+    def end_profiling(self) -> str:
+        """Stop the profiler (SessionOptions.profile_prefix) and return its JSON file's path."""
+        return self._sess.end_profiling()
+
+    def binding(self) -> "Binding":
+        """A reusable IO binding of this session (see `Binding`)."""
+        return Binding(self)
+
+
+class Binding:
+    """An IO binding that lives across runs: what is bound stays bound, so a decode loop rebinds only the
+    tensors that change each step (token ids, mask, positions, the hidden-state buffer), not every layer's
+    K/V. Inputs are bound from host arrays (kept alive here); outputs to preallocated host buffers or, when
+    none is given, to the session's device (read back after the run)."""
+
+    def __init__(self, session: Session):
+        self.session = session
+        self._binding = session._sess.io_binding()
+        self.feeds: dict[str, np.ndarray] = {}
+        self._out: dict[str, np.ndarray | None] = {}  # in first-bind order (onnxruntime's output order)
+
+    def bind_inputs(self, feeds: Mapping[str, np.ndarray]) -> None:
         for name, arr in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(arr))
-        for name in names:
+            if not isinstance(arr, np.ndarray):
+                raise EngineError(f"{self.session.name}: input {name} must be a numpy array, got "
+                                  f"{type(arr).__name__}")
+            arr = np.ascontiguousarray(arr)
+            self._binding.bind_cpu_input(name, arr)
+            self.feeds[name] = arr
+
+    def bind_outputs(self, out: Mapping[str, np.ndarray], names: list[str] | None = None) -> None:
+        """Bind `out`'s buffers; the other `names` go to the session's device."""
+        s = self.session
+        for name in names or list(out):
             buf = out.get(name)
             if buf is None:
-                binding.bind_output(name, self.device, self.device_id)
-                continue
-            if not buf.flags.c_contiguous:
-                raise EngineError(f"{self.name}: output buffer {name} must be C-contiguous")
-            want = _NP_DTYPES[self.outputs[name].dtype]
-            if buf.dtype != want:
-                raise EngineError(f"{self.name}: output buffer {name} dtype {buf.dtype}, expected {want.__name__}")
-            binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
-        self._sess.run_with_iobinding(binding)
-        result = {}
-        values = binding.get_outputs()
-        for name, value in zip(names, values):
-            result[name] = out[name] if name in out else value.numpy()
+                self._binding.bind_output(name, s.device, s.device_id)
+            else:
+                if name not in s.outputs:
+                    raise EngineError(f"{s.name}: no output {name} (has {sorted(s.outputs)})")
+                if not buf.flags.c_contiguous:
+                    raise EngineError(f"{s.name}: output buffer {name} must be C-contiguous")
+                want = _NP_DTYPES[s.outputs[name].dtype]
+                if buf.dtype != want:
+                    raise EngineError(f"{s.name}: output buffer {name} dtype {buf.dtype}, expected "
+                                      f"{want.__name__}")
+                self._binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+            self._out[name] = buf
+
+    def run(self) -> dict[str, np.ndarray]:
+        """Validate the bound inputs against the contract, run, and return every bound output."""
+        s = self.session
+        s.validate(self.feeds)
+        try:
+            s._sess.run_with_iobinding(self._binding)
+            result = {name: buf for name, buf in self._out.items() if buf is not None}
+            if len(result) < len(self._out):  # device-allocated outputs: read them back
+                for name, value in zip(self._out, self._binding.get_outputs()):
+                    if self._out[name] is None:
+                        result[name] = value.numpy()
+        except Exception as e:  # onnxruntime's own error types
+            raise EngineError(f"{s.name}: onnxruntime failed: {str(e).splitlines()[0][:300]}") from None
         return result
