@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 NANO_CKPT   := models/illume-nano
 NANO_ENGINE := engines/illume-nano
 
-.PHONY: setup test export demo bench clean info kernels nano eval-nano eval-nano-ablation
+.PHONY: setup test export demo bench bench-full clean info kernels nano eval-nano eval-nano-ablation
 
 setup: $(VENV)/.installed
 
@@ -75,6 +75,13 @@ bench: setup
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m benchmarks.llm_decode
 	$(BIN)/python -m benchmarks.stages
+
+# The long protocol (~25 minutes): both LLM graphs in the decode A/B, prompts up to 1024 tokens, every stage's
+# repetitions in full, and the fp32 engine end to end too.
+bench-full: setup
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m benchmarks.llm_decode --llm-graphs fused portable
+	$(BIN)/python -m benchmarks.stages --full
 
 # The CUDA sampling kernel's cubins for sm_87 / sm_89 / sm_90 (needs nvcc; NVRTC covers other archs at run time).
 kernels: setup

@@ -82,8 +82,9 @@ SHAPES = {"qwen2.5-0.5b": qwen25_05b_shape, "smoke": smoke_shape}
 # Bytes read per decode step
 # ---------------------------------------------------------------------------------------------------------
 # (op type, input index) of tables a node reads by index, a few rows per token: embeddings, and the fused
-# graph's RoPE cos / sin caches (RotaryEmbedding reads the rows at the position ids).
-INDEXED_INPUTS = {("Gather", 0), ("GatherBlockQuantized", 0), ("RotaryEmbedding", 2), ("RotaryEmbedding", 3)}
+# graph's RoPE cos / sin caches (GroupQueryAttention reads the rows at its positions).
+INDEXED_INPUTS = {("Gather", 0), ("GatherBlockQuantized", 0), ("GroupQueryAttention", 7),
+                  ("GroupQueryAttention", 8), ("RotaryEmbedding", 2), ("RotaryEmbedding", 3)}
 
 
 def streamed_weight_bytes(onnx_path: Path) -> dict:
@@ -157,9 +158,11 @@ def summarize(prefill_s: list[float], steps_s: list[list[float]]) -> dict:
     }
 
 
-# A runtime under test is a function running one repetition: (prefill seconds, per-step seconds, tokens,
-# {part: seconds over the steps} for the runtimes that can split a step, e.g. ours into llm and head).
-Rep = Callable[[], tuple[float, list[float], list[int], dict[str, float]]]
+# A runtime under test is a function running one repetition of its `steps` decode steps, or of the given
+# number (the warm-up's): (prefill seconds, per-step seconds, tokens, {part: seconds over the steps} for the
+# runtimes that can split a step, e.g. ours into llm and head).
+Rep = Callable[..., tuple[float, list[float], list[int], dict[str, float]]]
+WARMUP_STEPS = 8  # a warm-up repetition's decode steps: every weight read once, every buffer allocated
 
 
 def summarize_reps(runs: list[tuple]) -> dict:
@@ -181,13 +184,13 @@ def ours_rep(engine_dir: Path, prompt: list[int], steps: int, threads: int) -> R
     runner = LLMRunner(engine)
     runner.engine.session("head_text")
 
-    def rep():
+    def rep(n: int = steps):
         t0 = time.perf_counter()
-        state = runner.prefill([prompt], max_new_tokens=steps)
+        state = runner.prefill([prompt], max_new_tokens=n)
         tok = int(np.argmax(runner.logits("text", state.hidden)[0]))
         t_prefill = time.perf_counter() - t0
         step_s, out, llm_s = [], [tok], 0.0
-        for _ in range(steps):
+        for _ in range(n):
             t0 = time.perf_counter()
             hidden = runner.feed(state, np.array([[tok]], np.int64))
             t1 = time.perf_counter()
@@ -200,17 +203,18 @@ def ours_rep(engine_dir: Path, prompt: list[int], steps: int, threads: int) -> R
     return rep
 
 
-def interleaved(reps_by_name: dict[str, Rep], warmup: int, reps: int, log, failures: dict) -> dict[str, dict]:
-    """Every runtime's warm-up, then repetition r of each runtime in turn (the order rotating by one each
-    round), so that a slow drift of the machine (this VM's memory bandwidth moves by 10-20% over minutes)
-    lands on every runtime alike instead of on whichever ran during it. A runtime that fails is reported
-    and leaves the rotation."""
+def interleaved(reps_by_name: dict[str, Rep], warmup: int, reps: int, log, failures: dict,
+                warmup_steps: int | None = None) -> dict[str, dict]:
+    """Every runtime's warm-up (`warmup` repetitions, of `warmup_steps` decode steps if given), then
+    repetition r of each runtime in turn (the order rotating by one each round), so that a slow drift of the
+    machine (this VM's memory bandwidth moves by 10-20% over minutes) lands on every runtime alike instead of
+    on whichever ran during it. A runtime that fails is reported and leaves the rotation."""
     names = list(reps_by_name)
     runs: dict[str, list] = {n: [] for n in names}
     for name in list(names):  # a copy: a failing runtime leaves `names`
         try:
             for _ in range(warmup):
-                reps_by_name[name]()
+                reps_by_name[name](*([] if warmup_steps is None else [warmup_steps]))
         except Exception as e:  # a failing configuration is reported, not hidden
             failures[name] = f"{type(e).__name__}: {str(e)[-1500:]}"
             traceback.print_exc()
@@ -261,14 +265,14 @@ def eager_rep(model, prompt: list[int], steps: int, threads: int) -> Rep:
     ids = torch.tensor([prompt], dtype=torch.int64)
 
     @torch.inference_mode()
-    def rep():
+    def rep(n: int = steps):
         cache = DynamicCache(config=model.config)
         t0 = time.perf_counter()
         out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         tok = int(out.logits[0, -1].argmax())
         t_prefill = time.perf_counter() - t0
         step_s, got = [], [tok]
-        for _ in range(steps):
+        for _ in range(n):
             t0 = time.perf_counter()
             out = model(input_ids=torch.tensor([[tok]]), cache=out.cache, use_cache=True, logits_to_keep=1)
             tok = int(out.logits[0, -1].argmax())
@@ -306,18 +310,17 @@ def genai_rep(model_dir: Path, prompt: list[int], steps: int) -> Rep:
 
     model = og.Model(str(model_dir))
 
-    def rep():
+    def rep(n: int = steps):
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + steps + 1, do_sample=False,
-                                  min_length=len(prompt) + steps + 1)
+        params.set_search_options(max_length=len(prompt) + n + 1, do_sample=False, min_length=len(prompt) + n + 1)
         gen = og.Generator(model, params)
         t0 = time.perf_counter()
         gen.append_tokens(np.array(prompt, np.int32))  # prefill + the first token
         t_prefill = time.perf_counter() - t0
         step_s = []
-        for _ in range(steps):
+        for _ in range(n):
             if gen.is_done():
-                raise RuntimeError(f"the Generator stopped after {len(step_s)} of {steps} steps")
+                raise RuntimeError(f"the Generator stopped after {len(step_s)} of {n} steps")
             t0 = time.perf_counter()
             gen.generate_next_token()
             step_s.append(time.perf_counter() - t0)
@@ -436,7 +439,7 @@ def run(args) -> dict:
                   "kv_heads": llm.num_kv_heads, "ffn": llm.intermediate_size, "vocab_rows": llm.vocab_rows,
                   "text_head_rows": cfg.head_ranges()["text"][1], "tied_embeddings": llm.tie_word_embeddings},
         "protocol": {"batch": 1, "prompt_tokens": args.prompt, "decode_steps": args.steps, "warmup": args.warmup,
-                     "reps": args.reps, "greedy": True, "mean_context": context, "llm_graphs": args.llm_graphs,
+                     "warmup_steps": min(WARMUP_STEPS, args.steps), "reps": args.reps, "greedy": True, "mean_context": context, "llm_graphs": args.llm_graphs,
                      "timing": "interleaved rounds"},
         "runs": {}, "failures": {}, "build_s": {},
     }
@@ -512,8 +515,10 @@ def run(args) -> dict:
         except Exception as e:
             result["failures"][name] = f"{type(e).__name__}: {str(e)[-1500:]}"
             traceback.print_exc()
-    log(f"timing {len(reps_by_name)} runtimes interleaved: {args.warmup} warm-up + {args.reps} rounds")
-    for name, r in interleaved(reps_by_name, args.warmup, args.reps, log, result["failures"]).items():
+    log(f"timing {len(reps_by_name)} runtimes interleaved: {args.warmup} warm-up ({WARMUP_STEPS} steps) + "
+        f"{args.reps} rounds")
+    for name, r in interleaved(reps_by_name, args.warmup, args.reps, log, result["failures"],
+                               warmup_steps=min(WARMUP_STEPS, args.steps)).items():
         result["runs"][name] = {**r, **bytes_by_name[name], "kv_bytes_per_token": kv}
     del reps_by_name
     gc.collect()
@@ -571,7 +576,8 @@ def markdown(result: dict) -> str:
         f"{v['onnxruntime-genai']}, torch {v['torch']}, transformers {v['transformers']}; commit "
         f"{result['git_commit'][:12]}.",
         f"Shape {result['shape']['name']}: batch 1, prompt {result['protocol']['prompt_tokens']}, "
-        f"{result['protocol']['decode_steps']} decode steps, {result['protocol']['warmup']} warm-up + "
+        f"{result['protocol']['decode_steps']} decode steps, {result['protocol']['warmup']} warm-up "
+        f"({result['protocol'].get('warmup_steps', result['protocol']['decode_steps'])} steps) + "
         f"{result['protocol']['reps']} interleaved rounds (each round times every runtime once).",
         "",
         "| runtime | decode ms/token (median) | min-max | step p10-p90 | prefill ms | MB read/token | bound ms | "

@@ -1,7 +1,8 @@
 """Per-stage latency of the whole runtime (vision, prefill, decode, image-token loop, detokenizers, end to end)
 at ILLUME+ architecture shapes with random weights, against PyTorch eager on the same weights.
 
-    python -m benchmarks.stages                  # CPU preset, ~10 minutes on 2 cores
+    python -m benchmarks.stages                  # CPU preset, ~6 minutes on 2 cores
+    python -m benchmarks.stages --full           # longer prompts, all repetitions, fp32 end to end too
     python -m benchmarks.stages --shape smoke    # tiny shapes, ~2 minutes (checks the harness end to end)
 
 Every side runs in its own process, so that each one's peak RSS is its own:
@@ -10,14 +11,17 @@ Every side runs in its own process, so that each one's peak RSS is its own:
   forward with a DynamicCache per CFG row and the full LM head, diffusers UNet / VAE, the torch encoders);
 - ours (one process per precision): the runtime only; the worker checks that torch was never imported. The
   int4 worker skips the stand-alone vision / VQ / UNet / VAE stages: int4 engines run the fp32 graphs there.
+  The image-token loops and end-to-end requests run on the int4 engine, the deployment precision (--full:
+  on fp32 too; Protocol.e2e_precisions).
 
-Stages, each with warm-up, repetitions, median and min-max: image preprocessing, each vision branch, prefill
+Stages, each with one warm-up, then up to 3 repetitions (a multi-second stage stops after 2 once its timed
+runs pass 6 s; --full runs all 3), median and min-max: image preprocessing, each vision branch, prefill
 (time to first token) at several prompt lengths, decode ms/token at batch 1, the image-token loop at CFG batch 2
 and at batch 1 (ms per image token, forced tokens included, split into LLM / head / sampler / host work), the
 VQ decoder, one UNet step (CFG batch 2), the VAE decoder, and end to end: understanding (a fixed number of
-answer tokens, EOS ignored), 256x256 generation and editing. The eager side's end-to-end figures are composed
-from its measured stage medians (its full image loop would take minutes per image on 2 cores); ours are
-measured directly. Writes benchmarks/results/<date>-<host>-stages.json and prints a markdown table.
+answer tokens, EOS ignored; a 448x336 photo, --full 640x480), 256x256 generation and editing. The eager
+side's end-to-end figures are composed from its measured stage medians (its full image loop would take minutes
+per image on 2 cores); ours are measured directly. Writes benchmarks/results/<date>-<host>-stages.json and prints a markdown table.
 """
 from __future__ import annotations
 
@@ -88,13 +92,17 @@ SHAPES: dict[str, Callable] = {"cpu": cpu_shape, "smoke": smoke_shape}
 class Protocol:
     """What every worker runs (the same for ours and eager)."""
     reps: int = 3  # repetitions of the short stages (after one warm-up)
+    # a stage stops repeating once its timed runs pass this many seconds, after at least 2 (None: all reps)
+    rep_budget_s: float | None = 6.0
     e2e_reps: int = 1  # repetitions of the end-to-end runs and of the full image loops (after the stage warm-ups)
-    prompt_lengths: tuple[int, ...] = (128, 512, 1024)
+    # engines that also run the image-token loops and the end-to-end requests (the others: per-stage kernels)
+    e2e_precisions: tuple[str, ...] = ("int4",)
+    prompt_lengths: tuple[int, ...] = (128, 256, 512)
     decode_prompt: int = 128
     decode_steps: int = 32
     image_steps_eager: int = 16  # eager image-token steps timed (its full loop is composed from them)
     answer_tokens: int = 32  # understanding: answer tokens, EOS ignored
-    source_hw: tuple[int, int] = (480, 640)  # the understanding input photo's size
+    source_hw: tuple[int, int] = (336, 448)  # the understanding input photo's size
     image_hw: tuple[int, int] = (256, 256)  # generation resolution, and the size of the photo that is edited
     diffusion_steps: int = 25
     threads: int = 2
@@ -108,8 +116,14 @@ class Protocol:
 PROTOCOL_SIZES: dict[str, dict] = {
     "cpu": {},
     "smoke": {"prompt_lengths": (16, 64), "decode_prompt": 16, "decode_steps": 4, "image_steps_eager": 4,
-              "answer_tokens": 4, "diffusion_steps": 2, "reps": 1},
+              "answer_tokens": 4, "diffusion_steps": 2, "reps": 1, "e2e_precisions": ("fp32", "int4")},
 }
+
+
+# --full (the cpu shape): longer prompts, every stage's repetitions in full, and the fp32 engine end to end
+# too; the default keeps `make bench` (both benches) near 10 minutes on 2 cores
+FULL_PROTOCOL: dict = {"prompt_lengths": (128, 512, 1024), "rep_budget_s": None, "e2e_precisions": ("fp32", "int4"),
+                       "source_hw": (480, 640)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -125,14 +139,23 @@ def stats(seconds: list[float]) -> dict:
     return {"ms": statistics.median(ms), "min": min(ms), "max": max(ms), "n": len(ms)}
 
 
-def repeat(fn: Callable[[], object], reps: int, warmup: int = 1) -> dict:
-    out = []
+def repeat(fn: Callable[[], object], reps: int, warmup: int = 1, budget_s: float | None = None) -> dict:
+    """Median and spread of `reps` timed runs after `warmup`; with `budget_s`, fewer (at least 2) once the
+    timed runs have taken that long (multi-second stages)."""
+    out: list[float] = []
     for i in range(warmup + reps):
         t0 = time.perf_counter()
         fn()
         if i >= warmup:
             out.append(time.perf_counter() - t0)
+            if budget_s is not None and len(out) >= 2 and sum(out) >= budget_s:
+                break
     return stats(out)
+
+
+def repeat_stage(fn: Callable[[], object], p: Protocol) -> dict:
+    """A stage's timing under the protocol: one warm-up, then `p.reps` runs within `p.rep_budget_s`."""
+    return repeat(fn, p.reps, budget_s=p.rep_budget_s)
 
 
 def time_greedy_decode(start: Callable[[], tuple[object, int]], step: Callable[[object, int], int],
@@ -278,7 +301,7 @@ def ours_worker(engine_dir: Path, p: Protocol, llm_stages_only: bool = False) ->
     cfg, out = engine.config, {"precision": engine.manifest.precision}
     photo = test_photo(*p.source_hw)
 
-    out["preprocess"] = repeat(lambda: preprocess_image(to_rgb(photo), cfg), p.reps)
+    out["preprocess"] = repeat_stage(lambda: preprocess_image(to_rgb(photo), cfg), p)
     pixels = preprocess_image(to_rgb(photo), cfg)
     per_branch: dict[str, list[float]] = {}
     for i in range(1 + (0 if llm_stages_only else p.reps)):  # one encode: the parity probe
@@ -287,14 +310,16 @@ def ours_worker(engine_dir: Path, p: Protocol, llm_stages_only: bool = False) ->
         for name, s in t.stages.items():
             if i:
                 per_branch.setdefault(name, []).append(s)
+        if p.rep_budget_s is not None and i >= 2 and sum(map(sum, per_branch.values())) >= p.rep_budget_s:
+            break  # as repeat(): at least 2 timed encodes
     out.update({name: stats(v) for name, v in per_branch.items()})
     out["parity_probe"] = {"vision_features_head": [float(x) for x in encoded.features[0][0, :4]]}
 
     greedy = SamplingParams(temperature=0.0)
     for n in p.prompt_lengths:
         ids = text_ids(cfg, n, n)
-        out[f"prefill_{n}"] = repeat(
-            lambda: runner.logits("text", runner.prefill([ids], max_new_tokens=1).hidden).argmax(), p.reps)
+        out[f"prefill_{n}"] = repeat_stage(
+            lambda: runner.logits("text", runner.prefill([ids], max_new_tokens=1).hidden).argmax(), p)
 
     def start():
         state = runner.prefill([text_ids(cfg, p.decode_prompt, 1)], max_new_tokens=p.decode_steps)
@@ -305,39 +330,50 @@ def ours_worker(engine_dir: Path, p: Protocol, llm_stages_only: bool = False) ->
 
     out["decode_b1"], out["parity_probe"]["greedy_tokens"] = time_greedy_decode(start, step, p)
 
-    # the image-token loop at batch 1 (CFG off) on the generation prompt; CFG batch 2 is timed inside the
-    # end-to-end generation below (the same loop; one full loop fewer on the clock)
     h, w = p.image_hw
     positions = ImageGrammar(cfg, h, w).length
+    requests = out["precision"] in p.e2e_precisions  # image loops and end-to-end requests (Protocol)
 
     def loop_result(runs: list[dict]) -> dict:
         ms = [r["ms_per_image_token"] for r in runs]
         return {**runs[len(runs) // 2], "ms_min": min(ms), "ms_max": max(ms), "n": len(runs)}
 
+    # the image-token loop at batch 1 (CFG off) on the generation prompt; CFG batch 2 is timed inside the
+    # end-to-end generation below (the same loop; one full loop fewer on the clock)
     gen = SamplingParams.from_defaults(cfg.defaults.generate, pipe.repetition_penalty)
     runs = []
-    for rep in range(p.e2e_reps):
+    for rep in range(p.e2e_reps if requests else 0):
         acc.stages.clear()
         t = Timings()
         tokens = sample_image_tokens(runner, [generate_prompts(pipe.tokenizer, cfg, PROMPT, h, w)[0].ids()], None,
                                      h, w, dataclasses.replace(gen, cfg_scale=1.0), seed=rep, timings=t)
         runs.append(_loop_breakdown(t.stages["image_tokens"], acc, positions, 1))
-    out["image_loop_b1"] = loop_result(runs)
-    maps = code_maps(engine, tokens.codes)
+    if runs:
+        out["image_loop_b1"] = loop_result(runs)
+        codes = tokens.codes
+    else:  # the decoders' cost does not depend on the codes: seeded random ones on the same grids
+        g = np.random.default_rng(SEED)
+        codes = [g.integers(0, lv.codebook_size, cfg.level_grid(i, h, w)) for i, lv in enumerate(cfg.levels)]
+    maps = code_maps(engine, codes)
 
     if engine.has("vq_decoder") and not llm_stages_only:
-        out["vq_decoder"] = repeat(lambda: vq_decode(engine, maps), p.reps)
+        out["vq_decoder"] = repeat_stage(lambda: vq_decode(engine, maps), p)
     if engine.has("unet") and not llm_stages_only:
         d = cfg.diffusion
         lat_h, lat_w = h * d.upscale // d.vae.downsample, w * d.upscale // d.vae.downsample
-        codes = upsample_nearest(merge_code_maps(maps), lat_h, lat_w)
+        merged = upsample_nearest(merge_code_maps(maps), lat_h, lat_w)
         feeds = {"latent": np.repeat(initial_noise(0, (1, d.unet.latent_channels, lat_h, lat_w)), 2, axis=0),
                  "timestep": np.full((2,), 500.0, np.float32),
-                 "code_map": np.concatenate([np.zeros_like(codes), codes]),
+                 "code_map": np.concatenate([np.zeros_like(merged), merged]),
                  "time_ids": np.zeros((2, d.unet.num_time_ids), np.float32)}
         unet, vae = engine.session("unet"), engine.session("vae_decoder")
-        out["unet_step_b2"] = repeat(lambda: unet.run(feeds), p.reps)
-        out["vae_decoder"] = repeat(lambda: vae.run({"latent": feeds["latent"][:1]}), p.reps)
+        out["unet_step_b2"] = repeat_stage(lambda: unet.run(feeds), p)
+        out["vae_decoder"] = repeat_stage(lambda: vae.run({"latent": feeds["latent"][:1]}), p)
+    out["decoder"] = "diffusion" if engine.has("unet") else "vq"
+    if not requests:
+        out["peak_rss_mb"] = peak_rss_mb()
+        out["torch_imported"] = "torch" in sys.modules
+        return out
 
     # end to end
     def understand_e2e():  # Pipeline.understand's work with a fixed answer length: TTFT = the first piece
@@ -352,7 +388,7 @@ def ours_worker(engine_dir: Path, p: Protocol, llm_stages_only: bool = False) ->
 
     runs = [understand_e2e() for _ in range(1 + p.e2e_reps)][1:]
     out["e2e_understand"] = {**stats([r[1] for r in runs]), "ttft_ms": 1e3 * statistics.median(r[0] for r in runs)}
-    decoder = "diffusion" if engine.has("unet") else "vq"
+    decoder = out["decoder"]
     edit_photo = test_photo(*p.image_hw)
     for name, fn in (("e2e_generate", lambda s: pipe.generate(PROMPT,
                                                                resolution=(h, w), seed=s, decoder=decoder,
@@ -368,7 +404,6 @@ def ours_worker(engine_dir: Path, p: Protocol, llm_stages_only: bool = False) ->
                      "stages_ms": {k: 1e3 * v for k, v in results[-1].timings.items()}}
         if name == "e2e_generate":
             out["image_loop_b2"] = loop_result(loops)
-    out["decoder"] = decoder
     out["peak_rss_mb"] = peak_rss_mb()
     out["torch_imported"] = "torch" in sys.modules
     return out
@@ -409,15 +444,15 @@ def eager_worker(shape: str, tokenizer_json: Path, p: Protocol) -> dict:
                 def run(b=b, enc=enc, proj=proj):
                     z = enc(torch.from_numpy(pixel_inputs(pixels, b.encoder)))
                     return proj(z[0].flatten(1).transpose(0, 1))  # [C, h, w] -> [h*w, C]
-            out[f"vision_{b.name}"] = repeat(run, p.reps)
+            out[f"vision_{b.name}"] = repeat_stage(run, p)
             if b.level == 0:
                 out["parity_probe"] = {"vision_features_head": [float(x) for x in run()[0, :4]]}
 
         llm = mods.llm
         for n in p.prompt_lengths:
             ids = torch.tensor([text_ids(cfg, n, n)])
-            out[f"prefill_{n}"] = repeat(lambda: llm(input_ids=ids, cache=DynamicCache(config=llm.config),
-                                                     use_cache=True, logits_to_keep=1).logits.argmax(), p.reps)
+            out[f"prefill_{n}"] = repeat_stage(lambda: llm(input_ids=ids, cache=DynamicCache(config=llm.config),
+                                                           use_cache=True, logits_to_keep=1).logits.argmax(), p)
 
         text_stop = cfg.head_ranges()["text"][1]
 
@@ -453,8 +488,8 @@ def eager_worker(shape: str, tokenizer_json: Path, p: Protocol) -> dict:
         def prefill_rows(rows):
             return [reference_step(llm, None, inputs_embeds=r) for r in rows]
 
-        out["prefill_generate"] = repeat(lambda: prefill_rows(ref._embed_rows(cond.ids(), uncond.ids(), None, -1)),
-                                         p.reps)
+        out["prefill_generate"] = repeat_stage(
+            lambda: prefill_rows(ref._embed_rows(cond.ids(), uncond.ids(), None, -1)), p)
 
         def edit_prefix():  # host prep, both encoders, the edit prompt's two rows
             boxed, (eh, ew), _ = letterbox_to_anchor(to_rgb(test_photo(*p.image_hw)), cfg.anchors)
@@ -483,8 +518,8 @@ def eager_worker(shape: str, tokenizer_json: Path, p: Protocol) -> dict:
         maps = ref.code_maps([np.random.default_rng(i).integers(0, lv.codebook_size, cfg.level_grid(i, h, w))
                               for i, lv in enumerate(cfg.levels)])
         if cfg.vq_decoder is not None:
-            out["vq_decoder"] = repeat(lambda: reference_vq_decode(mods.post_quant_conv, mods.vq_decoder, maps),
-                                       p.reps)
+            out["vq_decoder"] = repeat_stage(
+                lambda: reference_vq_decode(mods.post_quant_conv, mods.vq_decoder, maps), p)
         if mods.unet is not None:
             d = cfg.diffusion
             lat = torch.randn(2, d.unet.latent_channels, h * d.upscale // d.vae.downsample,
@@ -492,12 +527,11 @@ def eager_worker(shape: str, tokenizer_json: Path, p: Protocol) -> dict:
             codes = torch.zeros(2, d.unet.code_channels, *lat.shape[-2:])
             text, pooled = zero_text_conditioning(d.unet, 2, lat)
             tid = torch.tensor([time_ids_for(d.unet, 0)] * 2, dtype=torch.float32)
-            out["unet_step_b2"] = repeat(lambda: mods.unet(torch.cat([lat, codes], 1), torch.tensor(500.0),
-                                                           encoder_hidden_states=text, return_dict=False,
-                                                           added_cond_kwargs={"text_embeds": pooled,
-                                                                              "time_ids": tid}), p.reps)
-            out["vae_decoder"] = repeat(lambda: mods.vae.decode(lat[:1] / mods.vae.config.scaling_factor,
-                                                                return_dict=False), p.reps)
+            out["unet_step_b2"] = repeat_stage(
+                lambda: mods.unet(torch.cat([lat, codes], 1), torch.tensor(500.0), encoder_hidden_states=text,
+                                  return_dict=False, added_cond_kwargs={"text_embeds": pooled, "time_ids": tid}), p)
+            out["vae_decoder"] = repeat_stage(
+                lambda: mods.vae.decode(lat[:1] / mods.vae.config.scaling_factor, return_dict=False), p)
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
@@ -668,7 +702,8 @@ def run(args) -> dict:
     t_start = time.perf_counter()
     given = {k: v for k, v in (("reps", args.reps), ("e2e_reps", args.e2e_reps),
                                ("diffusion_steps", args.diffusion_steps)) if v is not None}
-    p = Protocol(**{**PROTOCOL_SIZES[args.shape], **given, "threads": args.threads or cores()})
+    full = FULL_PROTOCOL if args.full else {}
+    p = Protocol(**{**PROTOCOL_SIZES[args.shape], **full, **given, "threads": args.threads or cores()})
     log = lambda s: print(f"[stages {time.perf_counter() - t_start:6.1f}s] {s}", file=sys.stderr, flush=True)  # noqa
     cfg = SHAPES[args.shape]()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="illume-stages-"))
@@ -719,6 +754,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.stages", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="cpu", choices=sorted(SHAPES))
+    ap.add_argument("--full", action="store_true", help="the long protocol: prompts up to 1024 tokens, all "
+                    "repetitions, fp32 end to end too (~18 minutes on 2 cores)")
     ap.add_argument("--reps", type=int, default=None, help="short-stage repetitions (default: the shape's, 3)")
     ap.add_argument("--e2e-reps", dest="e2e_reps", type=int, default=None, help="end-to-end repetitions (1)")
     ap.add_argument("--diffusion-steps", dest="diffusion_steps", type=int, default=None, help="UNet steps (25)")

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,9 +24,9 @@ def _timing(r: dict) -> None:
     assert r["n"] >= 1 and 0 < r["min"] <= r["ms"] <= r["max"], r
 
 
-def _ours_worker(engine_dir: Path, llm_stages_only: bool = False) -> dict:
+def _ours_worker(engine_dir: Path, llm_stages_only: bool = False, protocol: stages.Protocol = SMOKE) -> dict:
     """The runtime worker in its own interpreter (as `make bench` runs it)."""
-    args = {"engine": str(engine_dir), "protocol": dataclasses.asdict(SMOKE), "llm_stages_only": llm_stages_only}
+    args = {"engine": str(engine_dir), "protocol": dataclasses.asdict(protocol), "llm_stages_only": llm_stages_only}
     code = "import sys; from benchmarks.stages import _worker_main; _worker_main('ours', sys.argv[1])"
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
@@ -89,6 +90,30 @@ def test_eager_worker_and_the_table(ours, tiny_engine):
     assert "(composed)" not in table.split("understanding")[1].splitlines()[0]  # measured whole
     assert "FAILED ours int4: RuntimeError: boom" in table
     assert "greedy tokens" in result["parity"]["fp32"]
+
+
+def test_engine_outside_e2e_precisions_times_the_stage_kernels_only(tiny_engine):
+    """The default protocol runs the image loops and end-to-end requests on int4 only: the fp32 worker still
+    times every per-stage kernel (the decoders on seeded codes of the level grids), and no loop."""
+    fp32 = _ours_worker(tiny_engine("tiny-plus")[0], protocol=dataclasses.replace(SMOKE, e2e_precisions=("int4",)))
+    assert fp32["precision"] == "fp32" and fp32["torch_imported"] is False
+    for key in ("vision_semantic", "vision_pixel", "decode_b1", "vq_decoder", "unet_step_b2", "vae_decoder"):
+        _timing(fp32[key])
+    assert not {k for k in fp32 if k.startswith(("image_loop", "e2e_"))}
+
+
+def test_repeat_stops_at_its_budget_after_two_runs():
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.02)
+
+    r = stages.repeat(slow, reps=5, budget_s=0.03)
+    assert r["n"] == 2 and len(calls) == 3  # the warm-up, then two timed runs past the budget
+    calls.clear()
+    assert stages.repeat(slow, reps=3, budget_s=None)["n"] == 3 and len(calls) == 4
+    assert stages.repeat(slow, reps=1, budget_s=0.0)["n"] == 1  # never more runs than asked
 
 
 def test_quantized_worker_skips_the_graphs_it_shares_with_fp32(ours, tiny_engine):
@@ -172,7 +197,7 @@ def test_streamed_bytes_leave_out_tables_read_by_index(tiny_engine):
     path = tiny_engine("tiny-plus", "fused")[0] / "llm.onnx"
     model = onnx.load(str(path))
     sizes = {t.name: numpy_helper.to_array(t).nbytes for t in model.graph.initializer}
-    rope = {n.input[i] for n in model.graph.node if n.op_type == "RotaryEmbedding" for i in (2, 3)}
+    rope = {n.input[i] for n in model.graph.node if n.op_type == "GroupQueryAttention" for i in (7, 8)}
     embed = {n.input[0] for n in model.graph.node if n.op_type == "Gather"} & set(sizes)
     assert len(rope) == 2 and rope <= set(sizes) and embed
     got = streamed_weight_bytes(path)

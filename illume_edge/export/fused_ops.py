@@ -3,12 +3,12 @@
 The portable `llm` graph spells RMSNorm, RoPE and attention in standard ONNX ops: about 60 nodes per layer,
 whose elementwise chains and per-node dispatch cost as much as the int4 GEMVs themselves on a 2-core CPU
 (docs/performance.md). The fused graph expresses the same step with onnxruntime's com.microsoft kernels
-(the ones its GenAI model builder emits), about 16 nodes per layer:
+(the ones its GenAI model builder emits), about 11 nodes per layer:
 
   rms_norm       -> SimplifiedLayerNormalization             (default domain, registered by onnxruntime)
   skip_rms_norm  -> com.microsoft.SkipSimplifiedLayerNormalization   residual add + RMSNorm in one kernel
-  rotary         -> com.microsoft.RotaryEmbedding             RoPE with explicit position ids
-  gqa            -> com.microsoft.GroupQueryAttention          attention over a KV cache it updates in place
+  gqa            -> com.microsoft.GroupQueryAttention          RoPE + attention over a KV cache it updates in
+                                                               place, from the packed q|k|v projection
 
 Each op has an eager implementation with the portable graph's arithmetic, so `LLMStep(..., graph="fused")`
 runs in torch and its parity with the transformers reference is tested like the portable step.
@@ -17,8 +17,16 @@ GroupQueryAttention's cache contract ("shared" KV layout): past_key / present_ke
 `capacity` positions, [B, kv_heads, capacity, head_dim]; the step writes its S new keys at slots
 [T - S, T) (T = attention_mask's length) and attends over slots [0, T). onnxruntime takes the shared path
 when the two bound buffers have the same address (the runtime binds them so); `gqa` below computes
-present = past with those slots replaced. Rotary runs as its own op: GroupQueryAttention's internal rotary
-ignores position_ids on the first prompt (measured with onnxruntime 1.32), and left-padded rows need them.
+present = past with those slots replaced.
+
+RoPE positions are the cache slots. GroupQueryAttention derives them from its own bookkeeping (slot T - S + s
+for the step's token s; with position_ids it would use them on later steps but not on the first prompt,
+measured with onnxruntime 1.32), so the graph rotates by slot index and ignores its position_ids input. That
+is exact for the runtime's batches: a left-padded row's slots are its positions plus a constant (its padding),
+and RoPE attention depends only on differences of positions, q(m)·k(n) = f(m - n). The cached keys of a padded
+row are therefore rotated further, by its padding, than the portable graph's; the attention outputs are the same
+(tested against transformers). Folding RoPE into the attention kernel saves a Split and two RoPE nodes per
+layer (3% of the int4 decode step on 2 cores, docs/performance.md).
 Limits of onnxruntime's CPU kernel, checked at export or in the runtime: head_dim a multiple of 16; a call
 with batch > 1 and S > 1 on a non-empty cache is refused (the runtime feeds such runs a token at a time).
 
@@ -37,9 +45,10 @@ MSFT = "com.microsoft"
 def _register_schemas() -> None:
     """Make the contrib ops known to onnx (the exporter builds nodes through their schemas).
 
-    onnxruntime registers them in its own runtime, not in the `onnx` package the exporter consults. Must
-    run after `onnx.reference` is imported (onnxscript imports it): that module indexes every schema by
-    name once and refuses two domains defining the same name (RotaryEmbedding exists in ONNX opset 23).
+    onnxruntime registers them in its own runtime, not in the `onnx` package the exporter consults. Runs
+    after `onnx.reference` is imported (onnxscript imports it): that module indexes every schema by name
+    once and refuses two domains defining the same name (it broke on com.microsoft.RotaryEmbedding, which
+    an earlier version of this graph used, against ONNX opset 23's RotaryEmbedding).
     """
     FP = defs.OpSchema.FormalParameter
     single, optional = defs.OpSchema.FormalParameterOption.Single, defs.OpSchema.FormalParameterOption.Optional
@@ -57,13 +66,12 @@ def _register_schemas() -> None:
         ("SkipSimplifiedLayerNormalization", MSFT): (
             ["input:T", "skip:T", "gamma:T"], ["output:T", "mean:U?", "inv_std_var:U?", "input_skip_bias_sum:T?"],
             [("epsilon", FLOAT)]),
-        ("RotaryEmbedding", MSFT): (["input:T", "position_ids:M", "cos_cache:T", "sin_cache:T"], ["output:T"],
-                                    [("num_heads", INT), ("interleaved", INT)]),
         ("GroupQueryAttention", MSFT): (
             ["query:T", "key:T?", "value:T?", "past_key:T?", "past_value:T?", "seqlens_k:M",
              "total_sequence_length:M", "cos_cache:T?", "sin_cache:T?", "position_ids:M?", "attention_bias:T?"],
             ["output:T", "present_key:T", "present_value:T"],
-            [("num_heads", INT), ("kv_num_heads", INT), ("scale", FLOAT)]),
+            [("num_heads", INT), ("kv_num_heads", INT), ("scale", FLOAT), ("do_rotary", INT),
+             ("rotary_interleaved", INT)]),
     }
     for (name, domain), (inputs, outputs, attrs) in table.items():
         if defs.has(name, domain):
@@ -112,41 +120,38 @@ def _(x, skip, weight, eps):
     return torch.empty_like(x), torch.empty_like(x)
 
 
-@torch.library.custom_op("illume_edge::rotary", mutates_args=())
-def rotary(x: torch.Tensor, position_ids: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
-           num_heads: int) -> torch.Tensor:
-    """Half-rotation RoPE on x [B, S, n*d] at position_ids [B, S]; caches [max_positions, d/2]. The portable
+def _rope(x: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+          num_heads: int) -> torch.Tensor:
+    """Half-rotation RoPE on x [B, S, n*d] at positions [B, S]; caches [max_positions, d/2]. The portable
     step's arithmetic (LLMStep.attention): x * cos + rotate_half(x) * sin."""
     from .llm import _rotate_half
 
     b, s, width = x.shape
     heads = x.view(b, s, num_heads, width // num_heads)  # [B, S, n, d]
-    cos = cos_cache[position_ids].unsqueeze(2)  # [B, S, 1, d/2]
-    sin = sin_cache[position_ids].unsqueeze(2)
+    cos = cos_cache[positions].unsqueeze(2)  # [B, S, 1, d/2]
+    sin = sin_cache[positions].unsqueeze(2)
     out = heads * torch.cat([cos, cos], dim=-1) + _rotate_half(heads) * torch.cat([sin, sin], dim=-1)
     return out.reshape(b, s, width)
 
 
-@rotary.register_fake
-def _(x, position_ids, cos_cache, sin_cache, num_heads):
-    return torch.empty_like(x)
-
-
 @torch.library.custom_op("illume_edge::gqa", mutates_args=())
-def gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
-        seqlens_k: torch.Tensor, total: torch.Tensor, bias: torch.Tensor, num_heads: int, kv_heads: int,
-        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Grouped-query attention over a shared-buffer cache (see the module docstring).
+def gqa(qkv: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor, seqlens_k: torch.Tensor,
+        total: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor, bias: torch.Tensor,
+        num_heads: int, kv_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RoPE at the cache slots, then grouped-query attention over a shared-buffer cache (module docstring).
 
-    q [B, S, h*d], k / v [B, S, kvh*d] (post-RoPE), past_key / past_value [B, kvh, C, d] (slots [0, T - S)
-    valid), seqlens_k int32 [B] = T - 1 and total int32 [] = T (the kernel's bookkeeping; see
-    `gqa_lengths`), bias [B, 1, S, T] additive (causal + padding). Returns (out [B, S, h*d], present_key,
-    present_value [B, kvh, C, d]).
+    qkv [B, S, (h + 2*kvh)*d] (the packed projection, pre-RoPE), past_key / past_value [B, kvh, C, d] (slots
+    [0, T - S) valid), seqlens_k int32 [B] = T - 1 and total int32 [] = T (the kernel's bookkeeping; see
+    `gqa_lengths`), cos_cache / sin_cache [max_positions, d/2], bias [B, 1, S, T] additive (causal +
+    padding). Returns (out [B, S, h*d], present_key, present_value [B, kvh, C, d]).
     """
-    b, s, _ = q.shape
+    b, s, _ = qkv.shape
     t = bias.shape[-1]  # T (the eager body reads it from the bias; seqlens_k / total are the kernel's)
     d = past_key.shape[-1]
     group = num_heads // kv_heads
+    q, k, v = qkv.split([num_heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    slots = torch.arange(t - s, t, device=qkv.device).expand(b, s)  # [B, S]: the kernel's RoPE positions
+    q, k = _rope(q, slots, cos_cache, sin_cache, num_heads), _rope(k, slots, cos_cache, sin_cache, kv_heads)
     present_key, present_value = past_key.clone(), past_value.clone()
     present_key[:, :, t - s:t] = k.view(b, s, kv_heads, d).transpose(1, 2)
     present_value[:, :, t - s:t] = v.view(b, s, kv_heads, d).transpose(1, 2)
@@ -161,8 +166,10 @@ def gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_key: torch.Tenso
 
 
 @gqa.register_fake
-def _(q, k, v, past_key, past_value, seqlens_k, total, bias, num_heads, kv_heads, scale):
-    return torch.empty_like(q), torch.empty_like(past_key), torch.empty_like(past_value)
+def _(qkv, past_key, past_value, seqlens_k, total, cos_cache, sin_cache, bias, num_heads, kv_heads, scale):
+    b, s, _ = qkv.shape
+    out = qkv.new_empty(b, s, num_heads * past_key.shape[-1])
+    return out, torch.empty_like(past_key), torch.empty_like(past_value)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -177,15 +184,11 @@ def _skip_rms_norm_onnx(x, skip, weight, eps: float):
     return out, total
 
 
-def _rotary_onnx(x, position_ids, cos_cache, sin_cache, num_heads: int):
-    return _msft.RotaryEmbedding(x, position_ids, cos_cache, sin_cache, num_heads=num_heads, interleaved=0)
-
-
-def _gqa_onnx(q, k, v, past_key, past_value, seqlens_k, total, bias, num_heads: int, kv_heads: int,
-              scale: float):
+def _gqa_onnx(qkv, past_key, past_value, seqlens_k, total, cos_cache, sin_cache, bias, num_heads: int,
+              kv_heads: int, scale: float):
     out, present_key, present_value = _msft.GroupQueryAttention(
-        q, k, v, past_key, past_value, seqlens_k, total, None, None, None, bias,
-        num_heads=num_heads, kv_num_heads=kv_heads, scale=scale)
+        qkv, None, None, past_key, past_value, seqlens_k, total, cos_cache, sin_cache, None, bias,
+        num_heads=num_heads, kv_num_heads=kv_heads, scale=scale, do_rotary=1, rotary_interleaved=0)
     return out, present_key, present_value
 
 
@@ -200,6 +203,5 @@ def gqa_lengths(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 TRANSLATIONS = {
     torch.ops.illume_edge.rms_norm.default: _rms_norm_onnx,
     torch.ops.illume_edge.skip_rms_norm.default: _skip_rms_norm_onnx,
-    torch.ops.illume_edge.rotary.default: _rotary_onnx,
     torch.ops.illume_edge.gqa.default: _gqa_onnx,
 }

@@ -295,8 +295,12 @@ class FusedLinear(nn.Module):
                 lin.bias = nn.Parameter(self.bias.data[start:start + n], requires_grad=False)
             start += n
 
+    def packed(self, x: torch.Tensor) -> torch.Tensor:
+        """The stacked outputs, unsplit: [..., sum(out)]."""
+        return nn.functional.linear(x, self.weight, self.bias)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return torch.split(nn.functional.linear(x, self.weight, self.bias), self.sizes, dim=-1)
+        return torch.split(self.packed(x), self.sizes, dim=-1)
 
 
 class LLMStep(nn.Module):
@@ -308,7 +312,9 @@ class LLMStep(nn.Module):
 
     graph "portable" (standard ONNX ops): past [B,kvh,P,d] -> present [B,kvh,P+S,d] (the "concat" KV layout).
     graph "fused" (onnxruntime contrib ops, export/fused_ops.py): past and present are one buffer of
-    capacity C >= T, [B,kvh,C,d]; the step writes slots [P, T) (the "shared" KV layout).
+    capacity C >= T, [B,kvh,C,d]; the step writes slots [P, T) (the "shared" KV layout). RoPE rotates by cache
+    slot (T - S + s), not by position_ids: the same attention for rows whose slots are their positions plus a
+    constant (left padding), which is every batch the runtime builds; the graph keeps the input, unused.
     """
 
     def __init__(self, model: Qwen2ForCausalLM | LlamaForCausalLM, cfg: ModelConfig, graph: str = "portable"):
@@ -391,8 +397,9 @@ class LLMStep(nn.Module):
 
     def forward_fused(self, input_ids: torch.Tensor, image_embeds: torch.Tensor, attention_mask: torch.Tensor,
                       position_ids: torch.Tensor, past: tuple[tuple[torch.Tensor, torch.Tensor], ...]):
-        """The same step through the contrib-op custom ops (export/fused_ops.py), shared KV layout."""
-        from .fused_ops import gqa, gqa_lengths, rms_norm, rotary, skip_rms_norm
+        """The same step through the contrib-op custom ops (export/fused_ops.py), shared KV layout; RoPE at the
+        cache slots (position_ids unused, see the class docstring)."""
+        from .fused_ops import gqa, gqa_lengths, rms_norm, skip_rms_norm
 
         inner = self.model.model
         x = splice_rows(inner.embed_tokens.weight, input_ids, image_embeds, self.vocab_rows)  # [B, S, H]
@@ -407,10 +414,8 @@ class LLMStep(nn.Module):
                 h = rms_norm(residual, layer.input_layernorm.weight, eps)
             else:
                 h, residual = skip_rms_norm(branch, residual, layer.input_layernorm.weight, eps)
-            q, k, v = self.qkv[i](h)  # one MatMul for the three projections; each [B, S, heads*d]
-            q = rotary(q, position_ids, cos, sin, self.num_heads)
-            k = rotary(k, position_ids, cos, sin, self.num_kv_heads)
-            ctx, key, value = gqa(q, k, v, past_key, past_value, seqlens, total, bias, self.num_heads,
+            qkv = self.qkv[i].packed(h)  # [B, S, (h + 2*kvh)*d]: one MatMul, RoPE'd inside the kernel
+            ctx, key, value = gqa(qkv, past_key, past_value, seqlens, total, cos, sin, bias, self.num_heads,
                                   self.num_kv_heads, self.scale)
             h, residual = skip_rms_norm(layer.self_attn.o_proj(ctx), residual,
                                         layer.post_attention_layernorm.weight, eps)
