@@ -76,11 +76,11 @@ bench: setup
 	$(BIN)/python -m benchmarks.llm_decode
 	$(BIN)/python -m benchmarks.stages
 
-# The long protocol (~25 minutes): both LLM graphs in the decode A/B, prompts up to 1024 tokens, every stage's
-# repetitions in full, and the fp32 engine end to end too.
+# The long protocol (~25 minutes): int8 decode too, both LLM graphs in the decode A/B, prompts up to 1024
+# tokens, every stage's repetitions in full, and the fp32 engine end to end too.
 bench-full: setup
 	$(BIN)/pip install -q -e '.[bench]'
-	$(BIN)/python -m benchmarks.llm_decode --llm-graphs fused portable
+	$(BIN)/python -m benchmarks.llm_decode --precisions fp32 int8 int4 --llm-graphs fused portable
 	$(BIN)/python -m benchmarks.stages --full
 
 # The CUDA sampling kernel's cubins for sm_87 / sm_89 / sm_90 (needs nvcc; NVRTC covers other archs at run time).

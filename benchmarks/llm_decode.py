@@ -5,8 +5,9 @@
 
 One run, one set of weights (a seeded random Qwen2ForCausalLM of the shape):
 - illume-edge: our `llm` graph (`--llm-graph`, default the fused one) + `head_text` exported fp32, then
-  `quantize_engine` int8 / int4, run by the runtime's `LLMRunner` (IO-bound KV cache) with greedy argmax
-  over the text head each step; default session threading (a pool per session, no spinning), and with
+  `quantize_engine` int4 (and int8 with `--precisions fp32 int8 int4`), run by the runtime's `LLMRunner`
+  (IO-bound KV cache) with greedy argmax over the text head each step; default session threading (a pool per
+  session, spinning only inside a run), and with
   `--shared-pool fp32 int4` again in a fresh process with ILLUME_EDGE_THREAD_POOL=shared (one pool for all
   sessions). `--profile` (default int4) runs onnxruntime's profiler over the decode steps (llm + head).
   With `--llm-graphs fused portable`, fp32 and int4 are also timed on the portable graph (the A/B).
@@ -617,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="default: the cores this process may use")
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "int8", "int4"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "int4"], choices=["fp32", "int8", "int4"],
+                    help="our engines to time (make bench-full adds int8)")
     ap.add_argument("--block-size", dest="block_size", type=int, default=32)
     ap.add_argument("--llm-graphs", dest="llm_graphs", nargs="+", default=[DEFAULT_LLM_GRAPH], choices=LLM_GRAPHS,
                     help="our llm graphs: the first gets every precision, the others fp32 and int4 (the A/B)")

@@ -6,11 +6,12 @@ at ILLUME+ architecture shapes with random weights, against PyTorch eager on the
     python -m benchmarks.stages --shape smoke    # tiny shapes, ~2 minutes (checks the harness end to end)
 
 Every side runs in its own process, so that each one's peak RSS is its own:
-- export (torch): seeded random modules of the shape -> fp32 engine (every graph) -> int4 engine (LLM + heads);
+- export (torch): seeded random modules of the shape -> fp32 engine (every graph) -> int4 engine (LLM + heads
+  int4 weight-only, vision encoders dynamic int8: `quantize --precision int4 --vision int8`);
 - eager (torch): the same seeded modules, timed as the export side's reference runs them (transformers
   forward with a DynamicCache per CFG row and the full LM head, diffusers UNet / VAE, the torch encoders);
 - ours (one process per precision): the runtime only; the worker checks that torch was never imported. The
-  int4 worker skips the stand-alone vision / VQ / UNet / VAE stages: int4 engines run the fp32 graphs there.
+  int4 worker skips the stand-alone VQ / UNet / VAE stages: the int4 engine runs the fp32 graphs there.
   The image-token loops and end-to-end requests run on the int4 engine, the deployment precision (--full:
   on fp32 too; Protocol.e2e_precisions).
 
@@ -21,7 +22,8 @@ and at batch 1 (ms per image token, forced tokens included, split into LLM / hea
 VQ decoder, one UNet step (CFG batch 2), the VAE decoder, and end to end: understanding (a fixed number of
 answer tokens, EOS ignored; a 448x336 photo, --full 640x480), 256x256 generation and editing. The eager
 side's end-to-end figures are composed from its measured stage medians (its full image loop would take minutes
-per image on 2 cores); ours are measured directly. Writes benchmarks/results/<date>-<host>-stages.json and prints a markdown table.
+per image on 2 cores); ours are measured directly. Writes benchmarks/results/<date>-<host>-stages.json and
+prints a markdown table.
 """
 from __future__ import annotations
 
@@ -221,7 +223,7 @@ def export_worker(shape: str, work: Path, threads: int) -> dict:
                   source={"benchmark": f"random weights, seed {SEED}"})
     export_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    quantize_engine(work / "engine-fp32", work / "engine-int4", "int4", progress=lambda s: None)
+    quantize_engine(work / "engine-fp32", work / "engine-int4", "int4", vision="int8", progress=lambda s: None)
     return {"build_s": build_s, "export_fp32_s": export_s, "quantize_int4_s": time.perf_counter() - t0,
             "peak_rss_mb": peak_rss_mb()}
 
@@ -303,8 +305,12 @@ def ours_worker(engine_dir: Path, p: Protocol, llm_stages_only: bool = False) ->
 
     out["preprocess"] = repeat_stage(lambda: preprocess_image(to_rgb(photo), cfg), p)
     pixels = preprocess_image(to_rgb(photo), cfg)
+    comps = engine.manifest.components
+    out["component_precisions"] = {n: c.precision for n, c in sorted(comps.items())}
+    # a quantized engine's own vision graphs (quantize --vision int8) are timed; fp32 ones were by the fp32 worker
+    own_vision = not llm_stages_only or any(c.precision != "fp32" for n, c in comps.items() if n.startswith("vision_"))
     per_branch: dict[str, list[float]] = {}
-    for i in range(1 + (0 if llm_stages_only else p.reps)):  # one encode: the parity probe
+    for i in range(1 + (p.reps if own_vision else 0)):  # one encode: the parity probe
         t = Timings()
         encoded = encode_image(engine, pixels, t)
         for name, s in t.stages.items():
@@ -635,6 +641,13 @@ def markdown(result: dict) -> str:
         mark = " (composed)" if key in result.get("eager_composed", {}) else ""
         lines.append(f"| {label} | {per} | {cell(a)} | {cell_b} | {cell(e)}{mark} | {ratio(a)} | {ratio_b} |")
     lines.append("")
+    quant = ours.get("int4", {}).get("component_precisions", {})
+    if quant:
+        groups: dict[str, list[str]] = {}
+        for name, prec in quant.items():
+            groups.setdefault(prec, []).append(name)
+        lines.append("The int4 engine's graphs: " + "; ".join(f"{prec}: {', '.join(names)}"
+                                                            for prec, names in sorted(groups.items())) + ".")
     for prec, o in ours.items():
         b2, b1 = o.get("image_loop_b2"), o.get("image_loop_b1")
         if b2 and b1:

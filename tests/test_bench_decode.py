@@ -48,7 +48,8 @@ def test_interleaved_rounds_rotate_and_report_failures():
 def test_smoke_run_times_both_graphs_and_eager(tmp_path):
     out = tmp_path / "decode.json"
     cmd = [sys.executable, "-m", "benchmarks.llm_decode", "--shape", "smoke", "--steps", "4", "--reps", "2",
-           "--skip-genai", "--profile", "int4", "--llm-graphs", "fused", "portable", "--out", str(out)]
+           "--skip-genai", "--profile", "int4", "--llm-graphs", "fused", "portable", "--precisions", "fp32", "int8",
+           "int4", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
