@@ -7,11 +7,11 @@ at ILLUME+ architecture shapes with random weights, against PyTorch eager on the
 
 Every side runs in its own process, so that each one's peak RSS is its own:
 - export (torch): seeded random modules of the shape -> fp32 engine (every graph) -> int4 engine (LLM + heads
-  int4 weight-only, vision encoders dynamic int8: `quantize --precision int4 --vision int8`);
+  int4 weight-only, vision encoders and UNet dynamic int8: `quantize --precision int4 --vision int8 --unet int8`);
 - eager (torch): the same seeded modules, timed as the export side's reference runs them (transformers
   forward with a DynamicCache per CFG row and the full LM head, diffusers UNet / VAE, the torch encoders);
 - ours (one process per precision): the runtime only; the worker checks that torch was never imported. The
-  int4 worker skips the stand-alone VQ / UNet / VAE stages: the int4 engine runs the fp32 graphs there.
+  int4 worker skips the stand-alone VQ decoder and VAE stages: the int4 engine runs the fp32 graphs there.
   The image-token loops and end-to-end requests run on the int4 engine, the deployment precision (--full:
   on fp32 too; Protocol.e2e_precisions).
 
@@ -223,7 +223,8 @@ def export_worker(shape: str, work: Path, threads: int) -> dict:
                   source={"benchmark": f"random weights, seed {SEED}"})
     export_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    quantize_engine(work / "engine-fp32", work / "engine-int4", "int4", vision="int8", progress=lambda s: None)
+    quantize_engine(work / "engine-fp32", work / "engine-int4", "int4", vision="int8", unet="int8",
+                    progress=lambda s: None)
     return {"build_s": build_s, "export_fp32_s": export_s, "quantize_int4_s": time.perf_counter() - t0,
             "peak_rss_mb": peak_rss_mb()}
 
@@ -307,7 +308,8 @@ def ours_worker(engine_dir: Path, p: Protocol, llm_stages_only: bool = False) ->
     pixels = preprocess_image(to_rgb(photo), cfg)
     comps = engine.manifest.components
     out["component_precisions"] = {n: c.precision for n, c in sorted(comps.items())}
-    # a quantized engine's own vision graphs (quantize --vision int8) are timed; fp32 ones were by the fp32 worker
+    # a quantized engine's own vision / UNet graphs (quantize --vision / --unet int8) are timed; fp32 ones were
+    # by the fp32 worker
     own_vision = not llm_stages_only or any(c.precision != "fp32" for n, c in comps.items() if n.startswith("vision_"))
     per_branch: dict[str, list[float]] = {}
     for i in range(1 + (p.reps if own_vision else 0)):  # one encode: the parity probe
@@ -364,7 +366,8 @@ def ours_worker(engine_dir: Path, p: Protocol, llm_stages_only: bool = False) ->
 
     if engine.has("vq_decoder") and not llm_stages_only:
         out["vq_decoder"] = repeat_stage(lambda: vq_decode(engine, maps), p)
-    if engine.has("unet") and not llm_stages_only:
+    own_unet = engine.has("unet") and (not llm_stages_only or comps["unet"].precision != "fp32")
+    if own_unet:
         d = cfg.diffusion
         lat_h, lat_w = h * d.upscale // d.vae.downsample, w * d.upscale // d.vae.downsample
         merged = upsample_nearest(merge_code_maps(maps), lat_h, lat_w)
@@ -374,7 +377,8 @@ def ours_worker(engine_dir: Path, p: Protocol, llm_stages_only: bool = False) ->
                  "time_ids": np.zeros((2, d.unet.num_time_ids), np.float32)}
         unet, vae = engine.session("unet"), engine.session("vae_decoder")
         out["unet_step_b2"] = repeat_stage(lambda: unet.run(feeds), p)
-        out["vae_decoder"] = repeat_stage(lambda: vae.run({"latent": feeds["latent"][:1]}), p)
+        if not llm_stages_only:
+            out["vae_decoder"] = repeat_stage(lambda: vae.run({"latent": feeds["latent"][:1]}), p)
     out["decoder"] = "diffusion" if engine.has("unet") else "vq"
     if not requests:
         out["peak_rss_mb"] = peak_rss_mb()

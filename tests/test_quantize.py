@@ -189,11 +189,13 @@ def test_cli_hook(tiny_engine, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Dynamic int8 vision encoders (quantize_engine(..., vision="int8"))
+# Dynamic int8 vision encoders and UNet (quantize_engine(..., vision="int8", unet="int8"))
 # ---------------------------------------------------------------------------------------------------------
 # Per image token, cosine of the int8 encoder's features with the fp32 encoder's. Measured on the tiny
 # engines: >= 0.999 (the bench's 1280-wide ViT: 0.999); bound with headroom.
 VISION_COSINE = 0.99
+# The int8 UNet's prediction: max |int8 - fp32| / max |fp32|. Measured: tiny-plus ~0.01, the bench UNet 0.021.
+UNET_TOL = 0.06
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -210,7 +212,7 @@ def test_vision_int8_features_close_to_fp32(tiny_engine, tmp_path, preset):
     dst = tmp_path / "engine"
     m = quantize_engine(src, dst, "int4", vision="int8", progress=lambda s: None)
     vision = [n for n in m.components if n.startswith("vision_")]
-    assert vision and m.source["quantization"]["vision"]["components"] == vision
+    assert vision and m.source["quantization"]["dynamic"]["components"] == vision
     for name in vision:
         c = m.components[name]
         assert c.precision == "int8" and "MatMulInteger" in c.ops and "DynamicQuantizeLinear" in c.ops
@@ -226,11 +228,36 @@ def test_vision_int8_features_close_to_fp32(tiny_engine, tmp_path, preset):
             assert cos.min() >= VISION_COSINE and not np.array_equal(a, b)
 
 
-def test_vision_int8_bad_requests_fail_clearly(tiny_engine, tmp_path):
+def test_unet_int8_prediction_close_to_fp32(tiny_engine, tmp_path):
+    """The UNet's attention / feed-forward GEMMs become MatMulInteger; its convolutions stay fp32; one
+    denoising prediction (CFG batch 2) stays within UNET_TOL of the fp32 graph's."""
+    from illume_edge.export.quantize import quantize_engine
+
+    src = tiny_engine("tiny-plus")[0]
+    m = quantize_engine(src, tmp_path / "engine", "int8", unet="int8", progress=lambda s: None)
+    c = m.components["unet"]
+    assert c.precision == "int8" and {"MatMulInteger", "Conv"} <= set(c.ops) and not c.portable
+    assert m.source["quantization"]["dynamic"]["components"] == ["unet"]
+    assert all(m.components[n].precision == "fp32" for n in m.components if n.startswith("vision_"))
+    ref, got = Engine.load(src).session("unet"), Engine.load(tmp_path / "engine").session("unet")
+    g = np.random.default_rng(0)
+    shapes = {t.name: [d if isinstance(d, int) else 2 if d == "batch" else 8 for d in t.shape]
+              for t in ref.component.inputs}
+    feeds = {name: g.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    feeds["timestep"] = np.full(shapes["timestep"], 500.0, np.float32)
+    a, b = ref.run(feeds)["noise_pred"], got.run(feeds)["noise_pred"]
+    err = np.abs(a - b).max() / np.abs(a).max()
+    print(f"int8 UNet: max relative error {err:.4f}")
+    assert 0 < err <= UNET_TOL
+
+
+def test_dynamic_int8_bad_requests_fail_clearly(tiny_engine, tmp_path):
     from illume_edge.export.quantize import quantize_engine
 
     src = tiny_engine("tiny-plus")[0]
     with pytest.raises(ValueError, match="vision 'int4' is not one of"):
         quantize_engine(src, tmp_path / "x", "int4", vision="int4")
-    with pytest.raises(EngineError, match="are vision graphs"):
+    with pytest.raises(ValueError, match="unet 'fp16' is not one of"):
+        quantize_engine(src, tmp_path / "x", "int4", unet="fp16")
+    with pytest.raises(EngineError, match="are compute-bound graphs"):
         quantize_engine(src, tmp_path / "x", "int4", components=["vision_semantic"], vision="int8")

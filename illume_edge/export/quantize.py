@@ -13,12 +13,13 @@ What this buys and costs
   parser does not. Their manifest components say so (`portable: false`); fp32/fp16 engines stay portable.
 - The vision graphs are compute bound, not bandwidth bound: their linear layers are Gemm(transB=1) run once
   per image over hundreds of tokens, so weight-only quantization would not make them faster. `vision="int8"`
-  quantizes them *dynamically* instead (`quantize_vision_component`): weights int8 per output channel,
+  quantizes them *dynamically* instead (`quantize_dynamic_component`): weights int8 per output channel,
   activations uint8 per tensor at run time (DynamicQuantizeLinear -> MatMulInteger), so the GEMMs run on the
   CPU's int8 dot-product units (AVX512-VNNI / AVX-VNNI / ARM dot product). On the bench's ViT (1280 wide, 768
-  patches) that is 2.8x faster than fp32, features within cosine 0.999 (docs/performance.md). Convolutions
-  (the MoVQ encoder) stay fp32: onnxruntime's ConvInteger has no fast CPU kernel. Opt-in: it changes the
-  features, so check the task accuracy (docs/nano.md measures it on ILLUME-nano).
+  patches) that is 2.8x faster than fp32, features within cosine 0.999 (docs/performance.md). `unet="int8"`
+  does the same to the diffusion UNet's attention and feed-forward layers (1.2x on the bench UNet).
+  Convolutions stay fp32: onnxruntime's ConvInteger has no fast CPU kernel. Opt-in: it changes the features
+  and images, so check the task accuracy (docs/nano.md measures both on ILLUME-nano).
 
 Torch-free (onnx + onnxruntime only): it runs on an exported folder, not on the checkpoint.
 """
@@ -34,7 +35,7 @@ from ..manifest import (MANIFEST_NAME, Component, EngineError, Manifest, file_en
                         write_manifest)
 
 QUANT_BITS = {"int8": 8, "int4": 4}
-VISION_SCHEMES = ("int8",)  # dynamic int8 of the vision graphs' MatMul / Gemm (module docstring)
+DYNAMIC_SCHEMES = ("int8",)  # dynamic int8 of a compute-bound graph's MatMul / Gemm (module docstring)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations x dequantized weights on CPU (the fast kernels)
 EXTERNAL_DATA_THRESHOLD = 1 << 20  # same rule as export: graphs >= 1 MiB keep weights in <file>.data
@@ -130,9 +131,10 @@ def vision_components(manifest: Manifest) -> list[str]:
     return [n for n in sorted(manifest.components) if n.startswith("vision_")]
 
 
-def quantize_vision_component(src_dir: Path, dst_dir: Path, name: str, comp: Component) -> Component:
-    """Dynamic int8 of one vision graph's constant-weight MatMul / Gemm nodes: int8 weights per output
-    channel, uint8 activations quantized per tensor at run time (MatMulInteger). Returns the new entry."""
+def quantize_dynamic_component(src_dir: Path, dst_dir: Path, name: str, comp: Component) -> Component:
+    """Dynamic int8 of one compute-bound graph's constant-weight MatMul / Gemm nodes (a vision encoder, the
+    UNet): int8 weights per output channel, uint8 activations quantized per tensor at run time
+    (MatMulInteger). Returns the new entry."""
     import tempfile
 
     import onnx
@@ -141,8 +143,8 @@ def quantize_vision_component(src_dir: Path, dst_dir: Path, name: str, comp: Com
     from ..tensorrt_ops import unsupported_ops
 
     if comp.kind != "onnx" or comp.precision != "fp32":
-        raise EngineError(f"quantize: vision component {name} is {comp.kind} {comp.precision}; quantize an fp32 "
-                          f"ONNX export")
+        raise EngineError(f"quantize: component {name} is {comp.kind} {comp.precision}; quantize an fp32 ONNX "
+                          f"export")
     with tempfile.TemporaryDirectory(dir=dst_dir) as tmp:
         out = Path(tmp) / comp.path
         log = logging.getLogger()
@@ -166,13 +168,14 @@ def quantize_vision_component(src_dir: Path, dst_dir: Path, name: str, comp: Com
 
 def quantize_engine(src_dir: str | Path, dst_dir: str | Path, precision: str, block_size: int = 32,
                     components: Iterable[str] | None = None, *, embeddings: bool = False,
-                    vision: str | None = None, progress: Progress = print) -> Manifest:
+                    vision: str | None = None, unet: str | None = None, progress: Progress = print) -> Manifest:
     """Copy the fp32 engine `src_dir` to `dst_dir` with `components` (default: llm + heads) quantized.
 
     precision   "int8" | "int4": MatMulNBits bits, symmetric blocks of `block_size` along K, accuracy_level 4
     embeddings  int4 only: also store the llm's embedding table as GatherBlockQuantized (smaller file and
                 resident memory; no effect on decode speed, one row per token is gathered either way)
-    vision      "int8": also quantize every `vision_*` graph dynamically (`quantize_vision_component`)
+    vision      "int8": also quantize every `vision_*` graph dynamically (`quantize_dynamic_component`)
+    unet        "int8": also quantize the `unet` graph dynamically
     The new manifest records each quantized component's precision, files (sha256, bytes), op list and
     `portable: false`; the engine precision becomes `precision`; the producer is kept and
     `source["quantization"]` records the recipe. Everything else is copied unchanged.
@@ -180,8 +183,9 @@ def quantize_engine(src_dir: str | Path, dst_dir: str | Path, precision: str, bl
     import onnxruntime as ort
 
     bits = _check_args(precision, block_size, embeddings)
-    if vision is not None and vision not in VISION_SCHEMES:
-        raise ValueError(f"quantize: vision {vision!r} is not one of {VISION_SCHEMES} (or None: fp32 vision)")
+    for what, scheme in (("vision", vision), ("unet", unet)):
+        if scheme is not None and scheme not in DYNAMIC_SCHEMES:
+            raise ValueError(f"quantize: {what} {scheme!r} is not one of {DYNAMIC_SCHEMES} (or None: fp32)")
     src, dst = Path(src_dir), Path(dst_dir)
     manifest = read_manifest(src)
     verify_engine(src, manifest, check_hash=False)
@@ -192,19 +196,21 @@ def quantize_engine(src_dir: str | Path, dst_dir: str | Path, precision: str, bl
     if unknown or not names:
         raise EngineError(f"quantize: unknown component(s) {unknown or names} (engine has "
                           f"{sorted(manifest.components)})")
-    vision_names = vision_components(manifest) if vision else []
-    if vision and not vision_names:
+    dynamic_names = (vision_components(manifest) if vision else []) + (["unet"] if unet else [])
+    if vision and not vision_components(manifest):
         raise EngineError(f"quantize: {src} has no vision_* component to quantize")
-    if set(vision_names) & set(names):
-        raise EngineError(f"quantize: {sorted(set(vision_names) & set(names))} are vision graphs: quantize them "
-                          f"with vision='int8', not as weight-only components")
+    if unet and "unet" not in manifest.components:
+        raise EngineError(f"quantize: {src} has no unet component (a VQ-decoder engine); drop unet='int8'")
+    if set(dynamic_names) & set(names):
+        raise EngineError(f"quantize: {sorted(set(dynamic_names) & set(names))} are compute-bound graphs: quantize "
+                          f"them with vision='int8' / unet='int8', not as weight-only components")
     if dst.resolve() == src.resolve():
         raise EngineError("quantize: the output folder must differ from the fp32 engine folder")
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
 
-    rewritten = {f.path for n in names + vision_names for f in manifest.components[n].files}
+    rewritten = {f.path for n in names + dynamic_names for f in manifest.components[n].files}
     for entry in manifest.all_files():
         if entry.path not in rewritten:
             (dst / entry.path).parent.mkdir(parents=True, exist_ok=True)
@@ -213,19 +219,19 @@ def quantize_engine(src_dir: str | Path, dst_dir: str | Path, precision: str, bl
     for name in names:
         progress(f"quantize {name} -> {precision} (block {block_size})")
         comps[name] = quantize_component(src, dst, name, comps[name], precision, block_size, embeddings)
-    for name in vision_names:
+    for name in dynamic_names:
         progress(f"quantize {name} -> dynamic int8")
-        comps[name] = quantize_vision_component(src, dst, name, comps[name])
+        comps[name] = quantize_dynamic_component(src, dst, name, comps[name])
     source = dict(manifest.source)
     source["quantization"] = {
         "from": str(src), "precision": precision, "bits": bits, "block_size": block_size, "symmetric": True,
         "accuracy_level": ACCURACY_LEVEL, "components": names, "embeddings": bool(embeddings),
         "tool": f"onnxruntime {ort.__version__} MatMulNBitsQuantizer",
     }
-    if vision_names:
-        source["quantization"]["vision"] = {
+    if dynamic_names:
+        source["quantization"]["dynamic"] = {
             "scheme": "dynamic int8: weights per output channel (int8), activations per tensor at run time "
-                      "(uint8), MatMulInteger", "components": vision_names,
+                      "(uint8), MatMulInteger", "components": dynamic_names,
             "tool": f"onnxruntime {ort.__version__} quantize_dynamic"}
     out = dataclasses.replace(manifest, precision=precision, components=comps, source=source)
     write_manifest(dst, out)
@@ -247,16 +253,19 @@ def add_quantize_parser(sub) -> None:
                    help="comma-separated component names (default: llm and every head_*)")
     p.add_argument("--embeddings", action="store_true",
                    help="int4 only: also quantize the llm's embedding table (GatherBlockQuantized)")
-    p.add_argument("--vision", default=None, choices=VISION_SCHEMES,
+    p.add_argument("--vision", default=None, choices=DYNAMIC_SCHEMES,
                    help="also quantize the vision encoders: int8 = dynamic int8 GEMMs (2-3x faster encoders on "
                         "CPUs with int8 dot products; changes the features, check your task accuracy)")
+    p.add_argument("--unet", default=None, choices=DYNAMIC_SCHEMES,
+                   help="also quantize the diffusion UNet's attention / feed-forward GEMMs: int8 = dynamic int8 "
+                        "(~1.2x faster UNet steps; changes the images, check your task accuracy)")
     p.set_defaults(fn=cmd_quantize)
 
 
 def cmd_quantize(args) -> int:
     comps = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
     m = quantize_engine(args.engine, args.out, args.precision, args.block_size, comps, embeddings=args.embeddings,
-                        vision=args.vision, progress=lambda s: print(f"[quantize] {s}", flush=True))
+                        vision=args.vision, unet=args.unet, progress=lambda s: print(f"[quantize] {s}", flush=True))
     src = read_manifest(args.engine)
     for name, c in sorted(m.components.items()):
         if c.precision != "fp32" or name in (comps or []):
