@@ -175,13 +175,14 @@ def summarize_reps(runs: list[tuple]) -> dict:
     return out
 
 
-def ours_rep(engine_dir: Path, prompt: list[int], steps: int, threads: int) -> Rep:
-    """Load our engine (llm + text head sessions) and return its repetition function."""
+def ours_rep(engine_dir: Path, prompt: list[int], steps: int, threads: int, spin: str | None = None) -> Rep:
+    """Load our engine (llm + text head sessions, `spin` their SessionOptions.spin) and return its repetition
+    function."""
     from illume_edge.runtime.engine import Engine
     from illume_edge.runtime.llm_runner import LLMRunner
     from illume_edge.runtime.session import SessionOptions
 
-    engine = Engine.load(engine_dir, SessionOptions(threads=threads), check_hash=False)
+    engine = Engine.load(engine_dir, SessionOptions(threads=threads, spin=spin), check_hash=False)
     runner = LLMRunner(engine)
     runner.engine.session("head_text")
 
@@ -440,7 +441,8 @@ def run(args) -> dict:
                   "kv_heads": llm.num_kv_heads, "ffn": llm.intermediate_size, "vocab_rows": llm.vocab_rows,
                   "text_head_rows": cfg.head_ranges()["text"][1], "tied_embeddings": llm.tie_word_embeddings},
         "protocol": {"batch": 1, "prompt_tokens": args.prompt, "decode_steps": args.steps, "warmup": args.warmup,
-                     "warmup_steps": min(WARMUP_STEPS, args.steps), "reps": args.reps, "greedy": True, "mean_context": context, "llm_graphs": args.llm_graphs,
+                     "warmup_steps": min(WARMUP_STEPS, args.steps), "reps": args.reps, "greedy": True,
+                     "mean_context": context, "llm_graphs": args.llm_graphs, "spin_modes": ["run", *args.spin_modes],
                      "timing": "interleaved rounds"},
         "runs": {}, "failures": {}, "build_s": {},
     }
@@ -490,7 +492,12 @@ def run(args) -> dict:
     # Load every runtime, then time them interleaved (see `interleaved`).
     reps_by_name: dict[str, Rep] = {}
     bytes_by_name: dict[str, dict] = {}
-    for name, d in engines.items():
+    # --spin-modes: the default graph's engines again, each under another SessionOptions.spin
+    variants = [(name, d, None) for name, d in engines.items()]
+    variants += [(f"{run_name(prec, args.llm_graphs[0], True)} (spin {mode})",
+                  engines[run_name(prec, args.llm_graphs[0], True)], mode)
+                 for mode in args.spin_modes for prec in args.precisions]
+    for name, d, spin in variants:
         llm_b, head_b = streamed_weight_bytes(d / "llm.onnx"), streamed_weight_bytes(d / "head_text.onnx")
         bytes_by_name[name] = {"weight_bytes_per_token": llm_b["streamed"] + head_b["streamed"],
                                "llm_weight_bytes": llm_b["streamed"], "head_weight_bytes": head_b["streamed"],
@@ -499,7 +506,7 @@ def run(args) -> dict:
                                "head_included": "text head (151704 rows) + argmax"}
         log(f"{name}: {bytes_by_name[name]['weight_bytes_per_token'] / 1e6:.0f} MB weights per step; loading")
         try:
-            reps_by_name[name] = ours_rep(d, prompt, args.steps, threads)
+            reps_by_name[name] = ours_rep(d, prompt, args.steps, threads, spin)
         except Exception as e:
             result["failures"][name] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
@@ -625,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="our llm graphs: the first gets every precision, the others fp32 and int4 (the A/B)")
     ap.add_argument("--shared-pool", dest="shared_pool", nargs="*", default=[],
                     help="precisions also timed with ILLUME_EDGE_THREAD_POOL=shared (default none; e.g. fp32 int4)")
+    ap.add_argument("--spin-modes", dest="spin_modes", nargs="*", default=[], choices=["always", "off"],
+                    help="our engines also timed under these SessionOptions.spin modes (the default is 'run')")
     ap.add_argument("--skip-eager", action="store_true")
     ap.add_argument("--skip-genai", action="store_true")
     ap.add_argument("--profile", nargs="*", default=["int4"], help="precisions to profile (none: off)")

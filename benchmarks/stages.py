@@ -308,9 +308,12 @@ def ours_worker(engine_dir: Path, p: Protocol, llm_stages_only: bool = False) ->
     pixels = preprocess_image(to_rgb(photo), cfg)
     comps = engine.manifest.components
     out["component_precisions"] = {n: c.precision for n, c in sorted(comps.items())}
-    # a quantized engine's own vision / UNet graphs (quantize --vision / --unet int8) are timed; fp32 ones were
-    # by the fp32 worker
-    own_vision = not llm_stages_only or any(c.precision != "fp32" for n, c in comps.items() if n.startswith("vision_"))
+    def own(prefix: str) -> bool:
+        """Graphs this worker times: every one of the fp32 engine; of a quantized engine (llm_stages_only) those
+        it requantized (quantize --vision / --unet int8), the fp32 worker having timed the others."""
+        return any(not llm_stages_only or c.precision != "fp32" for n, c in comps.items() if n.startswith(prefix))
+
+    own_vision = own("vision_")
     per_branch: dict[str, list[float]] = {}
     for i in range(1 + (p.reps if own_vision else 0)):  # one encode: the parity probe
         t = Timings()
@@ -366,8 +369,7 @@ def ours_worker(engine_dir: Path, p: Protocol, llm_stages_only: bool = False) ->
 
     if engine.has("vq_decoder") and not llm_stages_only:
         out["vq_decoder"] = repeat_stage(lambda: vq_decode(engine, maps), p)
-    own_unet = engine.has("unet") and (not llm_stages_only or comps["unet"].precision != "fp32")
-    if own_unet:
+    if own("unet"):
         d = cfg.diffusion
         lat_h, lat_w = h * d.upscale // d.vae.downsample, w * d.upscale // d.vae.downsample
         merged = upsample_nearest(merge_code_maps(maps), lat_h, lat_w)

@@ -49,21 +49,22 @@ def test_smoke_run_times_both_graphs_and_eager(tmp_path):
     out = tmp_path / "decode.json"
     cmd = [sys.executable, "-m", "benchmarks.llm_decode", "--shape", "smoke", "--steps", "4", "--reps", "2",
            "--skip-genai", "--profile", "int4", "--llm-graphs", "fused", "portable", "--precisions", "fp32", "int8",
-           "int4", "--out", str(out)]
+           "int4", "--spin-modes", "off", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert not result["failures"], result["failures"]
     runs = result["runs"]
     want = {"illume-edge fp32", "illume-edge int8", "illume-edge int4", "illume-edge fp32 (portable graph)",
-            "illume-edge int4 (portable graph)", "transformers eager fp32"}
+            "illume-edge int4 (portable graph)", "transformers eager fp32", "illume-edge fp32 (spin off)",
+            "illume-edge int8 (spin off)", "illume-edge int4 (spin off)"}
     assert set(runs) == want
     for r in runs.values():
         assert r["reps"] == 2 and r["steps"] == 4 and 0 < r["decode_ms_min"] <= r["decode_ms_max"]
         assert 0 < r["roofline_pct"] and r["bytes_per_token"] > r["kv_bytes_per_token"]
     # same weights, fp32, greedy: both graphs and eager pick the same tokens
     assert runs["illume-edge fp32"]["tokens"] == runs["illume-edge fp32 (portable graph)"]["tokens"] \
-        == runs["transformers eager fp32"]["tokens"]
+        == runs["transformers eager fp32"]["tokens"] == runs["illume-edge fp32 (spin off)"]["tokens"]
     ours = runs["illume-edge int4"]
     assert 0 < ours["llm_ms_per_token"] < ours["decode_ms_max"] and ours["head_and_pick_ms_per_token"] > 0
     profile = result["profiles"]["int4"]["graphs"]

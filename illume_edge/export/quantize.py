@@ -16,8 +16,8 @@ What this buys and costs
   quantizes them *dynamically* instead (`quantize_dynamic_component`): weights int8 per output channel,
   activations uint8 per tensor at run time (DynamicQuantizeLinear -> MatMulInteger), so the GEMMs run on the
   CPU's int8 dot-product units (AVX512-VNNI / AVX-VNNI / ARM dot product). On the bench's ViT (1280 wide, 768
-  patches) that is 2.8x faster than fp32, features within cosine 0.999 (docs/performance.md). `unet="int8"`
-  does the same to the diffusion UNet's attention and feed-forward layers (1.2x on the bench UNet).
+  patches) that is 2.6x faster than fp32 in `make bench`, its features within 1.2e-2 of fp32 there.
+  `unet="int8"` does the same to the diffusion UNet's attention and feed-forward layers (1.4x on the bench UNet).
   Convolutions stay fp32: onnxruntime's ConvInteger has no fast CPU kernel. Opt-in: it changes the features
   and images, so check the task accuracy (docs/nano.md measures both on ILLUME-nano).
 
@@ -258,7 +258,7 @@ def add_quantize_parser(sub) -> None:
                         "CPUs with int8 dot products; changes the features, check your task accuracy)")
     p.add_argument("--unet", default=None, choices=DYNAMIC_SCHEMES,
                    help="also quantize the diffusion UNet's attention / feed-forward GEMMs: int8 = dynamic int8 "
-                        "(~1.2x faster UNet steps; changes the images, check your task accuracy)")
+                        "(~1.4x faster UNet steps; changes the images, check your task accuracy)")
     p.set_defaults(fn=cmd_quantize)
 
 

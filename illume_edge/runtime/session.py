@@ -74,7 +74,7 @@ class SessionOptions:
 #            spins on the cores the next session needs. The default.
 #   "always" onnxruntime's own default, spinning after the run too: only for a session that runs alone
 #            (1.7x slower decode when the llm and head pools spin against each other on 2 cores).
-#   "off"    block whenever a worker runs out of work (15% slower int4 decode than "run" on 2 cores).
+#   "off"    block whenever a worker runs out of work (11% slower int4 decode than "run" on 2 cores).
 # ILLUME_EDGE_THREAD_POOL=shared makes every session of the
 # process share one intra-op pool, created by the first session with its ``threads`` (another 5-15% on
 # decode); onnxruntime then refuses any session in the process that owns a pool (so it is opt-in: other
