@@ -274,6 +274,28 @@ def test_llm_runner_kv_positions_and_padding_equal_full_recompute(tiny_engine, g
         * state.kv.capacity * runner.head_dim * 4
 
 
+@pytest.mark.parametrize("graph", ["fused", "portable"])
+def test_head_binding_in_the_decode_state_matches_a_plain_head_run(tiny_engine, graph):
+    """runner.logits(head, state.hidden, state): the head's IO binding and logits buffer live in the state,
+    bound once; every step's logits equal a plain run of the head graph on a copy of the hidden state, for
+    each head range and a 2-row batch. A hidden array that is not the state's is refused."""
+    runner = LLMRunner(Engine.load(tiny_engine("tiny-plus", graph)[0]))
+    state = runner.prefill([[5, 6, 7, 8], [9, 10]], None, max_new_tokens=4)
+    heads = list(runner.cfg.head_ranges())
+    first = {}
+    for step in range(4):
+        for head in heads:
+            got = runner.logits(head, state.hidden, state)
+            want = runner.logits(head, state.hidden.copy())
+            np.testing.assert_array_equal(got, want, err_msg=f"{head} step {step}")
+            first.setdefault(head, got)
+            assert got is first[head]  # one buffer per head and state, rewritten in place
+        runner.feed(state, np.array([[11 + step], [12 + step]]))
+    assert set(state.heads) == set(heads)
+    with pytest.raises(EngineError, match="state's hidden buffer"):
+        runner.logits(heads[0], state.hidden.copy(), state)
+
+
 def test_stream_text_stops_at_eos_unless_told_to_ignore_it(tiny_engine):
     """A model whose text head always prefers <|im_end|>: the answer ends at once, or, with ignore_eos (the
     benchmarks' fixed-length answers), runs all max_new_tokens steps."""
@@ -293,7 +315,7 @@ def test_stream_text_stops_at_eos_unless_told_to_ignore_it(tiny_engine):
         def prefill(self, rows, image_embeds, max_new_tokens):
             return SimpleNamespace(hidden=np.zeros((1, 4), np.float32), fed=[list(rows[0])])
 
-        def logits(self, head, hidden):
+        def logits(self, head, hidden, state=None):
             out = np.zeros((1, cfg.head_ranges()["text"][1]), np.float32)
             out[0, cfg.tokens.im_end] = 10.0
             return out

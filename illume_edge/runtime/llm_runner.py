@@ -82,10 +82,11 @@ class DecodeState:
     kv: KVBuffers
     mask: np.ndarray  # int64 [B, capacity]; 1 = real token
     next_pos: np.ndarray  # int64 [B]: RoPE position of each row's next token
+    hidden: np.ndarray  # float32 [B, hidden]: last position's final hidden state, rewritten in place every run
     length: int = 0  # positions filled (prompt incl. padding + fed tokens)
-    hidden: np.ndarray | None = None  # float32 [B, hidden]: last position's final hidden state
     fed: list[list[int]] = field(default_factory=list)  # ids fed after the prompt, per row
     binding: Binding | None = None  # the llm session's IO binding, kept across steps
+    heads: dict[str, tuple[Binding, np.ndarray]] = field(default_factory=dict)  # head -> (binding, logits buffer)
 
     @property
     def batch(self) -> int:
@@ -133,7 +134,8 @@ class LLMRunner:
         self._check_ids(ids, table.shape[0])
         positions = np.maximum(np.cumsum(mask[:, :width], axis=1) - 1, 0)  # padded slots get position 0
         kv = KVBuffers(self.num_layers, batch, self.kv_heads, self.head_dim, capacity, self.kv_layout)
-        state = DecodeState(kv=kv, mask=mask, next_pos=mask[:, :width].sum(axis=1), fed=[[] for _ in rows])
+        state = DecodeState(kv=kv, mask=mask, next_pos=mask[:, :width].sum(axis=1),
+                            hidden=np.empty((batch, self.hidden), np.float32), fed=[[] for _ in rows])
         self._run(state, ids, positions, table)
         return state
 
@@ -166,22 +168,21 @@ class LLMRunner:
 
     def _run(self, state: DecodeState, ids: np.ndarray, positions: np.ndarray, table: np.ndarray) -> np.ndarray:
         p, s = state.length, ids.shape[1]
-        binding = state.binding
-        if binding is None or not state.kv.fixed:  # K/V buffers: once for the shared layout, else every step
-            binding = state.binding = binding or self.session.binding()
+        binding, first = state.binding, state.binding is None
+        if first:
+            binding = state.binding = self.session.binding()
+            binding.bind_outputs({"last_hidden": state.hidden})  # the same buffer for every run
+        if first or not state.kv.fixed:  # K/V buffers: once for the shared layout, else every step
             past, present = state.kv.bindings(p, s)
             binding.bind_inputs(dict(zip(self._past_names, past)))
             binding.bind_outputs(dict(zip(self._present_names, present)))
         binding.bind_inputs({"input_ids": ids, "image_embeds": table, "attention_mask": state.mask[:, :p + s],
                              "position_ids": positions.astype(np.int64)})
-        hidden = np.empty((state.batch, self.hidden), np.float32)
-        binding.bind_outputs({"last_hidden": hidden})
         binding.run()
         self.runs += 1
         state.kv.advance()
         state.length = p + s
-        state.hidden = hidden
-        return hidden
+        return state.hidden
 
     def _check_ids(self, ids: np.ndarray, table_rows: int) -> None:
         hi = self.cfg.llm.vocab_rows + table_rows
@@ -191,6 +192,25 @@ class LLMRunner:
                               f"{table_rows} image rows)")
 
     # --- heads --------------------------------------------------------------------------------------------
-    def logits(self, head: str, hidden: np.ndarray) -> np.ndarray:
-        """Logits of one contiguous vocabulary range ('text', 'level0', ...) for hidden [B, hidden]."""
-        return self.engine.session(f"head_{head}").run({"hidden": hidden})["logits"]
+    def logits(self, head: str, hidden: np.ndarray, state: DecodeState | None = None) -> np.ndarray:
+        """Logits of one contiguous vocabulary range ('text', 'level0', ...) for hidden [B, hidden].
+
+        With the decode `state` whose `hidden` this is, the head runs through an IO binding kept in the
+        state: its input is the state's hidden buffer and its output one preallocated logits buffer, both
+        bound once per request. The returned array is then that buffer, rewritten by the next call for the
+        same head and state (copy it to keep it)."""
+        session = self.engine.session(f"head_{head}")
+        if state is None:
+            return session.run({"hidden": hidden})["logits"]
+        if hidden is not state.hidden:
+            raise EngineError(f"head_{head}: with a decode state, hidden must be that state's hidden buffer")
+        if head not in state.heads:
+            binding = session.binding()
+            start, stop = self.cfg.head_ranges()[head]
+            out = session.empty_output("logits", (state.batch, stop - start))
+            binding.bind_inputs({"hidden": state.hidden})
+            binding.bind_outputs({"logits": out})
+            state.heads[head] = (binding, out)
+        binding, out = state.heads[head]
+        binding.run()
+        return out

@@ -223,6 +223,12 @@ class Session:
         """Stop the profiler (SessionOptions.profile_prefix) and return its JSON file's path."""
         return self._sess.end_profiling()
 
+    def empty_output(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """An uninitialised host buffer for output `name` in its contract dtype (to bind with `Binding`)."""
+        if name not in self.outputs:
+            raise EngineError(f"{self.name}: no output {name} (has {sorted(self.outputs)})")
+        return np.empty(shape, _NP_DTYPES[self.outputs[name].dtype])
+
     def binding(self) -> "Binding":
         """A reusable IO binding of this session (see `Binding`)."""
         return Binding(self)
