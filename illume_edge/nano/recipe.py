@@ -71,6 +71,9 @@ SCHEDULES = {
                       self_enhance_prompts=4, vision_batch=4, vae_batch=2, decoder_batch=2, llm_batch=2),
 }
 SEED = 20241209  # ILLUME's arXiv date
+# LLM stages 1-3 in order: (Schedule field, what trains, peak learning rate, seed offset)
+LLM_STAGES = (("stage1", "vision_init", 2e-3, 11), ("stage2", "all", 2e-3, 12),
+              ("stage3_curriculum", "all", 1e-3, 15), ("stage3", "all", 1e-3, 13))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -307,8 +310,7 @@ def run(out: Path, work: Path, schedule: Schedule, threads: int = 2) -> dict:
 
     trainer = LLMTrainer(cfg, mods.llm, mods.projectors["semantic"], tower)
     mixes = stage_mixtures(Tasks(builder, wcfg))
-    for name, trainable, lr, seed in (("stage1", "vision_init", 2e-3, 11), ("stage2", "all", 2e-3, 12),
-                                      ("stage3_curriculum", "all", 1e-3, 15), ("stage3", "all", 1e-3, 13)):
+    for name, trainable, lr, seed in LLM_STAGES:
         steps = getattr(s, name)
         trainer.train(mixes[name], steps=steps, batch=s.llm_batch, lr=lr, seed=_seed(seed),
                       trainable=trainable, progress=stage(name, steps))

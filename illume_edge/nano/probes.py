@@ -1,0 +1,294 @@
+"""Diagnostics of ILLUME-nano's LLM on a checkpoint (docs/nano.md, "Binding"), in torch:
+
+- teacher-forced QA accuracy per question kind: a question counts as right when every answer token and the
+  closing ``<|im_end|>`` is the argmax at its position, which is exactly when greedy decoding answers it
+  right (tested against the runtime). Hundreds of questions in seconds, no decoding loop;
+- ``--continue``: train the checkpoint's LLM further on a mixture and score it after every chunk (does the
+  plateau move with more steps, a higher learning rate, QA only?);
+- ``--attention``: where the position that predicts the answer looks, per layer and head, for "what color is
+  the triangle?" / "what shape is the red object?": its attention mass on the image, the share of that mass on
+  the asked-about object's tokens and on any object's tokens;
+- ``--from-scratch``: the recipe's vision stages and LLM stages 1-3 (no decoder, no stage 4) with a variant
+  (ViT pretrained on factored targets, another LLM RoPE base), scored after every LLM stage.
+
+Run: python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint [--continue qa --steps 300
+--chunks 2] [--attention] [--split train]
+     python -m illume_edge.nano.probes --from-scratch [--vit-targets factored] [--rope-theta 1e6]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import evaluate, recipe, world
+from .llm_train import LLMTrainer
+from .sequences import IGNORE, SequenceBuilder
+
+QA = list[tuple[world.Scene, world.QA]]
+
+
+def load_trainer(checkpoint: str | Path) -> tuple[LLMTrainer, SequenceBuilder]:
+    """The checkpoint's LLM, projector and vision tower (ViT + tokenizer from its DualViTok file)."""
+    from ..export.checkpoint import CheckpointPaths, load_checkpoint, read_dualvitok
+    from ..runtime.prompts import TextTokenizer
+    from .vision_train import SemanticTokenizer, VisionTower
+
+    mods = load_checkpoint(checkpoint)
+    cfg, paths = mods.cfg, CheckpointPaths.from_dir(checkpoint)
+    sem = SemanticTokenizer.from_dualvitok(read_dualvitok(paths.dualvitok), mods.quantizers[0], cfg.branches[0].in_dim)
+    tower = VisionTower(cfg, mods.encoders["semantic"], sem)
+    builder = SequenceBuilder(TextTokenizer.from_file(paths.mllm / "tokenizer.json", cfg), cfg)
+    return LLMTrainer(cfg, mods.llm, mods.projectors["semantic"], tower), builder
+
+
+def questions(per_kind: int, split: str, wcfg: world.WorldConfig = world.WorldConfig()) -> QA:
+    """`per_kind` questions of every kind: the evaluation's own held-out questions, or as many from training
+    scenes (same seed)."""
+    if split == "heldout":
+        return evaluate.heldout_tasks(evaluate.EvalSize(qa_per_kind=per_kind), wcfg)[0]
+    rng, out = np.random.default_rng(evaluate.EVAL_SEED), []
+    for kind in world.QA_KINDS:
+        while sum(q.kind == kind for _, q in out) < per_kind:
+            scene = world.sample_scene(rng, wcfg, split=split)
+            q = world.make_qa(scene, rng, kind)
+            if q is not None:
+                out.append((scene, q))
+    return out
+
+
+@torch.no_grad()
+def answers_right(trainer: LLMTrainer, builder: SequenceBuilder, qas: QA,
+                  wcfg: world.WorldConfig = world.WorldConfig(), batch: int = 32) -> list[bool]:
+    """Per question: is every answer token (and the closing <|im_end|>) the argmax at its position?"""
+    trainer.llm.eval()
+    out: list[bool] = []
+    for i in range(0, len(qas), batch):
+        chunk = qas[i:i + batch]
+        b = trainer.batch([builder.understand(world.render(s, wcfg), q.question, q.answer) for s, q in chunk])
+        logits = trainer.llm(inputs_embeds=b["inputs_embeds"], attention_mask=b["attention_mask"]).logits
+        labels = b["labels"][:, 1:]  # [B, L-1]: token t+1 is predicted at position t
+        right = (logits[:, :-1].argmax(-1) == labels) | (labels == IGNORE)
+        out += right.all(-1).tolist()
+    return out
+
+
+def accuracy_by_kind(qas: QA, right: list[bool]) -> dict[str, float]:
+    """Accuracy per kind and "overall" (the mean over kinds, as the evaluation reports it)."""
+    by_kind: dict[str, list[bool]] = defaultdict(list)
+    for (_, q), ok in zip(qas, right):
+        by_kind[q.kind].append(ok)
+    acc = {k: round(float(np.mean(v)), 3) for k, v in by_kind.items()}
+    acc["overall"] = round(float(np.mean(list(acc.values()))), 3)
+    return acc
+
+
+def asked_object(scene: world.Scene, q: world.QA) -> world.Obj | None:
+    """The object a color or shape question is about (world.make_qa names it uniquely); None for other kinds."""
+    words = q.question.rstrip("?").split()
+    if q.kind == "color":  # "what color is the <shape>?"
+        return scene.find(shape=words[-1])[0]
+    if q.kind == "shape":  # "what shape is the <color> object?"
+        return scene.find(color=words[-2])[0]
+    return None
+
+
+def _cell_tokens(objs, grid: tuple[int, int], wcfg: world.WorldConfig) -> np.ndarray:
+    """bool [rows*cols]: the image tokens covering the objects' cells."""
+    rows, cols = grid
+    per_r, per_c = rows // wcfg.grid, cols // wcfg.grid
+    mask = np.zeros((rows, cols), bool)
+    for o in objs:
+        mask[o.row * per_r:(o.row + 1) * per_r, o.col * per_c:(o.col + 1) * per_c] = True
+    return mask.reshape(-1)
+
+
+@torch.no_grad()
+def attention_on_asked_object(trainer: LLMTrainer, builder: SequenceBuilder, qas: QA,
+                              wcfg: world.WorldConfig = world.WorldConfig()) -> list[dict]:
+    """Per (layer, head), means over the color and shape questions of `qas`, at the position that predicts the
+    answer's first token: `image` = attention mass on the image's tokens; `asked` / `objects` = the share of
+    that mass on the asked-about object's tokens / on any object's tokens; `asked_uniform` = the share
+    `asked` would have if the head spread its image mass evenly over the objects."""
+    from ..runtime.prompts import IMAGE_MARKER
+
+    cfg = trainer.cfg
+    grid = cfg.level_grid(0, *cfg.anchors[0])
+    impl = trainer.llm.config._attn_implementation
+    trainer.llm.set_attn_implementation("eager")  # attention weights are returned by eager attention only
+    trainer.llm.eval()
+    rows: dict[tuple[int, int], list[tuple[float, float, float, float]]] = defaultdict(list)
+    try:
+        for scene, q in qas:
+            target = asked_object(scene, q)
+            if target is None:
+                continue
+            ex = builder.understand(world.render(scene, wcfg), q.question, q.answer)
+            b = trainer.batch([ex])
+            image = np.flatnonzero(np.asarray(ex.ids) == IMAGE_MARKER)  # the image's token positions
+            at = next(i for i, lab in enumerate(ex.labels) if lab != IGNORE) - 1  # predicts the first answer token
+            asked, objects = _cell_tokens([target], grid, wcfg), _cell_tokens(scene.objects, grid, wcfg)
+            out = trainer.llm(inputs_embeds=b["inputs_embeds"], attention_mask=b["attention_mask"],
+                              output_attentions=True)
+            for layer, att in enumerate(out.attentions):  # att [1, heads, L, L]
+                for head, w in enumerate(att[0, :, at, image].numpy()):  # w [rows*cols]
+                    mass = float(w.sum())
+                    rows[(layer, head)].append((mass, float(w[asked].sum()) / max(mass, 1e-9),
+                                                float(w[objects].sum()) / max(mass, 1e-9),
+                                                asked.sum() / objects.sum()))
+    finally:
+        trainer.llm.set_attn_implementation(impl)
+    keys = ("image", "asked", "objects", "asked_uniform")
+    return [{"layer": layer, "head": head, **{k: round(float(v), 3) for k, v in zip(keys, np.mean(vals, axis=0))}}
+            for (layer, head), vals in sorted(rows.items())]
+
+
+def continue_training(trainer: LLMTrainer, builder: SequenceBuilder, mix: str, steps: int, chunks: int,
+                      lr: float, score, log=print) -> list[dict]:
+    """Train `chunks` x `steps` more steps on `mix` ("stage3": the SFT mixture; "qa": half QA dialogues, half
+    grounding dialogues), scoring with `score()` before and after every chunk."""
+    tasks = recipe.Tasks(builder, world.WorldConfig())
+    samplers = {"stage3": recipe.stage_mixtures(tasks)["stage3"],
+                "qa": recipe.mixture([(0.5, tasks.qa), (0.5, tasks.qa_grounding)])}
+    if mix not in samplers:
+        raise ValueError(f"--continue: expected one of {sorted(samplers)}, got {mix!r}")
+
+    history = [{"steps": 0, **score()}]
+    log(json.dumps(history[-1]))
+    for c in range(chunks):
+        trainer.train(samplers[mix], steps=steps, batch=32, lr=lr, seed=100 + c, trainable="all", progress=_Quiet())
+        history.append({"steps": (c + 1) * steps, **score()})
+        log(json.dumps(history[-1]))
+    return history
+
+
+def pretrain_vit_factored(cfg, vit: nn.Module, wcfg: world.WorldConfig, steps: int, batch: int, lr: float,
+                          seed: int) -> None:
+    """The recipe's ViT pretraining (vision_train.pretrain_vit) with one linear probe per factor of the token
+    class instead of one over the joint class: the shape and the color of what the token's cell holds and
+    the quarter it sees (0 = empty cell for each)."""
+    from .vision_train import _scene_batch, token_classes, vit_batch, vit_forward
+
+    enc = cfg.branches[0].encoder
+    grid = cfg.level_grid(0, *cfg.anchors[0])
+    per = (grid[0] // wcfg.grid) * (grid[1] // wcfg.grid)  # tokens per cell
+    n_colors = len(world.COLORS)
+    probes = nn.ModuleDict({"shape": nn.Linear(enc.out_dim, 1 + len(world.SHAPES)),
+                            "color": nn.Linear(enc.out_dim, 1 + n_colors), "quarter": nn.Linear(enc.out_dim, 1 + per)})
+    opt = torch.optim.AdamW(list(vit.parameters()) + list(probes.parameters()), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    rng = np.random.default_rng(seed)
+    vit.train()
+    for _ in range(steps):
+        scenes = _scene_batch(rng, wcfg, batch)
+        cls = torch.from_numpy(np.stack([token_classes(s, grid, wcfg) for s in scenes]))  # [B, T]
+        k = (cls - 1).clamp(min=0)  # kind * per + quarter on occupied tokens
+        targets = {"shape": k // per // n_colors, "color": k // per % n_colors, "quarter": k % per}
+        feats = vit_forward(vit, enc, *vit_batch([world.render(s, wcfg) for s in scenes], cfg))  # [B, T, out]
+        loss = sum(F.cross_entropy(probes[n](feats).flatten(0, 1), torch.where(cls > 0, 1 + t, 0).flatten())
+                   for n, t in targets.items())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    vit.eval().requires_grad_(False)
+
+
+def from_scratch(vit_targets: str, rope_theta: float | None, schedule: "recipe.Schedule", qas: QA,
+                 log=print) -> list[dict]:
+    """Vision stages and LLM stages 1-3 of the recipe (same seeds and steps), scored after each LLM stage."""
+    import dataclasses
+
+    from ..config import preset
+    from ..export.modules import build_modules
+    from ..export.tokenizer_factory import build_tokenizer
+    from ..runtime.prompts import TextTokenizer
+    from .text import base_words
+    from .vision_train import SemanticTokenizer, VisionTower, num_token_classes, pretrain_vit, train_tokenizer
+
+    cfg = preset("illume-nano")
+    if rope_theta is not None:
+        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, rope_theta=rope_theta))
+    wcfg, s = world.WorldConfig(), schedule
+    builder = SequenceBuilder(TextTokenizer(build_tokenizer(cfg, base_words(cfg)), cfg), cfg)
+    mods = build_modules(cfg)
+    quiet = _Quiet()
+    vit = mods.encoders["semantic"].train().requires_grad_(True)
+    if vit_targets == "factored":
+        pretrain_vit_factored(cfg, vit, wcfg, s.vit, s.vision_batch, 2e-3, recipe._seed(1))
+    elif vit_targets == "joint":
+        pretrain_vit(cfg, vit, wcfg, steps=s.vit, batch=s.vision_batch, lr=2e-3, seed=recipe._seed(1), progress=quiet)
+    else:
+        raise ValueError(f"--vit-targets: expected 'joint' or 'factored', got {vit_targets!r}")
+    grid = cfg.level_grid(0, *cfg.anchors[0])
+    sem = SemanticTokenizer(mods.quantizers[0].train().requires_grad_(True), cfg.branches[0].in_dim,
+                            num_token_classes(grid, wcfg))
+    train_tokenizer(cfg, vit, sem, wcfg, steps=s.tokenizer, batch=s.vision_batch, lr=3e-3, seed=recipe._seed(2),
+                    progress=quiet)
+    trainer = LLMTrainer(cfg, mods.llm, mods.projectors["semantic"], VisionTower(cfg, vit, sem))
+    mixes = recipe.stage_mixtures(recipe.Tasks(builder, wcfg))
+    history = []
+    for name, trainable, lr, seed in recipe.LLM_STAGES:
+        trainer.train(mixes[name], steps=getattr(s, name), batch=s.llm_batch, lr=lr, seed=recipe._seed(seed),
+                      trainable=trainable, progress=quiet)
+        history.append({"stage": name, **accuracy_by_kind(qas, answers_right(trainer, builder, qas))})
+        log(json.dumps(history[-1]))
+    return history
+
+
+class _Quiet:
+    def update(self, *a, **k):
+        pass
+
+    def note(self, **k):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=None, help="a nano checkpoint folder (e.g. build/nano/stage3_checkpoint)")
+    ap.add_argument("--from-scratch", dest="scratch", action="store_true", help="train a variant instead (no checkpoint)")
+    ap.add_argument("--vit-targets", dest="vit_targets", default="joint", choices=["joint", "factored"])
+    ap.add_argument("--rope-theta", dest="rope_theta", type=float, default=None)
+    ap.add_argument("--schedule", default="full", choices=sorted(recipe.SCHEDULES))
+    ap.add_argument("--per-kind", dest="per_kind", type=int, default=60)
+    ap.add_argument("--split", default="heldout", choices=["heldout", "train"])
+    ap.add_argument("--continue", dest="mix", default=None, help="train further on this mixture: stage3 | qa")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--chunks", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--attention", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(recipe.SEED)
+    qas = questions(args.per_kind, args.split)
+    if args.scratch:
+        from_scratch(args.vit_targets, args.rope_theta, recipe.SCHEDULES[args.schedule], qas)
+        return 0
+    if args.checkpoint is None:
+        ap.error("give --checkpoint or --from-scratch")
+    trainer, builder = load_trainer(args.checkpoint)
+
+    def score() -> dict:
+        return accuracy_by_kind(qas, answers_right(trainer, builder, qas))
+
+    if args.attention:
+        for row in attention_on_asked_object(trainer, builder, qas):
+            print(json.dumps(row))
+    if args.mix:
+        continue_training(trainer, builder, args.mix, args.steps, args.chunks, args.lr, score)
+    elif not args.attention:
+        print(json.dumps(score()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

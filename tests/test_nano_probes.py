@@ -1,0 +1,68 @@
+"""The LLM diagnostics (illume_edge/nano/probes.py) on the shipped checkpoint: the teacher-forced score is the
+greedy runtime's, the attention rows are well-formed shares, and a from-scratch variant runs every stage."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from illume_edge.nano import probes, recipe, world
+
+NANO = Path(__file__).resolve().parents[1] / "models" / "illume-nano"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return probes.load_trainer(NANO)
+
+
+def test_teacher_forced_right_is_greedy_runtime_right(shipped, tmp_path):
+    """A question is teacher-forced right exactly when the runtime's greedy answer equals the truth, on the
+    evaluation's held-out questions (4 per kind) through the exported fp32 engine."""
+    from illume_edge.export.checkpoint import load_checkpoint
+    from illume_edge.export.engine import export_engine
+    from illume_edge.runtime.pipeline import Pipeline
+
+    trainer, builder = shipped
+    qas = probes.questions(4, "heldout")
+    assert [q.kind for _, q in qas] == [k for k in world.QA_KINDS for _ in range(4)]
+    export_engine(load_checkpoint(NANO), tmp_path / "e", NANO / "mllm" / "tokenizer.json", progress=lambda s: None)
+    pipe = Pipeline.load(tmp_path / "e", threads=2)
+    greedy = [pipe.understand(world.render(s, world.WorldConfig()), q.question, max_new_tokens=64).text.strip()
+              == q.answer for s, q in qas]
+    assert probes.answers_right(trainer, builder, qas) == greedy
+    acc = probes.accuracy_by_kind(qas, greedy)
+    assert set(acc) == set(world.QA_KINDS) | {"overall"}
+    assert acc["overall"] == pytest.approx(np.mean([acc[k] for k in world.QA_KINDS]), abs=1e-3)
+
+
+def test_training_split_questions_come_from_training_scenes():
+    qas = probes.questions(3, "train")
+    assert len(qas) == 3 * len(world.QA_KINDS) and not any(world.is_heldout(s) for s, _ in qas)
+
+
+def test_attention_rows_are_shares_per_layer_and_head(shipped):
+    trainer, builder = shipped
+    qas = [(s, q) for s, q in probes.questions(6, "heldout") if q.kind in ("color", "shape")]
+    for s, q in qas:
+        target = probes.asked_object(s, q)
+        assert target in s.objects and (target.shape in q.question if q.kind == "color" else target.color in q.question)
+    impl = trainer.llm.config._attn_implementation
+    rows = probes.attention_on_asked_object(trainer, builder, qas)
+    assert trainer.llm.config._attn_implementation == impl  # eager only for the probe
+    llm = trainer.cfg.llm
+    assert [(r["layer"], r["head"]) for r in rows] == [(i, h) for i in range(llm.num_layers)
+                                                       for h in range(llm.num_heads)]
+    for r in rows:
+        assert 0 <= r["image"] <= 1 + 1e-5 and 0 <= r["asked"] <= r["objects"] + 1e-5 <= 1 + 2e-5
+        assert 0 < r["asked_uniform"] <= 1
+
+
+def test_from_scratch_variant_runs_every_llm_stage():
+    qas = probes.questions(1, "heldout")
+    history = probes.from_scratch("factored", 1e6, recipe.SCHEDULES["smoke"], qas, log=lambda s: None)
+    assert [h["stage"] for h in history] == [name for name, *_ in recipe.LLM_STAGES]
+    assert all(0 <= h["overall"] <= 1 for h in history)
+    with pytest.raises(ValueError, match="vit-targets"):
+        probes.from_scratch("joint-ish", None, recipe.SCHEDULES["smoke"], qas, log=lambda s: None)
