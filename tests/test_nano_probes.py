@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from illume_edge.nano import probes, recipe, world
 
@@ -66,3 +67,37 @@ def test_from_scratch_variant_runs_every_llm_stage():
     assert all(0 <= h["overall"] <= 1 for h in history)
     with pytest.raises(ValueError, match="vit-targets"):
         probes.from_scratch("joint-ish", None, recipe.SCHEDULES["smoke"], qas, log=lambda s: None)
+
+
+def test_asked_object_names_the_object_of_every_supervised_question():
+    """Over many scenes: color / shape / position questions and yes-exist questions name one object that has
+    the question's attributes; no-exist, count, relation and describe questions name none."""
+    rng = np.random.default_rng(3)
+    seen = set()
+    for _ in range(400):
+        scene = world.sample_scene(rng, world.WorldConfig())
+        q = world.make_qa(scene, rng, str(rng.choice(world.QA_KINDS)))
+        if q is None:
+            continue
+        obj = probes.asked_object(scene, q, probes.SUPERVISED_KINDS)
+        named = q.kind in ("color", "shape", "position") or (q.kind == "exist" and q.answer == "yes")
+        assert (obj is not None) == named, q
+        if obj is not None:
+            seen.add(q.kind)
+            assert obj in scene.objects
+            words = q.question.rstrip("?").split()
+            assert obj.shape in words or obj.color in words
+            if q.kind == "color":
+                assert q.answer == obj.color
+            if q.kind == "shape":
+                assert q.answer == obj.shape
+    assert seen == set(probes.SUPERVISED_KINDS)
+
+
+def test_attention_supervision_trains_and_restores_the_model():
+    trainer, builder = probes.load_trainer(NANO)
+    before = [p.detach().clone() for p in trainer.llm.parameters()]
+    impl = trainer.llm.config._attn_implementation
+    probes.train_with_attention_supervision(trainer, builder, steps=2, lr=1e-3, layer=1, weight=1.0, seed=0, batch=4)
+    assert trainer.llm.config._attn_implementation == impl and not trainer.llm.training
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.llm.parameters()))

@@ -9,11 +9,14 @@
   the triangle?" / "what shape is the red object?": its attention mass on the image, the share of that mass on
   the asked-about object's tokens and on any object's tokens;
 - ``--from-scratch``: the recipe's vision stages and LLM stages 1-3 (no decoder, no stage 4) with a variant
-  (ViT pretrained on factored targets, another LLM RoPE base), scored after every LLM stage.
+  (ViT pretrained on factored targets, another LLM RoPE base), scored after every LLM stage;
+- ``--supervise-layer L``: continue on single-turn QA with an auxiliary loss that pulls layer L's attention at
+  the answer position onto the asked-about object (`train_with_attention_supervision`).
 
 Run: python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint [--continue qa --steps 300
 --chunks 2] [--attention] [--split train]
      python -m illume_edge.nano.probes --from-scratch [--vit-targets factored] [--rope-theta 1e6]
+     python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint --supervise-layer 1 [--attention]
 """
 from __future__ import annotations
 
@@ -90,14 +93,76 @@ def accuracy_by_kind(qas: QA, right: list[bool]) -> dict[str, float]:
     return acc
 
 
-def asked_object(scene: world.Scene, q: world.QA) -> world.Obj | None:
-    """The object a color or shape question is about (world.make_qa names it uniquely); None for other kinds."""
+def asked_object(scene: world.Scene, q: world.QA, kinds: tuple[str, ...] = ("color", "shape")) -> world.Obj | None:
+    """The one object a question of `kinds` is about (world.make_qa names it uniquely): color, shape, position,
+    and exist when the answer is yes; None otherwise."""
     words = q.question.rstrip("?").split()
+    if q.kind not in kinds:
+        return None
     if q.kind == "color":  # "what color is the <shape>?"
         return scene.find(shape=words[-1])[0]
     if q.kind == "shape":  # "what shape is the <color> object?"
         return scene.find(color=words[-2])[0]
+    if q.kind == "position":  # "where is the <color> <shape>?"
+        return scene.find(shape=words[-1], color=words[-2])[0]
+    if q.kind == "exist" and q.answer == "yes":  # "is there a <color> <shape>?"
+        return scene.find(shape=words[-1], color=words[-2])[0]
     return None
+
+
+SUPERVISED_KINDS = ("color", "shape", "position", "exist")
+
+
+def train_with_attention_supervision(trainer: LLMTrainer, builder: SequenceBuilder, *, steps: int, lr: float,
+                                     layer: int, weight: float, seed: int, batch: int = 32) -> None:
+    """QA training (single-turn questions of every kind, training scenes) plus an auxiliary loss on `layer`'s
+    attention: at the position that predicts the answer, -log of the mean over heads of the attention mass
+    on the asked-about object's tokens (`asked_object`, SUPERVISED_KINDS), weighted by `weight`. A diagnostic:
+    does a direct signal for selecting the named object move the plateau?"""
+    from ..runtime.prompts import IMAGE_MARKER
+
+    wcfg = world.WorldConfig()
+    grid = trainer.cfg.level_grid(0, *trainer.cfg.anchors[0])
+    params = trainer.set_trainable("all")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05,
+                                                anneal_strategy="cos")
+    rng = np.random.default_rng(seed)
+    impl = trainer.llm.config._attn_implementation
+    trainer.llm.set_attn_implementation("eager")  # attention weights (with gradients) come from eager only
+    trainer.llm.train()
+    trainer.projector.train()
+    try:
+        for _ in range(steps):
+            exs, targets = [], []
+            while len(exs) < batch:
+                scene = world.sample_scene(rng, wcfg, split="train")
+                q = world.make_qa(scene, rng, str(rng.choice(world.QA_KINDS)))
+                if q is None:
+                    continue
+                ex = builder.understand(world.render(scene, wcfg), q.question, q.answer)
+                obj = asked_object(scene, q, SUPERVISED_KINDS)
+                image = np.flatnonzero(np.asarray(ex.ids) == IMAGE_MARKER)
+                at = next(i for i, lab in enumerate(ex.labels) if lab != IGNORE) - 1
+                targets.append(None if obj is None else (at, image[_cell_tokens([obj], grid, wcfg)]))
+                exs.append(ex)
+            b = trainer.batch(exs)
+            out = trainer.llm(inputs_embeds=b["inputs_embeds"], attention_mask=b["attention_mask"],
+                              output_attentions=True)
+            labels = b["labels"][:, 1:]
+            lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+            att = out.attentions[layer]  # [B, heads, L, L]
+            picked = [att[i, :, t[0], t[1]].sum(-1).mean() for i, t in enumerate(targets) if t is not None]
+            aux = -torch.log(torch.stack(picked) + 1e-6).mean() if picked else torch.zeros(())
+            opt.zero_grad()
+            (lm + weight * aux).backward()
+            nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+    finally:
+        trainer.llm.set_attn_implementation(impl)
+        trainer.llm.eval().requires_grad_(False)
+        trainer.projector.eval().requires_grad_(False)
 
 
 def _cell_tokens(objs, grid: tuple[int, int], wcfg: world.WorldConfig) -> np.ndarray:
@@ -265,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunks", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--attention", action="store_true")
+    ap.add_argument("--supervise-layer", dest="supervise_layer", type=int, default=None,
+                    help="continue on single-turn QA with the attention-supervision loss on this layer")
+    ap.add_argument("--supervise-weight", dest="supervise_weight", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -283,7 +351,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.attention:
         for row in attention_on_asked_object(trainer, builder, qas):
             print(json.dumps(row))
-    if args.mix:
+    if args.supervise_layer is not None:
+        print(json.dumps({"steps": 0, **score()}))
+        for c in range(args.chunks):
+            train_with_attention_supervision(trainer, builder, steps=args.steps, lr=args.lr,
+                                             layer=args.supervise_layer, weight=args.supervise_weight, seed=100 + c)
+            print(json.dumps({"steps": (c + 1) * args.steps, **score()}))
+        if args.attention:
+            for row in attention_on_asked_object(trainer, builder, qas):
+                print(json.dumps(row))
+    elif args.mix:
         continue_training(trainer, builder, args.mix, args.steps, args.chunks, args.lr, score)
     elif not args.attention:
         print(json.dumps(score()))
