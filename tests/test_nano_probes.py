@@ -101,3 +101,24 @@ def test_attention_supervision_trains_and_restores_the_model():
     probes.train_with_attention_supervision(trainer, builder, steps=2, lr=1e-3, layer=1, weight=1.0, seed=0, batch=4)
     assert trainer.llm.config._attn_implementation == impl and not trainer.llm.training
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.llm.parameters()))
+
+
+def test_linear_probe_reads_separable_data_and_not_noise():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 800)
+    x = rng.normal(size=(800, 16))
+    x[:, 0] += 8 * y  # class is a linear direction, 8 noise sds between classes
+    assert probes._linear_probe_accuracy(x, y)["accuracy"] >= 0.98
+    noise = probes._linear_probe_accuracy(rng.normal(size=(800, 16)), y)
+    assert noise["accuracy"] <= noise["majority"] + 0.1 and noise["samples"] == 800
+
+
+def test_linear_probes_cover_query_and_keys(shipped):
+    trainer, builder = shipped
+    qas = probes.questions(12, "train")
+    asked = [(s, q) for s, q in qas if probes.asked_object(s, q) is not None]
+    tokens = 4 * sum(len(s.objects) for s, _ in asked)  # 2 x 2 tokens per object cell
+    out = probes.linear_probes(trainer, builder, qas, layer=1)
+    assert out["query"]["samples"] == len(asked) == 24
+    assert out["key_shape"]["samples"] == out["key_color"]["samples"] == tokens
+    assert all(0 <= v["accuracy"] <= 1 and 0 < v["majority"] <= 1 for v in out.values())

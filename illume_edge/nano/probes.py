@@ -11,12 +11,15 @@
 - ``--from-scratch``: the recipe's vision stages and LLM stages 1-3 (no decoder, no stage 4) with a variant
   (ViT pretrained on factored targets, another LLM RoPE base), scored after every LLM stage;
 - ``--supervise-layer L``: continue on single-turn QA with an auxiliary loss that pulls layer L's attention at
-  the answer position onto the asked-about object (`train_with_attention_supervision`).
+  the answer position onto the asked-about object (`train_with_attention_supervision`);
+- ``--linear-probes L``: is the asked attribute linearly readable from the answer position's input to layer
+  L (the query side), and each object token's shape and color from its layer-L keys (`linear_probes`)?
 
 Run: python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint [--continue qa --steps 300
 --chunks 2] [--attention] [--split train]
      python -m illume_edge.nano.probes --from-scratch [--vit-targets factored] [--rope-theta 1e6]
      python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint --supervise-layer 1 [--attention]
+     python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint --linear-probes 1 --split train --per-kind 200
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime.prompts import IMAGE_MARKER
 from . import evaluate, recipe, world
 from .llm_train import LLMTrainer
 from .sequences import IGNORE, SequenceBuilder
@@ -119,8 +123,6 @@ def train_with_attention_supervision(trainer: LLMTrainer, builder: SequenceBuild
     attention: at the position that predicts the answer, -log of the mean over heads of the attention mass
     on the asked-about object's tokens (`asked_object`, SUPERVISED_KINDS), weighted by `weight`. A diagnostic:
     does a direct signal for selecting the named object move the plateau?"""
-    from ..runtime.prompts import IMAGE_MARKER
-
     wcfg = world.WorldConfig()
     grid = trainer.cfg.level_grid(0, *trainer.cfg.anchors[0])
     params = trainer.set_trainable("all")
@@ -142,8 +144,7 @@ def train_with_attention_supervision(trainer: LLMTrainer, builder: SequenceBuild
                     continue
                 ex = builder.understand(world.render(scene, wcfg), q.question, q.answer)
                 obj = asked_object(scene, q, SUPERVISED_KINDS)
-                image = np.flatnonzero(np.asarray(ex.ids) == IMAGE_MARKER)
-                at = next(i for i, lab in enumerate(ex.labels) if lab != IGNORE) - 1
+                image, at = _answer_layout(ex)
                 targets.append(None if obj is None else (at, image[_cell_tokens([obj], grid, wcfg)]))
                 exs.append(ex)
             b = trainer.batch(exs)
@@ -165,6 +166,22 @@ def train_with_attention_supervision(trainer: LLMTrainer, builder: SequenceBuild
         trainer.projector.eval().requires_grad_(False)
 
 
+def _answer_layout(ex) -> tuple[np.ndarray, int]:
+    """(the image's token positions in `ex`, the position that predicts the first answer token)."""
+    image = np.flatnonzero(np.asarray(ex.ids) == IMAGE_MARKER)
+    return image, next(i for i, lab in enumerate(ex.labels) if lab != IGNORE) - 1
+
+
+def _asked_examples(trainer: LLMTrainer, builder: SequenceBuilder, qas: QA, wcfg: world.WorldConfig):
+    """(scene, question, asked object, batch of one, image positions, answer position) for each color / shape
+    question of `qas`."""
+    for scene, q in qas:
+        target = asked_object(scene, q)
+        if target is not None:
+            ex = builder.understand(world.render(scene, wcfg), q.question, q.answer)
+            yield (scene, q, target, trainer.batch([ex]), *_answer_layout(ex))
+
+
 def _cell_tokens(objs, grid: tuple[int, int], wcfg: world.WorldConfig) -> np.ndarray:
     """bool [rows*cols]: the image tokens covering the objects' cells."""
     rows, cols = grid
@@ -182,8 +199,6 @@ def attention_on_asked_object(trainer: LLMTrainer, builder: SequenceBuilder, qas
     answer's first token: `image` = attention mass on the image's tokens; `asked` / `objects` = the share of
     that mass on the asked-about object's tokens / on any object's tokens; `asked_uniform` = the share
     `asked` would have if the head spread its image mass evenly over the objects."""
-    from ..runtime.prompts import IMAGE_MARKER
-
     cfg = trainer.cfg
     grid = cfg.level_grid(0, *cfg.anchors[0])
     impl = trainer.llm.config._attn_implementation
@@ -191,14 +206,7 @@ def attention_on_asked_object(trainer: LLMTrainer, builder: SequenceBuilder, qas
     trainer.llm.eval()
     rows: dict[tuple[int, int], list[tuple[float, float, float, float]]] = defaultdict(list)
     try:
-        for scene, q in qas:
-            target = asked_object(scene, q)
-            if target is None:
-                continue
-            ex = builder.understand(world.render(scene, wcfg), q.question, q.answer)
-            b = trainer.batch([ex])
-            image = np.flatnonzero(np.asarray(ex.ids) == IMAGE_MARKER)  # the image's token positions
-            at = next(i for i, lab in enumerate(ex.labels) if lab != IGNORE) - 1  # predicts the first answer token
+        for scene, _, target, b, image, at in _asked_examples(trainer, builder, qas, wcfg):
             asked, objects = _cell_tokens([target], grid, wcfg), _cell_tokens(scene.objects, grid, wcfg)
             out = trainer.llm(inputs_embeds=b["inputs_embeds"], attention_mask=b["attention_mask"],
                               output_attentions=True)
@@ -213,6 +221,57 @@ def attention_on_asked_object(trainer: LLMTrainer, builder: SequenceBuilder, qas
     keys = ("image", "asked", "objects", "asked_uniform")
     return [{"layer": layer, "head": head, **{k: round(float(v), 3) for k, v in zip(keys, np.mean(vals, axis=0))}}
             for (layer, head), vals in sorted(rows.items())]
+
+
+def _linear_probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int = 0, steps: int = 500) -> dict:
+    """Held-out accuracy of a logistic regression x -> y (3/4 train, 1/4 test, standardised features), next to
+    the test split's majority share."""
+    g = torch.Generator().manual_seed(seed)
+    X, Y = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+    idx = torch.randperm(len(Y), generator=g)
+    fit, test = idx[: len(Y) * 3 // 4], idx[len(Y) * 3 // 4:]
+    mu, sd = X[fit].mean(0), X[fit].std(0) + 1e-6
+    X = (X - mu) / sd
+    torch.manual_seed(seed)
+    lin = nn.Linear(X.shape[1], int(Y.max()) + 1)
+    opt = torch.optim.Adam(lin.parameters(), lr=1e-2)
+    with torch.enable_grad():  # callers may hold no_grad
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(lin(X[fit]), Y[fit]).backward()
+            opt.step()
+    with torch.no_grad():
+        acc = (lin(X[test]).argmax(-1) == Y[test]).float().mean().item()
+    return {"accuracy": round(acc, 3), "majority": round(float(np.bincount(y[test.numpy()]).max() / len(test)), 3),
+            "samples": len(Y)}
+
+
+@torch.no_grad()
+def linear_probes(trainer: LLMTrainer, builder: SequenceBuilder, qas: QA, layer: int = 1,
+                  wcfg: world.WorldConfig = world.WorldConfig()) -> dict[str, dict]:
+    """Does `layer`'s attention have what selection needs? Over the color and shape questions of `qas`:
+    - "query": the asked attribute (3 shapes + 6 colors) from the answer position's input to `layer`;
+    - "key_shape" / "key_color": each object token's shape / color from its `layer` keys (before RoPE)."""
+    grid = trainer.cfg.level_grid(0, *trainer.cfg.anchors[0])
+    block = trainer.llm.model.layers[layer]
+    trainer.llm.eval()
+    query, asked, keys, shapes, colors = [], [], [], [], []
+    for scene, q, target, b, image, at in _asked_examples(trainer, builder, qas, wcfg):
+        h = trainer.llm(inputs_embeds=b["inputs_embeds"], attention_mask=b["attention_mask"],
+                        output_hidden_states=True).hidden_states[layer][0]  # [L, hidden]: the layer's input
+        query.append(h[at].numpy())
+        asked.append(world.SHAPES.index(target.shape) if q.kind == "color"  # the word the question names
+                     else len(world.SHAPES) + list(world.COLORS).index(target.color))
+        k = block.self_attn.k_proj(block.input_layernorm(h)).numpy()  # [L, kv_heads * head_dim]
+        for o in scene.objects:
+            for pos in image[_cell_tokens([o], grid, wcfg)]:
+                keys.append(k[pos])
+                shapes.append(world.SHAPES.index(o.shape))
+                colors.append(list(world.COLORS).index(o.color))
+    keys_ = np.array(keys)
+    return {"query": _linear_probe_accuracy(np.array(query), np.array(asked)),
+            "key_shape": _linear_probe_accuracy(keys_, np.array(shapes)),
+            "key_color": _linear_probe_accuracy(keys_, np.array(colors))}
 
 
 def continue_training(trainer: LLMTrainer, builder: SequenceBuilder, mix: str, steps: int, chunks: int,
@@ -330,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunks", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--attention", action="store_true")
+    ap.add_argument("--linear-probes", dest="linear", type=int, default=None, metavar="LAYER",
+                    help="linear probes of the query and key sides of this layer (linear_probes)")
     ap.add_argument("--supervise-layer", dest="supervise_layer", type=int, default=None,
                     help="continue on single-turn QA with the attention-supervision loss on this layer")
     ap.add_argument("--supervise-weight", dest="supervise_weight", type=float, default=1.0)
@@ -348,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     def score() -> dict:
         return accuracy_by_kind(qas, answers_right(trainer, builder, qas))
 
+    if args.linear is not None:
+        print(json.dumps(linear_probes(trainer, builder, qas, args.linear)))
+        return 0
     if args.attention:
         for row in attention_on_asked_object(trainer, builder, qas):
             print(json.dumps(row))
