@@ -96,12 +96,18 @@ class LLMTrainer:
             raise ValueError(f"trainable: expected 'vision_init' or 'all', got {trainable!r}")
         return [p for m in (self.llm, self.projector) for p in m.parameters() if p.requires_grad]
 
-    def train(self, sampler: Sampler, *, steps: int, batch: int, lr: float, seed: int, trainable: str,
-              progress: Progress, warmup: float = 0.05, groups: int = 2) -> float:
-        params = self.set_trainable(trainable)
+    @staticmethod
+    def optimizer(params: list[nn.Parameter], *, lr: float, steps: int, warmup: float = 0.05):
+        """(AdamW, one-cycle cosine schedule peaking at `lr` after `warmup` of `steps`): every LLM stage's."""
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=warmup,
                                                     anneal_strategy="cos")
+        return opt, sched
+
+    def train(self, sampler: Sampler, *, steps: int, batch: int, lr: float, seed: int, trainable: str,
+              progress: Progress, warmup: float = 0.05, groups: int = 2) -> float:
+        params = self.set_trainable(trainable)
+        opt, sched = self.optimizer(params, lr=lr, steps=steps, warmup=warmup)
         rng = np.random.default_rng(seed)
         self.llm.train()
         self.projector.train()

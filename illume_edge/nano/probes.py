@@ -126,9 +126,7 @@ def train_with_attention_supervision(trainer: LLMTrainer, builder: SequenceBuild
     wcfg = world.WorldConfig()
     grid = trainer.cfg.level_grid(0, *trainer.cfg.anchors[0])
     params = trainer.set_trainable("all")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05,
-                                                anneal_strategy="cos")
+    opt, sched = trainer.optimizer(params, lr=lr, steps=steps)
     rng = np.random.default_rng(seed)
     impl = trainer.llm.config._attn_implementation
     trainer.llm.set_attn_implementation("eager")  # attention weights (with gradients) come from eager only
@@ -183,13 +181,10 @@ def _asked_examples(trainer: LLMTrainer, builder: SequenceBuilder, qas: QA, wcfg
 
 
 def _cell_tokens(objs, grid: tuple[int, int], wcfg: world.WorldConfig) -> np.ndarray:
-    """bool [rows*cols]: the image tokens covering the objects' cells."""
-    rows, cols = grid
-    per_r, per_c = rows // wcfg.grid, cols // wcfg.grid
-    mask = np.zeros((rows, cols), bool)
-    for o in objs:
-        mask[o.row * per_r:(o.row + 1) * per_r, o.col * per_c:(o.col + 1) * per_c] = True
-    return mask.reshape(-1)
+    """bool [rows*cols]: the image tokens covering the objects' cells (the ViT's own token layout)."""
+    from .vision_train import token_classes
+
+    return token_classes(world.Scene(tuple(objs)), grid, wcfg) > 0
 
 
 @torch.no_grad()
