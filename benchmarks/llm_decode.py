@@ -12,8 +12,8 @@ One run, one set of weights (a seeded random Qwen2ForCausalLM of the shape):
   sessions). `--profile` (default int4) runs onnxruntime's profiler over the decode steps (llm + head).
   With `--llm-graphs fused portable`, fp32 and int4 are also timed on the portable graph (the A/B).
 - transformers eager on the same module (DynamicCache, logits_to_keep=1: the full LM head per step).
-- onnxruntime-genai: its model builder on a HF folder saved from the same module (fp32 and int4, block 32,
-  accuracy level 4), `Generator` with intra_op_num_threads = cores, greedy.
+- onnxruntime-genai: its model builder on a HF folder saved from the same module (fp32 and int4 at
+  `--block-size`, default 32, accuracy level 4, as ours), `Generator` with intra_op_num_threads = cores, greedy.
 Every peer's per-token number includes its LM head and the greedy pick. Batch 1, a 128-token prompt, then
 64 decode steps; every runtime is loaded first, warmed up, then timed in interleaved rounds (each round runs
 every runtime once, in a rotating order), so that the machine's drift over minutes falls on all of them
@@ -285,14 +285,17 @@ def eager_rep(model, prompt: list[int], steps: int, threads: int) -> Rep:
     return rep
 
 
-def build_genai(hf_dir: Path, out_dir: Path, precision: str, threads: int, cache_dir: Path) -> float:
-    """onnxruntime-genai's model builder (CPU) on the HF folder; set its thread count. Returns seconds."""
+def build_genai(hf_dir: Path, out_dir: Path, precision: str, threads: int, cache_dir: Path,
+                block_size: int = 32) -> float:
+    """onnxruntime-genai's model builder (CPU) on the HF folder; set its thread count. int4 is quantized with
+    our settings (symmetric, accuracy level 4, `block_size`), so that both runtimes time the same model.
+    Returns seconds."""
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out_dir),
            "-p", precision, "-e", "cpu", "-c", str(cache_dir)]
     if precision == "int4":
-        cmd += ["--extra_options", "int4_block_size=32", "int4_accuracy_level=4", "block_size=32",
-                "accuracy_level=4", "is_symmetric=true"]
+        cmd += ["--extra_options", f"int4_block_size={block_size}", "int4_accuracy_level=4",
+                f"block_size={block_size}", "accuracy_level=4", "is_symmetric=true"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"model builder failed ({proc.returncode}): {(proc.stderr or proc.stdout)[-1500:]}")
@@ -442,7 +445,8 @@ def run(args) -> dict:
                   "text_head_rows": cfg.head_ranges()["text"][1], "tied_embeddings": llm.tie_word_embeddings},
         "protocol": {"batch": 1, "prompt_tokens": args.prompt, "decode_steps": args.steps, "warmup": args.warmup,
                      "warmup_steps": min(WARMUP_STEPS, args.steps), "reps": args.reps, "greedy": True,
-                     "mean_context": context, "llm_graphs": args.llm_graphs, "spin_modes": ["run", *args.spin_modes],
+                     "mean_context": context, "block_size": args.block_size, "llm_graphs": args.llm_graphs,
+                     "spin_modes": ["run", *args.spin_modes],
                      "timing": "interleaved rounds"},
         "runs": {}, "failures": {}, "build_s": {},
     }
@@ -483,7 +487,8 @@ def run(args) -> dict:
                 if out.exists():
                     shutil.rmtree(out)
                 log(f"{name}: model builder")
-                result["build_s"][f"genai_{prec}"] = build_genai(hf_dir, out, prec, threads, work / "genai-cache")
+                result["build_s"][f"genai_{prec}"] = build_genai(hf_dir, out, prec, threads, work / "genai-cache",
+                                                                 args.block_size)
                 genai_dirs[name] = out
             except Exception as e:  # a failing peer is reported, not hidden
                 result["failures"][name] = f"{type(e).__name__}: {str(e)[-1500:]}"
@@ -627,7 +632,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="default: the cores this process may use")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "int4"], choices=["fp32", "int8", "int4"],
                     help="our engines to time (make bench-full adds int8)")
-    ap.add_argument("--block-size", dest="block_size", type=int, default=32)
+    ap.add_argument("--block-size", dest="block_size", type=int, default=32,
+                    help="int4/int8 quantization block, ours and onnxruntime-genai's alike (default 32)")
     ap.add_argument("--llm-graphs", dest="llm_graphs", nargs="+", default=[DEFAULT_LLM_GRAPH], choices=LLM_GRAPHS,
                     help="our llm graphs: the first gets every precision, the others fp32 and int4 (the A/B)")
     ap.add_argument("--shared-pool", dest="shared_pool", nargs="*", default=[],

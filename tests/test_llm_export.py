@@ -24,6 +24,7 @@ from illume_edge.export.export_llm import (export_heads, export_llm, head_graph_
                                            llm_input_names, llm_output_names)
 from illume_edge.export.llm import (LLMStep, build_llm, cache_tensors, hf_config, llm_config_from_hf,
                                     reference_step, splice_embeds)
+from illume_edge.export.onnx_io import drop_unread_optional_outputs
 
 LOGIT_ATOL = 1e-4
 HIDDEN_ATOL = 1e-4
@@ -466,6 +467,28 @@ def test_fused_graph_layers_are_fused_kernels(bundle):
     assert count("SimplifiedLayerNormalization") == 1 and count("SkipSimplifiedLayerNormalization") == 2 * layers
     assert count("Softmax") == count("Pow") == count("Sqrt") == 0
     assert {n.domain for n in model.graph.node if n.op_type == "GroupQueryAttention"} == {"com.microsoft"}
+    # outputs nothing reads are unnamed, so onnxruntime neither computes nor allocates them: every norm's
+    # mean / inv_std_var, and the final norm's residual sum
+    skip_norms = [n for n in model.graph.node if n.op_type == "SkipSimplifiedLayerNormalization"]
+    assert all(n.output[1] == n.output[2] == "" and n.output[0] for n in skip_norms)
+    assert [bool(n.output[3]) for n in skip_norms] == [True] * (len(skip_norms) - 1) + [False]
+
+
+def test_unread_optional_outputs_are_dropped_and_read_ones_kept():
+    """Optional outputs that a node or the graph reads keep their names; unread ones lose theirs, with their
+    value_info; a required output (the norm's result) is never touched."""
+    h = onnx.helper
+    norm = lambda i, x: h.make_node("SkipSimplifiedLayerNormalization", [x, "skip", "g"],  # noqa: E731
+                                    [f"y{i}", f"mean{i}", f"inv{i}", f"sum{i}"], domain="com.microsoft")
+    nodes = [norm(0, "x"), norm(1, "sum0"), h.make_node("Identity", ["mean1"], ["m"])]
+    f = lambda n: h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [2])  # noqa: E731
+    graph = h.make_graph(nodes, "g", [f("x"), f("skip"), f("g")], [f("y1"), f("m"), f("inv0")],
+                         value_info=[f("mean0"), f("mean1"), f("sum0")])
+    model = h.make_model(graph)
+    assert drop_unread_optional_outputs(model) == 3  # mean0, inv1, sum1 (inv0 is a graph output, y0 required)
+    assert list(model.graph.node[0].output) == ["y0", "", "inv0", "sum0"]
+    assert list(model.graph.node[1].output) == ["y1", "mean1", "", ""]
+    assert [v.name for v in model.graph.value_info] == ["mean1", "sum0"]
 
 
 def test_fused_graph_needs_head_dim_multiple_of_16():

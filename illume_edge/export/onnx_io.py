@@ -105,6 +105,33 @@ def graph_ops(model: onnx.ModelProto) -> list[tuple[str, str]]:
     return sorted(seen)
 
 
+# Optional outputs of contrib ops that the fused graphs never read, by (domain, op_type) -> output indices.
+# onnxscript names every output of a node it builds, and onnxruntime computes and allocates each named output
+# whether or not anything reads it; an empty name tells the kernel to skip it.
+# SkipSimplifiedLayerNormalization: mean, inv_std_var, and the residual sum (read by the next layer's norm,
+# not after the final norm).
+UNREAD_OPTIONAL_OUTPUTS = {("com.microsoft", "SkipSimplifiedLayerNormalization"): (1, 2, 3)}
+
+
+def drop_unread_optional_outputs(model: onnx.ModelProto) -> int:
+    """Blank the names of `UNREAD_OPTIONAL_OUTPUTS` that no node and no graph output reads (top-level graph;
+    the fused graphs have no subgraphs). Returns how many outputs were dropped."""
+    g = model.graph
+    read = {name for node in g.node for name in node.input} | {o.name for o in g.output}
+    dropped = 0
+    for node in g.node:
+        for i in UNREAD_OPTIONAL_OUTPUTS.get((node.domain, node.op_type), ()):
+            if i < len(node.output) and node.output[i] and node.output[i] not in read:
+                node.output[i] = ""
+                dropped += 1
+    if dropped:  # their shape annotations would name values that no longer exist
+        gone = {v.name for v in g.value_info} - {o for node in g.node for o in node.output}
+        kept = [v for v in g.value_info if v.name not in gone]
+        del g.value_info[:]
+        g.value_info.extend(kept)
+    return dropped
+
+
 def check_portable(model: onnx.ModelProto, where: str) -> None:
     """Portable graphs use the default ONNX domain only: no com.microsoft contrib ops, no local functions."""
     bad = [f"{d}::{op}" for d, op in graph_ops(model) if d not in ("ai.onnx", "")]
@@ -199,6 +226,8 @@ def export_onnx(module: torch.nn.Module, args: tuple, path: str | os.PathLike, *
     model = onnx.load(str(path), load_external_data=False)  # graph only
     if not translations:
         check_portable(model, path.name)
+    elif drop_unread_optional_outputs(model):
+        onnx.save(model, str(path))  # the graph file only: external-data references are kept as they are
     onnx.checker.check_model(str(path))  # by path: handles external data of any size
     files = [path] + ([data_path] if data_path.exists() else [])
     return GraphInfo(path=path, files=files, inputs=_tensor_infos(model.graph.input),
