@@ -122,3 +122,52 @@ def test_linear_probes_cover_query_and_keys(shipped):
     assert out["query"]["samples"] == len(asked) == 24
     assert out["key_shape"]["samples"] == out["key_color"]["samples"] == tokens
     assert all(0 <= v["accuracy"] <= 1 and 0 < v["majority"] <= 1 for v in out.values())
+
+
+def test_restyled_answers_restate_the_asked_object_or_describe_first():
+    scene = world.Scene((world.Obj(0, 0, "circle", "red"), world.Obj(2, 2, "square", "blue")))
+    qa = lambda kind, q, a: world.QA(kind, q, a)  # noqa: E731
+    color = qa("color", "what color is the circle?", "red")
+    shape = qa("shape", "what shape is the blue object?", "square")
+    where = qa("position", "where is the red circle?", "top left")
+    count = qa("count", "how many objects are there?", "two")
+    assert probes.restyle(scene, color, "echo").answer == "the circle is red"
+    assert probes.restyle(scene, shape, "echo").answer == "the blue object is a square"
+    assert probes.restyle(scene, where, "echo").answer == "the red circle is at the top left"
+    assert probes.restyle(scene, qa("position", "where is the square?", "center"), "echo").answer == \
+        "the square is in the center"
+    assert probes.restyle(scene, count, "echo") == count  # nothing to restate
+    assert probes.restyle(scene, count, "describe-first").answer == \
+        "a red circle at the top left and a blue square at the bottom right. two"
+    describe = qa("describe", "describe the image.", world.describe(scene))
+    assert probes.restyle(scene, describe, "describe-first") == describe
+    assert probes.restyle(scene, color, "short") == color
+    with pytest.raises(ValueError, match="answer-style"):
+        probes.restyle(scene, color, "verbose")
+    with pytest.raises(ValueError, match="does not match"):
+        probes.restyle(scene, qa("color", "which color has the circle?", "red"), "echo")
+
+
+def test_restyled_tasks_train_on_the_restyled_answers():
+    """Every QA turn of a restyled dialogue is in the new format; the recipe's default keeps the world's."""
+    from illume_edge.config import preset
+    from illume_edge.runtime.prompts import TextTokenizer
+    from illume_edge.nano.sequences import SequenceBuilder
+
+    cfg = preset("illume-nano")
+    builder = SequenceBuilder(TextTokenizer.from_file(NANO / "mllm" / "tokenizer.json", cfg), cfg)
+    seen = []
+    style = lambda s, q: (seen.append(q.kind), probes.restyle(s, q, "describe-first"))[1]  # noqa: E731
+    tasks = recipe.Tasks(builder, world.WorldConfig(), answer_style=style)
+    ex = tasks.qa(np.random.default_rng(0))
+    text = builder.tok.decode([t for t, l in zip(ex.ids, ex.labels) if l >= 0])
+    assert seen and text.count(". ") >= sum(k != "describe" for k in seen) >= 1
+    plain = recipe.Tasks(builder, world.WorldConfig()).qa(np.random.default_rng(0))
+    assert plain.ids != ex.ids and len(plain.ids) < len(ex.ids)
+
+
+def test_text_lookup_trains_from_scratch_and_scores_every_kind():
+    history = probes.text_lookup(steps=3, per_kind=2, batch=4, every=2, log=lambda s: None)
+    assert [h["steps"] for h in history] == [2, 3]
+    assert set(history[-1]) >= set(world.QA_KINDS) | {"overall", "loss"}
+    assert all(0.0 <= history[-1][k] <= 1.0 for k in world.QA_KINDS)

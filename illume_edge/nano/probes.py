@@ -14,18 +14,27 @@
   the answer position onto the asked-about object (`train_with_attention_supervision`);
 - ``--linear-probes L``: is the asked attribute linearly readable from the answer position's input to layer
   L (the query side), and each object token's shape and color from its layer-L keys (`linear_probes`)?
+- ``--answer-style echo|describe-first``: ``--continue`` on answers in another format, scored in it
+  (`restyle`): the asked object restated before its attribute, or the scene described before the answer;
+- ``--text-lookup STEPS``: the nano LLM trained from scratch on the same questions about the scene's
+  *description* in text, no image at all (`text_lookup`): can this LLM learn the lookup itself?
 
 Run: python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint [--continue qa --steps 300
 --chunks 2] [--attention] [--split train]
      python -m illume_edge.nano.probes --from-scratch [--vit-targets factored] [--rope-theta 1e6]
      python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint --supervise-layer 1 [--attention]
      python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint --linear-probes 1 --split train --per-kind 200
+     python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint --continue stage3 --answer-style echo
+     python -m illume_edge.nano.probes --text-lookup 6000 [--hidden 256] [--lr 1e-3]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -56,9 +65,11 @@ def load_trainer(checkpoint: str | Path) -> tuple[LLMTrainer, SequenceBuilder]:
     return LLMTrainer(cfg, mods.llm, mods.projectors["semantic"], tower), builder
 
 
-def questions(per_kind: int, split: str, wcfg: world.WorldConfig = world.WorldConfig()) -> QA:
+def questions(per_kind: int, split: str, wcfg: world.WorldConfig = world.WorldConfig(), style: str = "short") -> QA:
     """`per_kind` questions of every kind: the evaluation's own held-out questions, or as many from training
-    scenes (same seed)."""
+    scenes (same seed), with their answers in `style` (see `restyle`)."""
+    if style != "short":
+        return [(s, restyle(s, q, style)) for s, q in questions(per_kind, split, wcfg)]
     if split == "heldout":
         return evaluate.heldout_tasks(evaluate.EvalSize(qa_per_kind=per_kind), wcfg)[0]
     rng, out = np.random.default_rng(evaluate.EVAL_SEED), []
@@ -269,11 +280,111 @@ def linear_probes(trainer: LLMTrainer, builder: SequenceBuilder, qas: QA, layer:
             "key_color": _linear_probe_accuracy(keys_, np.array(colors))}
 
 
+ANSWER_STYLES = ("short", "echo", "describe-first")
+# the world's question templates that name one object (world.make_qa / scaffold_qa) -> the phrase naming it
+_NAMED = {"color": r"what color is (the \w+)\?", "shape": r"what shape is (the \w+ object)\?",
+          "position": r"where is (the [\w ]+)\?"}
+
+
+def restyle(scene: world.Scene, qa: world.QA, style: str) -> world.QA:
+    """`qa` with its answer in another format (the question is unchanged):
+    - "short": the world's own answer ("red");
+    - "echo": color, shape and position answers restate the asked object first, so that the word to look up
+      sits right before the answer ("the triangle is red", "the red object is a circle", "the red circle is at
+      the top left"); other kinds stay short;
+    - "describe-first": the scene's description, ". ", then the short answer, for every kind but describe
+      (the model writes what it sees, then answers from its own text)."""
+    if style not in ANSWER_STYLES:
+        raise ValueError(f"--answer-style: expected one of {ANSWER_STYLES}, got {style!r}")
+    if style == "describe-first" and qa.kind != "describe":
+        return world.QA(qa.kind, qa.question, f"{world.describe(scene)}. {qa.answer}")
+    if style != "echo" or qa.kind not in _NAMED:
+        return qa
+    m = re.fullmatch(_NAMED[qa.kind], qa.question)
+    if m is None:
+        raise ValueError(f"restyle: {qa.kind} question {qa.question!r} does not match {_NAMED[qa.kind]!r}")
+    if qa.kind == "color":
+        answer = qa.answer
+    elif qa.kind == "shape":
+        answer = f"{world.article(qa.answer)} {qa.answer}"
+    else:  # "top left" -> "at the top left", as the descriptions phrase it
+        answer = next(world.position_phrase(r, c) for r in range(3) for c in range(3)
+                      if world.position_name(r, c) == qa.answer)
+    return world.QA(qa.kind, qa.question, f"{m.group(1)} is {answer}")
+
+
+def text_lookup(steps: int, lr: float = 1e-3, hidden: int | None = None, per_kind: int = 60, batch: int = 32,
+                every: int = 250, seed: int = 0, log=print) -> list[dict]:
+    """The nano LLM (or a wider one: `hidden`, FFN 3x) from scratch on text alone: "<description>. <question>"
+    -> " <answer><|im_end|>", the loss on the answer, the questions of every kind about training scenes,
+    the recipe's optimizer and schedule (AdamW, one-cycle cosine peaking at `lr`).
+    Teacher-forced accuracy on the evaluation's held-out scenes every `every` steps. Without an image, this
+    asks whether the LLM can learn to look an object up at all within the recipe's budget of steps."""
+    from ..config import preset
+    from ..export.llm import build_llm
+    from ..export.tokenizer_factory import build_tokenizer
+    from ..runtime.prompts import TextTokenizer
+    from .text import base_words
+
+    cfg = preset("illume-nano")
+    if hidden is not None:
+        wide = dataclasses.replace(cfg.llm, hidden_size=hidden, intermediate_size=3 * hidden)
+        cfg = dataclasses.replace(cfg, llm=wide)
+    tok = TextTokenizer(build_tokenizer(cfg, base_words(cfg)), cfg)
+    wcfg, im_end = world.WorldConfig(), cfg.tokens.im_end
+
+    def encode(scene, q) -> tuple[list[int], list[int]]:
+        prompt, answer = tok.encode(f"{world.describe(scene)}. {q.question}"), tok.encode(" " + q.answer) + [im_end]
+        return prompt + answer, [IGNORE] * len(prompt) + answer
+
+    def tensors(pairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n, width = len(pairs), max(len(ids) for ids, _ in pairs)
+        ids, labels = torch.zeros(n, width, dtype=torch.long), torch.full((n, width), IGNORE)
+        mask = torch.zeros(n, width, dtype=torch.long)  # right padding: positions stay 0..len-1
+        for i, (x, y) in enumerate(pairs):
+            ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+        return ids, labels, mask
+
+    held = questions(per_kind, "heldout", wcfg)
+    held_ids, held_labels, held_mask = tensors([encode(s, q) for s, q in held])
+    model = build_llm(cfg, seed=seed).train()
+    opt, sched = LLMTrainer.optimizer(list(model.parameters()), lr=lr, steps=steps)  # the recipe's schedule
+    rng, history, t0 = np.random.default_rng(seed + 1), [], time.perf_counter()
+
+    def example():
+        while True:
+            s = world.sample_scene(rng, wcfg, split="train")
+            q = world.make_qa(s, rng, str(rng.choice(world.QA_KINDS)))
+            if q is not None:
+                return encode(s, q)
+
+    for step in range(1, steps + 1):
+        ids, labels, mask = tensors([example() for _ in range(batch)])
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % every == 0 or step == steps:
+            model.eval()
+            with torch.no_grad():
+                logits = model(input_ids=held_ids, attention_mask=held_mask).logits
+            model.train()
+            target = held_labels[:, 1:]  # [N, L-1]: token t+1 is predicted at position t
+            right = ((logits[:, :-1].argmax(-1) == target) | (target == IGNORE)).all(-1).tolist()
+            history.append({"steps": step, "seconds": round(time.perf_counter() - t0), "loss": round(loss.item(), 4),
+                            **accuracy_by_kind(held, right)})
+            log(json.dumps(history[-1]))
+    return history
+
+
 def continue_training(trainer: LLMTrainer, builder: SequenceBuilder, mix: str, steps: int, chunks: int,
-                      lr: float, score, log=print) -> list[dict]:
+                      lr: float, score, log=print, answer_style: str = "short") -> list[dict]:
     """Train `chunks` x `steps` more steps on `mix` ("stage3": the SFT mixture; "qa": half QA dialogues, half
-    grounding dialogues), scoring with `score()` before and after every chunk."""
-    tasks = recipe.Tasks(builder, world.WorldConfig())
+    grounding dialogues), scoring with `score()` before and after every chunk. `answer_style`: the QA
+    dialogues' answers in that format (`restyle`)."""
+    style = None if answer_style == "short" else (lambda scene, qa: restyle(scene, qa, answer_style))
+    tasks = recipe.Tasks(builder, world.WorldConfig(), answer_style=style)
     samplers = {"stage3": recipe.stage_mixtures(tasks)["stage3"],
                 "qa": recipe.mixture([(0.5, tasks.qa), (0.5, tasks.qa_grounding)])}
     if mix not in samplers:
@@ -389,11 +500,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--supervise-layer", dest="supervise_layer", type=int, default=None,
                     help="continue on single-turn QA with the attention-supervision loss on this layer")
     ap.add_argument("--supervise-weight", dest="supervise_weight", type=float, default=1.0)
+    ap.add_argument("--answer-style", dest="answer_style", default="short", choices=ANSWER_STYLES,
+                    help="--continue and the scoring on answers in this format (restyle)")
+    ap.add_argument("--text-lookup", dest="text_lookup", type=int, default=None, metavar="STEPS",
+                    help="train the LLM from scratch on text only (descriptions + questions) for STEPS steps")
+    ap.add_argument("--hidden", type=int, default=None, help="--text-lookup: the LLM's width (nano: 128)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(recipe.SEED)
-    qas = questions(args.per_kind, args.split)
+    if args.text_lookup is not None:
+        text_lookup(args.text_lookup, args.lr, args.hidden, args.per_kind)
+        return 0
+    qas = questions(args.per_kind, args.split, style=args.answer_style)
     if args.scratch:
         from_scratch(args.vit_targets, args.rope_theta, recipe.SCHEDULES[args.schedule], qas)
         return 0
@@ -420,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
             for row in attention_on_asked_object(trainer, builder, qas):
                 print(json.dumps(row))
     elif args.mix:
-        continue_training(trainer, builder, args.mix, args.steps, args.chunks, args.lr, score)
+        continue_training(trainer, builder, args.mix, args.steps, args.chunks, args.lr, score,
+                          answer_style=args.answer_style)
     elif not args.attention:
         print(json.dumps(score()))
     return 0
