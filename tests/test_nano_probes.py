@@ -171,3 +171,7 @@ def test_text_lookup_trains_from_scratch_and_scores_every_kind():
     assert [h["steps"] for h in history] == [2, 3]
     assert set(history[-1]) >= set(world.QA_KINDS) | {"overall", "loss"}
     assert all(0.0 <= history[-1][k] <= 1.0 for k in world.QA_KINDS)
+    one = probes.text_lookup(steps=1, per_kind=2, batch=2, kinds=("color",), log=lambda s: None)
+    assert set(one[-1]) - {"steps", "seconds", "loss"} == {"color", "overall"}
+    with pytest.raises(ValueError, match="--kinds"):
+        probes.text_lookup(steps=1, kinds=("colour",))

@@ -25,7 +25,7 @@ Run: python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint
      python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint --supervise-layer 1 [--attention]
      python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint --linear-probes 1 --split train --per-kind 200
      python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint --continue stage3 --answer-style echo
-     python -m illume_edge.nano.probes --text-lookup 6000 [--hidden 256] [--lr 1e-3]
+     python -m illume_edge.nano.probes --text-lookup 6000 [--hidden 256] [--lr 1e-3] [--kinds color,shape]
 """
 from __future__ import annotations
 
@@ -314,10 +314,10 @@ def restyle(scene: world.Scene, qa: world.QA, style: str) -> world.QA:
 
 
 def text_lookup(steps: int, lr: float = 1e-3, hidden: int | None = None, per_kind: int = 60, batch: int = 32,
-                every: int = 250, seed: int = 0, log=print) -> list[dict]:
+                every: int = 250, seed: int = 0, kinds: tuple[str, ...] = world.QA_KINDS, log=print) -> list[dict]:
     """The nano LLM (or a wider one: `hidden`, FFN 3x) from scratch on text alone: "<description>. <question>"
-    -> " <answer><|im_end|>", the loss on the answer, the questions of every kind about training scenes,
-    the recipe's optimizer and schedule (AdamW, one-cycle cosine peaking at `lr`).
+    -> " <answer><|im_end|>", the loss on the answer, questions of `kinds` (default every kind) about training
+    scenes, the recipe's optimizer and schedule (AdamW, one-cycle cosine peaking at `lr`).
     Teacher-forced accuracy on the evaluation's held-out scenes every `every` steps. Without an image, this
     asks whether the LLM can learn to look an object up at all within the recipe's budget of steps."""
     from ..config import preset
@@ -326,6 +326,9 @@ def text_lookup(steps: int, lr: float = 1e-3, hidden: int | None = None, per_kin
     from ..runtime.prompts import TextTokenizer
     from .text import base_words
 
+    unknown = sorted(set(kinds) - set(world.QA_KINDS))
+    if unknown or not kinds:
+        raise ValueError(f"--kinds: expected some of {world.QA_KINDS}, got {list(kinds)}")
     cfg = preset("illume-nano")
     if hidden is not None:
         wide = dataclasses.replace(cfg.llm, hidden_size=hidden, intermediate_size=3 * hidden)
@@ -345,7 +348,7 @@ def text_lookup(steps: int, lr: float = 1e-3, hidden: int | None = None, per_kin
             ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
         return ids, labels, mask
 
-    held = questions(per_kind, "heldout", wcfg)
+    held = [(s, q) for s, q in questions(per_kind, "heldout", wcfg) if q.kind in kinds]
     held_ids, held_labels, held_mask = tensors([encode(s, q) for s, q in held])
     model = build_llm(cfg, seed=seed).train()
     opt, sched = LLMTrainer.optimizer(list(model.parameters()), lr=lr, steps=steps)  # the recipe's schedule
@@ -354,7 +357,7 @@ def text_lookup(steps: int, lr: float = 1e-3, hidden: int | None = None, per_kin
     def example():
         while True:
             s = world.sample_scene(rng, wcfg, split="train")
-            q = world.make_qa(s, rng, str(rng.choice(world.QA_KINDS)))
+            q = world.make_qa(s, rng, str(rng.choice(kinds)))
             if q is not None:
                 return encode(s, q)
 
@@ -505,12 +508,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-lookup", dest="text_lookup", type=int, default=None, metavar="STEPS",
                     help="train the LLM from scratch on text only (descriptions + questions) for STEPS steps")
     ap.add_argument("--hidden", type=int, default=None, help="--text-lookup: the LLM's width (nano: 128)")
+    ap.add_argument("--kinds", default=",".join(world.QA_KINDS), help="--text-lookup: comma-separated QA kinds")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(recipe.SEED)
     if args.text_lookup is not None:
-        text_lookup(args.text_lookup, args.lr, args.hidden, args.per_kind)
+        text_lookup(args.text_lookup, args.lr, args.hidden, args.per_kind, kinds=tuple(args.kinds.split(",")))
         return 0
     qas = questions(args.per_kind, args.split, style=args.answer_style)
     if args.scratch:
