@@ -118,18 +118,17 @@ def drop_unread_optional_outputs(model: onnx.ModelProto) -> int:
     the fused graphs have no subgraphs). Returns how many outputs were dropped."""
     g = model.graph
     read = {name for node in g.node for name in node.input} | {o.name for o in g.output}
-    dropped = 0
+    dropped: set[str] = set()
     for node in g.node:
         for i in UNREAD_OPTIONAL_OUTPUTS.get((node.domain, node.op_type), ()):
             if i < len(node.output) and node.output[i] and node.output[i] not in read:
+                dropped.add(node.output[i])
                 node.output[i] = ""
-                dropped += 1
     if dropped:  # their shape annotations would name values that no longer exist
-        gone = {v.name for v in g.value_info} - {o for node in g.node for o in node.output}
-        kept = [v for v in g.value_info if v.name not in gone]
+        kept = [v for v in g.value_info if v.name not in dropped]
         del g.value_info[:]
         g.value_info.extend(kept)
-    return dropped
+    return len(dropped)
 
 
 def check_portable(model: onnx.ModelProto, where: str) -> None:

@@ -92,10 +92,14 @@ def answers_right(trainer: LLMTrainer, builder: SequenceBuilder, qas: QA,
         chunk = qas[i:i + batch]
         b = trainer.batch([builder.understand(world.render(s, wcfg), q.question, q.answer) for s, q in chunk])
         logits = trainer.llm(inputs_embeds=b["inputs_embeds"], attention_mask=b["attention_mask"]).logits
-        labels = b["labels"][:, 1:]  # [B, L-1]: token t+1 is predicted at position t
-        right = (logits[:, :-1].argmax(-1) == labels) | (labels == IGNORE)
-        out += right.all(-1).tolist()
+        out += teacher_forced_right(logits, b["labels"])
     return out
+
+
+def teacher_forced_right(logits: torch.Tensor, labels: torch.Tensor) -> list[bool]:
+    """Per row of logits [B, L, V] and labels [B, L]: is every supervised token the argmax at its position?"""
+    target = labels[:, 1:]  # [B, L-1]: token t+1 is predicted at position t
+    return ((logits[:, :-1].argmax(-1) == target) | (target == IGNORE)).all(-1).tolist()
 
 
 def accuracy_by_kind(qas: QA, right: list[bool]) -> dict[str, float]:
@@ -373,10 +377,8 @@ def text_lookup(steps: int, lr: float = 1e-3, hidden: int | None = None, per_kin
             with torch.no_grad():
                 logits = model(input_ids=held_ids, attention_mask=held_mask).logits
             model.train()
-            target = held_labels[:, 1:]  # [N, L-1]: token t+1 is predicted at position t
-            right = ((logits[:, :-1].argmax(-1) == target) | (target == IGNORE)).all(-1).tolist()
             history.append({"steps": step, "seconds": round(time.perf_counter() - t0), "loss": round(loss.item(), 4),
-                            **accuracy_by_kind(held, right)})
+                            **accuracy_by_kind(held, teacher_forced_right(logits, held_labels))})
             log(json.dumps(history[-1]))
     return history
 

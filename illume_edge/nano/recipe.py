@@ -110,7 +110,7 @@ class Tasks:
         """`answer_style` rewrites every QA answer of the dialogues (the probes' answer-format experiments,
         nano.probes.restyle); None keeps the world's answers, as the recipe trains."""
         self.b, self.w = builder, wcfg
-        self.style = answer_style or (lambda scene, qa: qa)
+        self.style = answer_style
         weights = np.array([GEN_WEIGHTS[c] for c in world.GEN_CATEGORIES])
         self.gen_p = weights / weights.sum()
 
@@ -139,12 +139,13 @@ class Tasks:
         _, im = self._scene(rng)
         return self.b.generate(None, im, task="t2i_uncond")
 
+    def _styled(self, s: world.Scene, q: world.QA | None) -> world.QA | None:
+        return self.style(s, q) if q is not None and self.style else q
+
     def question(self, s: world.Scene, rng) -> world.QA | None:
         if rng.random() < SCAFFOLD_SHARE:
-            q = world.scaffold_qa(s, rng, str(rng.choice(world.SCAFFOLD_KINDS)))
-        else:
-            q = world.make_qa(s, rng, str(rng.choice(world.QA_KINDS)))
-        return q and self.style(s, q)
+            return self._styled(s, world.scaffold_qa(s, rng, str(rng.choice(world.SCAFFOLD_KINDS))))
+        return self._styled(s, world.make_qa(s, rng, str(rng.choice(world.QA_KINDS))))
 
     def qa(self, rng) -> Example:
         """A dialogue of 1..MAX_QA_TURNS distinct questions about one training scene: kinds uniform, plus
@@ -163,13 +164,10 @@ class Tasks:
         yes/no questions left chance only after the one-attribute ones were learnt)."""
         while True:
             s, im = self._scene(rng)
-
-            def scaffold():
-                q = world.scaffold_qa(s, rng, str(rng.choice(world.SCAFFOLD_KINDS, p=GROUNDING_KIND_P)))
-                return q and self.style(s, q)
-            turns = distinct_turns(scaffold, GROUNDING_TURNS, tries=3 * GROUNDING_TURNS)
-            q = world.make_qa(s, rng, "exist" if rng.random() < 0.7 else "relation")
-            q = q and self.style(s, q)
+            turns = distinct_turns(lambda: self._styled(s, world.scaffold_qa(
+                s, rng, str(rng.choice(world.SCAFFOLD_KINDS, p=GROUNDING_KIND_P)))), GROUNDING_TURNS,
+                tries=3 * GROUNDING_TURNS)
+            q = self._styled(s, world.make_qa(s, rng, "exist" if rng.random() < 0.7 else "relation"))
             if q is not None:
                 turns.setdefault(q.question, q.answer)
             if turns:
