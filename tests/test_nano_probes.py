@@ -167,11 +167,18 @@ def test_restyled_tasks_train_on_the_restyled_answers():
 
 
 def test_text_lookup_trains_from_scratch_and_scores_every_kind():
-    history = probes.text_lookup(steps=3, per_kind=2, batch=4, every=2, log=lambda s: None)
+    history = probes.text_lookup(probes.parse_phases("color:2,all:1"), per_kind=2, batch=4, every=2,
+                                 log=lambda s: None)
     assert [h["steps"] for h in history] == [2, 3]
     assert set(history[-1]) >= set(world.QA_KINDS) | {"overall", "loss"}
     assert all(0.0 <= history[-1][k] <= 1.0 for k in world.QA_KINDS)
-    one = probes.text_lookup(steps=1, per_kind=2, batch=2, kinds=("color",), log=lambda s: None)
+    one = probes.text_lookup([(("color",), 1)], per_kind=2, batch=2, log=lambda s: None)
     assert set(one[-1]) - {"steps", "seconds", "loss"} == {"color", "overall"}
-    with pytest.raises(ValueError, match="--kinds"):
-        probes.text_lookup(steps=1, kinds=("colour",))
+
+
+def test_text_lookup_phases_parse_and_refuse_bad_kinds():
+    assert probes.parse_phases("color:40,all:15") == [(("color",), 40), (world.QA_KINDS, 15)]
+    assert probes.parse_phases("color+shape:5") == [(("color", "shape"), 5)]
+    for bad, match in (("colour:10", "QA kinds"), ("color", "KINDS:STEPS"), ("color:x", "KINDS:STEPS")):
+        with pytest.raises(ValueError, match=match):
+            probes.parse_phases(bad)

@@ -1,6 +1,9 @@
 """ILLUME-nano's training code: the pieces that must agree with the runtime and the exporters."""
 from __future__ import annotations
 
+import copy
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -9,9 +12,10 @@ from illume_edge.config import preset
 from illume_edge.export.modules import build_modules
 from illume_edge.export.tokenizer_factory import build_tokenizer
 from illume_edge.export.vit import ViTFeatures
-from illume_edge.nano import world
+from illume_edge.nano import text_pretrain, world
 from illume_edge.nano.decoder_train import images_to_tensor, normalize_latents
 from illume_edge.nano.llm_train import LLMTrainer
+from illume_edge.nano.progress import Progress
 from illume_edge.nano.sequences import CODE_MARKER, IGNORE, SequenceBuilder
 from illume_edge.nano.text import base_words
 from illume_edge.nano.vision_train import (SemanticTokenizer, VisionTower, num_token_classes, token_classes,
@@ -200,3 +204,34 @@ def test_grounding_dialogues_end_with_a_conjunctive_yes_no_question(nano):
         lasts.append(answers[-1])
     # the conjunctive question is skipped where the scene cannot pose it (a relation needs two objects)
     assert {"yes", "no"} <= set(lasts) and sum(a in ("yes", "no") for a in lasts) >= 0.75 * len(lasts)
+
+
+def test_stage0_pairs_supervise_only_the_answer(nano):
+    cfg, _, tok = nano
+    scene = world.sample_scene(np.random.default_rng(3), W)
+    qa = world.make_qa(scene, np.random.default_rng(4), "count")
+    ids, labels = text_pretrain.lookup_pair(tok, cfg.tokens.im_end, scene, qa)
+    n_prompt = sum(label == IGNORE for label in labels)
+    assert len(ids) == len(labels) and labels[n_prompt:] == ids[n_prompt:]
+    assert tok.decode(ids[:n_prompt]) == f"{world.describe(scene)}. {qa.question}"
+    assert ids[-1] == cfg.tokens.im_end and tok.decode(ids[n_prompt:-1]).strip() == qa.answer
+    batch_ids, batch_labels, mask = text_pretrain.pad_batch([(ids, labels), (ids[:3], labels[:3])], pad=0)
+    assert batch_ids.shape == (2, len(ids)) and mask[1].tolist() == [1] * 3 + [0] * (len(ids) - 3)
+    assert (batch_labels[1, 3:] == IGNORE).all()
+
+
+def test_stage0_runs_its_phases_in_order_with_one_schedule(nano):
+    cfg, mods, tok = nano
+    llm = copy.deepcopy(mods.llm)
+    before = [p.detach().clone() for p in llm.parameters()]
+    seen = []
+    quiet = Progress("stage0", 3, stream=io.StringIO())
+    loss = text_pretrain.pretrain_text(llm, tok, cfg.tokens.im_end, W, [(("color",), 2), (world.QA_KINDS, 1)],
+                                       batch=2, lr=1e-3, seed=0, progress=quiet, every=2,
+                                       evaluate=lambda step, loss: seen.append((step, llm.training)))
+    assert np.isfinite(loss) and seen == [(2, False), (3, False)] and llm.training
+    assert all(not torch.equal(a, b) for a, b in zip(before, llm.parameters()))  # every parameter trains
+    for bad, match in (([(("colour",), 1)], "QA kinds"), ([((), 1)], "QA kinds"), ([(("color",), -1)], "steps")):
+        with pytest.raises(ValueError, match=match):
+            text_pretrain.pretrain_text(llm, tok, cfg.tokens.im_end, W, bad, batch=2, lr=1e-3, seed=0,
+                                        progress=quiet)

@@ -16,8 +16,9 @@
   L (the query side), and each object token's shape and color from its layer-L keys (`linear_probes`)?
 - ``--answer-style echo|describe-first``: ``--continue`` on answers in another format, scored in it
   (`restyle`): the asked object restated before its attribute, or the scene described before the answer;
-- ``--text-lookup STEPS``: the nano LLM trained from scratch on the same questions about the scene's
-  *description* in text, no image at all (`text_lookup`): can this LLM learn the lookup itself?
+- ``--text-lookup KINDS:STEPS,...``: the nano LLM trained from scratch on the same questions about the
+  scene's *description* in text, no image at all, in phases (`text_lookup`, on the recipe's stage 0
+  `text_pretrain`): can this LLM learn the lookup itself, and after how many steps?
 
 Run: python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint [--continue qa --steps 300
 --chunks 2] [--attention] [--split train]
@@ -25,7 +26,7 @@ Run: python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint
      python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint --supervise-layer 1 [--attention]
      python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint --linear-probes 1 --split train --per-kind 200
      python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint --continue stage3 --answer-style echo
-     python -m illume_edge.nano.probes --text-lookup 6000 [--hidden 256] [--lr 1e-3] [--kinds color,shape]
+     python -m illume_edge.nano.probes --text-lookup color:4000,all:1500 [--hidden 256] [--lr 1e-3]
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime.prompts import IMAGE_MARKER
-from . import evaluate, recipe, world
+from . import evaluate, recipe, text_pretrain, world
 from .llm_train import LLMTrainer
 from .sequences import IGNORE, SequenceBuilder
 
@@ -317,70 +318,55 @@ def restyle(scene: world.Scene, qa: world.QA, style: str) -> world.QA:
     return world.QA(qa.kind, qa.question, f"{m.group(1)} is {answer}")
 
 
-def text_lookup(steps: int, lr: float = 1e-3, hidden: int | None = None, per_kind: int = 60, batch: int = 32,
-                every: int = 250, seed: int = 0, kinds: tuple[str, ...] = world.QA_KINDS, log=print) -> list[dict]:
-    """The nano LLM (or a wider one: `hidden`, FFN 3x) from scratch on text alone: "<description>. <question>"
-    -> " <answer><|im_end|>", the loss on the answer, questions of `kinds` (default every kind) about training
-    scenes, the recipe's optimizer and schedule (AdamW, one-cycle cosine peaking at `lr`).
-    Teacher-forced accuracy on the evaluation's held-out scenes every `every` steps. Without an image, this
-    asks whether the LLM can learn to look an object up at all within the recipe's budget of steps."""
+def text_lookup(phases: list[text_pretrain.Phase], lr: float = 1e-3, hidden: int | None = None,
+                per_kind: int = 60, batch: int = 32, every: int = 250, seed: int = 0, log=print) -> list[dict]:
+    """The nano LLM (or a wider one: `hidden`, FFN 3x) from scratch on the recipe's text pretraining
+    (`text_pretrain.pretrain_text`: "<description>. <question>" -> answer, `phases` of (kinds, steps) in order).
+    Teacher-forced accuracy on the evaluation's held-out scenes, of every kind the phases train, every
+    `every` steps. Without an image, this asks how many steps the LLM needs to learn to look an object up."""
     from ..config import preset
     from ..export.llm import build_llm
     from ..export.tokenizer_factory import build_tokenizer
     from ..runtime.prompts import TextTokenizer
     from .text import base_words
 
-    unknown = sorted(set(kinds) - set(world.QA_KINDS))
-    if unknown or not kinds:
-        raise ValueError(f"--kinds: expected some of {world.QA_KINDS}, got {list(kinds)}")
+    text_pretrain.check_phases(phases)
     cfg = preset("illume-nano")
     if hidden is not None:
         wide = dataclasses.replace(cfg.llm, hidden_size=hidden, intermediate_size=3 * hidden)
         cfg = dataclasses.replace(cfg, llm=wide)
     tok = TextTokenizer(build_tokenizer(cfg, base_words(cfg)), cfg)
     wcfg, im_end = world.WorldConfig(), cfg.tokens.im_end
-
-    def encode(scene, q) -> tuple[list[int], list[int]]:
-        prompt, answer = tok.encode(f"{world.describe(scene)}. {q.question}"), tok.encode(" " + q.answer) + [im_end]
-        return prompt + answer, [IGNORE] * len(prompt) + answer
-
-    def tensors(pairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n, width = len(pairs), max(len(ids) for ids, _ in pairs)
-        ids, labels = torch.zeros(n, width, dtype=torch.long), torch.full((n, width), IGNORE)
-        mask = torch.zeros(n, width, dtype=torch.long)  # right padding: positions stay 0..len-1
-        for i, (x, y) in enumerate(pairs):
-            ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-        return ids, labels, mask
-
+    kinds = {k for ks, _ in phases for k in ks}
     held = [(s, q) for s, q in questions(per_kind, "heldout", wcfg) if q.kind in kinds]
-    held_ids, held_labels, held_mask = tensors([encode(s, q) for s, q in held])
-    model = build_llm(cfg, seed=seed).train()
-    opt, sched = LLMTrainer.optimizer(list(model.parameters()), lr=lr, steps=steps)  # the recipe's schedule
-    rng, history, t0 = np.random.default_rng(seed + 1), [], time.perf_counter()
+    held_ids, held_labels, held_mask = text_pretrain.pad_batch(
+        [text_pretrain.lookup_pair(tok, im_end, s, q) for s, q in held], pad=cfg.tokens.endoftext)
+    model = build_llm(cfg, seed=seed)
+    history, t0 = [], time.perf_counter()
 
-    def example():
-        while True:
-            s = world.sample_scene(rng, wcfg, split="train")
-            q = world.make_qa(s, rng, str(rng.choice(kinds)))
-            if q is not None:
-                return encode(s, q)
+    def evaluate(step: int, loss: float) -> None:
+        with torch.no_grad():
+            logits = model(input_ids=held_ids, attention_mask=held_mask).logits
+        history.append({"steps": step, "seconds": round(time.perf_counter() - t0), "loss": round(loss, 4),
+                        **accuracy_by_kind(held, teacher_forced_right(logits, held_labels))})
+        log(json.dumps(history[-1]))
 
-    for step in range(1, steps + 1):
-        ids, labels, mask = tensors([example() for _ in range(batch)])
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % every == 0 or step == steps:
-            model.eval()
-            with torch.no_grad():
-                logits = model(input_ids=held_ids, attention_mask=held_mask).logits
-            model.train()
-            history.append({"steps": step, "seconds": round(time.perf_counter() - t0), "loss": round(loss.item(), 4),
-                            **accuracy_by_kind(held, teacher_forced_right(logits, held_labels))})
-            log(json.dumps(history[-1]))
+    text_pretrain.pretrain_text(model, tok, im_end, wcfg, phases, batch=batch, lr=lr, seed=seed + 1,
+                                progress=_Quiet(), every=every, evaluate=evaluate)
     return history
+
+
+def parse_phases(spec: str) -> list[text_pretrain.Phase]:
+    """"color:4000,all:1500" -> [(("color",), 4000), (QA_KINDS, 1500)]; kinds joined by "+" ("color+shape:500")."""
+    phases = []
+    for part in spec.split(","):
+        kinds, sep, steps = part.partition(":")
+        if not sep or not steps.strip().isdigit():
+            raise ValueError(f"--text-lookup: expected KINDS:STEPS[,KINDS:STEPS...], got {part!r} in {spec!r}")
+        names = world.QA_KINDS if kinds == "all" else tuple(kinds.split("+"))
+        phases.append((names, int(steps)))
+    text_pretrain.check_phases(phases)
+    return phases
 
 
 def continue_training(trainer: LLMTrainer, builder: SequenceBuilder, mix: str, steps: int, chunks: int,
@@ -438,7 +424,7 @@ def pretrain_vit_factored(cfg, vit: nn.Module, wcfg: world.WorldConfig, steps: i
 
 def from_scratch(vit_targets: str, rope_theta: float | None, schedule: "recipe.Schedule", qas: QA,
                  log=print) -> list[dict]:
-    """Vision stages and LLM stages 1-3 of the recipe (same seeds and steps), scored after each LLM stage."""
+    """Vision stages and LLM stages 0-3 of the recipe (same seeds and steps), scored after each of stages 1-3."""
     import dataclasses
 
     from ..config import preset
@@ -467,6 +453,8 @@ def from_scratch(vit_targets: str, rope_theta: float | None, schedule: "recipe.S
                             num_token_classes(grid, wcfg))
     train_tokenizer(cfg, vit, sem, wcfg, steps=s.tokenizer, batch=s.vision_batch, lr=3e-3, seed=recipe._seed(2),
                     progress=quiet)
+    text_pretrain.pretrain_text(mods.llm, builder.tok, cfg.tokens.im_end, wcfg, recipe.stage0_phases(s),
+                                batch=s.llm_batch, lr=recipe.STAGE0_LR, seed=recipe._seed(10), progress=quiet)
     trainer = LLMTrainer(cfg, mods.llm, mods.projectors["semantic"], VisionTower(cfg, vit, sem))
     mixes = recipe.stage_mixtures(recipe.Tasks(builder, wcfg))
     history = []
@@ -507,16 +495,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--supervise-weight", dest="supervise_weight", type=float, default=1.0)
     ap.add_argument("--answer-style", dest="answer_style", default="short", choices=ANSWER_STYLES,
                     help="--continue and the scoring on answers in this format (restyle)")
-    ap.add_argument("--text-lookup", dest="text_lookup", type=int, default=None, metavar="STEPS",
-                    help="train the LLM from scratch on text only (descriptions + questions) for STEPS steps")
+    ap.add_argument("--text-lookup", dest="text_lookup", default=None, metavar="KINDS:STEPS,...",
+                    help="train the LLM from scratch on text only (descriptions + questions), phases in order: "
+                         "e.g. color:4000,all:1500 ('all': every kind; kinds joined by '+')")
     ap.add_argument("--hidden", type=int, default=None, help="--text-lookup: the LLM's width (nano: 128)")
-    ap.add_argument("--kinds", default=",".join(world.QA_KINDS), help="--text-lookup: comma-separated QA kinds")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(recipe.SEED)
     if args.text_lookup is not None:
-        text_lookup(args.text_lookup, args.lr, args.hidden, args.per_kind, kinds=tuple(args.kinds.split(",")))
+        text_lookup(parse_phases(args.text_lookup), args.lr, args.hidden, args.per_kind)
         return 0
     qas = questions(args.per_kind, args.split, style=args.answer_style)
     if args.scratch:
