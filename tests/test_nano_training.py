@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 
 import numpy as np
 import pytest
@@ -220,18 +221,46 @@ def test_stage0_pairs_supervise_only_the_answer(nano):
     assert (batch_labels[1, 3:] == IGNORE).all()
 
 
-def test_stage0_runs_its_phases_in_order_with_one_schedule(nano):
+def test_stage0_runs_its_phases_in_order_with_one_schedule(nano, monkeypatch):
     cfg, mods, tok = nano
     llm = copy.deepcopy(mods.llm)
     before = [p.detach().clone() for p in llm.parameters()]
-    seen = []
+    asked, schedules, seen = [], [], []
+    make_qa, optimizer = world.make_qa, LLMTrainer.optimizer
+    monkeypatch.setattr(world, "make_qa", lambda s, rng, kind: (asked.append(kind), make_qa(s, rng, kind))[1])
+    monkeypatch.setattr(LLMTrainer, "optimizer", staticmethod(
+        lambda params, *, lr, steps, **k: (schedules.append(steps), optimizer(params, lr=lr, steps=steps, **k))[1]))
     quiet = Progress("stage0", 3, stream=io.StringIO())
-    loss = text_pretrain.pretrain_text(llm, tok, cfg.tokens.im_end, W, [(("color",), 2), (world.QA_KINDS, 1)],
+    loss = text_pretrain.pretrain_text(llm, tok, cfg.tokens.im_end, W, [(("color",), 2), (("count",), 1)],
                                        batch=2, lr=1e-3, seed=0, progress=quiet, every=2,
                                        evaluate=lambda step, loss: seen.append((step, llm.training)))
+    # 2 steps x batch 2 of color questions, then 1 x 2 of count (a scene that cannot pose one is redrawn)
+    n = asked.index("count")
+    assert asked == ["color"] * n + ["count"] * (len(asked) - n) and n >= 4 and len(asked) - n >= 2
+    assert schedules == [3]  # one optimizer and schedule over both phases
     assert np.isfinite(loss) and seen == [(2, False), (3, False)] and llm.training
     assert all(not torch.equal(a, b) for a, b in zip(before, llm.parameters()))  # every parameter trains
     for bad, match in (([(("colour",), 1)], "QA kinds"), ([((), 1)], "QA kinds"), ([(("color",), -1)], "steps")):
         with pytest.raises(ValueError, match=match):
             text_pretrain.pretrain_text(llm, tok, cfg.tokens.im_end, W, bad, batch=2, lr=1e-3, seed=0,
                                         progress=quiet)
+
+
+def test_recipe_smoke_run_writes_every_stage_and_a_strict_checkpoint(tmp_path):
+    """`recipe.run` end to end on the smoke schedule (every stage, stage 0 included, ~30 s): the checkpoint
+    loads strictly, its checksums cover every file, and every stage is timed and logged."""
+    from illume_edge.export.checkpoint import load_checkpoint
+    from illume_edge.nano import recipe
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    summary = recipe.run(out, work, recipe.SCHEDULES["smoke"], threads=2)
+    stages = ["vit", "tokenizer", "vae", "unet", "stage0"] + [name for name, *_ in recipe.LLM_STAGES] + [
+        "self_assess", "stage4", "stage4_ablation"]
+    assert list(summary["stage_seconds"]) == stages
+    logged = {json.loads(line)["stage"] for line in (out / "train_log.jsonl").read_text().splitlines()}
+    assert set(stages) - {"self_assess"} <= logged
+    assert json.loads((out / "recipe.json").read_text())["schedule"]["stage0"] == 1
+    listed = {line.split("  ", 1)[1] for line in (out / recipe.CHECKSUMS).read_text().splitlines()}
+    assert listed == {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {recipe.CHECKSUMS}
+    load_checkpoint(out)
+    load_checkpoint(work / "ablation_checkpoint")

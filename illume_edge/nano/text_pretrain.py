@@ -8,7 +8,8 @@ circuit that a 4-layer LLM learns only after a long plateau (docs/nano.md, "Bind
 of text teach it before the multimodal stages start.
 
 `phases` run in order with one optimizer and one one-cycle schedule over all their steps; each phase draws
-its questions from its own kinds (color first: the hardest lookup, whose answer precedes the asked word).
+its questions from its own kinds. The recipe runs one phase of every kind (`recipe.stage0_phases`); the
+probes' `--text-lookup` tries others (e.g. color first, the lookup whose answer precedes the asked word).
 """
 from __future__ import annotations
 
