@@ -462,7 +462,8 @@ def test_fused_graph_layers_are_fused_kernels(bundle):
         assert count("Softmax") == layers and {n.domain for n in model.graph.node} <= {""}
         return
     assert count("GroupQueryAttention") == layers and count("RotaryEmbedding") == 0
-    assert count("Split") == layers  # gate|up only: q|k|v enters the attention kernel packed
+    # no Split: q|k|v enters the attention kernel packed, gate and up are two MatMuls (one GEMV each)
+    assert count("Split") == 0 and count("MatMul") == 5 * layers
     # layer 0's input norm has no residual to add; every other norm (and the final one) does
     assert count("SimplifiedLayerNormalization") == 1 and count("SkipSimplifiedLayerNormalization") == 2 * layers
     assert count("Softmax") == count("Pow") == count("Sqrt") == 0

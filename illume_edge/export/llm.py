@@ -341,7 +341,8 @@ class LLMStep(nn.Module):
         layers = model.model.layers
         self.qkv = nn.ModuleList(FusedLinear(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj)
                                  for l in layers)
-        self.gate_up = nn.ModuleList(FusedLinear(l.mlp.gate_proj, l.mlp.up_proj) for l in layers)
+        if graph == "portable":  # gate|up stacked; the fused graph keeps them apart (forward_fused)
+            self.gate_up = nn.ModuleList(FusedLinear(l.mlp.gate_proj, l.mlp.up_proj) for l in layers)
         if graph == "fused":  # RoPE tables for every position, [max_positions, d/2], as RotaryEmbedding takes
             freqs = torch.arange(cfg.llm.max_position_embeddings).float().unsqueeze(1) * self.inv_freq
             self.register_buffer("cos_cache", freqs.cos() * self.rope_scaling)
@@ -419,8 +420,11 @@ class LLMStep(nn.Module):
                                   self.num_kv_heads, self.scale)
             h, residual = skip_rms_norm(layer.self_attn.o_proj(ctx), residual,
                                         layer.post_attention_layernorm.weight, eps)
-            gate, up = self.gate_up[i](h)  # one MatMul for gate and up
-            branch = layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+            # gate and up as two MatMuls: onnxruntime's CPU GEMV kernels stream two [H, F] weights as fast
+            # as one [H, 2F], and the stacked form needs a Split over [B, S, 2F] after it (0.2-0.3 ms of a
+            # 16 ms int4 step on the 0.5B bench; docs/performance.md)
+            mlp = layer.mlp
+            branch = mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
             presents += [key, value]
         last, _ = skip_rms_norm(branch[:, -1], residual[:, -1], inner.norm.weight, eps)  # [B, H]
         return (last, *presents)
