@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from illume_edge.config import ConfigError, MoVQConfig, preset
 from illume_edge.export import movq as mq
 from illume_edge.export.export_vision import PixelFeatures, export_vision_pixel, export_vision_semantic
+from illume_edge.export.onnx_io import export_onnx
 from illume_edge.export.projector import build_projector
 from illume_edge.export.vit import ViTFeatures, build_vit
 from illume_edge.runtime.image_prep import pixel_inputs, vit_inputs
@@ -201,8 +203,12 @@ def test_movq_dc_blocks_are_pool_and_nearest_plus_conv():
     assert torch.equal(up(x), F.interpolate(x, scale_factor=2.0, mode="nearest"))
     randomize_gain(down, 3)
     randomize_gain(up, 4)
-    assert torch.allclose(down(x), F.pixel_unshuffle(down.conv(x), 2) + F.avg_pool2d(x, 2), atol=1e-5)
-    assert torch.allclose(up(x), F.pixel_shuffle(up.conv(x), 2) + F.interpolate(x, scale_factor=2.0), atol=1e-5)
+    # the release's formulation: the unshuffled input averaged over groups of 4 channels, and each channel
+    # repeated 4 times then shuffled (the modules compute the same as a pool and a nearest resize)
+    release_down = F.pixel_unshuffle(down.conv(x), 2) + F.pixel_unshuffle(x, 2).reshape(1, 8, 4, 3, 5).mean(dim=2)
+    release_up = F.pixel_shuffle(up.conv(x), 2) + F.pixel_shuffle(x.repeat_interleave(4, dim=1), 2)
+    assert torch.allclose(down(x), release_down, atol=1e-6)
+    assert torch.equal(up(x), release_up)
 
 
 def test_movq_spatial_norm_and_attention_semantics():
@@ -249,6 +255,34 @@ def test_pixel_graph_contract(pixel_graph):
     assert inp.name == "pixel_values" and inp.dtype == "float32"
     assert inp.shape[:2] == [1, 3] and all(isinstance(d, str) and d.startswith(f"{f}*") for d in inp.shape[2:])
     assert out.name == "features" and out.dtype == "float32" and out.shape == ["grid_h*grid_w", HIDDEN]
+
+
+def test_pixel_graph_downsamples_without_6d_transposes(pixel_graph):
+    """The DC downsamplers export as AveragePool (shortcut) and SpaceToDepth + a plane-moving 5-D Transpose
+    (the conv branch's pixel_unshuffle, export/portable_ops.py), not as 6-D transposes of the feature map."""
+    model = onnx.load(str(pixel_graph.path), load_external_data=False)
+    levels = len(PIX.encoder.movq.ch_mult)
+    count = lambda op: sum(n.op_type == op for n in model.graph.node)  # noqa: E731
+    assert count("SpaceToDepth") == count("AveragePool") == levels - 1
+    perms = [list(a.ints) for n in model.graph.node if n.op_type == "Transpose" for a in n.attribute]
+    assert all(len(p) <= 5 for p in perms), perms
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 6, 10), (1, 3, 4, 2), (2, 5, 12, 8)])
+def test_pixel_unshuffle_translation_is_exact(tmp_path, shape):
+    """torch's pixel_unshuffle and the SpaceToDepth form agree bit for bit, on dynamic H, W and batch."""
+    class Unshuffle(torch.nn.Module):
+        def forward(self, x):
+            return F.pixel_unshuffle(x, 2)
+
+    b, h, w = torch.export.Dim("b", min=1, max=4), torch.export.Dim("h", min=1, max=64), \
+        torch.export.Dim("w", min=1, max=64)
+    info = export_onnx(Unshuffle(), (torch.randn(2, shape[1], 4, 6),), tmp_path / "u.onnx", input_names=["x"],
+                       output_names=["y"], dynamic_shapes=({0: b, 2: 2 * h, 3: 2 * w},))
+    assert "SpaceToDepth" in info.ops and info.portable
+    x = torch.randn(*shape)
+    got = session(info.path).run(None, {"x": x.numpy()})[0]
+    assert np.array_equal(got, F.pixel_unshuffle(x, 2).numpy())
 
 
 @pytest.mark.parametrize("hw", [(64, 64), (64, 96), (16, 48)])  # 16x48 -> a one-row grid

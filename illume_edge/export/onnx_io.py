@@ -191,8 +191,11 @@ def export_onnx(module: torch.nn.Module, args: tuple, path: str | os.PathLike, *
     Weights go to `<path>.data` when the model is large (or when `external_data` is True). A module with
     fp16 weights is exported with fp16 compute behind fp32 inputs and outputs (see `_HalfCompute`).
     `translations` maps torch custom ops to onnxscript functions that emit onnxruntime contrib ops (the
-    fused LLM graph); without it the graph must be portable (default ONNX domain only).
+    fused LLM graph); without it the graph must be portable (default ONNX domain only). Every export also
+    uses `portable_ops.PORTABLE_TRANSLATIONS` (faster default-domain forms of a few aten ops).
     """
+    from .portable_ops import PORTABLE_TRANSLATIONS
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = module.eval()
@@ -206,7 +209,8 @@ def export_onnx(module: torch.nn.Module, args: tuple, path: str | os.PathLike, *
         program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, opset_version=OPSET,
                                     input_names=input_names, output_names=output_names,
                                     dynamic_shapes=dynamic_shapes, external_data=False, optimize=True,
-                                    verbose=False, report=False, custom_translation_table=translations)
+                                    verbose=False, report=False,
+                                    custom_translation_table={**PORTABLE_TRANSLATIONS, **(translations or {})})
     if program is None:
         raise ExportError(f"{path.name}: torch.onnx.export returned no program")
     graph = program.model.graph
