@@ -2,6 +2,7 @@
 import dataclasses
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -10,7 +11,8 @@ from illume_edge.config import SDXL_SCHEDULER, ConfigError, UNetConfig, VAEConfi
 from illume_edge.export.diffusion import (build_unet, build_vae, reference_decode, time_ids_for,
                                           unet_cfg_from_diffusers, unet_config_dict, vae_cfg_from_diffusers,
                                           vae_config_dict)
-from illume_edge.export.export_diffusion import UNET_INPUTS, UNetGraph, export_unet, export_vae_decoder
+from illume_edge.export.export_diffusion import (UNET_INPUTS, ConstantCrossAttention, UNetGraph,
+                                                 constant_cross_attention, export_unet, export_vae_decoder)
 from illume_edge.export.onnx_io import ExportError
 from illume_edge.runtime import schedulers as S
 
@@ -188,6 +190,48 @@ def test_unet_onnx_responds_to_every_input(plus, unet_onnx):
         with torch.no_grad():
             ref = UNetGraph(unet, cfg.unet)(*(torch.from_numpy(y[k]) for k in UNET_INPUTS)).numpy()
         assert np.abs(out - ref).max() <= _tol(ref)
+
+
+def test_unet_graph_holds_cross_attention_as_constants(plus, unet_onnx):
+    """With zero text conditioning the cross-attention blocks are constants in the graph: one Softmax per
+    self-attention block only; the UNet module is left as it was after the export."""
+    from diffusers.models.attention_processor import Attention
+
+    cfg, unet, _ = plus
+    info, _ = unet_onnx
+    attns = [m for m in unet.modules() if isinstance(m, Attention)]
+    cross = sum(m.is_cross_attention for m in attns)
+    assert cross and len(attns) > cross, "the tiny UNet must have both kinds of attention"
+    model = onnx.load(str(info.path), load_external_data=False)
+    assert sum(n.op_type == "Softmax" for n in model.graph.node) == len(attns) - cross
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_constant_cross_attention_is_the_block_on_a_zero_context(bias):
+    """ConstantCrossAttention returns what the diffusers block computes for any query on a zero context
+    (with projection biases too: the keys are then to_k's bias, still all the same)."""
+    from diffusers.models.attention_processor import Attention
+
+    ucfg = dataclasses.replace(preset("tiny-plus").diffusion.unet, text_seq_len=7, cross_attention_dim=12)
+    torch.manual_seed(3)
+    attn = Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8, bias=bias, out_bias=True).eval()
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    constant = ConstantCrossAttention(attn, ucfg)
+    queries = torch.randn(3, 10, 16) * 4
+    with torch.no_grad():
+        want = attn(queries, encoder_hidden_states=torch.zeros(3, 7, 12))
+        got = constant(queries, encoder_hidden_states=None)
+    assert got.shape == want.shape and want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_constant_cross_attention_is_undone_after_the_block(plus):
+    cfg, unet, _ = plus
+    before = {n: m for n, m in unet.named_modules()}
+    with constant_cross_attention(unet, cfg.unet) as n:
+        assert n == sum(isinstance(m, ConstantCrossAttention) for m in unet.modules()) > 0
+    assert {n: m for n, m in unet.named_modules()} == before
 
 
 def test_unet_export_tiny_v1_code_channels(tmp_path):

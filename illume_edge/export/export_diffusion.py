@@ -14,7 +14,9 @@ the raw decoder output (nominally [-1, 1], not clamped).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -28,6 +30,47 @@ UNET_INPUTS = ["latent", "timestep", "code_map", "time_ids"]
 UNET_OUTPUTS = ["noise_pred"]
 VAE_INPUTS = ["latent"]
 VAE_OUTPUTS = ["image"]
+
+
+class ConstantCrossAttention(nn.Module):
+    """A cross-attention block whose context is all zeros, as the value it always returns.
+
+    The release's decoder conditions on zero text embeddings (`zero_text_conditioning`). Every key is then the
+    same vector (to_k(0)), so every score of a query is the same, the softmax is uniform, and the output is
+    to_out(to_v(0)) for every query, whatever the image. Computing that once at export drops each block's
+    query projection, scores, softmax and output projection from the graph (exact up to float rounding;
+    tested against the diffusers blocks).
+    """
+
+    def __init__(self, attn: nn.Module, cfg: UNetConfig):
+        super().__init__()
+        param = next(attn.parameters())
+        query = torch.zeros(1, 1, attn.to_q.in_features, dtype=param.dtype)
+        context = torch.zeros(1, cfg.text_seq_len, cfg.cross_attention_dim, dtype=param.dtype)
+        with torch.no_grad():
+            self.register_buffer("value", attn(query, encoder_hidden_states=context).detach().clone())  # [1, 1, C]
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, **_) -> torch.Tensor:
+        return self.value.expand(*hidden_states.shape[:-1], -1)  # [B, HW, C]: the same row for every query
+
+
+@contextlib.contextmanager
+def constant_cross_attention(unet: nn.Module, cfg: UNetConfig) -> Iterator[int]:
+    """Within the block, every cross-attention block of a diffusers UNet is its `ConstantCrossAttention`
+    (valid for the zero text conditioning only); the originals are put back on exit. Yields their count."""
+    swaps = []
+    for name, module in list(unet.named_modules()):
+        if getattr(module, "is_cross_attention", False) and hasattr(module, "to_q"):
+            parent_name, _, attr = name.rpartition(".")
+            swaps.append((unet.get_submodule(parent_name), attr, module, ConstantCrossAttention(module, cfg)))
+    try:
+        for parent, attr, _, constant in swaps:
+            setattr(parent, attr, constant)
+        yield len(swaps)
+    finally:
+        for parent, attr, original, _ in swaps:
+            setattr(parent, attr, original)
 
 
 class UNetGraph(nn.Module):
@@ -98,8 +141,9 @@ def export_unet(unet: nn.Module, cfg: DiffusionDecoderConfig, path: str | os.Pat
             torch.randn(example_b, ucfg.code_channels, example_h, example_w),
             torch.zeros(example_b, ucfg.num_time_ids))
     dynamic = ({0: batch, 2: h, 3: w}, {0: batch}, {0: batch, 2: h, 3: w}, {0: batch})
-    return export_onnx(UNetGraph(unet.eval(), ucfg), args, path, input_names=UNET_INPUTS,
-                       output_names=UNET_OUTPUTS, dynamic_shapes=dynamic)
+    with constant_cross_attention(unet.eval(), ucfg):  # the graph has no text input: its context is zeros
+        return export_onnx(UNetGraph(unet, ucfg), args, path, input_names=UNET_INPUTS,
+                           output_names=UNET_OUTPUTS, dynamic_shapes=dynamic)
 
 
 def export_vae_decoder(vae: nn.Module, cfg: DiffusionDecoderConfig, path: str | os.PathLike) -> GraphInfo:
