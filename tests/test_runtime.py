@@ -198,6 +198,33 @@ def test_session_validates_inputs_before_onnxruntime(tiny_pipe):
     assert llm.name == "llm"
 
 
+def test_binding_checks_what_is_rebound_against_what_stays_bound(tiny_pipe):
+    """After its first run a binding checks only the inputs rebound since (a decode step rebinds 4 of the llm
+    graph's inputs), but still against the dims of the inputs that stay bound (every layer's K/V)."""
+    runner = tiny_pipe.runner
+    state = runner.prefill([[1, 2, 3]], max_new_tokens=4)
+    binding = state.binding
+    good = {k: binding.feeds[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    batch = [d for d in runner.session.inputs["attention_mask"].shape if isinstance(d, str)][0]
+    binding.bind_inputs({"attention_mask": np.ones((2, good["attention_mask"].shape[1]), np.int64)})
+    with pytest.raises(EngineError, match=rf"attention_mask dim 0 \({batch}\) is 2 but another input has {batch}=1"):
+        binding.run()
+    binding.bind_inputs({"attention_mask": good["attention_mask"].astype(np.int32)})
+    with pytest.raises(EngineError, match="llm: input attention_mask dtype int32, expected int64"):
+        binding.run()
+    binding.bind_inputs(good)
+    binding.run()  # the contract holds again: the step runs
+    checked = []
+    validate = runner.session.validate
+    runner.session.validate = lambda feeds, names=None, known=None: checked.append(sorted(names)) or validate(
+        feeds, names, known)
+    try:
+        runner.feed(state, np.array([[5]]))
+    finally:
+        runner.session.validate = validate
+    assert checked == [["attention_mask", "image_embeds", "input_ids", "position_ids"]]
+
+
 def test_io_binding_path_equals_plain_run(tiny_pipe):
     head = tiny_pipe.engine.session("head_level1")
     hidden = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
