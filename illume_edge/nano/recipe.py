@@ -15,7 +15,8 @@ Stages (docs/nano.md has the why of each):
              then a corrected image) join the SFT data for a last fine-tune. The same fine-tune without the
              assessment data is the ablation (its checkpoint is kept under the work folder, not shipped).
 
-Run: python -m illume_edge.nano.recipe --out models/illume-nano [--work build/nano] [--schedule full|text-pretrain|smoke]
+Run: python -m illume_edge.nano.recipe --out models/illume-nano [--work build/nano]
+         [--schedule full|text-pretrain|smoke] [--seed N]
 """
 from __future__ import annotations
 
@@ -254,8 +255,8 @@ def assessment_examples(pool: list[AssessedSample], b: SequenceBuilder, wcfg: wo
 # ----------------------------------------------------------------------------------------------------
 # The recipe
 # ----------------------------------------------------------------------------------------------------
-def _seed(offset: int) -> int:
-    return SEED + offset
+def _seed(offset: int, base: int = SEED) -> int:
+    return base + offset
 
 
 def dualvitok_extra(tokenizer: SemanticTokenizer, vit: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -285,9 +286,10 @@ def export_fp32(ckpt: Path, out: Path) -> None:
     export_engine(mods, out, ckpt / "mllm" / "tokenizer.json", progress=lambda s: None)
 
 
-def run(out: Path, work: Path, schedule: Schedule, threads: int = 2) -> dict:
+def run(out: Path, work: Path, schedule: Schedule, threads: int = 2, seed: int = SEED) -> dict:
+    """Every stage in order; `seed` (default SEED, the shipped model's) sets every stage's seed."""
     torch.set_num_threads(threads)
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     t_start = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     log = work / "train_log.jsonl"
@@ -309,35 +311,35 @@ def run(out: Path, work: Path, schedule: Schedule, threads: int = 2) -> dict:
 
     s = schedule
     vit = mods.encoders["semantic"].train().requires_grad_(True)
-    pretrain_vit(cfg, vit, wcfg, steps=s.vit, batch=s.vision_batch, lr=2e-3, seed=_seed(1),
+    pretrain_vit(cfg, vit, wcfg, steps=s.vit, batch=s.vision_batch, lr=2e-3, seed=_seed(1, seed),
                  progress=stage("vit", s.vit))
     done("vit")
     grid = cfg.level_grid(0, *cfg.anchors[0])
     quant = mods.quantizers[0].train().requires_grad_(True)
     sem_tok = SemanticTokenizer(quant, cfg.branches[0].in_dim, num_token_classes(grid, wcfg))
     p = stage("tokenizer", s.tokenizer)
-    train_tokenizer(cfg, vit, sem_tok, wcfg, steps=s.tokenizer, batch=s.vision_batch, lr=3e-3, seed=_seed(2),
+    train_tokenizer(cfg, vit, sem_tok, wcfg, steps=s.tokenizer, batch=s.vision_batch, lr=3e-3, seed=_seed(2, seed),
                     progress=p)
     tower = VisionTower(cfg, vit, sem_tok)
     p.note(code_purity=round(code_purity(tower, wcfg), 4))
     done("tokenizer")
 
     train_vae(mods.vae.train().requires_grad_(True), wcfg, steps=s.vae, batch=s.vae_batch, lr=2e-3,
-              seed=_seed(3), progress=stage("vae", s.vae))
+              seed=_seed(3, seed), progress=stage("vae", s.vae))
     done("vae")
     train_unet(cfg, mods.unet.train().requires_grad_(True), mods.vae, tower, wcfg, mods.scheduler_config,
-               steps=s.unet, batch=s.decoder_batch, lr=2e-3, seed=_seed(4), progress=stage("unet", s.unet))
+               steps=s.unet, batch=s.decoder_batch, lr=2e-3, seed=_seed(4, seed), progress=stage("unet", s.unet))
     done("unet")
 
     phases = stage0_phases(s)
     text_pretrain.pretrain_text(mods.llm, tok, cfg.tokens.im_end, wcfg, phases, batch=s.llm_batch, lr=STAGE0_LR,
-                                seed=_seed(10), progress=stage("stage0", sum(n for _, n in phases)))
+                                seed=_seed(10, seed), progress=stage("stage0", sum(n for _, n in phases)))
     done("stage0")
     trainer = LLMTrainer(cfg, mods.llm, mods.projectors["semantic"], tower)
     mixes = stage_mixtures(Tasks(builder, wcfg))
-    for name, trainable, lr, seed in LLM_STAGES:
+    for name, trainable, lr, offset in LLM_STAGES:
         steps = getattr(s, name)
-        trainer.train(mixes[name], steps=steps, batch=s.llm_batch, lr=lr, seed=_seed(seed),
+        trainer.train(mixes[name], steps=steps, batch=s.llm_batch, lr=lr, seed=_seed(offset, seed),
                       trainable=trainable, progress=stage(name, steps))
         done(name)
 
@@ -347,19 +349,19 @@ def run(out: Path, work: Path, schedule: Schedule, threads: int = 2) -> dict:
     p = stage("self_assess", s.self_enhance_prompts)
     save(mods, stage3_ckpt, words, extra, torch.float32)
     export_fp32(stage3_ckpt, stage3_engine)
-    pool = self_assess_pool(stage3_engine, wcfg, s.self_enhance_prompts, _seed(20), p)
+    pool = self_assess_pool(stage3_engine, wcfg, s.self_enhance_prompts, _seed(20, seed), p)
     good = sum(x.assessment.good for x in pool)
     p.note(samples=len(pool), good=good, poor=len(pool) - good)
     done("self_assess")
     stage3_state = copy.deepcopy(mods)
     assess_data = assessment_examples(pool, builder, wcfg)
     with_assess = mixture([(0.3, assess_data), (0.7, mixes["stage3"])])
-    trainer.train(with_assess, steps=s.stage4, batch=s.llm_batch, lr=5e-4, seed=_seed(14), trainable="all",
+    trainer.train(with_assess, steps=s.stage4, batch=s.llm_batch, lr=5e-4, seed=_seed(14, seed), trainable="all",
                   progress=stage("stage4", s.stage4))
     done("stage4")
 
     ablation = LLMTrainer(cfg, stage3_state.llm, stage3_state.projectors["semantic"], tower)
-    ablation.train(mixes["stage3"], steps=s.stage4, batch=s.llm_batch, lr=5e-4, seed=_seed(14), trainable="all",
+    ablation.train(mixes["stage3"], steps=s.stage4, batch=s.llm_batch, lr=5e-4, seed=_seed(14, seed), trainable="all",
                    progress=stage("stage4_ablation", s.stage4))
     done("stage4_ablation")
     save(stage3_state, work / "ablation_checkpoint", words, extra, torch.float16)
@@ -367,7 +369,7 @@ def run(out: Path, work: Path, schedule: Schedule, threads: int = 2) -> dict:
     mods.generation_config = {"repetition_penalty": 1.0}
     save(mods, out, words, extra, torch.float16)
     shutil.copyfile(log, out / "train_log.jsonl")
-    summary = {"schedule": dataclasses.asdict(s), "seed": SEED, "threads": threads, "stage_seconds": times,
+    summary = {"schedule": dataclasses.asdict(s), "seed": seed, "threads": threads, "stage_seconds": times,
                "total_seconds": round(time.perf_counter() - t_start, 1), "torch": torch.__version__,
                "self_assess_pool": {"samples": len(pool), "good": good}}
     (out / "recipe.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -391,8 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="build/nano", help="intermediate checkpoints, engines and the ablation")
     ap.add_argument("--schedule", default="full", choices=sorted(SCHEDULES))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=SEED, help="base of every stage's seed (another run of the recipe)")
     args = ap.parse_args(argv)
-    summary = run(Path(args.out), Path(args.work), SCHEDULES[args.schedule], args.threads)
+    summary = run(Path(args.out), Path(args.work), SCHEDULES[args.schedule], args.threads, args.seed)
     print(json.dumps(summary["stage_seconds"]), f"total {summary['total_seconds']} s", file=sys.stderr)
     return 0
 
