@@ -420,9 +420,9 @@ class LLMStep(nn.Module):
                                   self.num_kv_heads, self.scale)
             h, residual = skip_rms_norm(layer.self_attn.o_proj(ctx), residual,
                                         layer.post_attention_layernorm.weight, eps)
-            # gate and up as two MatMuls: onnxruntime's CPU GEMV kernels stream two [H, F] weights as fast
-            # as one [H, 2F], and the stacked form needs a Split over [B, S, 2F] after it (0.2-0.3 ms of a
-            # 16 ms int4 step on the 0.5B bench; docs/performance.md)
+            # gate and up as two MatMuls, as onnxruntime-genai's graphs have them: the stacked form and its
+            # Split over [B, S, 2F] measured slower (int4 decode 17.6 -> 15.9 ms/token on the 0.5B bench,
+            # interleaved A/B; fp32 the same within the spread; docs/performance.md)
             mlp = layer.mlp
             branch = mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
             presents += [key, value]

@@ -144,7 +144,7 @@ class DCDownBlock2d(nn.Module):
     [4c, 4c + 4), and the group mean averages exactly those. It is computed as the pool, which onnxruntime runs
     ~6x faster than the unshuffle's 6-D transpose of the full-resolution map (AveragePool 14 ms vs 83 ms at
     128 x 336 x 448 on 2 cores; docs/performance.md). The conv branch's unshuffle exports as SpaceToDepth
-    (onnx_io.PORTABLE_TRANSLATIONS).
+    (export/portable_ops.py).
     """
 
     def __init__(self, channels: int):
