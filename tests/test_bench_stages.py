@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import stages
@@ -203,3 +204,20 @@ def test_streamed_bytes_leave_out_tables_read_by_index(tiny_engine):
     got = streamed_weight_bytes(path)
     assert got["gathered_tables"] == sum(sizes[n] for n in rope | embed)
     assert got["streamed"] == sum(sizes.values()) - got["gathered_tables"]
+
+
+def test_layout_ops_bench_compares_equal_forms():
+    """benchmarks/layout_ops.py: each op's torch export and the form the exporter emits agree: bit for bit where
+    they only move data, to float rounding for the 2x2 mean (another summation order)."""
+    from benchmarks import layout_ops
+
+    x = np.random.default_rng(1).standard_normal((1, 8, 6, 10)).astype(np.float32)
+    forms = layout_ops.pairs(8, 6, 10)
+    assert len(forms) == 3
+    for what, torch_form, ours in forms:
+        (_, want), (_, got) = layout_ops._time(torch_form, x, reps=1), layout_ops._time(ours, x, reps=1)
+        assert want.shape == got.shape, what
+        if "mean" in what:
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=what)
+        else:
+            assert np.array_equal(want, got), what

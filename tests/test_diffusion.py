@@ -234,6 +234,18 @@ def test_constant_cross_attention_is_undone_after_the_block(plus):
     assert {n: m for n, m in unet.named_modules()} == before
 
 
+def test_cross_attention_with_a_residual_connection_is_not_folded():
+    """A block that adds its query input to its output is not constant: it stays as it is."""
+    from diffusers.models.attention_processor import Attention
+
+    ucfg = dataclasses.replace(preset("tiny-plus").diffusion.unet, text_seq_len=7, cross_attention_dim=12)
+    host = torch.nn.Module()
+    host.plain = Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8)
+    host.residual = Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8, residual_connection=True)
+    with constant_cross_attention(host, ucfg) as n:
+        assert n == 1 and isinstance(host.plain, ConstantCrossAttention) and isinstance(host.residual, Attention)
+
+
 def test_unet_export_tiny_v1_code_channels(tmp_path):
     cfg = preset("tiny-v1").diffusion
     assert cfg.unet.code_channels == 8

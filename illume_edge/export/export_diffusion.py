@@ -58,10 +58,12 @@ class ConstantCrossAttention(nn.Module):
 @contextlib.contextmanager
 def constant_cross_attention(unet: nn.Module, cfg: UNetConfig) -> Iterator[int]:
     """Within the block, every cross-attention block of a diffusers UNet is its `ConstantCrossAttention`
-    (valid for the zero text conditioning only); the originals are put back on exit. Yields their count."""
+    (valid for the zero text conditioning only); the originals are put back on exit. Yields their count.
+    A block that adds its input to its output (`residual_connection`) depends on the query, and is kept."""
     swaps = []
     for name, module in list(unet.named_modules()):
-        if getattr(module, "is_cross_attention", False) and hasattr(module, "to_q"):
+        if (getattr(module, "is_cross_attention", False) and hasattr(module, "to_q")
+                and not getattr(module, "residual_connection", False)):
             parent_name, _, attr = name.rpartition(".")
             swaps.append((unet.get_submodule(parent_name), attr, module, ConstantCrossAttention(module, cfg)))
     try:

@@ -142,9 +142,9 @@ class DCDownBlock2d(nn.Module):
 
     That shortcut is a 2x2 average pool: pixel_unshuffle puts the 2x2 block of channel c in channels
     [4c, 4c + 4), and the group mean averages exactly those. It is computed as the pool, which onnxruntime runs
-    ~6x faster than the unshuffle's 6-D transpose of the full-resolution map (AveragePool 14 ms vs 83 ms at
-    128 x 336 x 448 on 2 cores; docs/performance.md). The conv branch's unshuffle exports as SpaceToDepth
-    (export/portable_ops.py).
+    6-10x faster than the unshuffle's 6-D transpose of the full-resolution map (AveragePool 10-14 ms vs
+    83-101 ms at 128 x 336 x 448 on 2 cores; `python -m benchmarks.layout_ops`). The conv branch's unshuffle
+    exports as SpaceToDepth (export/portable_ops.py).
     """
 
     def __init__(self, channels: int):
@@ -162,7 +162,8 @@ class DCUpBlock2d(nn.Module):
     """conv to 4c channels + pixel_shuffle(2), plus each channel repeated 4 times then pixel_shuffle(2).
 
     That shortcut is a nearest 2x upsample (each pixel copied into its 2x2 block), computed as one: a Resize
-    instead of Expand + Reshape + DepthToSpace, 3.5x faster in onnxruntime and bit-identical.
+    instead of Expand + Reshape + DepthToSpace, 3.5-4.7x faster in onnxruntime (`benchmarks/layout_ops.py`) and
+    bit-identical.
     """
 
     def __init__(self, channels: int):

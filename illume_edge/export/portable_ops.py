@@ -1,11 +1,12 @@
 """ONNX translations in the default domain for aten ops whose stock export is slow: applied to every graph.
 
 `pixel_unshuffle` exports from torch as Reshape [B, C, H/f, f, W/f, f] + a 6-D Transpose + Reshape. The
-transpose's innermost axis is strided, and onnxruntime's CPU Transpose runs it at under 1 GB/s: 80 ms for a
-128 x 336 x 448 map on 2 cores, 25 ms at 32 channels (the MoVQ encoder's DC downsamplers). Here it is
+transpose's innermost axis is strided, and onnxruntime's CPU Transpose runs it at about 1 GB/s: 80-107 ms for
+a 128 x 336 x 448 map on 2 cores, 20-26 ms at 32 channels (the MoVQ encoder's DC downsamplers). Here it is
 SpaceToDepth, whose channel order is (bh, bw, c), then a 5-D Transpose that moves the f*f block axis behind
 the channels, (c, bh, bw) as pixel_unshuffle orders them. That transpose moves whole (H/f) x (W/f) planes:
-28 ms and 7 ms for the same maps, bit-identical. Both ops are in TensorRT's ONNX parser's list.
+28-32 ms and 7.5 ms for the same maps (`python -m benchmarks.layout_ops`), bit-identical. Both ops are in
+TensorRT's ONNX parser's list.
 (`pixel_shuffle` already exports as DepthToSpace, mode CRD, which is its exact order.)
 """
 from __future__ import annotations
