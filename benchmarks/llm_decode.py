@@ -189,14 +189,14 @@ def ours_rep(engine_dir: Path, prompt: list[int], steps: int, threads: int, spin
     def rep(n: int = steps):
         t0 = time.perf_counter()
         state = runner.prefill([prompt], max_new_tokens=n)
-        tok = int(np.argmax(runner.logits("text", state.hidden, state)[0]))
+        tok = int(np.argmax(runner.logits("text", state=state)[0]))
         t_prefill = time.perf_counter() - t0
         step_s, out, llm_s = [], [tok], 0.0
         for _ in range(n):
             t0 = time.perf_counter()
-            hidden = runner.feed(state, np.array([[tok]], np.int64))
+            runner.feed(state, np.array([[tok]], np.int64))
             t1 = time.perf_counter()
-            tok = int(np.argmax(runner.logits("text", hidden, state)[0]))
+            tok = int(np.argmax(runner.logits("text", state=state)[0]))
             step_s.append(time.perf_counter() - t0)
             llm_s += t1 - t0
             out.append(tok)
@@ -349,9 +349,10 @@ def profile_ours(engine_dir: Path, prompt: list[int], steps: int, threads: int, 
                          check_hash=False)
     runner = LLMRunner(engine)
     state = runner.prefill([prompt], max_new_tokens=steps)
-    tok = int(np.argmax(runner.logits("text", state.hidden, state)[0]))
+    tok = int(np.argmax(runner.logits("text", state=state)[0]))
     for _ in range(steps):
-        tok = int(np.argmax(runner.logits("text", runner.feed(state, np.array([[tok]], np.int64)), state)[0]))
+        runner.feed(state, np.array([[tok]], np.int64))
+        tok = int(np.argmax(runner.logits("text", state=state)[0]))
     result = {"steps": steps, "context": len(prompt) + steps // 2, "graphs": {}}
     for name in ("llm", "head_text"):
         path = Path(engine.session(name).end_profiling())

@@ -249,7 +249,7 @@ def _timed_runner(engine):
                 acc.add("llm", time.perf_counter() - t0)
                 acc.add("llm_calls", self.runs - runs)  # a fused-graph CFG feed may take several runs
 
-        def logits(self, head, hidden, state=None):
+        def logits(self, head, hidden=None, state=None):
             t0 = time.perf_counter()
             try:
                 return super().logits(head, hidden, state)
@@ -334,10 +334,11 @@ def ours_worker(engine_dir: Path, p: Protocol, llm_stages_only: bool = False) ->
 
     def start():
         state = runner.prefill([text_ids(cfg, p.decode_prompt, 1)], max_new_tokens=p.decode_steps)
-        return state, int(runner.logits("text", state.hidden, state)[0].argmax())
+        return state, int(runner.logits("text", state=state)[0].argmax())
 
     def step(state, tok):
-        return int(runner.logits("text", runner.feed(state, np.array([[tok]], np.int64)), state)[0].argmax())
+        runner.feed(state, np.array([[tok]], np.int64))
+        return int(runner.logits("text", state=state)[0].argmax())
 
     out["decode_b1"], out["parity_probe"]["greedy_tokens"] = time_greedy_decode(start, step, p)
 

@@ -17,6 +17,7 @@ from illume_edge.runtime.engine import Engine
 from illume_edge.runtime.llm_runner import LLMRunner
 from illume_edge.runtime.pipeline import Pipeline
 from illume_edge.runtime.sampler import SamplingParams
+from illume_edge.runtime.session import SessionOptions
 
 # (preset, llm graph): both presets on the default (fused) graph, and the portable graph once
 ENGINES = [("tiny-plus", "fused"), ("tiny-v1", "fused"), ("tiny-plus", "portable")]
@@ -268,12 +269,14 @@ def test_cli_reports_bad_input_in_one_line(tiny_engine, tmp_path):
     assert out.returncode == 2 and "not supported" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("buffers", ["auto", "ortvalue"])
 @pytest.mark.parametrize("graph,layout", [("fused", "shared"), ("portable", "concat")])
-def test_llm_runner_kv_positions_and_padding_equal_full_recompute(tiny_engine, graph, layout):
+def test_llm_runner_kv_positions_and_padding_equal_full_recompute(tiny_engine, graph, layout, buffers):
     """Both KV layouts (ping-pong buffers for the portable graph, one shared buffer for the fused one), left
     padding and multi-token feeds (a 2-row feed of 3 tokens: the fused graph takes it a token at a time)
-    vs recomputing each row from scratch."""
-    runner = LLMRunner(Engine.load(tiny_engine("tiny-plus", graph)[0]))
+    vs recomputing each row from scratch. `buffers="ortvalue"`: the KV cache and hidden state are OrtValues
+    bound by address, the GPU's code path with the device string "cpu"."""
+    runner = LLMRunner(Engine.load(tiny_engine("tiny-plus", graph)[0], SessionOptions(buffers=buffers)))
     assert runner.kv_layout == layout
     runs = runner.runs
     rng = np.random.default_rng(0)
@@ -301,25 +304,30 @@ def test_llm_runner_kv_positions_and_padding_equal_full_recompute(tiny_engine, g
         * state.kv.capacity * runner.head_dim * 4
 
 
+@pytest.mark.parametrize("buffers", ["auto", "ortvalue"])
 @pytest.mark.parametrize("graph", ["fused", "portable"])
-def test_head_binding_in_the_decode_state_matches_a_plain_head_run(tiny_engine, graph):
-    """runner.logits(head, state.hidden, state): the head's IO binding and logits buffer live in the state,
-    bound once; every step's logits equal a plain run of the head graph on a copy of the hidden state, for
-    each head range and a 2-row batch. A hidden array that is not the state's is refused."""
-    runner = LLMRunner(Engine.load(tiny_engine("tiny-plus", graph)[0]))
+def test_head_binding_in_the_decode_state_matches_a_plain_head_run(tiny_engine, graph, buffers):
+    """runner.logits(head, state=state): the head's IO binding and logits buffer live in the state, bound
+    once; every step's logits equal a plain run of the head graph on a copy of the hidden state, for each
+    head range and a 2-row batch. On the CPU the host array is the buffer itself; with OrtValue buffers (the
+    GPU's path) it is a copy of the same device buffer. A hidden array that is not the state's is refused."""
+    runner = LLMRunner(Engine.load(tiny_engine("tiny-plus", graph)[0], SessionOptions(buffers=buffers)))
     state = runner.prefill([[5, 6, 7, 8], [9, 10]], None, max_new_tokens=4)
     heads = list(runner.cfg.head_ranges())
-    first = {}
+    first, buffers_seen = {}, {}
     for step in range(4):
         for head in heads:
-            got = runner.logits(head, state.hidden, state)
+            got = runner.logits(head, state=state)
             want = runner.logits(head, state.hidden.copy())
             np.testing.assert_array_equal(got, want, err_msg=f"{head} step {step}")
+            if step:  # numpy memory: the buffer itself, rewritten in place; an OrtValue's: a copy
+                assert (got is first[head]) == (buffers == "auto")
             first.setdefault(head, got)
-            assert got is first[head]  # one buffer per head and state, rewritten in place
+            buffers_seen.setdefault(head, state.heads[head][1])
+            assert state.heads[head][1] is buffers_seen[head]  # one device buffer per head and state
         runner.feed(state, np.array([[11 + step], [12 + step]]))
     assert set(state.heads) == set(heads)
-    with pytest.raises(EngineError, match="state's hidden buffer"):
+    with pytest.raises(EngineError, match="pass no hidden"):
         runner.logits(heads[0], state.hidden.copy(), state)
 
 
@@ -342,7 +350,7 @@ def test_stream_text_stops_at_eos_unless_told_to_ignore_it(tiny_engine):
         def prefill(self, rows, image_embeds, max_new_tokens):
             return SimpleNamespace(hidden=np.zeros((1, 4), np.float32), fed=[list(rows[0])])
 
-        def logits(self, head, hidden, state=None):
+        def logits(self, head, hidden=None, state=None):
             out = np.zeros((1, cfg.head_ranges()["text"][1]), np.float32)
             out[0, cfg.tokens.im_end] = 10.0
             return out

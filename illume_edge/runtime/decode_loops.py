@@ -93,7 +93,7 @@ def sample_image_tokens(runner: LLMRunner, rows: list[list[int]], image_embeds: 
             if pending:
                 runner.feed(state, np.tile(np.asarray(pending, np.int64), (state.batch, 1)))  # [B, S]
                 pending, calls = [], calls + 1
-            logits = runner.logits(f"level{step.level}", state.hidden, state)  # [B, codebook_size]
+            logits = runner.logits(f"level{step.level}", state=state)  # [B, codebook_size]
             idx = guided_sample(logits[:1], logits[1:2] if use_cfg else None, per_level[step.level],
                                 uniforms[sampled], range_start=step.start, generated_ids_per_row=state.fed[:1])
             token = step.start + int(idx[0])
@@ -118,7 +118,7 @@ def stream_text(runner: LLMRunner, tokenizer, prompt: list[int], image_embeds: n
     timings.add("prefill", time.perf_counter() - t0)
     t0 = time.perf_counter()
     for step in range(max_new_tokens):
-        logits = mask_text_logits(runner.logits("text", state.hidden, state), cfg)  # [1, text range]
+        logits = mask_text_logits(runner.logits("text", state=state), cfg)  # [1, text range]
         token = int(guided_sample(logits, None, params, uniforms[step], range_start=0,
                                   generated_ids_per_row=state.fed)[0])
         if token in stops:

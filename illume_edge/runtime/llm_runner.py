@@ -1,7 +1,8 @@
 """Drive the `llm` graph: left-padded prefill, decode steps, preallocated KV cache, head graphs.
 
-The KV cache is preallocated per request and bound through IO binding, so no step allocates it on the
-host. Its layout follows the graph (`kv_layout`):
+The KV cache, the last hidden state and each head's logits are preallocated per request on the sessions'
+device (`device_buffer`: numpy memory on the CPU, OrtValues on a GPU) and bound by address, so no step
+allocates them or copies them through the host. The KV layout follows the graph (`kv_layout`):
 - "concat" (the portable graph): two buffers used ping-pong; a step reads `past` from one and ORT writes
   `present` (past + new) into the other. Each layer's K and V occupy a fixed region of a buffer; the view
   for length L is the region's first B*kv*L*hd floats reshaped to [B, kv, L, hd] (contiguous).
@@ -18,8 +19,9 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..manifest import KV_CAPACITY_DIM, Component, EngineError
+from .device_buffer import DeviceArray
 from .engine import Engine
-from .session import Binding
+from .session import Binding, Session
 
 
 def kv_layout(component: Component) -> str:
@@ -30,23 +32,23 @@ def kv_layout(component: Component) -> str:
 
 class KVBuffers:
     """K and V of every layer for up to `capacity` positions, in the graph's layout (module docstring):
-    two flat float32 buffers used ping-pong for "concat", one for "shared"."""
+    two flat float32 buffers used ping-pong for "concat", one for "shared", on `session`'s device."""
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
-                 layout: str = "concat"):
+                 session: Session, layout: str = "concat"):
         self.shape = (batch, kv_heads, head_dim)
         self.capacity = capacity
         self.layout = layout
         self.region = batch * kv_heads * capacity * head_dim  # floats per (layer, K|V) region
         self.count = 2 * num_layers
         # zeros, not empty: slots past the valid length are never read, but stay finite if a kernel touches them
-        self._buf = [np.zeros(self.count * self.region, np.float32)
-                     for _ in range(1 if layout == "shared" else 2)]
+        n = (self.count * self.region,)
+        self._buf = [session.allocate(n, np.float32) for _ in range(1 if layout == "shared" else 2)]
         self.current = 0  # the buffer holding the valid past
         # shared: the same full-capacity views every step, made once
         self._shared = self.views(0, capacity) if layout == "shared" else None
 
-    def bindings(self, past_len: int, new_len: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def bindings(self, past_len: int, new_len: int) -> tuple[list[DeviceArray], list[DeviceArray]]:
         """(past, present) views for a step appending `new_len` positions to `past_len`; `advance()` after
         the step has run."""
         if self._shared is not None:  # one buffer, bound as past and present alike
@@ -59,12 +61,11 @@ class KVBuffers:
         if self._shared is None:
             self.current = 1 - self.current
 
-    def views(self, which: int, length: int) -> list[np.ndarray]:
-        """[K0, V0, K1, V1, ...] of buffer `which`, each [B, kv, length, hd] over the region's start."""
+    def views(self, which: int, length: int) -> list[DeviceArray]:
+        """[K0, V0, K1, V1, ...] of buffer `which`, each [B, kv, length, hd] over the region's start
+        (`.host()` reads one)."""
         b, kv, hd = self.shape
-        n = b * kv * length * hd
-        buf = self._buf[which]
-        return [buf[i * self.region: i * self.region + n].reshape(b, kv, length, hd) for i in range(self.count)]
+        return [self._buf[which].view(i * self.region, (b, kv, length, hd)) for i in range(self.count)]
 
     @property
     def fixed(self) -> bool:
@@ -82,15 +83,21 @@ class DecodeState:
     kv: KVBuffers
     mask: np.ndarray  # int64 [B, capacity]; 1 = real token
     next_pos: np.ndarray  # int64 [B]: RoPE position of each row's next token
-    hidden: np.ndarray  # float32 [B, hidden]: last position's final hidden state, rewritten in place every run
+    hidden_buffer: DeviceArray  # float32 [B, hidden]: last position's final hidden state, rewritten every run
     length: int = 0  # positions filled (prompt incl. padding + fed tokens)
     fed: list[list[int]] = field(default_factory=list)  # ids fed after the prompt, per row
     binding: Binding | None = None  # the llm session's IO binding, kept across steps
-    heads: dict[str, tuple[Binding, np.ndarray]] = field(default_factory=dict)  # head -> (binding, logits buffer)
+    heads: dict[str, tuple[Binding, DeviceArray]] = field(default_factory=dict)  # head -> (binding, logits)
 
     @property
     def batch(self) -> int:
         return self.mask.shape[0]
+
+    @property
+    def hidden(self) -> np.ndarray:
+        """The last hidden state on the host: on the CPU the buffer itself (rewritten by the next run), on a
+        GPU a copy."""
+        return self.hidden_buffer.host()
 
 
 class LLMRunner:
@@ -133,9 +140,11 @@ class LLMRunner:
             mask[b, width - len(r):width] = 1
         self._check_ids(ids, table.shape[0])
         positions = np.maximum(np.cumsum(mask[:, :width], axis=1) - 1, 0)  # padded slots get position 0
-        kv = KVBuffers(self.num_layers, batch, self.kv_heads, self.head_dim, capacity, self.kv_layout)
+        kv = KVBuffers(self.num_layers, batch, self.kv_heads, self.head_dim, capacity, self.session,
+                       self.kv_layout)
         state = DecodeState(kv=kv, mask=mask, next_pos=mask[:, :width].sum(axis=1),
-                            hidden=np.empty((batch, self.hidden), np.float32), fed=[[] for _ in rows])
+                            hidden_buffer=self.session.allocate((batch, self.hidden), np.float32),
+                            fed=[[] for _ in rows])
         self._run(state, ids, positions, table)
         return state
 
@@ -171,7 +180,7 @@ class LLMRunner:
         binding, first = state.binding, state.binding is None
         if first:
             binding = state.binding = self.session.binding()
-            binding.bind_outputs({"last_hidden": state.hidden})  # the same buffer for every run
+            binding.bind_outputs({"last_hidden": state.hidden_buffer})  # the same buffer for every run
         if first or not state.kv.fixed:  # K/V buffers: once for the shared layout, else every step
             past, present = state.kv.bindings(p, s)
             binding.bind_inputs(dict(zip(self._past_names, past)))
@@ -192,23 +201,29 @@ class LLMRunner:
                               f"{table_rows} image rows)")
 
     # --- heads --------------------------------------------------------------------------------------------
-    def logits(self, head: str, hidden: np.ndarray, state: DecodeState | None = None) -> np.ndarray:
-        """Logits of one contiguous vocabulary range ('text', 'level0', ...) for hidden [B, hidden].
-
-        With the decode `state` whose `hidden` this is, the head runs through an IO binding kept in the
-        state: its input is the state's hidden buffer and its output one preallocated logits buffer, both
-        bound once per request. The returned array is then that buffer, rewritten by the next call for the
-        same head and state (copy it to keep it)."""
-        session = self.engine.session(f"head_{head}")
+    def logits(self, head: str, hidden: np.ndarray | None = None, state: DecodeState | None = None) -> np.ndarray:
+        """Logits of one contiguous vocabulary range ('text', 'level0', ...) on the host: for `hidden`
+        [B, hidden], or for a decode `state`'s last hidden state (`head_logits`; on the CPU the returned
+        array is the state's logits buffer, rewritten by the next call for the same head: copy it to keep it)."""
         if state is None:
-            return session.run({"hidden": hidden})["logits"]
-        if hidden is not state.hidden:
-            raise EngineError(f"head_{head}: with a decode state, hidden must be that state's hidden buffer")
+            if hidden is None:
+                raise EngineError(f"head_{head}: give hidden [B, {self.hidden}] or a decode state")
+            return self.engine.session(f"head_{head}").run({"hidden": hidden})["logits"]
+        if hidden is not None and hidden is not state.hidden:
+            raise EngineError(f"head_{head}: with a decode state the head reads that state's hidden buffer; "
+                              f"pass no hidden")
+        return self.head_logits(head, state).host()
+
+    def head_logits(self, head: str, state: DecodeState) -> DeviceArray:
+        """Run head `head` on `state`'s hidden buffer, through an IO binding kept in the state: its input and
+        its output (one logits buffer per head, [B, range]) are bound once per request and stay on the
+        device; a GPU sampler reads the logits there by address."""
         if head not in state.heads:
+            session = self.engine.session(f"head_{head}")
             binding = session.binding()
             start, stop = self.cfg.head_ranges()[head]
-            out = session.empty_output("logits", (state.batch, stop - start))
-            binding.bind_inputs({"hidden": state.hidden})
+            out = session.allocate((state.batch, stop - start), session.output_dtype("logits"))
+            binding.bind_inputs({"hidden": state.hidden_buffer})
             binding.bind_outputs({"logits": out})
             state.heads[head] = (binding, out)
         binding, out = state.heads[head]

@@ -15,6 +15,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from ..manifest import Component, EngineError, TensorSpec
+from .device_buffer import DeviceArray, allocate
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
               "bool": np.bool_, "uint8": np.uint8, "int8": np.int8}
@@ -55,6 +56,9 @@ class SessionOptions:
     threads: int | None = None
     device: str = "cpu"  # IO-binding device for outputs: "cpu" or "cuda"
     device_id: int = 0
+    # Who owns a request's device buffers (KV cache, hidden state, logits; device_buffer.OWNERS): "auto" is
+    # numpy on "cpu" and an OrtValue on a GPU; "ortvalue" on "cpu" runs the GPU's allocation path on the host.
+    buffers: str = "auto"
     # Per-session pools only (see thread_pool_mode): how the pool's threads wait for work, one of SPIN_MODES
     # (None: ILLUME_EDGE_SPIN, else "run").
     spin: str | None = None
@@ -150,7 +154,7 @@ class Session:
             so.enable_profiling = True
             so.profile_file_prefix = f"{opts.profile_prefix}-{name}"
         self.providers = choose_providers(opts.providers)
-        self.device, self.device_id = opts.device, opts.device_id
+        self.device, self.device_id, self.buffer_owner = opts.device, opts.device_id, opts.buffers
         try:
             self._sess = ort.InferenceSession(path, so, providers=self.providers)
         except Exception as e:  # onnxruntime raises its own exception types for load failures
@@ -194,8 +198,9 @@ class Session:
         dims: dict[str, dict[str, int]] = {}
         for name in names:
             spec, arr, dims[name] = self.inputs[name], feeds[name], {}
-            if not isinstance(arr, np.ndarray):
-                raise EngineError(f"{self.name}: input {name} must be a numpy array, got {type(arr).__name__}")
+            if not isinstance(arr, (np.ndarray, DeviceArray)):
+                raise EngineError(f"{self.name}: input {name} must be a numpy array or DeviceArray, got "
+                                  f"{type(arr).__name__}")
             want = _NP_DTYPES[spec.dtype]
             if arr.dtype != want:
                 raise EngineError(f"{self.name}: input {name} dtype {arr.dtype}, expected {spec.dtype}")
@@ -220,8 +225,9 @@ class Session:
     # --- running --------------------------------------------------------------------------------------
     def run(self, feeds: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray] | None = None,
             outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Run the graph. `out` preallocates output buffers (IO binding); others are allocated by ORT."""
-        if out is None and self.device == "cpu":
+        """Run the graph. `out` preallocates output buffers (IO binding); others are allocated by ORT.
+        `DeviceArray` inputs are bound by address (IO binding)."""
+        if out is None and self.device == "cpu" and not any(isinstance(a, DeviceArray) for a in feeds.values()):
             self.validate(feeds)
             names = outputs or self.output_names
             try:
@@ -239,9 +245,17 @@ class Session:
 
     def empty_output(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """An uninitialised host buffer for output `name` in its contract dtype (to bind with `Binding`)."""
+        return np.empty(shape, self.output_dtype(name))
+
+    def output_dtype(self, name: str) -> type:
+        """Output `name`'s numpy dtype, from the contract."""
         if name not in self.outputs:
             raise EngineError(f"{self.name}: no output {name} (has {sorted(self.outputs)})")
-        return np.empty(shape, _NP_DTYPES[self.outputs[name].dtype])
+        return _NP_DTYPES[self.outputs[name].dtype]
+
+    def allocate(self, shape: tuple[int, ...], dtype) -> DeviceArray:
+        """A zero-filled buffer on this session's IO-binding device (`device_buffer.allocate`)."""
+        return allocate(shape, dtype, self.device, self.device_id, self.buffer_owner)
 
     def binding(self) -> "Binding":
         """A reusable IO binding of this session (see `Binding`)."""
@@ -257,8 +271,8 @@ class Binding:
     def __init__(self, session: Session):
         self.session = session
         self._binding = session._sess.io_binding()
-        self.feeds: dict[str, np.ndarray] = {}
-        self._out: dict[str, np.ndarray | None] = {}  # in first-bind order (onnxruntime's output order)
+        self.feeds: dict[str, np.ndarray | DeviceArray] = {}
+        self._out: dict[str, np.ndarray | DeviceArray | None] = {}  # in first-bind order (onnxruntime's output order)
         # The contract check walks only the inputs bound since the last run (the first run checks all):
         # a decode step rebinds 4 of the llm graph's 52 inputs, and checking all of them took ~50 us a step.
         self._dims: dict[str, dict[str, int]] | None = None  # each checked input's dynamic dims
@@ -267,18 +281,24 @@ class Binding:
         # same inputs every step, so this is built once per request, not once per step
         self._known: tuple[frozenset[str], dict[str, int]] = (frozenset(), {})
 
-    def bind_inputs(self, feeds: Mapping[str, np.ndarray]) -> None:
+    def bind_inputs(self, feeds: Mapping[str, np.ndarray | DeviceArray]) -> None:
+        """Host arrays (copied to the session's device by onnxruntime when it is not the CPU) or
+        `DeviceArray`s (bound by address, no copy)."""
         for name, arr in feeds.items():
-            if not isinstance(arr, np.ndarray):
-                raise EngineError(f"{self.session.name}: input {name} must be a numpy array, got "
-                                  f"{type(arr).__name__}")
-            arr = np.ascontiguousarray(arr)
-            self._binding.bind_cpu_input(name, arr)
+            if isinstance(arr, DeviceArray):
+                self._binding.bind_input(name, arr.device, arr.device_id, arr.dtype.type, list(arr.shape),
+                                         arr.address)
+            elif isinstance(arr, np.ndarray):
+                arr = np.ascontiguousarray(arr)
+                self._binding.bind_cpu_input(name, arr)
+            else:
+                raise EngineError(f"{self.session.name}: input {name} must be a numpy array or DeviceArray, "
+                                  f"got {type(arr).__name__}")
             self.feeds[name] = arr
             self._dirty.add(name)
 
-    def bind_outputs(self, out: Mapping[str, np.ndarray], names: list[str] | None = None) -> None:
-        """Bind `out`'s buffers; the other `names` go to the session's device."""
+    def bind_outputs(self, out: Mapping[str, np.ndarray | DeviceArray], names: list[str] | None = None) -> None:
+        """Bind `out`'s buffers (host arrays or `DeviceArray`s); the other `names` go to the session's device."""
         s = self.session
         for name in names or list(out):
             buf = out.get(name)
@@ -287,17 +307,22 @@ class Binding:
             else:
                 if name not in s.outputs:
                     raise EngineError(f"{s.name}: no output {name} (has {sorted(s.outputs)})")
-                if not buf.flags.c_contiguous:
+                if isinstance(buf, np.ndarray) and not buf.flags.c_contiguous:
                     raise EngineError(f"{s.name}: output buffer {name} must be C-contiguous")
                 want = _NP_DTYPES[s.outputs[name].dtype]
                 if buf.dtype != want:
                     raise EngineError(f"{s.name}: output buffer {name} dtype {buf.dtype}, expected "
                                       f"{want.__name__}")
-                self._binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+                if isinstance(buf, DeviceArray):
+                    self._binding.bind_output(name, buf.device, buf.device_id, buf.dtype.type, list(buf.shape),
+                                              buf.address)
+                else:
+                    self._binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
             self._out[name] = buf
 
-    def run(self) -> dict[str, np.ndarray]:
-        """Validate the bound inputs against the contract, run, and return every bound output."""
+    def run(self) -> dict[str, np.ndarray | DeviceArray]:
+        """Validate the bound inputs against the contract, run, and return every bound output (preallocated
+        buffers as they were bound; outputs left to the device read back to the host)."""
         s = self.session
         if self._dims is None:
             self._dims = s.validate(self.feeds)

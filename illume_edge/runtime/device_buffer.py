@@ -1,0 +1,85 @@
+"""Tensors in an engine's device memory, bound to IO bindings by address.
+
+A decode request's long-lived buffers (the KV cache, the last hidden state, each head's logits) are
+allocated once, on the device the sessions run on, and every IO binding names them by (device, address,
+dtype, shape). Only the allocation depends on the device:
+- "cpu": a numpy array owns the memory, and `host()` is that memory (the numpy sampler reads logits in place);
+- any other device ("cuda"): an onnxruntime `OrtValue` owns it, so the KV cache, the hidden state and the
+  logits never leave the GPU; `host()` copies (the GPU sampler reads the logits by address instead).
+`allocate(..., owner="ortvalue")` takes the second route on "cpu" too, so the CPU tests run the allocation
+and binding code that a GPU uses, with a different device string.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..manifest import EngineError
+
+OWNERS = ("auto", "numpy", "ortvalue")
+
+
+@dataclass(frozen=True, eq=False)
+class DeviceArray:
+    """A C-contiguous tensor at `address` on (`device`, `device_id`); `_memory` keeps the allocation alive."""
+    device: str
+    device_id: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    address: int
+    _memory: object = field(repr=False)  # the owning numpy array or OrtValue (shared by views)
+    _offset: int = 0  # elements from the start of the allocation
+    _host: np.ndarray | None = field(default=None, repr=False)  # numpy-owned memory: this array's own view
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def view(self, offset: int, shape: tuple[int, ...]) -> "DeviceArray":
+        """Elements [offset, offset + prod(shape)) of this array (flat, C order), as a `shape` tensor."""
+        n = math.prod(shape)
+        if offset < 0 or offset + n > self.size:
+            raise EngineError(f"device buffer: view of {n} elements at {offset} is outside its {self.size}")
+        host = None if self._host is None else self._host.reshape(-1)[offset:offset + n].reshape(shape)
+        return DeviceArray(self.device, self.device_id, self.dtype, tuple(shape),
+                           self.address + offset * self.dtype.itemsize, self._memory, self._offset + offset, host)
+
+    def host(self) -> np.ndarray:
+        """The values on the host: numpy-owned memory itself (the same object every call, written in place by
+        the next run), else a copy."""
+        if self._host is not None:
+            return self._host
+        flat = self._memory.numpy().reshape(-1)  # an OrtValue: copy the allocation, then cut this view out
+        return flat[self._offset:self._offset + self.size].reshape(self.shape).copy()
+
+
+def allocate(shape: tuple[int, ...], dtype, device: str = "cpu", device_id: int = 0,
+             owner: str = "auto") -> DeviceArray:
+    """A zero-filled `shape` tensor on the device. `owner` "auto": numpy on "cpu", an OrtValue elsewhere."""
+    if owner not in OWNERS:
+        raise EngineError(f"device buffer: owner must be one of {OWNERS}, got {owner!r}")
+    dtype = np.dtype(dtype)
+    zeros = np.zeros(shape, dtype)
+    if owner == "numpy" or (owner == "auto" and device == "cpu"):
+        if device != "cpu":
+            raise EngineError(f"device buffer: numpy memory is host memory, but the device is {device!r}")
+        return DeviceArray(device, device_id, dtype, tuple(shape), zeros.ctypes.data, zeros, 0, zeros)
+    import onnxruntime as ort
+
+    try:
+        value = ort.OrtValue.ortvalue_from_numpy(zeros, device, device_id)  # copies to the device
+    except Exception as e:  # onnxruntime's own error types
+        raise EngineError(f"device buffer: cannot allocate {list(shape)} {dtype} on {device}:{device_id}: "
+                          f"{str(e).splitlines()[0][:200]}; is onnxruntime-gpu installed for this device?") from None
+    # on "cpu" the OrtValue wraps `zeros` itself and holds a reference to it
+    return DeviceArray(device, device_id, dtype, tuple(shape), value.data_ptr(), value)
