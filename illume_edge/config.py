@@ -378,6 +378,19 @@ class PromptTemplates:
     # Self-assessment (ILLUME's self-enhancing alignment): the answer is one JSON object (runtime/assessment.py)
     assess: str = "<image>\nassess the image for the prompt: {caption}\n"
 
+    def text_first(self) -> "PromptTemplates":
+        """The same prompts with the user's text before the input image (understanding, assessment, editing).
+        A causal LLM then reads each image token knowing what is asked of it (which object, which caption,
+        which edit); the release's templates put the image first."""
+        ph = self.image_placeholder
+        return dataclasses.replace(
+            self, understand=f"{{question}}\n{ph}",
+            assess=f"assess the image for the prompt: {{caption}}\n{ph}\n",
+            edit=f"{{h}}{{w}}Please edit the image according to the instruction: {{instruction}}\n{ph}\n")
+
+
+PROMPT_LAYOUTS = {"image-first": lambda p: p, "text-first": PromptTemplates.text_first}
+
 
 @dataclass(frozen=True)
 class SamplingDefaults:

@@ -319,7 +319,8 @@ def restyle(scene: world.Scene, qa: world.QA, style: str) -> world.QA:
 
 
 def text_lookup(phases: list[text_pretrain.Phase], lr: float = 1e-3, hidden: int | None = None,
-                per_kind: int = 60, batch: int = 32, every: int = 250, seed: int = 0, log=print) -> list[dict]:
+                per_kind: int = 60, batch: int = 32, every: int = 250, seed: int = 0, log=print,
+                layout: str = "scene-first") -> list[dict]:
     """The nano LLM (or a wider one: `hidden`, FFN 3x) from scratch on the recipe's text pretraining
     (`text_pretrain.pretrain_text`: "<description>. <question>" -> answer, `phases` of (kinds, steps) in order).
     Teacher-forced accuracy on the evaluation's held-out scenes, of every kind the phases train, every
@@ -340,7 +341,7 @@ def text_lookup(phases: list[text_pretrain.Phase], lr: float = 1e-3, hidden: int
     kinds = {k for ks, _ in phases for k in ks}
     held = [(s, q) for s, q in questions(per_kind, "heldout", wcfg) if q.kind in kinds]
     held_ids, held_labels, held_mask = text_pretrain.pad_batch(
-        [text_pretrain.lookup_pair(tok, im_end, s, q) for s, q in held], pad=cfg.tokens.endoftext)
+        [text_pretrain.lookup_pair(tok, im_end, s, q, layout) for s, q in held], pad=cfg.tokens.endoftext)
     model = build_llm(cfg, seed=seed)
     history, t0 = [], time.perf_counter()
 
@@ -352,7 +353,7 @@ def text_lookup(phases: list[text_pretrain.Phase], lr: float = 1e-3, hidden: int
         log(json.dumps(history[-1]))
 
     text_pretrain.pretrain_text(model, tok, im_end, wcfg, phases, batch=batch, lr=lr, seed=seed + 1,
-                                progress=_Quiet(), every=every, evaluate=evaluate)
+                                progress=_Quiet(), every=every, evaluate=evaluate, layout=layout)
     return history
 
 
@@ -423,11 +424,12 @@ def pretrain_vit_factored(cfg, vit: nn.Module, wcfg: world.WorldConfig, steps: i
 
 
 def from_scratch(vit_targets: str, rope_theta: float | None, schedule: "recipe.Schedule", qas: QA,
-                 log=print) -> list[dict]:
-    """Vision stages and LLM stages 0-3 of the recipe (same seeds and steps), scored after each of stages 1-3."""
+                 log=print, prompt_layout: str = "image-first") -> list[dict]:
+    """Vision stages and LLM stages 0-3 of the recipe (same seeds and steps), scored after each of stages 1-3.
+    `prompt_layout` (`config.PROMPT_LAYOUTS`) sets where the prompts put the input image, in training and scoring."""
     import dataclasses
 
-    from ..config import preset
+    from ..config import PROMPT_LAYOUTS, preset
     from ..export.modules import build_modules
     from ..export.tokenizer_factory import build_tokenizer
     from ..runtime.prompts import TextTokenizer
@@ -437,6 +439,7 @@ def from_scratch(vit_targets: str, rope_theta: float | None, schedule: "recipe.S
     cfg = preset("illume-nano")
     if rope_theta is not None:
         cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, rope_theta=rope_theta))
+    cfg = dataclasses.replace(cfg, prompts=PROMPT_LAYOUTS[prompt_layout](cfg.prompts))
     wcfg, s = world.WorldConfig(), schedule
     builder = SequenceBuilder(TextTokenizer(build_tokenizer(cfg, base_words(cfg)), cfg), cfg)
     mods = build_modules(cfg)
@@ -480,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-scratch", dest="scratch", action="store_true", help="train a variant instead (no checkpoint)")
     ap.add_argument("--vit-targets", dest="vit_targets", default="joint", choices=["joint", "factored"])
     ap.add_argument("--rope-theta", dest="rope_theta", type=float, default=None)
+    ap.add_argument("--prompt-layout", dest="prompt_layout", default="image-first",
+                    choices=["image-first", "text-first"], help="--from-scratch: the input image before or after "
+                    "the prompt's text (config.PROMPT_LAYOUTS)")
     ap.add_argument("--schedule", default="full", choices=sorted(recipe.SCHEDULES))
     ap.add_argument("--per-kind", dest="per_kind", type=int, default=60)
     ap.add_argument("--split", default="heldout", choices=["heldout", "train"])
@@ -499,16 +505,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="train the LLM from scratch on text only (descriptions + questions), phases in order: "
                          "e.g. color:4000,all:1500 ('all': every kind; kinds joined by '+')")
     ap.add_argument("--hidden", type=int, default=None, help="--text-lookup: the LLM's width (nano: 128)")
+    ap.add_argument("--layout", default="scene-first", choices=text_pretrain.LAYOUTS,
+                    help="--text-lookup: the description before the question (the recipe's) or after it")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(recipe.SEED)
     if args.text_lookup is not None:
-        text_lookup(parse_phases(args.text_lookup), args.lr, args.hidden, args.per_kind)
+        text_lookup(parse_phases(args.text_lookup), args.lr, args.hidden, args.per_kind, layout=args.layout)
         return 0
     qas = questions(args.per_kind, args.split, style=args.answer_style)
     if args.scratch:
-        from_scratch(args.vit_targets, args.rope_theta, recipe.SCHEDULES[args.schedule], qas)
+        from_scratch(args.vit_targets, args.rope_theta, recipe.SCHEDULES[args.schedule], qas,
+                     prompt_layout=args.prompt_layout)
         return 0
     if args.checkpoint is None:
         ap.error("give --checkpoint or --from-scratch")

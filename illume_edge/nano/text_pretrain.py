@@ -26,11 +26,18 @@ from .progress import Progress
 from .sequences import IGNORE
 
 Phase = tuple[tuple[str, ...], int]  # (QA kinds, steps)
+LAYOUTS = ("scene-first", "question-first")
 
 
-def lookup_pair(tok: TextTokenizer, im_end: int, scene: world.Scene, qa: world.QA) -> tuple[list[int], list[int]]:
-    """(ids, labels) of "<description>. <question> <answer><|im_end|>", labels only on the answer."""
-    prompt = tok.encode(f"{world.describe(scene)}. {qa.question}")
+def lookup_pair(tok: TextTokenizer, im_end: int, scene: world.Scene, qa: world.QA,
+                layout: str = "scene-first") -> tuple[list[int], list[int]]:
+    """(ids, labels) of "<description>. <question> <answer><|im_end|>" (`layout` "question-first":
+    "<question> <description>. <answer><|im_end|>"), labels only on the answer."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"text pretraining: layout must be one of {LAYOUTS}, got {layout!r}")
+    text = (f"{world.describe(scene)}. {qa.question}" if layout == "scene-first"
+            else f"{qa.question} {world.describe(scene)}.")
+    prompt = tok.encode(text)
     answer = tok.encode(" " + qa.answer) + [im_end]
     return prompt + answer, [IGNORE] * len(prompt) + answer
 
@@ -56,7 +63,8 @@ def check_phases(phases: Sequence[Phase]) -> None:
 
 def pretrain_text(llm: nn.Module, tok: TextTokenizer, im_end: int, wcfg: world.WorldConfig,
                   phases: Sequence[Phase], *, batch: int, lr: float, seed: int, progress: Progress,
-                  every: int = 0, evaluate: Callable[[int, float], None] | None = None) -> float:
+                  every: int = 0, evaluate: Callable[[int, float], None] | None = None,
+                  layout: str = "scene-first") -> float:
     """Train every parameter of `llm` on text lookups (train-split scenes only). `evaluate(step, loss)` runs
     every `every` steps and after the last one (the probes' learning curves). Returns the last loss."""
     check_phases(phases)
@@ -77,7 +85,7 @@ def pretrain_text(llm: nn.Module, tok: TextTokenizer, im_end: int, wcfg: world.W
             scene = world.sample_scene(rng, wcfg, split="train")
             qa = world.make_qa(scene, rng, str(rng.choice(kinds)))
             if qa is not None:
-                return lookup_pair(tok, im_end, scene, qa)
+                return lookup_pair(tok, im_end, scene, qa, layout)
 
     step, last = 0, float("nan")
     for kinds, steps in phases:
