@@ -65,6 +65,9 @@ def test_from_scratch_variant_runs_every_llm_stage():
     history = probes.from_scratch("factored", 1e6, recipe.SCHEDULES["smoke"], qas, log=lambda s: None)
     assert [h["stage"] for h in history] == [name for name, *_ in recipe.LLM_STAGES]
     assert all(0 <= h["overall"] <= 1 for h in history)
+    text_first = probes.from_scratch("joint", None, recipe.SCHEDULES["smoke"], qas, log=lambda s: None,
+                                     prompt_layout="text-first")
+    assert [h["stage"] for h in text_first] == [h["stage"] for h in history]
     with pytest.raises(ValueError, match="vit-targets"):
         probes.from_scratch("joint-ish", None, recipe.SCHEDULES["smoke"], qas, log=lambda s: None)
 
@@ -174,6 +177,31 @@ def test_text_lookup_trains_from_scratch_and_scores_every_kind():
     assert all(0.0 <= history[-1][k] <= 1.0 for k in world.QA_KINDS)
     one = probes.text_lookup([(("color",), 1)], per_kind=2, batch=2, log=lambda s: None)
     assert set(one[-1]) - {"steps", "seconds", "loss"} == {"color", "overall"}
+
+
+def test_lookup_pairs_in_both_layouts_supervise_only_the_answer():
+    from illume_edge.config import preset
+    from illume_edge.export.tokenizer_factory import build_tokenizer
+    from illume_edge.nano import text_pretrain
+    from illume_edge.nano.sequences import IGNORE
+    from illume_edge.nano.text import base_words
+    from illume_edge.runtime.prompts import TextTokenizer
+
+    cfg = preset("illume-nano")
+    tok = TextTokenizer(build_tokenizer(cfg, base_words(cfg)), cfg)
+    rng = np.random.default_rng(3)
+    scene = world.sample_scene(rng, world.WorldConfig(), split="train")
+    qa = world.make_qa(scene, rng, "count")
+    end = cfg.tokens.im_end
+    texts = {"scene-first": f"{world.describe(scene)}. {qa.question}",
+             "question-first": f"{qa.question} {world.describe(scene)}."}
+    for layout, text in texts.items():
+        ids, labels = text_pretrain.lookup_pair(tok, end, scene, qa, layout)
+        n = len(tok.encode(text))
+        assert ids[:n] == tok.encode(text) and labels[:n] == [IGNORE] * n
+        assert labels[n:] == ids[n:] == tok.encode(" " + qa.answer) + [end]
+    with pytest.raises(ValueError, match="layout must be one of"):
+        text_pretrain.lookup_pair(tok, end, scene, qa, "answer-first")
 
 
 def test_text_lookup_phases_parse_and_refuse_bad_kinds():

@@ -230,6 +230,30 @@ def test_understand_prompt_exact(tok):
         p.expand([[1], [2]])
 
 
+def test_text_first_layout_puts_the_text_before_the_image(tok):
+    """PromptTemplates.text_first (config.PROMPT_LAYOUTS): understanding, assessment and editing prompts with the
+    user's text first and the image slot after it; everything else as the release's templates."""
+    import dataclasses
+
+    from illume_edge.config import PROMPT_LAYOUTS
+    from illume_edge.runtime.prompts import assess_prompt
+
+    cfg = dataclasses.replace(tok.cfg, prompts=PROMPT_LAYOUTS["text-first"](tok.cfg.prompts))
+    assert PROMPT_LAYOUTS["image-first"](tok.cfg.prompts) == tok.cfg.prompts
+    user = f"{SYSTEM}<|im_start|>user\n"
+    a, slot, b = understand_prompt(tok, cfg, "What is this?").segments
+    assert (raw(tok, a), slot, raw(tok, b)) == (f"{user}What is this?\n", ImageSlot(0), f"<|im_end|>\n{ASSISTANT}")
+    a, slot, b = assess_prompt(tok, cfg, "a red circle").segments
+    assert raw(tok, a) == f"{user}assess the image for the prompt: a red circle\n" and slot == ImageSlot(0)
+    tags = "<height_256><width_256>"
+    cond, uncond = edit_prompts(tok, cfg, "make it blue", 256, 256)
+    a, slot, b = cond.segments
+    assert raw(tok, a) == f"{user}{tags}Please edit the image according to the instruction: make it blue\n"
+    assert raw(tok, b) == f"\n<|im_end|>\n{ASSISTANT}{tags}"
+    assert uncond.ids() == edit_prompts(tok, tok.cfg, "make it blue", 256, 256)[1].ids()  # reconstruction as is
+    assert generate_prompts(tok, cfg, "cat", 256, 256)[0].ids() == generate_prompts(tok, tok.cfg, "cat", 256, 256)[0].ids()
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda t, c: generate_prompts(t, c, "", 256, 256), "caption: expected a non-empty string"),
     (lambda t, c: generate_prompts(t, c, "   ", 256, 256), "caption"),
