@@ -15,9 +15,12 @@ One run, one set of weights (a seeded random Qwen2ForCausalLM of the shape):
 - onnxruntime-genai: its model builder on a HF folder saved from the same module (fp32 and int4 at
   `--block-size`, default 32, accuracy level 4, as ours), `Generator` with intra_op_num_threads = cores, greedy.
 Every peer's per-token number includes its LM head and the greedy pick. Batch 1, a 128-token prompt, then
-64 decode steps; every runtime is loaded first, warmed up, then timed in interleaved rounds (each round runs
-every runtime once, in a rotating order), so that the machine's drift over minutes falls on all of them
-alike; median over rounds and spread. The machine's read bandwidth is measured in the
+64 decode steps. The ONNX runtimes (ours and genai) are timed in fresh processes, one per load order
+(`--load-orders`, default 2: ours loaded first in one, the peers in the other), because the runtime loaded
+first in a process decodes slower; in each, every runtime is loaded, warmed up, then timed in interleaved
+rounds (each round runs every runtime once, in a rotating order), so that the machine's drift over minutes
+falls on all of them alike; median over all processes' rounds and spread. Eager is timed alone, in this
+process. The machine's read bandwidth is measured in the
 same run and each decode time is compared with its weight-read bound (bytes read per token / bandwidth).
 Writes benchmarks/results/<date>-<host>.json and prints a markdown table.
 """
@@ -205,12 +208,13 @@ def ours_rep(engine_dir: Path, prompt: list[int], steps: int, threads: int, spin
     return rep
 
 
-def interleaved(reps_by_name: dict[str, Rep], warmup: int, reps: int, log, failures: dict,
-                warmup_steps: int | None = None) -> dict[str, dict]:
+def interleaved_runs(reps_by_name: dict[str, Rep], warmup: int, reps: int, log, failures: dict,
+                     warmup_steps: int | None = None) -> dict[str, list]:
     """Every runtime's warm-up (`warmup` repetitions, of `warmup_steps` decode steps if given), then
     repetition r of each runtime in turn (the order rotating by one each round), so that a slow drift of the
     machine (this VM's memory bandwidth moves by 10-20% over minutes) lands on every runtime alike instead of
-    on whichever ran during it. A runtime that fails is reported and leaves the rotation."""
+    on whichever ran during it. A runtime that fails is reported and leaves the rotation. Returns each
+    runtime's repetitions (`Rep` results)."""
     names = list(reps_by_name)
     runs: dict[str, list] = {n: [] for n in names}
     for name in list(names):  # a copy: a failing runtime leaves `names`
@@ -231,7 +235,84 @@ def interleaved(reps_by_name: dict[str, Rep], warmup: int, reps: int, log, failu
                 failures[name] = f"{type(e).__name__}: {str(e)[-1500:]}"
                 traceback.print_exc()
                 names.remove(name)
-    return {n: summarize_reps(rs) for n, rs in runs.items() if rs and n not in failures}
+    return {n: rs for n, rs in runs.items() if rs and n not in failures}
+
+
+def interleaved(reps_by_name: dict[str, Rep], warmup: int, reps: int, log, failures: dict,
+                warmup_steps: int | None = None) -> dict[str, dict]:
+    """`interleaved_runs`, summarized per runtime."""
+    return {n: summarize_reps(rs) for n, rs in
+            interleaved_runs(reps_by_name, warmup, reps, log, failures, warmup_steps).items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Load orders: the runtime loaded first in a process runs slower
+# ---------------------------------------------------------------------------------------------------------
+# Measured on the 2-core VM (docs/performance.md, "Load order"): in a process that loads our int4 engine and
+# onnxruntime-genai's, whichever is loaded first decodes ~10% slower, in every interleaved round; swapping
+# the order swapped the winner (ours / genai 1.11 and 1.21 with ours loaded first, 0.93 and 0.97 with genai
+# first). So the ONNX runtimes are timed in fresh child processes, one per load order (`load_orders`), and
+# their rounds are pooled.
+RuntimeSpec = dict  # {"name", "kind": "ours" | "genai", "path", "spin"}: what a child process loads
+
+
+def load_orders(names: list[str], count: int) -> list[list[str]]:
+    """`count` rotations of `names`, evenly spaced: with `count` = len(names) each runtime is loaded first
+    once; with 2 and our runtimes listed before as many peers (the default), ours and the peers trade places."""
+    n = len(names)
+    return [names[k * n // count:] + names[:k * n // count] for k in range(count)] if n else []
+
+
+def load_rep(spec: RuntimeSpec, prompt: list[int], steps: int, threads: int) -> Rep:
+    if spec["kind"] == "ours":
+        return ours_rep(Path(spec["path"]), prompt, steps, threads, spec.get("spin"))
+    if spec["kind"] == "genai":
+        return genai_rep(Path(spec["path"]), prompt, steps)
+    raise ValueError(f"runtime spec {spec['name']!r}: unknown kind {spec['kind']!r} (ours | genai)")
+
+
+def timing_process(specs: list[RuntimeSpec], prompt: list[int], steps: int, warmup: int, rounds: int,
+                   threads: int, warmup_steps: int | None) -> dict:
+    """One child process's work: load `specs` in their order, then `interleaved_runs`. JSON-able."""
+    log = lambda s: print(f"[timing child] {s}", file=sys.stderr, flush=True)  # noqa: E731
+    reps, failures = {}, {}
+    for spec in specs:
+        try:
+            reps[spec["name"]] = load_rep(spec, prompt, steps, threads)
+        except Exception as e:  # a failing peer is reported, not hidden
+            failures[spec["name"]] = f"{type(e).__name__}: {str(e)[-1500:]}"
+            traceback.print_exc()
+    runs = interleaved_runs(reps, warmup, rounds, log, failures, warmup_steps)
+    return {"runs": runs, "failures": failures}
+
+
+def time_in_load_orders(specs: list[RuntimeSpec], orders: int, rounds: int, prompt: list[int], steps: int,
+                        warmup: int, threads: int, warmup_steps: int | None, log) -> tuple[dict, list, dict]:
+    """`timing_process` in a fresh process per load order (`load_orders`), `rounds` rounds each; returns
+    (summary per runtime over every process's rounds, per-order medians, failures)."""
+    by_name = {s["name"]: s for s in specs}
+    pooled: dict[str, list] = {n: [] for n in by_name}
+    per_order, failures = [], {}
+    code = ("import json, sys; from benchmarks.llm_decode import timing_process; "
+            "print(json.dumps(timing_process(**json.loads(sys.stdin.read()))))")
+    for k, order in enumerate(load_orders(list(by_name), orders)):
+        log(f"load order {k + 1}/{orders} (fresh process): {', '.join(order)}")
+        job = {"specs": [by_name[n] for n in order], "prompt": prompt, "steps": steps, "warmup": warmup,
+               "rounds": rounds, "threads": threads, "warmup_steps": warmup_steps}
+        proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(job), cwd=REPO, capture_output=True,
+                              text=True, timeout=3600)
+        sys.stderr.write(proc.stderr if proc.returncode else "")
+        if proc.returncode:
+            failures[f"load order {k + 1}"] = f"timing process failed ({proc.returncode}): {proc.stderr[-1500:]}"
+            continue
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        failures.update(out["failures"])
+        per_order.append({"order": order, "decode_ms_per_token": {
+            n: summarize_reps(rs)["decode_ms_per_token"] for n, rs in out["runs"].items()}})
+        for n, rs in out["runs"].items():
+            pooled[n] += rs
+    summary = {n: summarize_reps(rs) for n, rs in pooled.items() if rs and n not in failures}
+    return summary, per_order, failures
 
 
 def time_ours(engine_dir: Path, prompt: list[int], steps: int, warmup: int, reps: int, threads: int) -> dict:
@@ -448,7 +529,8 @@ def run(args) -> dict:
                      "warmup_steps": min(WARMUP_STEPS, args.steps), "reps": args.reps, "greedy": True,
                      "mean_context": context, "block_size": args.block_size, "llm_graphs": args.llm_graphs,
                      "spin_modes": ["run", *args.spin_modes],
-                     "timing": "interleaved rounds"},
+                     "timing": "interleaved rounds in one fresh process per load order; eager alone",
+                     "load_orders": args.load_orders or "one per runtime", "eager_reps": args.eager_reps},
         "runs": {}, "failures": {}, "build_s": {},
     }
 
@@ -495,8 +577,8 @@ def run(args) -> dict:
                 result["failures"][name] = f"{type(e).__name__}: {str(e)[-1500:]}"
                 traceback.print_exc()
 
-    # Load every runtime, then time them interleaved (see `interleaved`).
-    reps_by_name: dict[str, Rep] = {}
+    # The ONNX runtimes: interleaved rounds in one fresh process per load order (`time_in_load_orders`)
+    specs: list[RuntimeSpec] = []
     bytes_by_name: dict[str, dict] = {}
     # --spin-modes: the default graph's engines again, each under another SessionOptions.spin
     variants = [(name, d, None) for name, d in engines.items()]
@@ -510,31 +592,28 @@ def run(args) -> dict:
                                "files_bytes": sum(p.stat().st_size for p in d.iterdir()
                                                   if p.name.startswith(("llm", "head_"))),
                                "head_included": "text head (151704 rows) + argmax"}
-        log(f"{name}: {bytes_by_name[name]['weight_bytes_per_token'] / 1e6:.0f} MB weights per step; loading")
-        try:
-            reps_by_name[name] = ours_rep(d, prompt, args.steps, threads, spin)
-        except Exception as e:
-            result["failures"][name] = f"{type(e).__name__}: {e}"
-            traceback.print_exc()
-    if not args.skip_eager:
-        reps_by_name["transformers eager fp32"] = eager_rep(model, prompt, args.steps, threads)
-        bytes_by_name["transformers eager fp32"] = {"weight_bytes_per_token": eager_bytes,
-                                                   "head_included": "full LM head (151936 rows) + argmax"}
+        log(f"{name}: {bytes_by_name[name]['weight_bytes_per_token'] / 1e6:.0f} MB weights per step")
+        specs.append({"name": name, "kind": "ours", "path": str(d), "spin": spin})
     for name, out in genai_dirs.items():
         b = streamed_weight_bytes(out / "model.onnx")
         bytes_by_name[name] = {"weight_bytes_per_token": b["streamed"],
                                "head_included": "full LM head (151936 rows) + greedy search"}
-        try:
-            reps_by_name[name] = genai_rep(out, prompt, args.steps)
-        except Exception as e:
-            result["failures"][name] = f"{type(e).__name__}: {str(e)[-1500:]}"
-            traceback.print_exc()
-    log(f"timing {len(reps_by_name)} runtimes interleaved: {args.warmup} warm-up ({WARMUP_STEPS} steps) + "
-        f"{args.reps} rounds")
-    for name, r in interleaved(reps_by_name, args.warmup, args.reps, log, result["failures"],
-                               warmup_steps=min(WARMUP_STEPS, args.steps)).items():
+        specs.append({"name": name, "kind": "genai", "path": str(out)})
+    orders = args.load_orders or len(specs)
+    log(f"timing {len(specs)} runtimes in {orders} load orders: {args.warmup} warm-up ({WARMUP_STEPS} steps) + "
+        f"{args.reps} interleaved rounds each")
+    timed, result["load_orders"], failed = time_in_load_orders(
+        specs, orders, args.reps, prompt, args.steps, args.warmup, threads, min(WARMUP_STEPS, args.steps), log)
+    result["failures"].update(failed)
+    for name, r in timed.items():
         result["runs"][name] = {**r, **bytes_by_name[name], "kv_bytes_per_token": kv}
-    del reps_by_name
+    if not args.skip_eager:  # in this process, alone: the model object is here
+        log("transformers eager fp32: timing in this process")
+        for name, r in interleaved({"transformers eager fp32": eager_rep(model, prompt, args.steps, threads)},
+                                   args.warmup, args.eager_reps, log, result["failures"],
+                                   warmup_steps=min(WARMUP_STEPS, args.steps)).items():
+            result["runs"][name] = {**r, "weight_bytes_per_token": eager_bytes, "kv_bytes_per_token": kv,
+                                    "head_included": "full LM head (151936 rows) + argmax"}
     gc.collect()
 
     for prec in args.shared_pool:
@@ -592,7 +671,9 @@ def markdown(result: dict) -> str:
         f"Shape {result['shape']['name']}: batch 1, prompt {result['protocol']['prompt_tokens']}, "
         f"{result['protocol']['decode_steps']} decode steps, {result['protocol']['warmup']} warm-up "
         f"({result['protocol'].get('warmup_steps', result['protocol']['decode_steps'])} steps) + "
-        f"{result['protocol']['reps']} interleaved rounds (each round times every runtime once).",
+        f"{result['protocol']['reps']} interleaved rounds (each round times every runtime once) in each of "
+        f"{len(result.get('load_orders', []))} fresh processes, one per load order, pooled; eager alone, "
+        f"{result['protocol'].get('eager_reps', result['protocol']['reps'])} rounds.",
         "",
         "| runtime | decode ms/token (median) | min-max | step p10-p90 | prefill ms | MB read/token | bound ms | "
         "achieved GB/s | roofline % | vs eager |",
@@ -606,6 +687,9 @@ def markdown(result: dict) -> str:
                      f"{r['roofline_pct']:.0f} | {sp} |")
     for name, why in result["failures"].items():
         lines.append(f"| {name} | FAILED: {why.splitlines()[-1][:160] if why else ''} | | | | | | | | |")
+    for k, o in enumerate(result.get("load_orders", [])):
+        ms = ", ".join(f"{n} {o['decode_ms_per_token'][n]:.1f}" for n in o["order"] if n in o["decode_ms_per_token"])
+        lines.append(f"{'' if k else chr(10)}Load order {k + 1} (loaded first: {o['order'][0]}), median ms/token: {ms}")
     split = [f"{name} {r['llm_ms_per_token']:.1f} + {r['head_and_pick_ms_per_token']:.1f}"
              for name, r in result["runs"].items() if "llm_ms_per_token" in r]
     if split:
@@ -629,7 +713,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=2, help="interleaved rounds per load order")
+    ap.add_argument("--eager-reps", dest="eager_reps", type=int, default=3, help="eager's rounds (alone)")
+    ap.add_argument("--load-orders", dest="load_orders", type=int, default=2,
+                    help="fresh timing processes, each loading the ONNX runtimes in another rotation "
+                         "(load_orders); 2: ours and the peers trade places; 0: one per runtime")
     ap.add_argument("--threads", type=int, default=None, help="default: the cores this process may use")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "int4"], choices=["fp32", "int8", "int4"],
                     help="our engines to time (make bench-full adds int8)")

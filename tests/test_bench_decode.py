@@ -45,11 +45,30 @@ def test_interleaved_rounds_rotate_and_report_failures():
     assert calls == ["x", "y", "z", "y", "z", "z", "y"] and set(out) == {"y", "z"} and "x broke" in failures["x"]
 
 
+def test_load_orders_rotate_evenly():
+    names = ["ours fp32", "ours int4", "genai fp32", "genai int4"]
+    two = llm_decode.load_orders(names, 2)
+    assert two == [names, ["genai fp32", "genai int4", "ours fp32", "ours int4"]]  # ours and the peers trade places
+    every = llm_decode.load_orders(names, 4)
+    assert sorted(o[0] for o in every) == sorted(names) and all(sorted(o) == sorted(names) for o in every)
+    assert llm_decode.load_orders(names, 1) == [names] and llm_decode.load_orders([], 2) == []
+
+
+def test_a_timing_process_that_fails_is_reported(monkeypatch):
+    """A child whose runtime cannot load reports it by name; the pooled summary leaves it out."""
+    spec = {"name": "ours int4", "kind": "ours", "path": "/nonexistent/engine", "spin": None}
+    summary, per_order, failures = llm_decode.time_in_load_orders([spec], 1, 1, [1, 2, 3], 2, 0, 1, None,
+                                                                  lambda s: None)
+    assert summary == {} and "ours int4" in failures and per_order[0]["decode_ms_per_token"] == {}
+    with pytest.raises(ValueError, match="unknown kind"):
+        llm_decode.load_rep({"name": "x", "kind": "tflite", "path": "."}, [1], 1, 1)
+
+
 def test_smoke_run_times_both_graphs_and_eager(tmp_path):
     out = tmp_path / "decode.json"
     cmd = [sys.executable, "-m", "benchmarks.llm_decode", "--shape", "smoke", "--steps", "4", "--reps", "2",
            "--skip-genai", "--profile", "int4", "--llm-graphs", "fused", "portable", "--precisions", "fp32", "int8",
-           "int4", "--spin-modes", "off", "--out", str(out)]
+           "int4", "--spin-modes", "off", "--eager-reps", "2", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -59,9 +78,13 @@ def test_smoke_run_times_both_graphs_and_eager(tmp_path):
             "illume-edge int4 (portable graph)", "transformers eager fp32", "illume-edge fp32 (spin off)",
             "illume-edge int8 (spin off)", "illume-edge int4 (spin off)"}
     assert set(runs) == want
-    for r in runs.values():
-        assert r["reps"] == 2 and r["steps"] == 4 and 0 < r["decode_ms_min"] <= r["decode_ms_max"]
+    for name, r in runs.items():  # 2 load orders x 2 rounds for the ONNX runtimes, eager's own 2 rounds
+        assert r["reps"] == (2 if "eager" in name else 4), name
+        assert r["steps"] == 4 and 0 < r["decode_ms_min"] <= r["decode_ms_max"]
         assert 0 < r["roofline_pct"] and r["bytes_per_token"] > r["kv_bytes_per_token"]
+    orders = result["load_orders"]
+    assert len(orders) == 2 and orders[0]["order"][0] != orders[1]["order"][0]
+    assert all(set(o["decode_ms_per_token"]) == set(runs) - {"transformers eager fp32"} for o in orders)
     # same weights, fp32, greedy: both graphs and eager pick the same tokens
     assert runs["illume-edge fp32"]["tokens"] == runs["illume-edge fp32 (portable graph)"]["tokens"] \
         == runs["transformers eager fp32"]["tokens"] == runs["illume-edge fp32 (spin off)"]["tokens"]
@@ -72,4 +95,4 @@ def test_smoke_run_times_both_graphs_and_eager(tmp_path):
     assert "GroupQueryAttention" in llm["op_share_pct"] and llm["op_ms_per_step"]["GroupQueryAttention"] > 0
     assert llm["runs"] == head["runs"] == result["profiles"]["int4"]["steps"]  # the decode steps, not the prefill
     assert list(head["op_share_pct"]) == ["MatMulNBits"]  # the int4 text head: one weight-only GEMM
-    assert "interleaved rounds" in proc.stdout
+    assert "interleaved rounds" in proc.stdout and "Load order 2 (loaded first" in proc.stdout

@@ -289,7 +289,7 @@ class Binding:
                 self._binding.bind_input(name, arr.device, arr.device_id, arr.dtype.type, list(arr.shape),
                                          arr.address)
             elif isinstance(arr, np.ndarray):
-                arr = np.ascontiguousarray(arr)
+                arr = np.require(arr, requirements="C")  # np.ascontiguousarray would make a 0-d input 1-d
                 self._binding.bind_cpu_input(name, arr)
             else:
                 raise EngineError(f"{self.session.name}: input {name} must be a numpy array or DeviceArray, "
