@@ -64,3 +64,30 @@ def test_device_arrays_are_checked_against_the_contract_like_host_arrays(tiny_en
         head.run({"hidden": head.allocate((2, engine.config.llm.hidden_size), np.int64)})
     with pytest.raises(EngineError, match="rank 1"):
         head.run({"hidden": hidden.view(0, (engine.config.llm.hidden_size,))})
+
+
+def test_a_scalar_input_stays_a_scalar_through_the_binding(tmp_path):
+    """A 0-d numpy input (e.g. a flag) keeps rank 0 when bound (np.ascontiguousarray would make it [1])."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from illume_edge.manifest import Component, TensorSpec
+    from illume_edge.runtime.session import Session
+
+    graph = helper.make_graph([helper.make_node("Where", ["flag", "x", "y"], ["out"])], "scalar",
+                              [helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+                               helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+                               helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2])])
+    path = tmp_path / "scalar.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    spec = Component("onnx", (), (TensorSpec("flag", "bool", ()), TensorSpec("x", "float32", (2,)),
+                                  TensorSpec("y", "float32", (2,))), (TensorSpec("out", "float32", (2,)),), {})
+    session = Session("scalar", str(path), spec)
+    x, y = np.array([1, 2], np.float32), np.array([3, 4], np.float32)
+    binding = session.binding()
+    binding.bind_inputs({"flag": np.array(True), "x": x, "y": y})
+    binding.bind_outputs({}, ["out"])
+    np.testing.assert_array_equal(binding.run()["out"], x)
+    binding.bind_inputs({"flag": np.array(False)})
+    np.testing.assert_array_equal(binding.run()["out"], y)
