@@ -91,3 +91,73 @@ def test_a_scalar_input_stays_a_scalar_through_the_binding(tmp_path):
     np.testing.assert_array_equal(binding.run()["out"], x)
     binding.bind_inputs({"flag": np.array(False)})
     np.testing.assert_array_equal(binding.run()["out"], y)
+
+
+class EmulatedKernel:
+    """Stands in for cuda.GpuSampler on the CPU: `sample_device` reads the logits by address and runs the
+    kernel's numpy emulation row by row from the packed LaunchArgs; `binding` is host memory. So a test covers
+    what the image loop hands the kernel (address, stride, rows, params, uniforms, penalties, range)."""
+
+    class Binding:
+        def __init__(self):
+            self.bufs = []
+
+        def alloc(self, nbytes):
+            buf = np.zeros(max(int(nbytes), 8), np.uint8)
+            self.bufs.append(buf)
+            return buf
+
+        def ptr(self, buf):
+            return buf.ctypes.data
+
+        def dtoh(self, arr, src):
+            arr.view(np.uint8)[:] = src[:arr.nbytes]
+
+    def __init__(self):
+        self.binding, self.launches = self.Binding(), 0
+
+    def sample_device(self, logits_ptr, dtype, row_stride, col0, la, out_ptr, out_stride=1):
+        import ctypes
+
+        from illume_edge.runtime.cuda import emulation
+
+        self.launches += 1
+        rows_in = int(max(la.cond_row.max(), la.uncond_row.max())) + 1
+        ctype = ctypes.c_float if dtype == "float32" else ctypes.c_uint16
+        flat = np.ctypeslib.as_array((ctype * (rows_in * row_stride)).from_address(logits_ptr))
+        logits = (flat if dtype == "float32" else flat.view(np.float16)).reshape(rows_in, row_stride)
+        out = np.ctypeslib.as_array((ctypes.c_int64 * (la.grid[0] * out_stride)).from_address(out_ptr))
+        for r in range(la.grid[0]):
+            t, top_p, cfg, penalty = la.params[r]
+            cond = logits[la.cond_row[r], col0:col0 + la.v].astype(np.float32)
+            uncond = (logits[la.uncond_row[r], col0:col0 + la.v].astype(np.float32) if la.uncond_row[r] >= 0
+                      else None)
+            pen = la.pen_ids[la.pen_offsets[r]:la.pen_offsets[r + 1]].astype(np.int64) - la.range_start
+            x = emulation.combined_logits(cond, uncond, cfg, penalty, pen)
+            out[r * out_stride] = la.range_start + emulation.sample_row(x, t, int(la.top_k[r]), top_p,
+                                                                        float(la.uniforms[r]))
+
+
+@pytest.mark.parametrize("buffers", ["auto", "ortvalue"])
+def test_device_pick_draws_the_host_samplers_tokens(tiny_engine, buffers):
+    """The image loop with the kernel's draw (`device_pick`, here on the kernel's emulation reading the
+    head's logits buffer by address) picks the same codes as the numpy sampler, with CFG, top-k, top-p and
+    the repetition penalty, on numpy and on OrtValue buffers."""
+    from illume_edge.runtime.decode_loops import device_pick
+    from illume_edge.runtime.engine import Engine
+    from illume_edge.runtime.pipeline import Pipeline
+    from illume_edge.runtime.session import SessionOptions
+
+    engine = Engine.load(tiny_engine("tiny-plus")[0], SessionOptions(buffers=buffers))
+    host = Pipeline(engine, sampler="host")
+    kernel = EmulatedKernel()
+    dev = Pipeline(engine)  # "auto" on the CPU: the host sampler
+    dev.pick = device_pick(kernel)
+    args = dict(resolution="256x256", seed=3, cfg=2.0, top_k=64, top_p=0.9, repetition_penalty=1.1,
+                decoder="vq")
+    want, got = host.generate("a red circle", **args), dev.generate("a red circle", **args)
+    for lv, (a, b) in enumerate(zip(got.codes, want.codes)):
+        np.testing.assert_array_equal(a, b, err_msg=f"level {lv}")
+    assert kernel.launches == sum(c.size for c in want.codes)  # one launch per sampled code
+    with pytest.raises(ValueError, match="sampler: expected one of"):
+        Pipeline(engine, sampler="gpu")

@@ -4,7 +4,10 @@ Image loop, per image: the grammar says whether the next token is forced or samp
 queued and fed together with the last sampled token in one LLM call (a row's last code, its EOL and the
 next level's tags go in as one step); a sampled position runs only its level's head on the last hidden
 state, combines the CFG rows (row 0 conditional, row 1 unconditional) and draws with the request's
-pre-drawn uniform. Text loop: the text head, codes and level tags banned, stop ids end it.
+pre-drawn uniform. The draw is a `Pick`: `host_pick` (the numpy sampler on the host's copy of the logits)
+or `device_pick` (the CUDA sampling kernel on the logits where the head wrote them; only the token id
+comes back). Text loop: the text head, codes and level tags banned, stop ids end it (on the host: the
+kernel takes an allowed id range, not a ban list).
 """
 from __future__ import annotations
 
@@ -16,10 +19,49 @@ import numpy as np
 
 from ..config import ModelConfig
 from .grammar import Forced, ImageGrammar, mask_text_logits
-from .llm_runner import LLMRunner
+from ..manifest import EngineError
+from .llm_runner import DecodeState, LLMRunner
 from .sampler import SamplingParams, Uniforms, guided_sample, level_params
 
 ProgressFn = Callable[[int, int], None]  # (done, total)
+# (runner, state, head, params, uniforms [1], range_start, use_cfg) -> the sampled token's id
+Pick = Callable[[LLMRunner, DecodeState, str, SamplingParams, np.ndarray, int, bool], int]
+
+
+def host_pick(runner: LLMRunner, state: DecodeState, head: str, params: SamplingParams, uniforms: np.ndarray,
+              range_start: int, use_cfg: bool) -> int:
+    """Run `head`, then `guided_sample` on its logits on the host: row 0 conditional, row 1 unconditional."""
+    logits = runner.logits(head, state=state)  # [B, range]
+    idx = guided_sample(logits[:1], logits[1:2] if use_cfg else None, params, uniforms, range_start=range_start,
+                        generated_ids_per_row=state.fed[:1])
+    return range_start + int(idx[0])
+
+
+def device_pick(sampler) -> Pick:
+    """A `Pick` on the CUDA sampling kernel (`cuda.GpuSampler`, or anything with its `sample_device` and
+    `binding`): one launch per step reads the head's [cond; uncond] logits in place on the device
+    (`runner.head_logits`), with the same semantics and uniforms as `guided_sample`, and writes the id into
+    an 8-byte device buffer of the sampler's; only that id is copied to the host (the grammar needs it)."""
+    from .cuda.kernel import pack_launch
+
+    out = sampler.binding.alloc(8)  # int64, reused by every step
+    host = np.zeros(1, np.int64)
+
+    def pick(runner: LLMRunner, state: DecodeState, head: str, params: SamplingParams, uniforms: np.ndarray,
+             range_start: int, use_cfg: bool) -> int:
+        logits = runner.head_logits(head, state)  # DeviceArray [B, range]
+        rows, v = logits.shape
+        if logits.dtype not in (np.float32, np.float16):
+            raise EngineError(f"head_{head}: the sampling kernel reads float32 or float16 logits, got {logits.dtype}")
+        la = pack_launch(1, params, uniforms, v=v, range_start=range_start, has_uncond=use_cfg and rows > 1,
+                         generated_ids_per_row=state.fed[:1])
+        sampler.sample_device(logits.address, str(logits.dtype), v, 0, la, sampler.binding.ptr(out), 1)
+        sampler.binding.dtoh(host, out)
+        if host[0] < 0:
+            raise EngineError(f"head_{head}: the sampling kernel found NaN/+inf or no finite logit in row 0")
+        return int(host[0])
+
+    return pick
 
 
 @dataclass
@@ -64,7 +106,8 @@ class ImageTokens:
 
 def sample_image_tokens(runner: LLMRunner, rows: list[list[int]], image_embeds: np.ndarray | None,
                         height: int, width: int, params: SamplingParams, seed: int,
-                        timings: Timings | None = None, progress: ProgressFn | None = None) -> ImageTokens:
+                        timings: Timings | None = None, progress: ProgressFn | None = None,
+                        pick: Pick = host_pick) -> ImageTokens:
     """Generate one image's tokens. `rows` = [conditional] or [conditional, unconditional] prompt ids."""
     cfg = runner.cfg
     timings = timings or Timings()
@@ -93,10 +136,8 @@ def sample_image_tokens(runner: LLMRunner, rows: list[list[int]], image_embeds: 
             if pending:
                 runner.feed(state, np.tile(np.asarray(pending, np.int64), (state.batch, 1)))  # [B, S]
                 pending, calls = [], calls + 1
-            logits = runner.logits(f"level{step.level}", state=state)  # [B, codebook_size]
-            idx = guided_sample(logits[:1], logits[1:2] if use_cfg else None, per_level[step.level],
-                                uniforms[sampled], range_start=step.start, generated_ids_per_row=state.fed[:1])
-            token = step.start + int(idx[0])
+            token = pick(runner, state, f"level{step.level}", per_level[step.level], uniforms[sampled], step.start,
+                         use_cfg)
             grammar.advance(token)
             pending.append(token)
             sampled += 1

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import ConfigError, ModelConfig
 from .assessment import complete_object, parse_assessment
-from .decode_loops import Timings, sample_image_tokens, stream_text
+from .decode_loops import Timings, device_pick, host_pick, sample_image_tokens, stream_text
 from .detokenize import code_maps, diffusion_decode, vq_decode
 from .engine import Engine
 from .image_prep import letterbox_to_anchor, load_image, preprocess_image, unletterbox
@@ -100,19 +100,37 @@ def parse_resolution(value: str | Sequence[int] | None, cfg: ModelConfig) -> tup
     return h, w
 
 
+SAMPLERS = ("auto", "host", "device")
+
+
 class Pipeline:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, sampler: str = "auto"):
+        """`sampler` draws the image tokens: "host" (numpy, `decode_loops.host_pick`), "device" (the CUDA
+        kernel on the logits in device memory, `decode_loops.device_pick`; needs pycuda or cuda-python),
+        "auto": "device" when the engine's sessions bind to a CUDA device, else "host"."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
         self.engine = engine
         self.cfg = engine.config
         self.tokenizer = TextTokenizer.from_file(engine.asset_path("tokenizer"), self.cfg)
         self.runner = LLMRunner(engine)
         gen = engine.json_asset("generation_config")
         self.repetition_penalty = float(gen.get("repetition_penalty", self.cfg.defaults.repetition_penalty))
+        if sampler == "auto":
+            sampler = "device" if self.runner.session.device == "cuda" else "host"
+        self.pick = host_pick
+        if sampler == "device":
+            from .cuda import GpuSampler
+
+            self.pick = device_pick(GpuSampler())
 
     @classmethod
     def load(cls, engine_dir: str | Path, *, providers: list[str] | None = None, threads: int | None = None,
-             check_hash: bool = True) -> "Pipeline":
-        return cls(Engine.load(engine_dir, SessionOptions(providers=providers, threads=threads), check_hash))
+             check_hash: bool = True, device: str = "cpu", sampler: str = "auto") -> "Pipeline":
+        """`device` "cuda" keeps the request's buffers (KV cache, hidden state, logits) in GPU memory (with
+        onnxruntime-gpu's CUDA or TensorRT provider); see `__init__` for `sampler`."""
+        return cls(Engine.load(engine_dir, SessionOptions(providers=providers, threads=threads, device=device),
+                               check_hash), sampler)
 
     # --- parameters ---------------------------------------------------------------------------------------
     def _params(self, task: str, temperature, top_k, top_p, cfg_scale, repetition_penalty) -> SamplingParams:
@@ -243,7 +261,8 @@ class Pipeline:
         def report(stage):
             return None if progress is None else (lambda done, total: progress(stage, done, total))
 
-        tokens = sample_image_tokens(self.runner, rows, table, h, w, params, seed, timings, report("tokens"))
+        tokens = sample_image_tokens(self.runner, rows, table, h, w, params, seed, timings, report("tokens"),
+                                     self.pick)
         maps = code_maps(self.engine, tokens.codes)
         if decoder == "vq":
             image = vq_decode(self.engine, maps, timings)

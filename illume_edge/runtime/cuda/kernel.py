@@ -126,10 +126,17 @@ class _PyCuda:
     name = "pycuda"
 
     def __init__(self):
-        import pycuda.autoinit  # noqa: F401  (creates a context on device 0)
+        import atexit
+
         import pycuda.driver as drv
         self.drv = drv
-        dev = drv.Context.get_device()
+        drv.init()
+        dev = drv.Device(0)
+        # device 0's primary context, not a new one (pycuda.autoinit's): onnxruntime's CUDA provider allocates
+        # the head's logits there, and the kernel reads them in place (as _CudaPython does)
+        self.ctx = dev.retain_primary_context()
+        self.ctx.push()
+        atexit.register(self.ctx.pop)
         self.sm = dev.compute_capability()[0] * 10 + dev.compute_capability()[1]
         self.driver_version = drv.get_driver_version()
 
