@@ -106,7 +106,7 @@ def _save(image, out: str) -> None:
 def _pipeline(args):
     from .runtime.pipeline import Pipeline
 
-    return Pipeline.load(args.engine, threads=args.threads)
+    return Pipeline.load(args.engine, threads=args.threads, device=args.device, sampler=args.sampler)
 
 
 def cmd_understand(args) -> int:
@@ -238,6 +238,10 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the task's)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the machine's cores)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the KV cache, hidden state and logits live (cuda: with onnxruntime-gpu)")
+    p.add_argument("--sampler", default="auto", choices=["auto", "host", "device"],
+                   help="image-token draw: numpy on the host or the CUDA kernel (auto: the kernel with --device cuda)")
 
 
 def _image_args(p: argparse.ArgumentParser) -> None:
