@@ -34,7 +34,7 @@ def test_bad_views_and_owners_fail_clearly():
         buf.view(8, (3,))
     with pytest.raises(EngineError, match="outside"):
         buf.view(-1, (2,))
-    with pytest.raises(EngineError, match="owner must be one of"):
+    with pytest.raises(EngineError, match=r"owner \(SessionOptions.buffers\) must be one of"):
         allocate((2,), np.float32, owner="cupy")
     with pytest.raises(EngineError, match="numpy memory is host memory"):
         allocate((2,), np.float32, device="cuda", owner="numpy")

@@ -251,7 +251,8 @@ def test_text_first_layout_puts_the_text_before_the_image(tok):
     assert raw(tok, a) == f"{user}{tags}Please edit the image according to the instruction: make it blue\n"
     assert raw(tok, b) == f"\n<|im_end|>\n{ASSISTANT}{tags}"
     assert uncond.ids() == edit_prompts(tok, tok.cfg, "make it blue", 256, 256)[1].ids()  # reconstruction as is
-    assert generate_prompts(tok, cfg, "cat", 256, 256)[0].ids() == generate_prompts(tok, tok.cfg, "cat", 256, 256)[0].ids()
+    same = (generate_prompts(t, c, "cat", 256, 256)[0].ids() for t, c in ((tok, cfg), (tok, tok.cfg)))
+    assert next(same) == next(same)  # no input image: generation prompts as the release's
 
 
 @pytest.mark.parametrize("call,match", [

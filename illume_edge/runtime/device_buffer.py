@@ -67,7 +67,7 @@ def allocate(shape: tuple[int, ...], dtype, device: str = "cpu", device_id: int 
              owner: str = "auto") -> DeviceArray:
     """A zero-filled `shape` tensor on the device. `owner` "auto": numpy on "cpu", an OrtValue elsewhere."""
     if owner not in OWNERS:
-        raise EngineError(f"device buffer: owner must be one of {OWNERS}, got {owner!r}")
+        raise EngineError(f"device buffer: owner (SessionOptions.buffers) must be one of {OWNERS}, got {owner!r}")
     dtype = np.dtype(dtype)
     zeros = np.zeros(shape, dtype)
     if owner == "numpy" or (owner == "auto" and device == "cpu"):

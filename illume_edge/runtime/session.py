@@ -243,10 +243,6 @@ class Session:
         """Stop the profiler (SessionOptions.profile_prefix) and return its JSON file's path."""
         return self._sess.end_profiling()
 
-    def empty_output(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """An uninitialised host buffer for output `name` in its contract dtype (to bind with `Binding`)."""
-        return np.empty(shape, self.output_dtype(name))
-
     def output_dtype(self, name: str) -> type:
         """Output `name`'s numpy dtype, from the contract."""
         if name not in self.outputs:
@@ -264,9 +260,10 @@ class Session:
 
 class Binding:
     """An IO binding that lives across runs: what is bound stays bound, so a decode loop rebinds only the
-    tensors that change each step (token ids, mask, positions, the hidden-state buffer), not every layer's
-    K/V. Inputs are bound from host arrays (kept alive here); outputs to preallocated host buffers or, when
-    none is given, to the session's device (read back after the run)."""
+    tensors that change each step (token ids, mask, positions), not every layer's K/V. Inputs are host arrays
+    (kept alive here; onnxruntime copies them to a GPU) or `DeviceArray`s (bound by address); outputs go to
+    preallocated host arrays or `DeviceArray`s or, when none is given, to the session's device (read back
+    after the run)."""
 
     def __init__(self, session: Session):
         self.session = session
