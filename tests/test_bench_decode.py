@@ -54,7 +54,7 @@ def test_load_orders_rotate_evenly():
     assert llm_decode.load_orders(names, 1) == [names] and llm_decode.load_orders([], 2) == []
 
 
-def test_a_timing_process_that_fails_is_reported(monkeypatch):
+def test_a_timing_process_that_fails_is_reported():
     """A child whose runtime cannot load reports it by name; the pooled summary leaves it out."""
     spec = {"name": "ours int4", "kind": "ours", "path": "/nonexistent/engine", "spin": None}
     summary, per_order, failures = llm_decode.time_in_load_orders([spec], 1, 1, [1, 2, 3], 2, 0, 1, None,

@@ -326,3 +326,45 @@ def test_gpu_kernel_timing(gpu_sampler, capsys):
         print("\nsampling step, 2 x 98304, top-k 2048, top-p 0.9: " +
               ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in res.items()))
     assert res["kernel(host arrays)"] < res["numpy"] * 5
+
+
+def test_sample_device_reuses_its_argument_buffers(tmp_path):
+    """The image loop launches once per sampled token: the per-row argument buffers and the workspace are
+    allocated once and reused, and only grown (the old one freed) when a launch needs more."""
+    (tmp_path / "manifest.json").write_text(__import__("json").dumps(MAN))
+    (tmp_path / "sampling.sm_89.cubin").write_bytes(b"CUBIN89")
+
+    class Device(FakeBinding):
+        def __init__(self):
+            super().__init__(89, 12040)
+            self.allocs, self.freed, self.launches, self.copied = [], [], 0, []
+
+        def alloc(self, nbytes):
+            self.allocs.append(max(int(nbytes), 8))
+            return len(self.allocs)  # a handle
+
+        def free(self, buf):
+            self.freed.append(buf)
+
+        def ptr(self, buf):
+            return 4096 * buf
+
+        def htod(self, dst, arr):
+            self.copied.append((dst, np.asarray(arr).copy()))
+
+        def launch(self, fn, grid, block, args):
+            self.launches += 1
+
+    dev = Device()
+    sampler = kernel.GpuSampler(tmp_path, dev)
+    params = SamplingParams(temperature=1.0, top_k=8, repetition_penalty=1.1)
+    for step in range(3):
+        la = kernel.pack_launch(1, params, [0.5], v=1000, has_uncond=True, generated_ids_per_row=[[1, 2]])
+        sampler.sample_device(1 << 20, "float32", 1000, 0, la, 1 << 21)
+    assert dev.launches == 3 and dev.freed == [] and len(dev.allocs) == 8  # 7 argument arrays + workspace
+    assert dev.allocs[-1] == kernel.workspace_bytes(1, 1000)
+    # the last launch's arguments went into the first launch's buffers
+    assert {dst for dst, _ in dev.copied[-7:]} == {dst for dst, _ in dev.copied[:7]}
+    la = kernel.pack_launch(1, params, [0.5], v=4000, has_uncond=True, generated_ids_per_row=[[1, 2, 3, 4, 5]])
+    sampler.sample_device(1 << 20, "float32", 4000, 0, la, 1 << 21)
+    assert dev.freed == [7, 8] and dev.allocs[8:] == [5 * 4, kernel.workspace_bytes(1, 4000)]  # pen_ids, workspace

@@ -103,8 +103,8 @@ def _teacher_forced_argmax(runner: LLMRunner, prompt: list[int], forced: list[in
     state = runner.prefill([prompt], max_new_tokens=len(forced))
     out = [int(np.argmax(runner.logits("text", state.hidden)[0]))]
     for tok in forced[:-1]:
-        hidden = runner.feed(state, np.array([[tok]], np.int64))
-        out.append(int(np.argmax(runner.logits("text", hidden)[0])))
+        runner.feed(state, np.array([[tok]], np.int64))
+        out.append(int(np.argmax(runner.logits("text", state=state)[0])))
     return out
 
 
@@ -112,7 +112,8 @@ def _greedy(runner: LLMRunner, prompt: list[int], n: int) -> list[int]:
     state = runner.prefill([prompt], max_new_tokens=n)
     out = [int(np.argmax(runner.logits("text", state.hidden)[0]))]
     for _ in range(n - 1):
-        out.append(int(np.argmax(runner.logits("text", runner.feed(state, np.array([[out[-1]]], np.int64)))[0])))
+        runner.feed(state, np.array([[out[-1]]], np.int64))
+        out.append(int(np.argmax(runner.logits("text", state=state)[0])))
     return out
 
 

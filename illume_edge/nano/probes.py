@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import PROMPT_LAYOUTS
 from ..runtime.prompts import IMAGE_MARKER
 from . import evaluate, recipe, text_pretrain, world
 from .llm_train import LLMTrainer
@@ -429,7 +430,7 @@ def from_scratch(vit_targets: str, rope_theta: float | None, schedule: "recipe.S
     `prompt_layout` (`config.PROMPT_LAYOUTS`) sets where the prompts put the input image, in training and scoring."""
     import dataclasses
 
-    from ..config import PROMPT_LAYOUTS, preset
+    from ..config import preset
     from ..export.modules import build_modules
     from ..export.tokenizer_factory import build_tokenizer
     from ..runtime.prompts import TextTokenizer
@@ -484,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vit-targets", dest="vit_targets", default="joint", choices=["joint", "factored"])
     ap.add_argument("--rope-theta", dest="rope_theta", type=float, default=None)
     ap.add_argument("--prompt-layout", dest="prompt_layout", default="image-first",
-                    choices=["image-first", "text-first"], help="--from-scratch: the input image before or after "
+                    choices=sorted(PROMPT_LAYOUTS), help="--from-scratch: the input image before or after "
                     "the prompt's text (config.PROMPT_LAYOUTS)")
     ap.add_argument("--schedule", default="full", choices=sorted(recipe.SCHEDULES))
     ap.add_argument("--per-kind", dest="per_kind", type=int, default=60)

@@ -18,8 +18,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..config import ModelConfig
-from .grammar import Forced, ImageGrammar, mask_text_logits
 from ..manifest import EngineError
+from .grammar import Forced, ImageGrammar, mask_text_logits
 from .llm_runner import DecodeState, LLMRunner
 from .sampler import SamplingParams, Uniforms, guided_sample, level_params
 

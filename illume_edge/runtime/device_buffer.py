@@ -12,7 +12,6 @@ and binding code that a GPU uses, with a different device string.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -21,17 +20,21 @@ from ..manifest import EngineError
 OWNERS = ("auto", "numpy", "ortvalue")
 
 
-@dataclass(frozen=True, eq=False)
 class DeviceArray:
-    """A C-contiguous tensor at `address` on (`device`, `device_id`); `_memory` keeps the allocation alive."""
-    device: str
-    device_id: int
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    address: int
-    _memory: object = field(repr=False)  # the owning numpy array or OrtValue (shared by views)
-    _offset: int = 0  # elements from the start of the allocation
-    _host: np.ndarray | None = field(default=None, repr=False)  # numpy-owned memory: this array's own view
+    """A C-contiguous tensor at `address` on (`device`, `device_id`); `_memory` keeps the allocation alive: the
+    owning numpy array or OrtValue, shared by views. A plain class with slots: the portable graph's runner
+    makes 4 views per layer every decode step, so a view computes only its address (its host view, for
+    numpy memory, is made when first asked for)."""
+    __slots__ = ("device", "device_id", "dtype", "shape", "address", "_memory", "_offset", "_host")
+
+    def __init__(self, device: str, device_id: int, dtype: np.dtype, shape: tuple[int, ...], address: int,
+                 memory: object, offset: int = 0):
+        self.device, self.device_id, self.dtype, self.shape = device, device_id, dtype, shape
+        self.address, self._memory, self._offset = address, memory, offset  # offset: elements into the memory
+        self._host: np.ndarray | None = None
+
+    def __repr__(self) -> str:
+        return f"DeviceArray({self.device}:{self.device_id}, {self.dtype}, {list(self.shape)}, 0x{self.address:x})"
 
     @property
     def ndim(self) -> int:
@@ -50,14 +53,15 @@ class DeviceArray:
         n = math.prod(shape)
         if offset < 0 or offset + n > self.size:
             raise EngineError(f"device buffer: view of {n} elements at {offset} is outside its {self.size}")
-        host = None if self._host is None else self._host.reshape(-1)[offset:offset + n].reshape(shape)
         return DeviceArray(self.device, self.device_id, self.dtype, tuple(shape),
-                           self.address + offset * self.dtype.itemsize, self._memory, self._offset + offset, host)
+                           self.address + offset * self.dtype.itemsize, self._memory, self._offset + offset)
 
     def host(self) -> np.ndarray:
         """The values on the host: numpy-owned memory itself (the same object every call, written in place by
         the next run), else a copy."""
-        if self._host is not None:
+        if isinstance(self._memory, np.ndarray):
+            if self._host is None:
+                self._host = self._memory.reshape(-1)[self._offset:self._offset + self.size].reshape(self.shape)
             return self._host
         flat = self._memory.numpy().reshape(-1)  # an OrtValue: copy the allocation, then cut this view out
         return flat[self._offset:self._offset + self.size].reshape(self.shape).copy()
@@ -73,7 +77,7 @@ def allocate(shape: tuple[int, ...], dtype, device: str = "cpu", device_id: int 
     if owner == "numpy" or (owner == "auto" and device == "cpu"):
         if device != "cpu":
             raise EngineError(f"device buffer: numpy memory is host memory, but the device is {device!r}")
-        return DeviceArray(device, device_id, dtype, tuple(shape), zeros.ctypes.data, zeros, 0, zeros)
+        return DeviceArray(device, device_id, dtype, tuple(shape), zeros.ctypes.data, zeros)
     import onnxruntime as ort
 
     try:

@@ -149,8 +149,10 @@ class LLMRunner:
         return state
 
     # --- decode -------------------------------------------------------------------------------------------
-    def feed(self, state: DecodeState, tokens: np.ndarray) -> np.ndarray:
-        """Append tokens [B, S] (S >= 1: a sampled token and/or a run of forced ones); return last hidden."""
+    def feed(self, state: DecodeState, tokens: np.ndarray) -> None:
+        """Append tokens [B, S] (S >= 1: a sampled token and/or a run of forced ones). The last position's
+        hidden state is then in `state.hidden_buffer` (on the host: `state.hidden`, a copy on a GPU, which is
+        why it is not returned)."""
         tokens = np.asarray(tokens, np.int64)
         if tokens.ndim == 1:
             tokens = tokens[:, None]
@@ -162,20 +164,20 @@ class LLMRunner:
         self._check_ids(tokens, 0)
         if self.kv_layout == "shared" and s > 1 and state.batch > 1 and state.length > 0:
             for j in range(s):  # the fused kernel's limit (module docstring)
-                hidden = self._append(state, tokens[:, j:j + 1])
-            return hidden
-        return self._append(state, tokens)
+                self._append(state, tokens[:, j:j + 1])
+        else:
+            self._append(state, tokens)
 
-    def _append(self, state: DecodeState, tokens: np.ndarray) -> np.ndarray:
+    def _append(self, state: DecodeState, tokens: np.ndarray) -> None:
         s = tokens.shape[1]
         state.mask[:, state.length:state.length + s] = 1
         positions = state.next_pos[:, None] + np.arange(s)[None, :]  # [B, S]
         for row, toks in zip(state.fed, tokens.tolist()):
             row.extend(toks)
         state.next_pos = state.next_pos + s
-        return self._run(state, tokens, positions, self._empty_table)
+        self._run(state, tokens, positions, self._empty_table)
 
-    def _run(self, state: DecodeState, ids: np.ndarray, positions: np.ndarray, table: np.ndarray) -> np.ndarray:
+    def _run(self, state: DecodeState, ids: np.ndarray, positions: np.ndarray, table: np.ndarray) -> None:
         p, s = state.length, ids.shape[1]
         binding, first = state.binding, state.binding is None
         if first:
@@ -191,7 +193,6 @@ class LLMRunner:
         self.runs += 1
         state.kv.advance()
         state.length = p + s
-        return state.hidden
 
     def _check_ids(self, ids: np.ndarray, table_rows: int) -> None:
         hi = self.cfg.llm.vocab_rows + table_rows

@@ -107,7 +107,8 @@ class Pipeline:
     def __init__(self, engine: Engine, sampler: str = "auto"):
         """`sampler` draws the image tokens: "host" (numpy, `decode_loops.host_pick`), "device" (the CUDA
         kernel on the logits in device memory, `decode_loops.device_pick`; needs pycuda or cuda-python),
-        "auto": "device" when the engine's sessions bind to a CUDA device, else "host"."""
+        "auto": "device" when the engine's sessions bind to a CUDA device (then a missing binding is an error
+        that names both; pass "host" to sample on the host), else "host"."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
         self.engine = engine

@@ -255,13 +255,18 @@ class GpuSampler:
 
     def __init__(self, build_dir: Path = DEFAULT_OUT, binding=None):
         self.binding, self.functions, self.choice = load_kernel(build_dir, binding)
-        self._ws = None
-        self._ws_bytes = 0
+        self._bufs: dict[str, tuple[object, int]] = {}  # name -> (device buffer, bytes): kept across launches
 
-    def _workspace(self, nbytes):
-        if nbytes > self._ws_bytes:
-            self._ws, self._ws_bytes = self.binding.alloc(nbytes), nbytes
-        return self._ws
+    def _buffer(self, name: str, nbytes: int):
+        """Device buffer `name` of at least `nbytes`, reused by every launch (the image loop launches once
+        per sampled token); grown (the old one freed) when a launch needs more."""
+        buf, have = self._bufs.get(name, (None, -1))
+        if nbytes > have:
+            if buf is not None:
+                self.binding.free(buf)
+            buf = self.binding.alloc(nbytes)
+            self._bufs[name] = buf, max(int(nbytes), 8)
+        return buf
 
     def sample_device(self, logits_ptr: int, dtype: str, row_stride: int, col0: int, la: LaunchArgs,
                       out_ptr: int, out_stride: int = 1) -> None:
@@ -269,18 +274,14 @@ class GpuSampler:
         bufs = {}
         for name in ("cond_row", "uncond_row", "params", "top_k", "uniforms", "pen_offsets", "pen_ids"):
             arr = getattr(la, name)
-            bufs[name] = b.alloc(arr.nbytes)
+            bufs[name] = self._buffer(name, arr.nbytes)
             b.htod(bufs[name], arr)
-        ws = self._workspace(workspace_bytes(la.grid[0], la.v))
+        ws = self._buffer("workspace", workspace_bytes(la.grid[0], la.v))
         P = lambda n: ("ptr", b.ptr(bufs[n]))  # noqa: E731
         args = [("ptr", logits_ptr), ("i64", row_stride), ("i32", col0), ("i32", la.v), P("cond_row"),
                 P("uncond_row"), P("params"), P("top_k"), P("uniforms"), P("pen_offsets"), P("pen_ids"),
                 ("i64", la.range_start), ("ptr", out_ptr), ("i64", out_stride), ("ptr", b.ptr(ws))]
-        try:
-            b.launch(self.functions[dtype], la.grid, la.block, args)
-        finally:
-            for buf in bufs.values():
-                b.free(buf)
+        b.launch(self.functions[dtype], la.grid, la.block, args)
 
     def sample(self, cond: np.ndarray, uncond: np.ndarray | None, params: SamplingParams, uniforms, *,
                range_start: int = 0, generated_ids_per_row=None) -> np.ndarray:
