@@ -26,6 +26,11 @@ LLM_GRAPHS = ("fused", "portable")
 DEFAULT_LLM_GRAPH = "fused"
 # The `llm` graph's past K/V axis when past and present share one preallocated buffer (the fused graph).
 KV_CAPACITY_DIM = "kv_capacity"
+# The fused `llm` graph's attention_mask axis: the mask may be exactly the step's slots or span the whole KV
+# capacity (a decode step with the same shapes every step, which a CUDA graph needs); the graph reads each
+# row's newest slot from the mask's content (export/fused_ops.py). Engines whose mask axis has another name
+# ("total") take only the first form.
+MASK_SLOTS_DIM = "mask_slots"
 
 
 class EngineError(RuntimeError):

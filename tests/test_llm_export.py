@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from illume_edge.config import ConfigError, preset
-from illume_edge.manifest import KV_CAPACITY_DIM, LLM_GRAPHS
+from illume_edge.manifest import KV_CAPACITY_DIM, LLM_GRAPHS, MASK_SLOTS_DIM
 from illume_edge.export.export_llm import (export_heads, export_llm, head_graph_name, lm_head_weight,
                                            llm_input_names, llm_output_names)
 from illume_edge.export.llm import (LLMStep, build_llm, cache_tensors, hf_config, llm_config_from_hf,
@@ -313,7 +313,8 @@ def test_llm_graph_contract(bundle):
     assert (inputs["input_ids"].dtype, inputs["input_ids"].shape) == ("int64", ["batch", "seq"])
     assert (inputs["image_embeds"].dtype, inputs["image_embeds"].shape) == ("float32",
                                                                            ["image_rows", llm.hidden_size])
-    assert (inputs["attention_mask"].dtype, inputs["attention_mask"].shape) == ("int64", ["batch", "total"])
+    mask_axis = "total" if bundle.graph == "portable" else MASK_SLOTS_DIM
+    assert (inputs["attention_mask"].dtype, inputs["attention_mask"].shape) == ("int64", ["batch", mask_axis])
     assert (inputs["position_ids"].dtype, inputs["position_ids"].shape) == ("int64", ["batch", "seq"])
     past_axis = "past" if bundle.graph == "portable" else KV_CAPACITY_DIM
     kv = ["batch", llm.num_kv_heads, past_axis, llm.head_size]
@@ -499,3 +500,76 @@ def test_fused_graph_needs_head_dim_multiple_of_16():
         LLMStep(build_llm(cfg, seed=0), cfg, "fused")
     with pytest.raises(ConfigError, match="graph expected one of"):
         LLMStep(build_llm(preset("tiny-plus"), seed=0), preset("tiny-plus"), "flash")
+
+
+def _shared_buffers(bundle, batch: int, capacity: int) -> list[np.ndarray]:
+    llm = bundle.llm_cfg
+    return [np.zeros((batch, llm.num_kv_heads, capacity, llm.head_size), np.float32)
+            for _ in range(2 * llm.num_layers)]
+
+
+def _run_shared(bundle, buffers, ids, mask, pos) -> np.ndarray:
+    """One run of the fused graph on preallocated shared K/V buffers (bound as past and present)."""
+    io = bundle.llm.io_binding()
+    for name, arr in {"input_ids": ids, "image_embeds": bundle.table(0), "attention_mask": mask,
+                      "position_ids": pos}.items():
+        io.bind_cpu_input(name, np.ascontiguousarray(arr, dtype=arr.dtype))
+    hidden = np.empty((ids.shape[0], bundle.llm_cfg.hidden_size), np.float32)
+    io.bind_output("last_hidden", "cpu", 0, np.float32, list(hidden.shape), hidden.ctypes.data)
+    for past, present, buf in zip(llm_input_names(bundle.cfg)[4:], llm_output_names(bundle.cfg)[1:], buffers):
+        io.bind_cpu_input(past, buf)
+        io.bind_output(present, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+    bundle.llm.run_with_iobinding(io)
+    return hidden
+
+
+def test_fused_decode_with_capacity_mask_equals_exact_mask(bundle):
+    """A decode step may bind the mask over the whole KV capacity (zeros past the newest slot: the same
+    shapes every step, what a CUDA graph needs): the same hidden states and cache as the mask cut to the
+    step's slots, on a left-padded batch, step after step (onnxruntime; atol 1e-6)."""
+    if bundle.graph != "fused":
+        pytest.skip("only the fused graph reads the newest slot from the mask's content")
+    ids, mask, pos = _left_padded(_prompts(bundle.cfg, seed=5))
+    batch, width = ids.shape
+    capacity = width + DECODE_STEPS + 3
+    full = np.zeros((batch, capacity), np.int64)
+    full[:, :width] = mask
+    exact, wide = _shared_buffers(bundle, batch, capacity), _shared_buffers(bundle, batch, capacity)
+    for bufs in (exact, wide):  # the prefill binds the mask cut to its slots (the CPU kernel's rule)
+        _run_shared(bundle, bufs, ids, mask, pos)
+    g = np.random.default_rng(6)
+    next_pos = mask.sum(axis=1)
+    for t in range(width, width + DECODE_STEPS):
+        tok = g.integers(0, bundle.cfg.tokenizer_len, size=(batch, 1))
+        full[:, t] = 1
+        step_pos = next_pos[:, None] + (t - width)
+        want = _run_shared(bundle, exact, tok, full[:, :t + 1], step_pos)
+        got = _run_shared(bundle, wide, tok, full, step_pos)
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    for a, b in zip(wide, exact):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    assert not np.concatenate([a[:, :, width + DECODE_STEPS:] for a in wide]).any(), "slots past T untouched"
+
+
+def test_fused_step_in_torch_reads_the_newest_slot_from_the_mask():
+    """The custom op's eager body (the export's reference) follows the same rule: a decode step with the
+    mask over the whole capacity equals the step with the mask cut to its slots, and writes the same slot."""
+    cfg = preset("tiny-plus")
+    model = _sharpen_attention(build_llm(cfg, seed=2))
+    step = LLMStep(model, cfg, "fused")
+    ids, mask, pos = (torch.from_numpy(a) for a in _left_padded(_prompts(cfg, seed=12)))
+    llm, (b, t) = cfg.llm, ids.shape
+    capacity = t + 5
+    past = tuple((torch.zeros(b, llm.num_kv_heads, capacity, llm.head_size),) * 2 for _ in range(llm.num_layers))
+    table = torch.zeros(0, llm.hidden_size)
+    with torch.no_grad():
+        out = step(ids, table, mask, pos, past)
+        cache = tuple((out[1 + 2 * i], out[2 + 2 * i]) for i in range(llm.num_layers))
+        full = torch.zeros(b, capacity, dtype=torch.int64)
+        full[:, :t + 1] = torch.cat([mask, torch.ones(b, 1, dtype=torch.int64)], dim=1)
+        tok, p = torch.tensor([[3], [4]]), mask.sum(dim=1, keepdim=True)
+        want = step(tok, table, full[:, :t + 1], p, cache)
+        got = step(tok, table, full, p, cache)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=0)
+    assert got[1][:, :, t].abs().sum() > 0 and not got[1][:, :, t + 1:].any()

@@ -306,6 +306,56 @@ def test_llm_runner_kv_positions_and_padding_equal_full_recompute(tiny_engine, g
 
 
 @pytest.mark.parametrize("buffers", ["auto", "ortvalue"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_static_decode_steps_run_one_binding_at_fixed_addresses(tiny_engine, buffers, batch, monkeypatch):
+    """Static decode (the fused graph): every single-token step of a request runs with the same input
+    buffers (ids, positions [B, 1]; the mask over the whole capacity), bound once and rewritten in place, so
+    their addresses and shapes never change (what a CUDA graph replays); a multi-token feed binds its own
+    inputs and the next single-token step binds the step buffers again (batch 1; a 2-row batch is fed a
+    token at a time, all static). The hidden states equal those of the same runner feeding every step
+    through per-step bindings (the mask cut to its slots)."""
+    from illume_edge.runtime.session import Binding
+
+    engine = Engine.load(tiny_engine("tiny-plus", "fused")[0], SessionOptions(buffers=buffers))
+    runner = LLMRunner(engine)
+    assert runner.static_decode
+    assert not LLMRunner(Engine.load(tiny_engine("tiny-plus", "portable")[0])).static_decode
+    bound: list[set] = []
+    real_bind = Binding.bind_inputs
+    monkeypatch.setattr(Binding, "bind_inputs", lambda self, feeds: (bound.append(set(feeds)),
+                                                                      real_bind(self, feeds))[1])
+    rows, capacity = [[5, 6, 7, 8, 9], [10, 11]][:batch], 5 + 9
+    feeds = [[[20], [21]], [[22], [23]], [[24, 25], [26, 27]], [[28], [29]], [[30], [31]], [[32], [33]]]
+    feeds = [chunk[:batch] for chunk in feeds]
+
+    def decode(static: bool):
+        runner.static_decode = static
+        state = runner.prefill(rows, None, max_new_tokens=capacity - 5)
+        bound.clear()
+        hidden, seen = [], []
+        for chunk in feeds:
+            runner.feed(state, np.array(chunk))
+            hidden.append(state.hidden.copy())
+            f = state.binding.feeds
+            seen.append(tuple((name, f[name].address, f[name].shape) for name in ("input_ids", "attention_mask",
+                                                                                   "position_ids")
+                              if hasattr(f[name], "address")))
+        return state, hidden, seen
+
+    state, got, seen = decode(True)
+    step = state.step
+    assert step.mask.shape == (batch, capacity) and step.ids.shape == step.positions.shape == (batch, 1)
+    singles = [s for s, chunk in zip(seen, feeds) if len(chunk[0]) == 1]
+    assert len(set(singles)) == 1 and singles[0][1][2] == (batch, capacity)  # one set of addresses and shapes
+    # the step buffers bound at the first step; batch 1: the 2-token feed binds its own inputs, and the step
+    # after it the step buffers again
+    assert sum("input_ids" in b for b in bound) == (3 if batch == 1 else 1)
+    _, want, _ = decode(False)
+    for i, (g, w) in enumerate(zip(got, want)):
+        np.testing.assert_allclose(g, w, atol=1e-6, rtol=0, err_msg=f"feed {i}")
+
+
+@pytest.mark.parametrize("buffers", ["auto", "ortvalue"])
 @pytest.mark.parametrize("graph", ["fused", "portable"])
 def test_head_binding_in_the_decode_state_matches_a_plain_head_run(tiny_engine, graph, buffers):
     """runner.logits(head, state=state): the head's IO binding and logits buffer live in the state, bound

@@ -27,7 +27,7 @@ from torch import nn
 from torch.export import Dim
 
 from illume_edge.config import ConfigError, ModelConfig
-from illume_edge.manifest import DEFAULT_LLM_GRAPH, KV_CAPACITY_DIM
+from illume_edge.manifest import DEFAULT_LLM_GRAPH, KV_CAPACITY_DIM, MASK_SLOTS_DIM
 from illume_edge.export.llm import LLMStep
 from illume_edge.export.onnx_io import GraphInfo, export_onnx
 
@@ -59,7 +59,8 @@ def export_llm(model: nn.Module, cfg: ModelConfig, path: str | os.PathLike,
     """Export the one-graph LLM step (see the module docstring for the I/O contract) to `path`.
 
     graph "portable": standard ops, concat KV layout. graph "fused": onnxruntime contrib ops, shared KV
-    layout (past_key_values.* and present.* are [batch, kv_heads, kv_capacity, head_dim], one buffer).
+    layout (past_key_values.* and present.* are [batch, kv_heads, kv_capacity, head_dim], one buffer;
+    attention_mask [batch, mask_slots]: the step's slots or the whole capacity, see export/fused_ops.py).
     """
     llm = cfg.llm
     step = LLMStep(model, cfg, graph)
@@ -76,7 +77,7 @@ def export_llm(model: nn.Module, cfg: ModelConfig, path: str | os.PathLike,
     batch = Dim("batch", min=1, max=llm.max_batch)
     seq = Dim("seq", min=1, max=ctx)
     past_len = Dim("past", min=0, max=ctx)
-    total = Dim("total", min=1, max=ctx)
+    total = Dim(MASK_SLOTS_DIM if fused else "total", min=1, max=ctx)  # fused: [B, T] or [B, capacity]
     image_rows = Dim("image_rows", min=0, max=ctx)
     kv = {0: batch, 2: Dim(KV_CAPACITY_DIM, min=1, max=ctx) if fused else past_len}
     dynamic_shapes = (

@@ -15,9 +15,16 @@ runs in torch and its parity with the transformers reference is tested like the 
 
 GroupQueryAttention's cache contract ("shared" KV layout): past_key / present_key are the *same* buffer of
 `capacity` positions, [B, kv_heads, capacity, head_dim]; the step writes its S new keys at slots
-[T - S, T) (T = attention_mask's length) and attends over slots [0, T). onnxruntime takes the shared path
-when the two bound buffers have the same address (the runtime binds them so); `gqa` below computes
-present = past with those slots replaced.
+[T - S, T) and attends over slots [0, T), where T - 1 is the newest real slot: the last 1 in attention_mask
+(rows end together, left padding). onnxruntime takes the shared path when the two bound buffers have the same address (the
+runtime binds them so); `gqa` below computes present = past with those slots replaced.
+
+The attention mask [B, W] may be exactly the step's slots (W = T: prefill, runs of forced tokens) or span the
+whole cache (W = capacity, zeros past T: a decode step). With W = capacity every decode step of a request has
+the same input shapes, so it can be bound once and captured as a CUDA graph (onnxruntime's
+`enable_cuda_graph`); the kernel gets total_sequence_length = W and attends over each row's seqlens_k + 1
+slots only (measured on the CPU kernel: identical outputs, same time). onnxruntime's CPU kernel refuses
+W > S for a batch > 1 prefill ("past context"), so prefills use W = T.
 
 RoPE positions are the cache slots. GroupQueryAttention derives them from its own bookkeeping (slot T - S + s
 for the step's token s; with position_ids it would use them on later steps but not on the first prompt,
@@ -141,26 +148,30 @@ def gqa(qkv: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor, seq
     """RoPE at the cache slots, then grouped-query attention over a shared-buffer cache (module docstring).
 
     qkv [B, S, (h + 2*kvh)*d] (the packed projection, pre-RoPE), past_key / past_value [B, kvh, C, d] (slots
-    [0, T - S) valid), seqlens_k int32 [B] = T - 1 and total int32 [] = T (the kernel's bookkeeping; see
-    `gqa_lengths`), cos_cache / sin_cache [max_positions, d/2], bias [B, 1, S, T] additive (causal +
-    padding). Returns (out [B, S, h*d], present_key, present_value [B, kvh, C, d]).
+    [0, T - S) valid), seqlens_k int32 [B] = T - 1 and total int32 [] = W (the kernel's bookkeeping; see
+    `gqa_lengths`), cos_cache / sin_cache [max_positions, d/2], bias [B, 1, S, W] additive (causal +
+    padding; W = T, or the capacity with slots past T masked). Returns (out [B, S, h*d], present_key,
+    present_value [B, kvh, C, d]).
     """
     b, s, _ = qkv.shape
-    t = bias.shape[-1]  # T (the eager body reads it from the bias; seqlens_k / total are the kernel's)
+    w = bias.shape[-1]  # W: the slots attended over (the eager body reads it from the bias)
     d = past_key.shape[-1]
     group = num_heads // kv_heads
     q, k, v = qkv.split([num_heads * d, kv_heads * d, kv_heads * d], dim=-1)
-    slots = torch.arange(t - s, t, device=qkv.device).expand(b, s)  # [B, S]: the kernel's RoPE positions
+    ends = seqlens_k.long() + 1  # [B]: T per row
+    slots = ends[:, None] - s + torch.arange(s, device=qkv.device)  # [B, S]: the new tokens' slots (RoPE positions)
     q, k = _rope(q, slots, cos_cache, sin_cache, num_heads), _rope(k, slots, cos_cache, sin_cache, kv_heads)
     present_key, present_value = past_key.clone(), past_value.clone()
-    present_key[:, :, t - s:t] = k.view(b, s, kv_heads, d).transpose(1, 2)
-    present_value[:, :, t - s:t] = v.view(b, s, kv_heads, d).transpose(1, 2)
-    key, value = present_key[:, :, :t], present_value[:, :, :t]  # [B, kvh, T, d]
+    new_k, new_v = (x.view(b, s, kv_heads, d).transpose(1, 2) for x in (k, v))  # [B, kvh, S, d]
+    for row in range(b):
+        present_key[row, :, slots[row]] = new_k[row]
+        present_value[row, :, slots[row]] = new_v[row]
+    key, value = present_key[:, :, :w], present_value[:, :, :w]  # [B, kvh, W, d]
     qg = q.view(b, s, num_heads, d).transpose(1, 2).reshape(b, kv_heads, group * s, d)  # [B, kvh, g*S, d]
-    scores = torch.matmul(qg, key.transpose(2, 3)) * scale  # [B, kvh, g*S, T]
-    scores = scores.view(b, num_heads, s, t) + bias  # [B, h, S, T]
+    scores = torch.matmul(qg, key.transpose(2, 3)) * scale  # [B, kvh, g*S, W]
+    scores = scores.view(b, num_heads, s, w) + bias  # [B, h, S, W]
     probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
-    ctx = torch.matmul(probs.view(b, kv_heads, group * s, t), value)  # [B, kvh, g*S, d]
+    ctx = torch.matmul(probs.view(b, kv_heads, group * s, w), value)  # [B, kvh, g*S, d]
     out = ctx.view(b, num_heads, s, d).transpose(1, 2).reshape(b, s, num_heads * d)  # [B, S, h*d]
     return out, present_key, present_value
 
@@ -193,11 +204,17 @@ def _gqa_onnx(qkv, past_key, past_value, seqlens_k, total, cos_cache, sin_cache,
 
 
 def gqa_lengths(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """GroupQueryAttention's seqlens_k (int32 [B], T - 1 per row) and total_sequence_length (int32 [], T)
-    for an attention mask [B, T]: every row spans all T slots (left padding is masked by the bias).
-    Computed once per step and shared by every layer."""
-    seqlens = (torch.ones_like(attention_mask).sum(dim=1) - 1).to(torch.int32)  # [B]
-    return seqlens, seqlens.max() + 1
+    """GroupQueryAttention's seqlens_k (int32 [B]: T - 1 for every row) and total_sequence_length (int32 []: W)
+    for an attention mask [B, W] (W = T, or the cache capacity with zeros past T; module docstring). T - 1 is
+    the batch's newest real slot: rows end together (left padding, masked by the bias), and a row that is all
+    padding follows the others; a mask with no 1 at all means T = W. Computed once per step, shared by every
+    layer."""
+    width = torch.ones_like(attention_mask[0]).sum()  # W, as a tensor
+    slots = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)  # [W]: slot + 1
+    end = ((attention_mask != 0) * slots).amax(dim=(0, 1))  # T: one past the newest real slot of any row
+    end = torch.where(end > 0, end, width)
+    seqlens = torch.zeros_like(attention_mask[:, 0]) + (end - 1)  # [B]
+    return seqlens.to(torch.int32), width.to(torch.int32)
 
 
 TRANSLATIONS = {

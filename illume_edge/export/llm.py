@@ -249,17 +249,22 @@ def cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]
 # The exported step
 # ----------------------------------------------------------------------------------------------------
 def causal_padding_bias(attention_mask: torch.Tensor, new_len: int | torch.SymInt,
-                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[B, T] 1/0 mask over past + new keys -> additive bias [B, 1, S, T] for the S newest queries.
+                        dtype: torch.dtype = torch.float32, ends: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, W] 1/0 mask over past + new keys -> additive bias [B, 1, S, W] for the S newest queries.
 
-    Query i sits at cache slot T - S + i and may see key slot j iff j <= T - S + i and mask[b, j] == 1.
+    Query i sits at cache slot T - S + i and may see key slot j iff j <= T - S + i and mask[b, j] == 1. T is
+    the mask's width, or per row `ends` [B] when given (a mask spanning the cache capacity, fused_ops.py).
     Disallowed keys get `dtype`'s most negative finite value (MASK_VALUE for float32).
     """
     total = attention_mask.shape[1]
-    key_slot = torch.arange(total, device=attention_mask.device)  # [T]
-    query_slot = torch.arange(new_len, device=attention_mask.device) + (total - new_len)  # [S]
-    causal = key_slot.unsqueeze(0) <= query_slot.unsqueeze(1)  # [S, T]
-    allowed = causal.unsqueeze(0) & (attention_mask != 0).unsqueeze(1)  # [B, S, T]
+    key_slot = torch.arange(total, device=attention_mask.device)  # [W]
+    new_slot = torch.arange(new_len, device=attention_mask.device)  # [S]
+    if ends is None:
+        causal = (key_slot.unsqueeze(0) <= (new_slot + (total - new_len)).unsqueeze(1)).unsqueeze(0)  # [1, S, W]
+    else:
+        query_slot = ends.long().unsqueeze(1) - new_len + new_slot  # [B, S]
+        causal = key_slot.view(1, 1, -1) <= query_slot.unsqueeze(2)  # [B, S, W]
+    allowed = causal & (attention_mask != 0).unsqueeze(1)  # [B, S, W]
     masked = torch.full((), torch.finfo(dtype).min, dtype=dtype)
     bias = torch.where(allowed, torch.zeros((), dtype=dtype), masked)
     return bias.unsqueeze(1)  # [B, 1, S, T]
@@ -312,9 +317,11 @@ class LLMStep(nn.Module):
 
     graph "portable" (standard ONNX ops): past [B,kvh,P,d] -> present [B,kvh,P+S,d] (the "concat" KV layout).
     graph "fused" (onnxruntime contrib ops, export/fused_ops.py): past and present are one buffer of
-    capacity C >= T, [B,kvh,C,d]; the step writes slots [P, T) (the "shared" KV layout). RoPE rotates by cache
-    slot (T - S + s), not by position_ids: the same attention for rows whose slots are their positions plus a
-    constant (left padding), which is every batch the runtime builds; the graph keeps the input, unused.
+    capacity C >= T, [B,kvh,C,d]; the step writes slots [P, T) (the "shared" KV layout), where T - 1 is the
+    last 1 in attention_mask (rows end together), which may be [B,T] or span the capacity, [B,C] (zeros past
+    T: a decode step with static shapes). RoPE rotates by cache slot (T - S + s), not by position_ids: the same attention
+    for rows whose slots are their positions plus a constant (left padding), which is every batch the runtime
+    builds; the graph keeps the input, unused.
     """
 
     def __init__(self, model: Qwen2ForCausalLM | LlamaForCausalLM, cfg: ModelConfig, graph: str = "portable"):
@@ -404,9 +411,9 @@ class LLMStep(nn.Module):
 
         inner = self.model.model
         x = splice_rows(inner.embed_tokens.weight, input_ids, image_embeds, self.vocab_rows)  # [B, S, H]
-        bias = causal_padding_bias(attention_mask, input_ids.shape[1], x.dtype)  # [B, 1, S, T]
+        seqlens, total = gqa_lengths(attention_mask)  # the mask may span the cache (fused_ops.py)
+        bias = causal_padding_bias(attention_mask, input_ids.shape[1], x.dtype, ends=seqlens + 1)  # [B, 1, S, W]
         cos, sin = self.cos_cache.to(x.dtype), self.sin_cache.to(x.dtype)
-        seqlens, total = gqa_lengths(attention_mask)
         eps = float(inner.norm.variance_epsilon)
         presents: list[torch.Tensor] = []
         residual, branch = x, None  # the residual stream, and the last sublayer's output not yet added to it

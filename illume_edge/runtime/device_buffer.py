@@ -56,6 +56,25 @@ class DeviceArray:
         return DeviceArray(self.device, self.device_id, self.dtype, tuple(shape),
                            self.address + offset * self.dtype.itemsize, self._memory, self._offset + offset)
 
+    @property
+    def on_host(self) -> bool:
+        """True if numpy owns the memory: `host()` is the buffer itself, and writing to it writes the buffer."""
+        return isinstance(self._memory, np.ndarray)
+
+    def write(self, values: np.ndarray) -> None:
+        """Copy host `values` (this array's shape; cast to its dtype) into the buffer, at the same address: in
+        place for numpy memory, `OrtValue.update_inplace` for an OrtValue (a host-to-device copy on a GPU).
+        An OrtValue is written whole: a view of part of one is refused."""
+        values = np.asarray(values)
+        if values.shape != self.shape:
+            raise EngineError(f"device buffer: writing {list(values.shape)} into a {list(self.shape)} buffer")
+        if self.on_host:
+            np.copyto(self.host(), values, casting="same_kind")
+            return
+        if self._offset or self.size != math.prod(self._memory.shape()):
+            raise EngineError("device buffer: only a whole OrtValue-owned buffer can be written, not a view")
+        self._memory.update_inplace(np.ascontiguousarray(values, dtype=self.dtype))
+
     def host(self) -> np.ndarray:
         """The values on the host: numpy-owned memory itself (the same object every call, written in place by
         the next run), else a copy."""

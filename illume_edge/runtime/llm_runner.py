@@ -10,6 +10,13 @@ allocates them or copies them through the host. The KV layout follows the graph 
   both `past` and `present`, and the step writes only its new slots (GroupQueryAttention's shared-buffer
   mode). onnxruntime's kernel refuses batch > 1 with several new tokens on a non-empty cache, so such
   runs (forced tokens in a CFG batch) are fed a token at a time.
+
+Static decode steps (the fused graph exported with a `mask_slots` mask axis, `LLMRunner.static_decode`):
+every single-token step of a request binds the same inputs, `StepBuffers` at fixed addresses with fixed
+shapes (ids and positions [B, 1], the mask over the whole capacity [B, capacity]), rewritten in place between
+steps. Nothing is rebound or re-validated from step to step, and the step is what onnxruntime's CUDA graphs
+need: the same shapes and addresses on every replay. A device sampler can write the next token straight into
+the ids buffer (`StepBuffers.ids`). Prefills and runs of several tokens bind their own inputs, as before.
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import ModelConfig
-from ..manifest import KV_CAPACITY_DIM, Component, EngineError
+from ..manifest import KV_CAPACITY_DIM, MASK_SLOTS_DIM, Component, EngineError
 from .device_buffer import DeviceArray
 from .engine import Engine
 from .session import Binding, Session
@@ -28,6 +35,12 @@ def kv_layout(component: Component) -> str:
     """"shared" if the graph's past K/V axis is the cache capacity (fused graph), else "concat"."""
     past = next((t for t in component.inputs if t.name == "past_key_values.0.key"), None)
     return "shared" if past is not None and past.shape[2] == KV_CAPACITY_DIM else "concat"
+
+
+def takes_capacity_mask(component: Component) -> bool:
+    """True if the graph's attention_mask may span the KV capacity (module docstring: static decode)."""
+    mask = next((t for t in component.inputs if t.name == "attention_mask"), None)
+    return mask is not None and mask.shape[1] == MASK_SLOTS_DIM
 
 
 class KVBuffers:
@@ -78,6 +91,17 @@ class KVBuffers:
 
 
 @dataclass
+class StepBuffers:
+    """A request's decode-step inputs at fixed addresses and shapes on the llm session's device (static
+    decode, module docstring): bound once, rewritten in place every step."""
+    ids: DeviceArray  # int64 [B, 1]
+    positions: DeviceArray  # int64 [B, 1]
+    mask: DeviceArray  # int64 [B, capacity]: the request's mask itself when numpy owns it (`on_host`)
+    bound: bool = False  # bound in the llm binding now (a prefill or multi-token run binds its own inputs)
+    ids_written: int | None = None  # a token a device sampler wrote into `ids` for every row (skip the write)
+
+
+@dataclass
 class DecodeState:
     """One batch of sequences being decoded together (e.g. the CFG cond/uncond pair)."""
     kv: KVBuffers
@@ -87,6 +111,7 @@ class DecodeState:
     length: int = 0  # positions filled (prompt incl. padding + fed tokens)
     fed: list[list[int]] = field(default_factory=list)  # ids fed after the prompt, per row
     binding: Binding | None = None  # the llm session's IO binding, kept across steps
+    step: StepBuffers | None = None  # static decode steps' inputs (LLMRunner.static_decode), else None
     heads: dict[str, tuple[Binding, DeviceArray]] = field(default_factory=dict)  # head -> (binding, logits)
 
     @property
@@ -106,6 +131,8 @@ class LLMRunner:
         self.cfg: ModelConfig = engine.config
         self.session = engine.session("llm")
         self.kv_layout = kv_layout(self.session.component)
+        # single-token steps with fixed shapes and addresses (module docstring)
+        self.static_decode = self.kv_layout == "shared" and takes_capacity_mask(self.session.component)
         self.runs = 0  # llm graph runs so far (benchmarks count them)
         llm = self.cfg.llm
         self.num_layers, self.hidden = llm.num_layers, llm.hidden_size
@@ -134,7 +161,8 @@ class LLMRunner:
                               f"{self.cfg.llm.max_position_embeddings}")
         batch = len(rows)
         ids = np.full((batch, width), self.pad_id, np.int64)
-        mask = np.zeros((batch, capacity), np.int64)
+        step = self._step_buffers(batch, capacity) if self.static_decode else None
+        mask = step.mask.host() if step is not None and step.mask.on_host else np.zeros((batch, capacity), np.int64)
         for b, r in enumerate(rows):
             ids[b, width - len(r):] = r  # left padding: real tokens end at the same column
             mask[b, width - len(r):width] = 1
@@ -144,9 +172,14 @@ class LLMRunner:
                        self.kv_layout)
         state = DecodeState(kv=kv, mask=mask, next_pos=mask[:, :width].sum(axis=1),
                             hidden_buffer=self.session.allocate((batch, self.hidden), np.float32),
-                            fed=[[] for _ in rows])
+                            fed=[[] for _ in rows], step=step)
         self._run(state, ids, positions, table)
         return state
+
+    def _step_buffers(self, batch: int, capacity: int) -> StepBuffers:
+        alloc = self.session.allocate
+        return StepBuffers(ids=alloc((batch, 1), np.int64), positions=alloc((batch, 1), np.int64),
+                           mask=alloc((batch, capacity), np.int64))
 
     # --- decode -------------------------------------------------------------------------------------------
     def feed(self, state: DecodeState, tokens: np.ndarray) -> None:
@@ -187,12 +220,33 @@ class LLMRunner:
             past, present = state.kv.bindings(p, s)
             binding.bind_inputs(dict(zip(self._past_names, past)))
             binding.bind_outputs(dict(zip(self._present_names, present)))
-        binding.bind_inputs({"input_ids": ids, "image_embeds": table, "attention_mask": state.mask[:, :p + s],
-                             "position_ids": positions.astype(np.int64)})
+        step = state.step
+        if step is not None and s == 1 and p > 0:  # a static decode step: the request's fixed buffers
+            self._write_step(state, ids, positions)
+            if not step.bound:
+                binding.bind_inputs({"input_ids": step.ids, "image_embeds": table, "attention_mask": step.mask,
+                                     "position_ids": step.positions})
+                step.bound = True
+        else:
+            binding.bind_inputs({"input_ids": ids, "image_embeds": table, "attention_mask": state.mask[:, :p + s],
+                                 "position_ids": positions.astype(np.int64)})
+            if step is not None:
+                step.bound = False
         binding.run()
         self.runs += 1
         state.kv.advance()
         state.length = p + s
+
+    @staticmethod
+    def _write_step(state: DecodeState, ids: np.ndarray, positions: np.ndarray) -> None:
+        """This step's ids, positions and (unless it is the request's mask itself) mask into the step buffers."""
+        step = state.step
+        if step.ids_written is None or not (ids == step.ids_written).all():
+            step.ids.write(ids)
+        step.ids_written = None
+        step.positions.write(positions)
+        if not step.mask.on_host:
+            step.mask.write(state.mask)
 
     def _check_ids(self, ids: np.ndarray, table_rows: int) -> None:
         hi = self.cfg.llm.vocab_rows + table_rows
