@@ -110,23 +110,29 @@ class EmulatedKernel:
         def ptr(self, buf):
             return buf.ctypes.data
 
-        def dtoh(self, arr, src):
+        def dtoh(self, arr, src):  # src: a buffer of ours, or an address (a DeviceArray's)
+            if isinstance(src, int):
+                import ctypes
+
+                src = np.ctypeslib.as_array((ctypes.c_uint8 * arr.nbytes).from_address(src))
             arr.view(np.uint8)[:] = src[:arr.nbytes]
 
     def __init__(self):
-        self.binding, self.launches = self.Binding(), 0
+        self.binding, self.launches, self.outputs = self.Binding(), 0, []
 
-    def sample_device(self, logits_ptr, dtype, row_stride, col0, la, out_ptr, out_stride=1):
+    def sample_device(self, logits_ptr, dtype, row_stride, col0, la, out_ptr, out_stride=1, out_copies=1):
         import ctypes
 
         from illume_edge.runtime.cuda import emulation
 
         self.launches += 1
+        self.outputs.append((out_ptr, out_stride, out_copies))
         rows_in = int(max(la.cond_row.max(), la.uncond_row.max())) + 1
         ctype = ctypes.c_float if dtype == "float32" else ctypes.c_uint16
         flat = np.ctypeslib.as_array((ctype * (rows_in * row_stride)).from_address(logits_ptr))
         logits = (flat if dtype == "float32" else flat.view(np.float16)).reshape(rows_in, row_stride)
-        out = np.ctypeslib.as_array((ctypes.c_int64 * (la.grid[0] * out_stride)).from_address(out_ptr))
+        out = np.ctypeslib.as_array((ctypes.c_int64 * ((la.grid[0] - 1) * out_stride + out_copies))
+                                    .from_address(out_ptr))
         for r in range(la.grid[0]):
             t, top_p, cfg, penalty = la.params[r]
             cond = logits[la.cond_row[r], col0:col0 + la.v].astype(np.float32)
@@ -134,15 +140,16 @@ class EmulatedKernel:
                       else None)
             pen = la.pen_ids[la.pen_offsets[r]:la.pen_offsets[r + 1]].astype(np.int64) - la.range_start
             x = emulation.combined_logits(cond, uncond, cfg, penalty, pen)
-            out[r * out_stride] = la.range_start + emulation.sample_row(x, t, int(la.top_k[r]), top_p,
-                                                                        float(la.uniforms[r]))
+            out[r * out_stride:r * out_stride + out_copies] = la.range_start + emulation.sample_row(
+                x, t, int(la.top_k[r]), top_p, float(la.uniforms[r]))
 
 
 @pytest.mark.parametrize("buffers", ["auto", "ortvalue"])
 def test_device_pick_draws_the_host_samplers_tokens(tiny_engine, buffers):
     """The image loop with the kernel's draw (`device_pick`, here on the kernel's emulation reading the
     head's logits buffer by address) picks the same codes as the numpy sampler, with CFG, top-k, top-p and
-    the repetition penalty, on numpy and on OrtValue buffers."""
+    the repetition penalty, on numpy and on OrtValue buffers. The kernel writes each token into the next
+    decode step's input ids buffer, for both rows of the CFG pair."""
     from illume_edge.runtime.decode_loops import device_pick
     from illume_edge.runtime.engine import Engine
     from illume_edge.runtime.pipeline import Pipeline
@@ -159,5 +166,9 @@ def test_device_pick_draws_the_host_samplers_tokens(tiny_engine, buffers):
     for lv, (a, b) in enumerate(zip(got.codes, want.codes)):
         np.testing.assert_array_equal(a, b, err_msg=f"level {lv}")
     assert kernel.launches == sum(c.size for c in want.codes)  # one launch per sampled code
+    # each token went straight into the next step's input ids, both rows of the CFG pair (static decode)
+    assert {(stride, copies) for _, stride, copies in kernel.outputs} == {(2, 2)}
+    scratch = {kernel.binding.ptr(b) for b in kernel.binding.bufs}
+    assert not {ptr for ptr, _, _ in kernel.outputs} & scratch
     with pytest.raises(ValueError, match="sampler: expected one of"):
         Pipeline(engine, sampler="gpu")

@@ -355,6 +355,32 @@ def test_static_decode_steps_run_one_binding_at_fixed_addresses(tiny_engine, buf
         np.testing.assert_allclose(g, w, atol=1e-6, rtol=0, err_msg=f"feed {i}")
 
 
+def test_a_token_written_into_the_step_ids_on_the_device_is_not_written_again(tiny_engine, monkeypatch):
+    """A device sampler writes the next token into `runner.step_ids(state)` and says so (`ids_written`): the
+    step that feeds that token leaves the buffer alone (it would be a host-to-device copy on a GPU); a
+    different token is written as usual. The hidden states are those of a run that wrote every step."""
+    from illume_edge.runtime.device_buffer import DeviceArray
+
+    runner = LLMRunner(Engine.load(tiny_engine("tiny-plus", "fused")[0]))
+    rows = [[5, 6, 7], [8, 9]]
+    want = runner.prefill(rows, None, max_new_tokens=3)
+    state = runner.prefill(rows, None, max_new_tokens=3)
+    ids = runner.step_ids(state)
+    writes = []
+    real_write = DeviceArray.write
+    monkeypatch.setattr(DeviceArray, "write", lambda self, v: (writes.append(self is ids), real_write(self, v))[1])
+    ids.host()[:] = 42  # what the kernel does on the device
+    runner.ids_written(state, 42)
+    for token in (42, 43):
+        runner.feed(state, np.array([[token], [token]]))
+        runner.feed(want, np.array([[token], [token]]))
+        np.testing.assert_array_equal(state.hidden, want.hidden)
+    assert writes.count(True) == 1 and ids.host().tolist() == [[43], [43]]  # 42 was not written again
+    assert runner.step_ids(runner.prefill(rows, None, 1)) is not None
+    portable = LLMRunner(Engine.load(tiny_engine("tiny-plus", "portable")[0]))
+    assert portable.step_ids(portable.prefill(rows, None, 1)) is None
+
+
 @pytest.mark.parametrize("buffers", ["auto", "ortvalue"])
 @pytest.mark.parametrize("graph", ["fused", "portable"])
 def test_head_binding_in_the_decode_state_matches_a_plain_head_run(tiny_engine, graph, buffers):

@@ -40,11 +40,13 @@ def host_pick(runner: LLMRunner, state: DecodeState, head: str, params: Sampling
 def device_pick(sampler) -> Pick:
     """A `Pick` on the CUDA sampling kernel (`cuda.GpuSampler`, or anything with its `sample_device` and
     `binding`): one launch per step reads the head's [cond; uncond] logits in place on the device
-    (`runner.head_logits`), with the same semantics and uniforms as `guided_sample`, and writes the id into
-    an 8-byte device buffer of the sampler's; only that id is copied to the host (the grammar needs it)."""
+    (`runner.head_logits`), with the same semantics and uniforms as `guided_sample`, and writes the id
+    straight into the next decode step's input ids, every row of the batch (`runner.step_ids`, static
+    decode), else into an 8-byte device buffer of the sampler's. Only that id is copied to the host (the
+    grammar needs it)."""
     from .cuda.kernel import pack_launch
 
-    out = sampler.binding.alloc(8)  # int64, reused by every step
+    scratch = sampler.binding.alloc(8)  # int64, for engines without static decode steps
     host = np.zeros(1, np.int64)
 
     def pick(runner: LLMRunner, state: DecodeState, head: str, params: SamplingParams, uniforms: np.ndarray,
@@ -55,10 +57,18 @@ def device_pick(sampler) -> Pick:
             raise EngineError(f"head_{head}: the sampling kernel reads float32 or float16 logits, got {logits.dtype}")
         la = pack_launch(1, params, uniforms, v=v, range_start=range_start, has_uncond=use_cfg and rows > 1,
                          generated_ids_per_row=state.fed[:1])
-        sampler.sample_device(logits.address, str(logits.dtype), v, 0, la, sampler.binding.ptr(out), 1)
-        sampler.binding.dtoh(host, out)
+        ids = runner.step_ids(state)  # [B, 1]: the token goes to every row (a CFG pair takes the same token)
+        if ids is None:
+            sampler.sample_device(logits.address, str(logits.dtype), v, 0, la, sampler.binding.ptr(scratch), 1)
+            sampler.binding.dtoh(host, scratch)
+        else:
+            sampler.sample_device(logits.address, str(logits.dtype), v, 0, la, ids.address, state.batch,
+                                  state.batch)
+            sampler.binding.dtoh(host, ids.address)
         if host[0] < 0:
             raise EngineError(f"head_{head}: the sampling kernel found NaN/+inf or no finite logit in row 0")
+        if ids is not None:
+            runner.ids_written(state, int(host[0]))
         return int(host[0])
 
     return pick

@@ -238,6 +238,18 @@ class LLMRunner:
         state.length = p + s
 
     @staticmethod
+    def step_ids(state: DecodeState) -> DeviceArray | None:
+        """The static decode step's input ids buffer, int64 [B, 1] on the llm session's device (None without
+        static decode). A device sampler may write the next token there for every row and then call
+        `ids_written`; the step that feeds that token does not write the buffer again."""
+        return None if state.step is None else state.step.ids
+
+    @staticmethod
+    def ids_written(state: DecodeState, token: int) -> None:
+        """`step_ids(state)` now holds `token` in every row (written on the device)."""
+        state.step.ids_written = int(token)
+
+    @staticmethod
     def _write_step(state: DecodeState, ids: np.ndarray, positions: np.ndarray) -> None:
         """This step's ids, positions and (unless it is the request's mask itself) mask into the step buffers."""
         step = state.step

@@ -269,7 +269,10 @@ class GpuSampler:
         return buf
 
     def sample_device(self, logits_ptr: int, dtype: str, row_stride: int, col0: int, la: LaunchArgs,
-                      out_ptr: int, out_stride: int = 1) -> None:
+                      out_ptr: int, out_stride: int = 1, out_copies: int = 1) -> None:
+        """One launch: output row r's token id goes to int64 slots ``out_ptr[r * out_stride + c]``, c <
+        ``out_copies`` (the next step's input_ids: ``out_copies`` = 2 writes a CFG pair's token into both of its
+        LLM rows)."""
         b = self.binding
         bufs = {}
         for name in ("cond_row", "uncond_row", "params", "top_k", "uniforms", "pen_offsets", "pen_ids"):
@@ -280,7 +283,8 @@ class GpuSampler:
         P = lambda n: ("ptr", b.ptr(bufs[n]))  # noqa: E731
         args = [("ptr", logits_ptr), ("i64", row_stride), ("i32", col0), ("i32", la.v), P("cond_row"),
                 P("uncond_row"), P("params"), P("top_k"), P("uniforms"), P("pen_offsets"), P("pen_ids"),
-                ("i64", la.range_start), ("ptr", out_ptr), ("i64", out_stride), ("ptr", b.ptr(ws))]
+                ("i64", la.range_start), ("ptr", out_ptr), ("i64", out_stride), ("i32", out_copies),
+                ("ptr", b.ptr(ws))]
         b.launch(self.functions[dtype], la.grid, la.block, args)
 
     def sample(self, cond: np.ndarray, uncond: np.ndarray | None, params: SamplingParams, uniforms, *,

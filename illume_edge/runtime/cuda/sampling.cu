@@ -7,8 +7,9 @@
 //   -> p_i = exp((x_i - x_max) / T) in float64 over the kept set
 //   -> top-p (threshold bisection on the descending-logit mass, ties at the threshold in ascending id order)
 //   -> inverse-CDF draw over the kept set in ascending id order with the row's float64 uniform.
-// Writes out_ids[row * out_stride] = range_start + index (int64: the next step's input_ids buffer), or -1 for
-// a row with a NaN/+inf logit or no finite logit.
+// Writes out_ids[row * out_stride + c] = range_start + index for c in [0, out_copies) (int64: the next step's
+// input_ids buffer, one copy per LLM row that takes the token, e.g. a CFG pair's cond and uncond rows), or -1
+// for a row with a NaN/+inf logit or no finite logit.
 //
 // Self-contained on purpose (no headers): compiles unchanged with nvcc and with NVRTC.
 // Sizes: BLOCK threads per block; the kept set lives in shared memory when it has <= KMAX entries
@@ -127,13 +128,19 @@ struct Shared {
 // ---------------------------------------------------------------------------------------------------
 // the kernel
 // ---------------------------------------------------------------------------------------------------
+// The row's token into its out_copies slots (thread 0 only).
+__device__ __forceinline__ void write_id(long long* out, int out_copies, long long id) {
+    for (int c = 0; c < out_copies; ++c) out[c] = id;
+}
+
 template <typename L>
 __device__ __forceinline__ void sample_row(
     const L* __restrict__ logits, long long row_stride, int col0, int V,
     const int* __restrict__ cond_row, const int* __restrict__ uncond_row,
     const double* __restrict__ params, const int* __restrict__ top_ks, const double* __restrict__ uniforms,
     const int* __restrict__ pen_offsets, const int* __restrict__ pen_ids, long long range_start,
-    long long* __restrict__ out_ids, long long out_stride, float* __restrict__ workspace, Shared& sm)
+    long long* __restrict__ out_ids, long long out_stride, int out_copies, float* __restrict__ workspace,
+    Shared& sm)
 {
     const int r = blockIdx.x, tid = threadIdx.x;
     const double temperature = params[4 * r + 0];
@@ -197,8 +204,8 @@ __device__ __forceinline__ void sample_row(
     nfin = block_sum(nfin, sm.ired);
     bad = block_sum(bad, sm.ired);
     long long* out = out_ids + (long long)r * out_stride;
-    if (bad || nfin == 0) { if (tid == 0) *out = -1; return; }
-    if (temperature == 0.0) { if (tid == 0) *out = range_start + bi; return; }   // greedy fast path
+    if (bad || nfin == 0) { if (tid == 0) write_id(out, out_copies, -1); return; }
+    if (temperature == 0.0) { if (tid == 0) write_id(out, out_copies, range_start + bi); return; }  // greedy
     const float xmax = bv;
 
     // 3) top-k: radix select (8-bit digits, MSB first) of the k-th largest key; ties kept by ascending id.
@@ -333,7 +340,7 @@ __device__ __forceinline__ void sample_row(
     }
     if (tid == 0) {
         const int j = sm.hit != 0x7fffffff ? sm.hit : sm.last;
-        *out = range_start + s_idx[j];
+        write_id(out, out_copies, range_start + s_idx[j]);
     }
 }
 
@@ -343,11 +350,11 @@ __device__ __forceinline__ void sample_row(
     const double* __restrict__ params, const int* __restrict__ top_ks,                                    \
     const double* __restrict__ uniforms, const int* __restrict__ pen_offsets,                             \
     const int* __restrict__ pen_ids, long long range_start, long long* __restrict__ out_ids,              \
-    long long out_stride, float* __restrict__ workspace
+    long long out_stride, int out_copies, float* __restrict__ workspace
 
 #define ILLUME_CALL                                                                                        \
     sample_row(logits, row_stride, col0, V, cond_row, uncond_row, params, top_ks, uniforms, pen_offsets,   \
-               pen_ids, range_start, out_ids, out_stride, workspace, sm)
+               pen_ids, range_start, out_ids, out_stride, out_copies, workspace, sm)
 
 // fp32 logits
 extern "C" __global__ void __launch_bounds__(BLOCK) illume_sample_f32(ILLUME_ARGS(float)) {
