@@ -106,7 +106,8 @@ def _save(image, out: str) -> None:
 def _pipeline(args):
     from .runtime.pipeline import Pipeline
 
-    return Pipeline.load(args.engine, threads=args.threads, device=args.device, sampler=args.sampler)
+    return Pipeline.load(args.engine, threads=args.threads, device=args.device, sampler=args.sampler,
+                         cuda_graph=args.cuda_graph)
 
 
 def cmd_understand(args) -> int:
@@ -242,6 +243,8 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    help="where the KV cache, hidden state and logits live (cuda: with onnxruntime-gpu)")
     p.add_argument("--sampler", default="auto", choices=["auto", "host", "device"],
                    help="image-token draw: numpy on the host or the CUDA kernel (auto: the kernel with --device cuda)")
+    p.add_argument("--cuda-graph", dest="cuda_graph", action="store_true", default=None,
+                   help="replay the LLM decode step as a CUDA graph (CUDA provider; fused engines)")
 
 
 def _image_args(p: argparse.ArgumentParser) -> None:

@@ -355,6 +355,72 @@ def test_static_decode_steps_run_one_binding_at_fixed_addresses(tiny_engine, buf
         np.testing.assert_allclose(g, w, atol=1e-6, rtol=0, err_msg=f"feed {i}")
 
 
+def test_cuda_graph_runs_replay_one_shapes_buffers_under_one_graph_id(tiny_engine, monkeypatch):
+    """SessionOptions(cuda_graph=True), the runner's side (on the CPU onnxruntime ignores the graph ids): the
+    static decode steps run under the request shape's graph id, prefills outside any graph (-1); a finished
+    request's buffers (KV cache, hidden state, step inputs) serve the next request of the same shape, so the
+    addresses a captured graph replays stay valid; a second live request of that shape gets fresh buffers and
+    no graph; capacities are rounded up to CUDA_GRAPH_CAPACITY_STEP. Outputs equal a runner without graphs."""
+    import gc
+
+    from illume_edge.runtime.llm_runner import CUDA_GRAPH_CAPACITY_STEP
+    from illume_edge.runtime.session import Binding
+
+    engine_dir = tiny_engine("tiny-plus", "fused")[0]
+    runner = LLMRunner(Engine.load(engine_dir, SessionOptions(cuda_graph=True)))
+    plain = LLMRunner(Engine.load(engine_dir))
+    assert runner.cuda_graph and runner.session.cuda_graph and not plain.cuda_graph
+    assert not Engine.load(engine_dir, SessionOptions(cuda_graph=True)).session("head_text").cuda_graph
+    runs = []
+    real_run = Binding.run
+
+    def spy(self, run_options=None):
+        gid = None if run_options is None else int(run_options.get_run_config_entry("gpu_graph_id"))
+        f = self.feeds
+        runs.append((gid, f["input_ids"].shape[1], tuple(getattr(f[n], "address", None) for n in
+                                                          ("input_ids", "attention_mask", "past_key_values.0.key"))))
+        return real_run(self, run_options)
+
+    monkeypatch.setattr(Binding, "run", spy)
+
+    def request(r, rows, steps):
+        runs.clear()
+        state = r.prefill(rows, None, max_new_tokens=steps)
+        hidden = [state.hidden.copy()]
+        for t in range(steps):
+            r.feed(state, np.full((len(rows), 1), 30 + t))
+            hidden.append(state.hidden.copy())
+        return state, hidden, list(runs)
+
+    first, h1, runs1 = request(runner, [[5, 6, 7, 8, 9]], 4)
+    assert first.kv.capacity == CUDA_GRAPH_CAPACITY_STEP and first.graph_id == 1
+    assert runs1[0][0] == -1 and {gid for gid, _, _ in runs1[1:]} == {1}
+    step_addresses = {a for _, _, a in runs1[1:]}
+    assert len(step_addresses) == 1
+    _, want, _ = request(plain, [[5, 6, 7, 8, 9]], 4)
+    for g, w in zip(h1, want):
+        np.testing.assert_allclose(g, w, atol=1e-6, rtol=0)
+    # a second request of the same shape while the first is alive: fresh buffers, no graph
+    second, _, runs2 = request(runner, [[11, 12]], 6)
+    assert second.graph_id == -1 and {gid for gid, _, _ in runs2} == {-1}
+    assert second.kv is not first.kv
+    # once the first has finished, the next request of that shape (another prompt length) reuses its buffers
+    kv, step = first.kv, first.step
+    del first, second
+    gc.collect()
+    third, h3, runs3 = request(runner, [[13, 14, 15]], 5)
+    assert third.kv is kv and third.step is step and third.graph_id == 1
+    assert {a for _, _, a in runs3[1:]} == step_addresses and {gid for gid, _, _ in runs3[1:]} == {1}
+    _, want3, _ = request(plain, [[13, 14, 15]], 5)
+    for g, w in zip(h3, want3):
+        np.testing.assert_allclose(g, w, atol=1e-6, rtol=0)
+    # another shape (a CFG pair) has its own graph
+    pair, _, runs4 = request(runner, [[5, 6, 7], [8, 9]], 3)
+    assert pair.graph_id == 2 and {gid for gid, _, _ in runs4[1:]} == {2}
+    with pytest.raises(EngineError, match="use -1"):
+        runner.session.run_options(0)
+
+
 def test_a_token_written_into_the_step_ids_on_the_device_is_not_written_again(tiny_engine, monkeypatch):
     """A device sampler writes the next token into `runner.step_ids(state)` and says so (`ids_written`): the
     step that feeds that token leaves the buffer alone (it would be a host-to-device copy on a GPU); a

@@ -17,9 +17,17 @@ shapes (ids and positions [B, 1], the mask over the whole capacity [B, capacity]
 steps. Nothing is rebound or re-validated from step to step, and the step is what onnxruntime's CUDA graphs
 need: the same shapes and addresses on every replay. A device sampler can write the next token straight into
 the ids buffer (`StepBuffers.ids`). Prefills and runs of several tokens bind their own inputs, as before.
+
+CUDA graphs (`SessionOptions.cuda_graph`, static decode only): the static step runs under a CUDA graph id
+(onnxruntime's `gpu_graph_id`: captured on first use, replayed after), every other run outside any graph
+(-1). A replay reads and writes the addresses it was captured with, so the runner keeps a finished request's
+buffers (KV cache, hidden state, step inputs) for the next request of the same shape, (batch, capacity),
+with capacities rounded up to CUDA_GRAPH_CAPACITY_STEP slots; each shape has its own graph id. A request
+whose shape's buffers are still in use by a live request gets fresh ones and runs without a graph.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +43,11 @@ def kv_layout(component: Component) -> str:
     """"shared" if the graph's past K/V axis is the cache capacity (fused graph), else "concat"."""
     past = next((t for t in component.inputs if t.name == "past_key_values.0.key"), None)
     return "shared" if past is not None and past.shape[2] == KV_CAPACITY_DIM else "concat"
+
+
+# CUDA graphs: request capacities are rounded up to a multiple of this, so that requests of similar length
+# share one set of buffers and one captured graph (module docstring).
+CUDA_GRAPH_CAPACITY_STEP = 256
 
 
 def takes_capacity_mask(component: Component) -> bool:
@@ -97,8 +110,19 @@ class StepBuffers:
     ids: DeviceArray  # int64 [B, 1]
     positions: DeviceArray  # int64 [B, 1]
     mask: DeviceArray  # int64 [B, capacity]: the request's mask itself when numpy owns it (`on_host`)
+    table: DeviceArray  # float32 [1, hidden]: the image-row table of a decode step (its ids never index it)
     bound: bool = False  # bound in the llm binding now (a prefill or multi-token run binds its own inputs)
     ids_written: int | None = None  # a token a device sampler wrote into `ids` for every row (skip the write)
+
+
+@dataclass
+class RequestBuffers:
+    """What a request allocates on the device: kept for the next request of the same shape under CUDA graphs."""
+    kv: KVBuffers
+    hidden: DeviceArray
+    step: StepBuffers | None
+    graph_id: int | None = None  # the static step's CUDA graph id (>= 1), -1: no graph, None: graphs off
+    owner: weakref.ref | None = None  # the DecodeState using them
 
 
 @dataclass
@@ -112,6 +136,7 @@ class DecodeState:
     fed: list[list[int]] = field(default_factory=list)  # ids fed after the prompt, per row
     binding: Binding | None = None  # the llm session's IO binding, kept across steps
     step: StepBuffers | None = None  # static decode steps' inputs (LLMRunner.static_decode), else None
+    graph_id: int | None = None  # the static step's CUDA graph id (RequestBuffers.graph_id)
     heads: dict[str, tuple[Binding, DeviceArray]] = field(default_factory=dict)  # head -> (binding, logits)
 
     @property
@@ -131,8 +156,11 @@ class LLMRunner:
         self.cfg: ModelConfig = engine.config
         self.session = engine.session("llm")
         self.kv_layout = kv_layout(self.session.component)
-        # single-token steps with fixed shapes and addresses (module docstring)
+        # single-token steps with fixed shapes and addresses, replayed as CUDA graphs if asked (module docstring)
         self.static_decode = self.kv_layout == "shared" and takes_capacity_mask(self.session.component)
+        self.cuda_graph = self.static_decode and self.session.cuda_graph
+        self._pool: dict[tuple[int, int], RequestBuffers] = {}  # (batch, capacity) -> buffers (CUDA graphs)
+        self._run_options: dict[int, object] = {}  # graph id -> onnxruntime RunOptions
         self.runs = 0  # llm graph runs so far (benchmarks count them)
         llm = self.cfg.llm
         self.num_layers, self.hidden = llm.num_layers, llm.hidden_size
@@ -156,30 +184,54 @@ class LLMRunner:
         if width > limit:
             raise EngineError(f"llm: prompt of {width} tokens exceeds the model's limit of {limit}")
         capacity = width + max_new_tokens
-        if capacity > self.cfg.llm.max_position_embeddings:
-            raise EngineError(f"llm: prompt {width} + {max_new_tokens} new tokens exceeds the context of "
-                              f"{self.cfg.llm.max_position_embeddings}")
+        limit = self.cfg.llm.max_position_embeddings
+        if capacity > limit:
+            raise EngineError(f"llm: prompt {width} + {max_new_tokens} new tokens exceeds the context of {limit}")
+        if self.cuda_graph:  # shapes shared by requests of similar length (module docstring)
+            capacity = min(-(-capacity // CUDA_GRAPH_CAPACITY_STEP) * CUDA_GRAPH_CAPACITY_STEP, limit)
         batch = len(rows)
         ids = np.full((batch, width), self.pad_id, np.int64)
-        step = self._step_buffers(batch, capacity) if self.static_decode else None
+        bufs = self._request_buffers(batch, capacity)
+        step = bufs.step
         mask = step.mask.host() if step is not None and step.mask.on_host else np.zeros((batch, capacity), np.int64)
+        mask[:] = 0  # reused buffers hold the last request's mask
         for b, r in enumerate(rows):
             ids[b, width - len(r):] = r  # left padding: real tokens end at the same column
             mask[b, width - len(r):width] = 1
         self._check_ids(ids, table.shape[0])
         positions = np.maximum(np.cumsum(mask[:, :width], axis=1) - 1, 0)  # padded slots get position 0
-        kv = KVBuffers(self.num_layers, batch, self.kv_heads, self.head_dim, capacity, self.session,
-                       self.kv_layout)
-        state = DecodeState(kv=kv, mask=mask, next_pos=mask[:, :width].sum(axis=1),
-                            hidden_buffer=self.session.allocate((batch, self.hidden), np.float32),
-                            fed=[[] for _ in rows], step=step)
+        state = DecodeState(kv=bufs.kv, mask=mask, next_pos=mask[:, :width].sum(axis=1), hidden_buffer=bufs.hidden,
+                            fed=[[] for _ in rows], step=step, graph_id=bufs.graph_id)
+        bufs.owner = weakref.ref(state)
         self._run(state, ids, positions, table)
         return state
 
-    def _step_buffers(self, batch: int, capacity: int) -> StepBuffers:
+    def _request_buffers(self, batch: int, capacity: int) -> RequestBuffers:
+        """A new request's device buffers: fresh ones; under CUDA graphs the buffers of the last request of
+        this shape when it has finished (no live DecodeState holds them), whose addresses its graph replays."""
+        key = (batch, capacity)
+        kept = self._pool.get(key)
+        if kept is not None and (kept.owner is None or kept.owner() is None):
+            kept.step.bound, kept.step.ids_written = False, None
+            return kept
         alloc = self.session.allocate
-        return StepBuffers(ids=alloc((batch, 1), np.int64), positions=alloc((batch, 1), np.int64),
-                           mask=alloc((batch, capacity), np.int64))
+        step = None
+        if self.static_decode:
+            step = StepBuffers(ids=alloc((batch, 1), np.int64), positions=alloc((batch, 1), np.int64),
+                               mask=alloc((batch, capacity), np.int64), table=alloc((1, self.hidden), np.float32))
+        bufs = RequestBuffers(KVBuffers(self.num_layers, batch, self.kv_heads, self.head_dim, capacity,
+                                        self.session, self.kv_layout),
+                              alloc((batch, self.hidden), np.float32), step)
+        if self.cuda_graph:
+            bufs.graph_id = -1  # the shape's buffers are in use: this request runs without a graph
+            if kept is None:  # the first request of this shape: its buffers and graph id are the shape's
+                bufs.graph_id = len(self._pool) + 1
+                self._pool[key] = bufs
+        return bufs
+
+    def release_buffers(self) -> None:
+        """Drop the buffers kept for CUDA graphs (the captured graphs stay with the session)."""
+        self._pool.clear()
 
     # --- decode -------------------------------------------------------------------------------------------
     def feed(self, state: DecodeState, tokens: np.ndarray) -> None:
@@ -220,22 +272,31 @@ class LLMRunner:
             past, present = state.kv.bindings(p, s)
             binding.bind_inputs(dict(zip(self._past_names, past)))
             binding.bind_outputs(dict(zip(self._present_names, present)))
-        step = state.step
+        step, graph = state.step, None
         if step is not None and s == 1 and p > 0:  # a static decode step: the request's fixed buffers
             self._write_step(state, ids, positions)
             if not step.bound:
-                binding.bind_inputs({"input_ids": step.ids, "image_embeds": table, "attention_mask": step.mask,
-                                     "position_ids": step.positions})
+                binding.bind_inputs({"input_ids": step.ids, "image_embeds": step.table,
+                                     "attention_mask": step.mask, "position_ids": step.positions})
                 step.bound = True
+            graph = state.graph_id
         else:
             binding.bind_inputs({"input_ids": ids, "image_embeds": table, "attention_mask": state.mask[:, :p + s],
                                  "position_ids": positions.astype(np.int64)})
             if step is not None:
                 step.bound = False
-        binding.run()
+            graph = -1 if state.graph_id is not None else None  # prefills and multi-token runs: no graph
+        binding.run(self._graph_run_options(graph))
         self.runs += 1
         state.kv.advance()
         state.length = p + s
+
+    def _graph_run_options(self, graph_id: int | None):
+        if graph_id is None:
+            return None
+        if graph_id not in self._run_options:
+            self._run_options[graph_id] = self.session.run_options(graph_id)
+        return self._run_options[graph_id]
 
     @staticmethod
     def step_ids(state: DecodeState) -> DeviceArray | None:

@@ -69,6 +69,17 @@ class SessionOptions:
     # onnxruntime's profiler: each session writes <profile_prefix>-<component>_<time>.json, flushed by
     # Session.end_profiling() (or when the session is freed). Off when None.
     profile_prefix: str | None = None
+    # Decode-step CUDA graphs (None: ILLUME_EDGE_CUDA_GRAPH=1, else off), for the components in
+    # CUDA_GRAPH_COMPONENTS: the CUDA provider gets enable_cuda_graph, and the runner replays each request's
+    # static decode step under a graph id, prefills and multi-token runs outside any graph (llm_runner.py).
+    # Without the CUDA provider only the runner's side runs (buffer reuse, graph ids; the CPU ignores them).
+    cuda_graph: bool | None = None
+
+
+# Components whose runs the runtime drives through IO bindings at fixed addresses, so that onnxruntime may
+# capture and replay them as CUDA graphs: the decode step. (A component run as session.run(dict) must not be
+# captured: its inputs move every run.)
+CUDA_GRAPH_COMPONENTS = ("llm",)
 
 
 # Every engine component is its own session, and a decode step alternates the llm and head sessions. With a
@@ -155,8 +166,9 @@ class Session:
             so.profile_file_prefix = f"{opts.profile_prefix}-{name}"
         self.providers = choose_providers(opts.providers)
         self.device, self.device_id, self.buffer_owner = opts.device, opts.device_id, opts.buffers
+        self.cuda_graph = name in CUDA_GRAPH_COMPONENTS and _flag(opts.cuda_graph, "ILLUME_EDGE_CUDA_GRAPH")
         try:
-            self._sess = ort.InferenceSession(path, so, providers=self.providers)
+            self._sess = ort.InferenceSession(path, so, providers=self._provider_list(opts))
         except Exception as e:  # onnxruntime raises its own exception types for load failures
             raise EngineError(f"{name} ({path}): onnxruntime cannot load it: {str(e).splitlines()[0][:300]}; "
                               f"re-export the engine") from None
@@ -164,6 +176,27 @@ class Session:
         self.outputs: dict[str, TensorSpec] = {t.name: t for t in component.outputs}
         self._check_contract()
         self.output_names = [o.name for o in self._sess.get_outputs()]
+
+    def _provider_list(self, opts: SessionOptions) -> list:
+        """`providers` as onnxruntime takes them: the CUDA provider with its options when this session is
+        captured as CUDA graphs."""
+        if not self.cuda_graph:
+            return self.providers
+        cuda = ("CUDAExecutionProvider", {"device_id": str(opts.device_id), "enable_cuda_graph": "1"})
+        return [cuda if p == "CUDAExecutionProvider" else p for p in self.providers]
+
+    def run_options(self, graph_id: int | None):
+        """onnxruntime RunOptions for a run replayed as CUDA graph `graph_id` (>= 1), or kept out of any
+        graph (-1); None (plain runs) when this session has no CUDA graphs."""
+        if not self.cuda_graph or graph_id is None:
+            return None
+        import onnxruntime as ort
+
+        if graph_id == 0 or graph_id < -1:
+            raise EngineError(f"{self.name}: CUDA graph id {graph_id}: use -1 (no graph) or an id >= 1")
+        ro = ort.RunOptions()
+        ro.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return ro
 
     def _check_contract(self) -> None:
         """The graph's own I/O must be what the manifest says (a swapped file would otherwise run)."""
@@ -317,9 +350,10 @@ class Binding:
                     self._binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
             self._out[name] = buf
 
-    def run(self) -> dict[str, np.ndarray | DeviceArray]:
-        """Validate the bound inputs against the contract, run, and return every bound output (preallocated
-        buffers as they were bound; outputs left to the device read back to the host)."""
+    def run(self, run_options=None) -> dict[str, np.ndarray | DeviceArray]:
+        """Validate the bound inputs against the contract, run (with onnxruntime `run_options`, e.g.
+        `Session.run_options`), and return every bound output (preallocated buffers as they were bound;
+        outputs left to the device read back to the host)."""
         s = self.session
         if self._dims is None:
             self._dims = s.validate(self.feeds)
@@ -331,7 +365,7 @@ class Binding:
             self._dims.update(s.validate(self.feeds, dirty, self._known[1]))
         self._dirty.clear()
         try:
-            s._sess.run_with_iobinding(self._binding)
+            s._sess.run_with_iobinding(self._binding, run_options)
             result = {name: buf for name, buf in self._out.items() if buf is not None}
             if len(result) < len(self._out):  # device-allocated outputs: read them back
                 for name, value in zip(self._out, self._binding.get_outputs()):
