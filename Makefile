@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 NANO_CKPT   := models/illume-nano
 NANO_ENGINE := engines/illume-nano
 
-.PHONY: setup test export demo bench bench-full clean info kernels nano eval-nano eval-nano-ablation
+.PHONY: setup test export demo bench bench-full clean info kernels wheel nano eval-nano eval-nano-ablation
 
 setup: $(VENV)/.installed
 
@@ -86,6 +86,10 @@ bench-full: setup
 # The CUDA sampling kernel's cubins for sm_87 / sm_89 / sm_90 (needs nvcc; NVRTC covers other archs at run time).
 kernels: setup
 	$(BIN)/python -m illume_edge.runtime.cuda.build --out illume_edge/runtime/cuda/prebuilt
+
+# A wheel with the cubins inside (package data; nvcc needed for the kernels step).
+wheel: kernels
+	$(BIN)/pip wheel --no-deps --no-build-isolation -w dist .
 
 clean:
 	rm -rf build/nano engines/checkpoints $(filter-out engines/README.md,$(wildcard engines/*)) outputs .pytest_cache

@@ -368,3 +368,20 @@ def test_sample_device_reuses_its_argument_buffers(tmp_path):
     la = kernel.pack_launch(1, params, [0.5], v=4000, has_uncond=True, generated_ids_per_row=[[1, 2, 3, 4, 5]])
     sampler.sample_device(1 << 20, "float32", 4000, 0, la, 1 << 21)
     assert dev.freed == [7, 8] and dev.allocs[8:] == [5 * 4, kernel.workspace_bytes(1, 4000)]  # pen_ids, workspace
+
+
+def test_the_wheel_ships_what_the_kernel_build_writes():
+    """`make kernels` writes the cubins and their manifest into build.DEFAULT_OUT, inside the package, and the
+    package data globs take exactly those files into the wheel (`make wheel`), where load_kernel looks."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["illume_edge"]
+    package = root / "illume_edge"
+    out = build.DEFAULT_OUT
+    written = [out / f"sampling.sm_{a}.cubin" for a in build.ARCHS] + [out / "manifest.json"]
+    for path in written:
+        rel = path.relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(rel, g) for g in globs), rel
+    assert kernel.DEFAULT_OUT == build.DEFAULT_OUT

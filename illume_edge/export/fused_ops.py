@@ -16,8 +16,8 @@ runs in torch and its parity with the transformers reference is tested like the 
 GroupQueryAttention's cache contract ("shared" KV layout): past_key / present_key are the *same* buffer of
 `capacity` positions, [B, kv_heads, capacity, head_dim]; the step writes its S new keys at slots
 [T - S, T) and attends over slots [0, T), where T - 1 is the newest real slot: the last 1 in attention_mask
-(rows end together, left padding). onnxruntime takes the shared path when the two bound buffers have the same address (the
-runtime binds them so); `gqa` below computes present = past with those slots replaced.
+(rows end together, left padding). onnxruntime takes the shared path when the two bound buffers have the
+same address (the runtime binds them so); `gqa` below computes present = past with those slots replaced.
 
 The attention mask [B, W] may be exactly the step's slots (W = T: prefill, runs of forced tokens) or span the
 whole cache (W = capacity, zeros past T: a decode step). With W = capacity every decode step of a request has

@@ -319,9 +319,9 @@ class LLMStep(nn.Module):
     graph "fused" (onnxruntime contrib ops, export/fused_ops.py): past and present are one buffer of
     capacity C >= T, [B,kvh,C,d]; the step writes slots [P, T) (the "shared" KV layout), where T - 1 is the
     last 1 in attention_mask (rows end together), which may be [B,T] or span the capacity, [B,C] (zeros past
-    T: a decode step with static shapes). RoPE rotates by cache slot (T - S + s), not by position_ids: the same attention
-    for rows whose slots are their positions plus a constant (left padding), which is every batch the runtime
-    builds; the graph keeps the input, unused.
+    T: a decode step with static shapes). RoPE rotates by cache slot (T - S + s), not by position_ids: the
+    same attention for rows whose slots are their positions plus a constant (left padding), which is every
+    batch the runtime builds; the graph keeps the input, unused.
     """
 
     def __init__(self, model: Qwen2ForCausalLM | LlamaForCausalLM, cfg: ModelConfig, graph: str = "portable"):
