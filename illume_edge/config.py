@@ -377,6 +377,10 @@ class PromptTemplates:
     image_response_prefix: str = "{h}{w}"  # repeated after the assistant header for image outputs
     # Self-assessment (ILLUME's self-enhancing alignment): the answer is one JSON object (runtime/assessment.py)
     assess: str = "<image>\nassess the image for the prompt: {caption}\n"
+    # How the model words an understanding answer: "" answers directly; a separator (". ") means it first
+    # writes what it sees and its final answer follows the separator's last occurrence
+    # (runtime/prompts.final_answer, UnderstandResult.answer). The release answers directly.
+    answer_separator: str = ""
 
     def text_first(self) -> "PromptTemplates":
         """The same prompts with the user's text before the input image (understanding, assessment, editing).

@@ -207,6 +207,41 @@ def test_grounding_dialogues_end_with_a_conjunctive_yes_no_question(nano):
     assert {"yes", "no"} <= set(lasts) and sum(a in ("yes", "no") for a in lasts) >= 0.75 * len(lasts)
 
 
+def test_describe_first_schedule_answers_after_the_description(nano):
+    """Schedule.answer_style "describe-first" (the "reasoned" schedule): every QA answer of the dialogues is the
+    scene's description, ". ", then the answer, and the checkpoint's prompts say so (answer_separator); an
+    unknown style is refused before anything trains."""
+    from pathlib import Path
+
+    from illume_edge.nano import recipe
+
+    cfg, _, tok = nano
+    separator, restyle = recipe.ANSWER_STYLES["describe-first"]
+    assert separator == ". " and recipe.ANSWER_STYLES["short"] == ("", None)
+    reasoned = recipe.SCHEDULES["reasoned"]
+    assert (reasoned.answer_style, reasoned.stage0_layout) == ("describe-first", "question-first")
+    assert reasoned.stage0 > 0 and reasoned.stage0_layout in text_pretrain.LAYOUTS
+    tasks = recipe.Tasks(SequenceBuilder(tok, cfg), W, answer_style=restyle)
+    rng = np.random.default_rng(1)
+    replies = []
+    for _ in range(20):
+        ex = tasks.qa(rng)
+        cur = []
+        for t, label in zip(ex.ids, ex.labels):
+            if label == IGNORE:
+                continue
+            if t == cfg.tokens.im_end:
+                replies.append(tok.decode(cur).strip())
+                cur = []
+            else:
+                cur.append(t)
+    described = [r for r in replies if ". " in r]
+    assert len(described) >= 0.7 * len(replies)  # every kind but describe
+    assert all(r.count(". ") == 1 and r.split(". ")[1] for r in described)
+    with pytest.raises(ValueError, match="answer_style"):
+        recipe.run(Path("unused"), Path("unused"), recipe.Schedule(answer_style="chatty"))
+
+
 def test_stage0_pairs_supervise_only_the_answer(nano):
     cfg, _, tok = nano
     scene = world.sample_scene(np.random.default_rng(3), W)

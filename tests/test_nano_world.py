@@ -10,7 +10,8 @@ import pytest
 from illume_edge.nano import evaluator as ev
 from illume_edge.nano.world import (COLORS, EDIT_KINDS, GEN_CATEGORIES, NUMBER_WORDS, QA_KINDS, RELATIONS,
                                     SCAFFOLD_KINDS, SHAPES, QA, scaffold_qa,
-                                    GenPrompt, Obj, Scene, WorldConfig, describe, full_prompt, gen_prompt_for,
+                                    GenPrompt, Obj, Scene, WorldConfig, describe, describe_first, full_prompt,
+                                    gen_prompt_for,
                                     heldout_scenes, is_heldout, make_edit, make_qa, position_name, qa_pairs,
                                     render, sample_edit, sample_gen_prompt, sample_scene, text_corpus, vocabulary,
                                     words)
@@ -156,6 +157,28 @@ def test_qa_answers_are_correct_by_construction():
             elif qa.kind == "describe":
                 assert qa.answer == describe(scene) and ev.parse(render(scene, CFG), CFG) == scene
             assert ev.answer_correct(qa, f"  {qa.answer.upper()}. ")
+
+
+def test_describe_first_answers_end_with_the_answer_after_the_only_separator():
+    """A describe-first answer is "<description>. <answer>"; no description contains the separator, so the final
+    answer read back after its last ". " (runtime.prompts.final_answer, how the evaluation scores such a model)
+    is the world's answer, for every kind; describe questions stay as they are."""
+    from illume_edge.runtime.prompts import final_answer
+
+    rng = np.random.default_rng(3)
+    kinds = set()
+    for scene in scenes(300, seed=8):
+        for qa in qa_pairs(scene, rng):
+            styled = describe_first(scene, qa)
+            assert styled.kind == qa.kind and styled.question == qa.question
+            if qa.kind == "describe":
+                assert styled == qa and ". " not in qa.answer
+                continue
+            kinds.add(qa.kind)
+            assert styled.answer == f"{describe(scene)}. {qa.answer}" and styled.answer.count(". ") == 1
+            assert final_answer(styled.answer, ". ") == qa.answer and ev.answer_correct(qa, final_answer(
+                styled.answer, ". "))
+    assert kinds == set(QA_KINDS) - {"describe"}
 
 
 def test_exist_and_relation_answers_are_balanced_and_true():

@@ -308,3 +308,21 @@ def test_image_input_layout_matches_grammar(name):
             assert np.all(ids[ends] == cfg.tokens.end_of_line)
         n_feature_items = sum(k == "features" for k, _ in lay.items)
         assert n_feature_items == sum(cfg.level_grid(lv, h, w)[0] for lv in range(cfg.num_levels))
+
+
+def test_final_answer_is_what_follows_the_last_separator():
+    from illume_edge.runtime.pipeline import TextStream
+    from illume_edge.runtime.decode_loops import Timings
+    from illume_edge.runtime.prompts import final_answer
+
+    assert final_answer(" red ", "") == "red"  # a model that answers directly: the whole reply
+    assert final_answer("a red circle at the top. red", ". ") == "red"
+    assert final_answer("a red circle. a blue square. two", ". ") == "two"
+    assert final_answer("no separator written", ". ") == "no separator written"
+    stream = TextStream(iter(["a red circle", " at the top", ". ", "red"]), Timings(), 0.0, ". ")
+    assert "".join(stream) == "a red circle at the top. red"
+    assert stream.result.text == "a red circle at the top. red" and stream.result.answer == "red"
+    direct = TextStream(iter(["red"]), Timings(), 0.0)
+    list(direct)
+    assert direct.result.answer == direct.result.text == "red"
+

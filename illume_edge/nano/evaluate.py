@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime.prompts import final_answer
 from . import evaluator, world
 
 EVAL_SEED = 777
@@ -72,6 +73,7 @@ class RuntimeBackend:
 
         self.pipe = Pipeline.load(engine_dir, threads=threads)
         self.name = f"runtime ({self.pipe.engine.manifest.precision})"
+        self.answer_separator = self.pipe.cfg.prompts.answer_separator
 
     def answer(self, image, question: str) -> str:
         return self.pipe.understand(image, question, max_new_tokens=64).text
@@ -98,6 +100,7 @@ class TorchBackend:
         mods = load_checkpoint(checkpoint)
         paths = CheckpointPaths.from_dir(checkpoint)
         self.cfg = mods.cfg
+        self.answer_separator = self.cfg.prompts.answer_separator
         self.tok = TextTokenizer.from_file(paths.mllm / "tokenizer.json", self.cfg)
         self.ref = ReferencePipeline(mods, self.tok)
         rp = float(mods.generation_config.get("repetition_penalty", 1.0))
@@ -146,9 +149,10 @@ def evaluate(backend, size: EvalSize, wcfg: world.WorldConfig = world.WorldConfi
         if progress is not None:
             progress(done, total)
 
-    answers = []
+    answers = []  # scored on the final answer (the whole reply unless the model reasons first)
     for scene, q in qas:
-        answers.append((q, backend.answer(world.render(scene, wcfg), q.question)))
+        answers.append((q, final_answer(backend.answer(world.render(scene, wcfg), q.question),
+                                        backend.answer_separator)))
         tick()
     per_sample: list[list[tuple[world.GenPrompt, world.Scene]]] = [[] for _ in range(size.candidates)]
     best, agree = [], []

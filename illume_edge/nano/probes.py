@@ -302,8 +302,8 @@ def restyle(scene: world.Scene, qa: world.QA, style: str) -> world.QA:
       (the model writes what it sees, then answers from its own text)."""
     if style not in ANSWER_STYLES:
         raise ValueError(f"--answer-style: expected one of {ANSWER_STYLES}, got {style!r}")
-    if style == "describe-first" and qa.kind != "describe":
-        return world.QA(qa.kind, qa.question, f"{world.describe(scene)}. {qa.answer}")
+    if style == "describe-first":
+        return world.describe_first(scene, qa)
     if style != "echo" or qa.kind not in _NAMED:
         return qa
     m = re.fullmatch(_NAMED[qa.kind], qa.question)

@@ -57,6 +57,7 @@ class Schedule:
     vae: int = 800
     unet: int = 1600
     stage0: int = 0
+    stage0_layout: str = "scene-first"  # text_pretrain.LAYOUTS
     stage1: int = 200
     stage2: int = 800
     stage3_curriculum: int = 400
@@ -67,16 +68,24 @@ class Schedule:
     vae_batch: int = 16
     decoder_batch: int = 32
     llm_batch: int = 32
+    # "short": answers as the world words them; "describe-first": every QA answer is the scene's description,
+    # ". ", then the answer (world.describe_first), and the checkpoint's prompts.answer_separator is ". "
+    answer_style: str = "short"
 
 
 SCHEDULES = {
     "full": Schedule(),
     # "full" plus 4000 steps of stage 0 (+7 minutes): understanding 0.786, generation 0.621, editing 0.312
     "text-pretrain": Schedule(stage0=4000),
+    # stage 0 in the question-first layout ("<question> <description>. <answer>") and every image QA answered
+    # after the model's own description of the scene: the text lookup that stage 0 teaches, on its own words
+    "reasoned": Schedule(stage0=4000, stage0_layout="question-first", answer_style="describe-first"),
     # A seconds-long run of every stage for tests: same code path, meaningless weights.
     "smoke": Schedule(vit=2, tokenizer=2, vae=2, unet=2, stage0=1, stage1=1, stage2=1, stage3_curriculum=1, stage3=1,
                       stage4=1, self_enhance_prompts=4, vision_batch=4, vae_batch=2, decoder_batch=2, llm_batch=2),
 }
+# Schedule.answer_style -> (PromptTemplates.answer_separator, the QA answers' rewrite for Tasks)
+ANSWER_STYLES = {"short": ("", None), "describe-first": (". ", world.describe_first)}
 SEED = 20241209  # ILLUME's arXiv date
 STAGE0_LR = 1e-3
 
@@ -288,6 +297,9 @@ def export_fp32(ckpt: Path, out: Path) -> None:
 
 def run(out: Path, work: Path, schedule: Schedule, threads: int = 2, seed: int = SEED) -> dict:
     """Every stage in order; `seed` (default SEED, the shipped model's) sets every stage's seed."""
+    if schedule.answer_style not in ANSWER_STYLES:
+        raise ValueError(f"Schedule.answer_style: expected one of {sorted(ANSWER_STYLES)}, "
+                         f"got {schedule.answer_style!r}")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     t_start = time.perf_counter()
@@ -295,6 +307,8 @@ def run(out: Path, work: Path, schedule: Schedule, threads: int = 2, seed: int =
     log = work / "train_log.jsonl"
     log.write_text("")
     cfg: ModelConfig = preset("illume-nano")
+    separator, restyle = ANSWER_STYLES[schedule.answer_style]
+    cfg = dataclasses.replace(cfg, prompts=dataclasses.replace(cfg.prompts, answer_separator=separator))
     wcfg = world.WorldConfig()
     words = base_words(cfg)
     tok = TextTokenizer(build_tokenizer(cfg, words), cfg)
@@ -333,10 +347,11 @@ def run(out: Path, work: Path, schedule: Schedule, threads: int = 2, seed: int =
 
     phases = stage0_phases(s)
     text_pretrain.pretrain_text(mods.llm, tok, cfg.tokens.im_end, wcfg, phases, batch=s.llm_batch, lr=STAGE0_LR,
-                                seed=_seed(10, seed), progress=stage("stage0", sum(n for _, n in phases)))
+                                seed=_seed(10, seed), progress=stage("stage0", sum(n for _, n in phases)),
+                                layout=s.stage0_layout)
     done("stage0")
     trainer = LLMTrainer(cfg, mods.llm, mods.projectors["semantic"], tower)
-    mixes = stage_mixtures(Tasks(builder, wcfg))
+    mixes = stage_mixtures(Tasks(builder, wcfg, answer_style=restyle))
     for name, trainable, lr, offset in LLM_STAGES:
         steps = getattr(s, name)
         trainer.train(mixes[name], steps=steps, batch=s.llm_batch, lr=lr, seed=_seed(offset, seed),

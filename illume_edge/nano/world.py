@@ -247,6 +247,14 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def describe_first(scene: Scene, qa: QA) -> QA:
+    """`qa` answered after the scene's description: "<description>. <answer>" (the model writes what it sees,
+    then answers from its own words; PromptTemplates.answer_separator ". "); a describe question as it is."""
+    if qa.kind == "describe":
+        return qa
+    return QA(qa.kind, qa.question, f"{describe(scene)}. {qa.answer}")
+
+
 def describe(scene: Scene) -> str:
     """"a red circle at the top left, a blue square in the center and a green triangle at the bottom right"."""
     if not scene.objects:

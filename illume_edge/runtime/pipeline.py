@@ -20,7 +20,8 @@ from .detokenize import code_maps, diffusion_decode, vq_decode
 from .engine import Engine
 from .image_prep import letterbox_to_anchor, load_image, preprocess_image, unletterbox
 from .llm_runner import LLMRunner
-from .prompts import TextTokenizer, assess_prompt, edit_prompts, generate_prompts, understand_prompt
+from .prompts import (TextTokenizer, assess_prompt, edit_prompts, final_answer, generate_prompts,
+                      understand_prompt)
 from .sampler import SamplingParams
 from .session import SessionOptions
 from .vision import PromptTable, encode_image
@@ -32,8 +33,9 @@ DECODERS = ("auto", "diffusion", "vq")
 
 @dataclass
 class UnderstandResult:
-    text: str
+    text: str  # the whole reply
     timings: dict[str, float]
+    answer: str  # its final answer (prompts.final_answer: the reply itself unless the model reasons first)
 
 
 @dataclass
@@ -58,8 +60,8 @@ class ImageResult:
 class TextStream:
     """Iterate to receive text pieces; `.result` holds the full answer and timings afterwards."""
 
-    def __init__(self, pieces: Iterator[str], timings: Timings, t0: float):
-        self._pieces, self._t0 = pieces, t0
+    def __init__(self, pieces: Iterator[str], timings: Timings, t0: float, answer_separator: str = ""):
+        self._pieces, self._t0, self._separator = pieces, t0, answer_separator
         self.timings = timings  # per-stage seconds so far (complete once iteration ends)
         self._text: list[str] = []
         self.result: UnderstandResult | None = None
@@ -69,7 +71,8 @@ class TextStream:
             self._text.append(piece)
             yield piece
         self.timings.add("total", time.perf_counter() - self._t0)
-        self.result = UnderstandResult("".join(self._text), dict(self.timings.stages))
+        text = "".join(self._text)
+        self.result = UnderstandResult(text, dict(self.timings.stages), final_answer(text, self._separator))
 
 
 def to_rgb(image: ImageInput) -> np.ndarray:
@@ -191,7 +194,7 @@ class Pipeline:
         image_ids = table.add(encode_image(self.engine, pixels, timings))
         pieces = stream_text(self.runner, self.tokenizer, prompt.expand([image_ids]), table.table(), params, seed,
                              max_new_tokens, timings)
-        return TextStream(pieces, timings, t0)
+        return TextStream(pieces, timings, t0, self.cfg.prompts.answer_separator)
 
     # --- generation ---------------------------------------------------------------------------------------
     def generate(self, prompt: str, *, resolution: str | Sequence[int] | None = None, seed: int = 0,

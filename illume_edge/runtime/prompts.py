@@ -318,3 +318,12 @@ def image_input_layout(cfg: ModelConfig, height: int, width: int) -> ImageInputL
     items.append(("token", t.end_of_image))
     pos += 1
     return ImageInputLayout(tuple(items), pos, tuple(grids), tuple(positions))
+
+
+def final_answer(text: str, separator: str) -> str:
+    """The final answer of an understanding reply: the text after the last `separator` (cfg.prompts.
+    answer_separator; the reply's reasoning comes before it), or the whole reply when the model answers
+    directly (separator "") or wrote no separator."""
+    if separator and separator in text:
+        return text.rsplit(separator, 1)[1].strip()
+    return text.strip()
