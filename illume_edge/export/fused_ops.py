@@ -209,7 +209,9 @@ def gqa_lengths(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     the batch's newest real slot: rows end together (left padding, masked by the bias), and a row that is all
     padding follows the others; a mask with no 1 at all means T = W. Computed once per step, shared by every
     layer."""
-    width = torch.ones_like(attention_mask[0]).sum()  # W, as a tensor
+    # W from the mask's shape (Shape -> Cast in the graph): onnxruntime's CUDA kernel reads total_sequence_length
+    # on the host, and a shape needs no device-to-host copy (none is allowed inside a captured CUDA graph)
+    width = torch.full((), attention_mask.shape[1], dtype=torch.int64, device=attention_mask.device)
     slots = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)  # [W]: slot + 1
     end = ((attention_mask != 0) * slots).amax(dim=(0, 1))  # T: one past the newest real slot of any row
     end = torch.where(end > 0, end, width)

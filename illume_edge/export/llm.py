@@ -267,7 +267,7 @@ def causal_padding_bias(attention_mask: torch.Tensor, new_len: int | torch.SymIn
     allowed = causal & (attention_mask != 0).unsqueeze(1)  # [B, S, W]
     masked = torch.full((), torch.finfo(dtype).min, dtype=dtype)
     bias = torch.where(allowed, torch.zeros((), dtype=dtype), masked)
-    return bias.unsqueeze(1)  # [B, 1, S, T]
+    return bias.unsqueeze(1)  # [B, 1, S, W]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

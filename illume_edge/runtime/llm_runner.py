@@ -184,11 +184,11 @@ class LLMRunner:
         if width > limit:
             raise EngineError(f"llm: prompt of {width} tokens exceeds the model's limit of {limit}")
         capacity = width + max_new_tokens
-        limit = self.cfg.llm.max_position_embeddings
-        if capacity > limit:
-            raise EngineError(f"llm: prompt {width} + {max_new_tokens} new tokens exceeds the context of {limit}")
+        context = self.cfg.llm.max_position_embeddings
+        if capacity > context:
+            raise EngineError(f"llm: prompt {width} + {max_new_tokens} new tokens exceeds the context of {context}")
         if self.cuda_graph:  # shapes shared by requests of similar length (module docstring)
-            capacity = min(-(-capacity // CUDA_GRAPH_CAPACITY_STEP) * CUDA_GRAPH_CAPACITY_STEP, limit)
+            capacity = min(-(-capacity // CUDA_GRAPH_CAPACITY_STEP) * CUDA_GRAPH_CAPACITY_STEP, context)
         batch = len(rows)
         ids = np.full((batch, width), self.pad_id, np.int64)
         bufs = self._request_buffers(batch, capacity)
@@ -318,7 +318,7 @@ class LLMRunner:
             step.ids.write(ids)
         step.ids_written = None
         step.positions.write(positions)
-        if not step.mask.on_host:
+        if not step.mask.on_host:  # an OrtValue is written whole: B x capacity int64 (32 KB at 2 x 2048)
             step.mask.write(state.mask)
 
     def _check_ids(self, ids: np.ndarray, table_rows: int) -> None:
