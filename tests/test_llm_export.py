@@ -523,12 +523,14 @@ def _run_shared(bundle, buffers, ids, mask, pos) -> np.ndarray:
     return hidden
 
 
+FUSED_BUNDLES = [(name, "fused") for name in ("tiny-plus", "tiny-v1")]
+
+
+@pytest.mark.parametrize("bundle", FUSED_BUNDLES, indirect=True, ids=lambda p: "-".join(p))
 def test_fused_decode_with_capacity_mask_equals_exact_mask(bundle):
     """A decode step may bind the mask over the whole KV capacity (zeros past the newest slot: the same
     shapes every step, what a CUDA graph needs): the same hidden states and cache as the mask cut to the
     step's slots, on a left-padded batch, step after step (onnxruntime; atol 1e-6)."""
-    if bundle.graph != "fused":
-        pytest.skip("only the fused graph reads the newest slot from the mask's content")
     ids, mask, pos = _left_padded(_prompts(bundle.cfg, seed=5))
     batch, width = ids.shape
     capacity = width + DECODE_STEPS + 3

@@ -78,7 +78,7 @@ class DeviceArray:
     def host(self) -> np.ndarray:
         """The values on the host: numpy-owned memory itself (the same object every call, written in place by
         the next run), else a copy."""
-        if isinstance(self._memory, np.ndarray):
+        if self.on_host:
             if self._host is None:
                 self._host = self._memory.reshape(-1)[self._offset:self._offset + self.size].reshape(self.shape)
             return self._host

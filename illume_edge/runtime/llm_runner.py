@@ -111,7 +111,6 @@ class StepBuffers:
     positions: DeviceArray  # int64 [B, 1]
     mask: DeviceArray  # int64 [B, capacity]: the request's mask itself when numpy owns it (`on_host`)
     table: DeviceArray  # float32 [1, hidden]: the image-row table of a decode step (its ids never index it)
-    bound: bool = False  # bound in the llm binding now (a prefill or multi-token run binds its own inputs)
     ids_written: int | None = None  # a token a device sampler wrote into `ids` for every row (skip the write)
 
 
@@ -160,7 +159,6 @@ class LLMRunner:
         self.static_decode = self.kv_layout == "shared" and takes_capacity_mask(self.session.component)
         self.cuda_graph = self.static_decode and self.session.cuda_graph
         self._pool: dict[tuple[int, int], RequestBuffers] = {}  # (batch, capacity) -> buffers (CUDA graphs)
-        self._run_options: dict[int, object] = {}  # graph id -> onnxruntime RunOptions
         self.runs = 0  # llm graph runs so far (benchmarks count them)
         llm = self.cfg.llm
         self.num_layers, self.hidden = llm.num_layers, llm.hidden_size
@@ -194,7 +192,6 @@ class LLMRunner:
         bufs = self._request_buffers(batch, capacity)
         step = bufs.step
         mask = step.mask.host() if step is not None and step.mask.on_host else np.zeros((batch, capacity), np.int64)
-        mask[:] = 0  # reused buffers hold the last request's mask
         for b, r in enumerate(rows):
             ids[b, width - len(r):] = r  # left padding: real tokens end at the same column
             mask[b, width - len(r):width] = 1
@@ -212,7 +209,9 @@ class LLMRunner:
         key = (batch, capacity)
         kept = self._pool.get(key)
         if kept is not None and (kept.owner is None or kept.owner() is None):
-            kept.step.bound, kept.step.ids_written = False, None
+            kept.step.ids_written = None
+            if kept.step.mask.on_host:  # the request's mask itself: it holds the last request's
+                kept.step.mask.host()[:] = 0
             return kept
         alloc = self.session.allocate
         step = None
@@ -275,28 +274,18 @@ class LLMRunner:
         step, graph = state.step, None
         if step is not None and s == 1 and p > 0:  # a static decode step: the request's fixed buffers
             self._write_step(state, ids, positions)
-            if not step.bound:
+            if binding.feeds.get("input_ids") is not step.ids:  # first step, or after a prefill / multi-token run
                 binding.bind_inputs({"input_ids": step.ids, "image_embeds": step.table,
                                      "attention_mask": step.mask, "position_ids": step.positions})
-                step.bound = True
             graph = state.graph_id
         else:
             binding.bind_inputs({"input_ids": ids, "image_embeds": table, "attention_mask": state.mask[:, :p + s],
                                  "position_ids": positions.astype(np.int64)})
-            if step is not None:
-                step.bound = False
             graph = -1 if state.graph_id is not None else None  # prefills and multi-token runs: no graph
-        binding.run(self._graph_run_options(graph))
+        binding.run(self.session.run_options(graph))
         self.runs += 1
         state.kv.advance()
         state.length = p + s
-
-    def _graph_run_options(self, graph_id: int | None):
-        if graph_id is None:
-            return None
-        if graph_id not in self._run_options:
-            self._run_options[graph_id] = self.session.run_options(graph_id)
-        return self._run_options[graph_id]
 
     @staticmethod
     def step_ids(state: DecodeState) -> DeviceArray | None:

@@ -167,6 +167,7 @@ class Session:
         self.providers = choose_providers(opts.providers)
         self.device, self.device_id, self.buffer_owner = opts.device, opts.device_id, opts.buffers
         self.cuda_graph = name in CUDA_GRAPH_COMPONENTS and _flag(opts.cuda_graph, "ILLUME_EDGE_CUDA_GRAPH")
+        self._graph_runs: dict[int, object] = {}  # CUDA graph id -> onnxruntime RunOptions (run_options)
         try:
             self._sess = ort.InferenceSession(path, so, providers=self._provider_list(opts))
         except Exception as e:  # onnxruntime raises its own exception types for load failures
@@ -187,16 +188,19 @@ class Session:
 
     def run_options(self, graph_id: int | None):
         """onnxruntime RunOptions for a run replayed as CUDA graph `graph_id` (>= 1), or kept out of any
-        graph (-1); None (plain runs) when this session has no CUDA graphs."""
+        graph (-1), made once per id (a decode step asks every step); None (plain runs) when this session has
+        no CUDA graphs."""
         if not self.cuda_graph or graph_id is None:
             return None
-        import onnxruntime as ort
+        if graph_id not in self._graph_runs:
+            import onnxruntime as ort
 
-        if graph_id == 0 or graph_id < -1:
-            raise EngineError(f"{self.name}: CUDA graph id {graph_id}: use -1 (no graph) or an id >= 1")
-        ro = ort.RunOptions()
-        ro.add_run_config_entry("gpu_graph_id", str(graph_id))
-        return ro
+            if graph_id == 0 or graph_id < -1:
+                raise EngineError(f"{self.name}: CUDA graph id {graph_id}: use -1 (no graph) or an id >= 1")
+            ro = ort.RunOptions()
+            ro.add_run_config_entry("gpu_graph_id", str(graph_id))
+            self._graph_runs[graph_id] = ro
+        return self._graph_runs[graph_id]
 
     def _check_contract(self) -> None:
         """The graph's own I/O must be what the manifest says (a swapped file would otherwise run)."""
