@@ -136,8 +136,14 @@ def test_pack_launch():
     assert la.top_k.tolist() == [5, 5] and la.uniforms.tolist() == [0.25, 0.5]
     assert la.pen_offsets.tolist() == [0, 2, 2] and la.pen_ids.tolist() == [1000, 1099]
     assert la.grid == (2, 1, 1) and la.block == (build.BLOCK, 1, 1)
-    la = kernel.pack_launch(1, SamplingParams(temperature=0.0), None, v=10, has_uncond=True)
+    assert la.bans.shape == (0, 2) and la.bans.dtype == np.int32
+    la = kernel.pack_launch(1, SamplingParams(temperature=0.0), None, v=10, has_uncond=True,
+                            banned=[(3, 5), (1200, 1300)])
     assert la.uncond_row.tolist() == [-1]  # cfg_scale 1: no uncond read
+    assert la.bans.tolist() == [[3, 5], [1200, 1300]]  # global ids: the kernel clips them to its range
+    for bad in ([(5, 3)], [(-1, 2)], [(0, 2 ** 31)]):
+        with pytest.raises(ValueError, match="banned"):
+            kernel.pack_launch(1, SamplingParams(temperature=0.0), None, v=10, banned=bad)
     with pytest.raises(ValueError, match="uniforms"):
         kernel.pack_launch(1, SamplingParams(), None, v=10)
 
@@ -207,6 +213,43 @@ def test_emulation_guided_full_vocab():
     assert agree == total
 
 
+def _ban_case(rng, v, start):
+    """Random global [start, stop) ranges: inside the row, straddling either edge, outside it, empty."""
+    cuts = np.sort(rng.integers(start - v // 4, start + v + v // 4, 2 * int(rng.integers(1, 5))))
+    return [(max(int(a), 0), max(int(b), 0)) for a, b in cuts.reshape(-1, 2)]
+
+
+def test_emulation_bans_match_the_masked_sampler():
+    """Stage 1b: the kernel's ban ranges give guided_sample's token on logits masked on the host
+    (grammar.ban_ranges), with the penalty listing banned ids too, and never a banned id; a row whose every
+    id is banned is invalid (-1), as the kernel flags it."""
+    from illume_edge.runtime.grammar import ban_ranges
+
+    rng = np.random.default_rng(2024)
+    agree = total = 0
+    for i in range(400):
+        x, k, p, t = _case(rng, i)
+        v, start = x.shape[1], int(rng.choice([0, 1000]))
+        bans = _ban_case(rng, v, start)
+        gen = [list(start + rng.integers(0, v, 20))]
+        params = SamplingParams(temperature=t, top_k=k, top_p=p, repetition_penalty=1.3)
+        u = rng.random(1)
+        masked = ban_ranges(x, bans, start)
+        b = int(em.emulate_guided_sample(x, None, params, u, range_start=start, generated_ids_per_row=gen,
+                                         banned=bans)[0])
+        if not np.isfinite(masked).any():
+            assert b == -1
+            continue
+        a = int(sampler.guided_sample(masked, None, params, u, range_start=start, generated_ids_per_row=gen)[0])
+        assert not any(lo <= start + b < hi for lo, hi in bans), (i, b, bans)
+        total += 1
+        agree += a == b
+    assert total > 300 and agree / total >= 0.999, (agree, total)
+    everything = em.emulate_guided_sample(np.zeros((1, 10), np.float32), None, SamplingParams(temperature=0.0),
+                                          None, range_start=5, banned=[(0, 100)])
+    assert everything.tolist() == [-1]
+
+
 def test_emulation_invalid_rows():
     assert em.sample_row(np.full(10, -np.inf, np.float32), 1.0, 0, 1.0, 0.5) == -1
     assert em.sample_row(np.array([0, np.nan], np.float32), 1.0, 0, 1.0, 0.5) == -1
@@ -239,6 +282,31 @@ def test_gpu_kernel_matches_sampler(gpu_sampler, dtype):
             assert a[0] == b[0], i
         total += 1
         agree += int(a[0] == b[0])
+    assert agree / total >= 0.999, (agree, total)
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_bans(gpu_sampler):
+    """Stage 1b on the device: the kernel's tokens equal the emulation's with ban ranges (text decoding)."""
+    rng = np.random.default_rng(31)
+    agree = total = 0
+    for i in range(500):
+        x, k, p, t = _case(rng, i)
+        start = int(rng.choice([0, 1000]))
+        bans = _ban_case(rng, x.shape[1], start)
+        params = SamplingParams(temperature=t, top_k=k, top_p=p, repetition_penalty=1.3)
+        gen = [list(start + rng.integers(0, x.shape[1], 20))]
+        u = rng.random(1)
+        want = int(em.emulate_guided_sample(x, None, params, u, range_start=start, generated_ids_per_row=gen,
+                                            banned=bans)[0])
+        if want < 0:
+            with pytest.raises(ValueError, match="no finite logit"):
+                gpu_sampler.sample(x, None, params, u, range_start=start, generated_ids_per_row=gen, banned=bans)
+            continue
+        got = int(gpu_sampler.sample(x, None, params, u, range_start=start, generated_ids_per_row=gen,
+                                     banned=bans)[0])
+        total += 1
+        agree += got == want
     assert agree / total >= 0.999, (agree, total)
 
 
@@ -361,13 +429,13 @@ def test_sample_device_reuses_its_argument_buffers(tmp_path):
     for step in range(3):
         la = kernel.pack_launch(1, params, [0.5], v=1000, has_uncond=True, generated_ids_per_row=[[1, 2]])
         sampler.sample_device(1 << 20, "float32", 1000, 0, la, 1 << 21)
-    assert dev.launches == 3 and dev.freed == [] and len(dev.allocs) == 8  # 7 argument arrays + workspace
+    assert dev.launches == 3 and dev.freed == [] and len(dev.allocs) == 9  # 8 argument arrays + workspace
     assert dev.allocs[-1] == kernel.workspace_bytes(1, 1000)
     # the last launch's arguments went into the first launch's buffers
-    assert {dst for dst, _ in dev.copied[-7:]} == {dst for dst, _ in dev.copied[:7]}
+    assert {dst for dst, _ in dev.copied[-8:]} == {dst for dst, _ in dev.copied[:8]}
     la = kernel.pack_launch(1, params, [0.5], v=4000, has_uncond=True, generated_ids_per_row=[[1, 2, 3, 4, 5]])
     sampler.sample_device(1 << 20, "float32", 4000, 0, la, 1 << 21)
-    assert dev.freed == [7, 8] and dev.allocs[8:] == [5 * 4, kernel.workspace_bytes(1, 4000)]  # pen_ids, workspace
+    assert dev.freed == [7, 9] and dev.allocs[9:] == [5 * 4, kernel.workspace_bytes(1, 4000)]  # pen_ids, workspace
 
 
 def test_the_wheel_ships_what_the_kernel_build_writes():

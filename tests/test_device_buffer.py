@@ -139,7 +139,8 @@ class EmulatedKernel:
             uncond = (logits[la.uncond_row[r], col0:col0 + la.v].astype(np.float32) if la.uncond_row[r] >= 0
                       else None)
             pen = la.pen_ids[la.pen_offsets[r]:la.pen_offsets[r + 1]].astype(np.int64) - la.range_start
-            x = emulation.combined_logits(cond, uncond, cfg, penalty, pen)
+            bans = [(int(lo) - la.range_start, int(hi) - la.range_start) for lo, hi in la.bans]
+            x = emulation.combined_logits(cond, uncond, cfg, penalty, pen, bans)
             out[r * out_stride:r * out_stride + out_copies] = la.range_start + emulation.sample_row(
                 x, t, int(la.top_k[r]), top_p, float(la.uniforms[r]))
 
@@ -172,3 +173,39 @@ def test_device_pick_draws_the_host_samplers_tokens(tiny_engine, buffers):
     assert not {ptr for ptr, _, _ in kernel.outputs} & scratch
     with pytest.raises(ValueError, match="sampler: expected one of"):
         Pipeline(engine, sampler="gpu")
+
+
+@pytest.mark.parametrize("buffers", ["auto", "ortvalue"])
+def test_device_pick_streams_the_host_samplers_text(tiny_engine, buffers, monkeypatch):
+    """The text loop with the kernel's draw gives the host sampler's answer token for token (temperature,
+    top-k, top-p, penalty), with the banned ranges applied by the kernel. The real ranges hold 5 of the tiny
+    engine's 151,704 text ids, which random weights never pick, so the test bans the lower half of the text
+    vocabulary too: without the kernel's bans about half the draws would differ. Each token goes into the
+    next step's input ids (one row), and the step that feeds it does not write it again."""
+    from illume_edge.runtime import decode_loops
+    from illume_edge.runtime.decode_loops import device_pick
+    from illume_edge.runtime.engine import Engine
+    from illume_edge.runtime.grammar import text_banned_ranges
+    from illume_edge.runtime.pipeline import Pipeline
+    from illume_edge.runtime.session import SessionOptions
+
+    engine = Engine.load(tiny_engine("tiny-plus")[0], SessionOptions(buffers=buffers))
+    half = engine.config.head_ranges()["text"][1] // 2
+    banned = [(0, half)] + text_banned_ranges(engine.config)
+    monkeypatch.setattr(decode_loops, "text_banned_ranges", lambda cfg: banned)
+    host, dev, kernel = Pipeline(engine, sampler="host"), Pipeline(engine), EmulatedKernel()
+    picks = {"host": [], "device": []}
+    for name, pipe, inner in (("host", host, host.pick), ("device", dev, device_pick(kernel))):
+        pipe.pick = lambda *a, _inner=inner, _out=picks[name]: _out.append(_inner(*a)) or _out[-1]
+    writes = []
+    real_write = dev.runner._write_step
+    dev.runner._write_step = lambda state, ids, pos: (writes.append(state.step.ids_written), real_write(state, ids, pos))
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    for seed in range(3):
+        args = dict(max_new_tokens=24, seed=seed, temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=1.2)
+        want, got = host.understand(image, "what is this?", **args), dev.understand(image, "what is this?", **args)
+        assert picks["device"] == picks["host"] and got.text == want.text, f"seed {seed}"
+    assert len(picks["device"]) > 24
+    assert all(not any(a <= t < b for a, b in banned) for t in picks["device"])
+    assert kernel.launches >= 3 and {(stride, copies) for _, stride, copies in kernel.outputs} == {(1, 1)}
+    assert writes and all(w is not None for w in writes)  # every fed token was already in the ids buffer

@@ -67,3 +67,18 @@ def test_cuda_image_loop_with_the_kernel_equals_the_host_sampler(tiny_engine, cu
     got = Pipeline(engine, sampler="device").generate("a red circle", **args)
     same = sum(int((a == b).sum()) for a, b in zip(got.codes, want.codes))
     assert same / sum(c.size for c in want.codes) >= 0.99
+
+
+@pytest.mark.gpu
+def test_cuda_text_loop_with_the_kernel_equals_the_host_sampler(tiny_engine, cuda_provider):
+    """Understanding on the GPU with the kernel drawing every text token on the device (ban ranges, top-k,
+    top-p, penalty) into the next step's input ids, under CUDA graphs: the numpy sampler's answer."""
+    from illume_edge.runtime.pipeline import Pipeline
+
+    engine = Engine.load(tiny_engine("tiny-plus", "fused")[0],
+                         SessionOptions(providers=CUDA, device="cuda", cuda_graph=True))
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    args = dict(max_new_tokens=32, seed=5, temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=1.2)
+    want = Pipeline(engine, sampler="host").understand(image, "what is this?", **args)
+    got = Pipeline(engine, sampler="device").understand(image, "what is this?", **args)
+    assert got.text == want.text

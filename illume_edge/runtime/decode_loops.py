@@ -6,32 +6,36 @@ next level's tags go in as one step); a sampled position runs only its level's h
 state, combines the CFG rows (row 0 conditional, row 1 unconditional) and draws with the request's
 pre-drawn uniform. The draw is a `Pick`: `host_pick` (the numpy sampler on the host's copy of the logits)
 or `device_pick` (the CUDA sampling kernel on the logits where the head wrote them; only the token id
-comes back). Text loop: the text head, codes and level tags banned, stop ids end it (on the host: the
-kernel takes an allowed id range, not a ban list).
+comes back). Text loop: the text head through the same `Pick`, codes, level tags and dead head rows banned
+(`grammar.text_banned_ranges`: -inf on the host, the kernel's ban ranges on the device), stop ids end it.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from ..config import ModelConfig
 from ..manifest import EngineError
-from .grammar import Forced, ImageGrammar, mask_text_logits
+from .grammar import Forced, ImageGrammar, ban_ranges, text_banned_ranges
 from .llm_runner import DecodeState, LLMRunner
 from .sampler import SamplingParams, Uniforms, guided_sample, level_params
 
 ProgressFn = Callable[[int, int], None]  # (done, total)
-# (runner, state, head, params, uniforms [1], range_start, use_cfg) -> the sampled token's id
-Pick = Callable[[LLMRunner, DecodeState, str, SamplingParams, np.ndarray, int, bool], int]
+Ranges = Sequence[tuple[int, int]]  # global [start, stop) id ranges
+# (runner, state, head, params, uniforms [1], range_start, use_cfg, banned) -> the sampled token's id
+Pick = Callable[[LLMRunner, DecodeState, str, SamplingParams, np.ndarray, int, bool, Ranges], int]
 
 
 def host_pick(runner: LLMRunner, state: DecodeState, head: str, params: SamplingParams, uniforms: np.ndarray,
-              range_start: int, use_cfg: bool) -> int:
-    """Run `head`, then `guided_sample` on its logits on the host: row 0 conditional, row 1 unconditional."""
+              range_start: int, use_cfg: bool, banned: Ranges = ()) -> int:
+    """Run `head`, then `guided_sample` on its logits on the host: row 0 conditional, row 1 unconditional;
+    the `banned` ids at -inf."""
     logits = runner.logits(head, state=state)  # [B, range]
+    if banned:
+        logits = ban_ranges(logits, banned, range_start)
     idx = guided_sample(logits[:1], logits[1:2] if use_cfg else None, params, uniforms, range_start=range_start,
                         generated_ids_per_row=state.fed[:1])
     return range_start + int(idx[0])
@@ -43,20 +47,20 @@ def device_pick(sampler) -> Pick:
     (`runner.head_logits`), with the same semantics and uniforms as `guided_sample`, and writes the id
     straight into the next decode step's input ids, every row of the batch (`runner.step_ids`, static
     decode), else into an 8-byte device buffer of the sampler's. Only that id is copied to the host (the
-    grammar needs it)."""
+    grammar, streaming and stop checks need it). `banned` ranges go to the kernel's stage 1b."""
     from .cuda.kernel import pack_launch
 
     scratch = sampler.binding.alloc(8)  # int64, for engines without static decode steps
     host = np.zeros(1, np.int64)
 
     def pick(runner: LLMRunner, state: DecodeState, head: str, params: SamplingParams, uniforms: np.ndarray,
-             range_start: int, use_cfg: bool) -> int:
+             range_start: int, use_cfg: bool, banned: Ranges = ()) -> int:
         logits = runner.head_logits(head, state)  # DeviceArray [B, range]
         rows, v = logits.shape
         if logits.dtype not in (np.float32, np.float16):
             raise EngineError(f"head_{head}: the sampling kernel reads float32 or float16 logits, got {logits.dtype}")
         la = pack_launch(1, params, uniforms, v=v, range_start=range_start, has_uncond=use_cfg and rows > 1,
-                         generated_ids_per_row=state.fed[:1])
+                         generated_ids_per_row=state.fed[:1], banned=banned)
         ids = runner.step_ids(state)  # [B, 1]: the token goes to every row (a CFG pair takes the same token)
         if ids is None:
             sampler.sample_device(logits.address, str(logits.dtype), v, 0, la, sampler.binding.ptr(scratch), 1)
@@ -156,12 +160,15 @@ def sample_image_tokens(runner: LLMRunner, rows: list[list[int]], image_embeds: 
 
 def stream_text(runner: LLMRunner, tokenizer, prompt: list[int], image_embeds: np.ndarray | None,
                 params: SamplingParams, seed: int, max_new_tokens: int,
-                timings: Timings | None = None, ignore_eos: bool = False) -> Iterator[str]:
+                timings: Timings | None = None, ignore_eos: bool = False, pick: Pick = host_pick
+                ) -> Iterator[str]:
     """Yield decoded text pieces as tokens are generated; stops at the stop ids or `max_new_tokens`
-    (`ignore_eos`: always `max_new_tokens` tokens, for benchmarks)."""
+    (`ignore_eos`: always `max_new_tokens` tokens, for benchmarks). `pick` draws each token (`host_pick`, or
+    `device_pick`: the kernel writes it into the next step's input ids)."""
     cfg: ModelConfig = runner.cfg
     timings = timings or Timings()
     stops = set() if ignore_eos else {cfg.tokens.im_end, cfg.tokens.endoftext}
+    banned, text_start = text_banned_ranges(cfg), cfg.head_ranges()["text"][0]
     uniforms = Uniforms(seed, rows=1, steps=max_new_tokens)
     decoder = tokenizer.stream()
     t0 = time.perf_counter()
@@ -169,9 +176,7 @@ def stream_text(runner: LLMRunner, tokenizer, prompt: list[int], image_embeds: n
     timings.add("prefill", time.perf_counter() - t0)
     t0 = time.perf_counter()
     for step in range(max_new_tokens):
-        logits = mask_text_logits(runner.logits("text", state=state), cfg)  # [1, text range]
-        token = int(guided_sample(logits, None, params, uniforms[step], range_start=0,
-                                  generated_ids_per_row=state.fed)[0])
+        token = pick(runner, state, "text", params, uniforms[step], text_start, False, banned)
         if token in stops:
             break
         piece = decoder.push(token)

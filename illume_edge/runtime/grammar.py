@@ -256,16 +256,23 @@ def text_banned_ranges(cfg: ModelConfig) -> list[tuple[int, int]]:
     return merged
 
 
-def mask_text_logits(logits_text_range: np.ndarray, cfg: ModelConfig, range_start: int = 0) -> np.ndarray:
-    """A copy of text-head logits ``[rows, V]`` (ids ``[range_start, range_start + V)``, by default the
-    ``text`` head range of ``cfg.head_ranges()``) with every banned id set to ``-inf``."""
-    x = np.asarray(logits_text_range)
+def ban_ranges(logits: np.ndarray, ranges: Sequence[tuple[int, int]], range_start: int = 0) -> np.ndarray:
+    """A float32 copy of ``logits [rows, V]`` (ids ``[range_start, range_start + V)``) with every id of the
+    global ``[start, stop)`` ``ranges`` set to ``-inf`` (the sampling kernel's stage 1b does the same on the
+    device)."""
+    x = np.asarray(logits)
     if x.ndim != 2:
-        raise ValueError(f"logits_text_range: expected shape [rows, V], got {x.shape}")
+        raise ValueError(f"logits: expected shape [rows, V], got {x.shape}")
     out = x.astype(np.float32, copy=True)
     stop = range_start + x.shape[1]
-    for a, b in text_banned_ranges(cfg):
+    for a, b in ranges:
         lo, hi = max(a, range_start), min(b, stop)
         if lo < hi:
             out[:, lo - range_start:hi - range_start] = -np.inf
     return out
+
+
+def mask_text_logits(logits_text_range: np.ndarray, cfg: ModelConfig, range_start: int = 0) -> np.ndarray:
+    """A copy of text-head logits ``[rows, V]`` (ids ``[range_start, range_start + V)``, by default the
+    ``text`` head range of ``cfg.head_ranges()``) with every banned id set to ``-inf``."""
+    return ban_ranges(logits_text_range, text_banned_ranges(cfg), range_start)

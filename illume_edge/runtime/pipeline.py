@@ -108,7 +108,7 @@ SAMPLERS = ("auto", "host", "device")
 
 class Pipeline:
     def __init__(self, engine: Engine, sampler: str = "auto"):
-        """`sampler` draws the image tokens: "host" (numpy, `decode_loops.host_pick`), "device" (the CUDA
+        """`sampler` draws the image and text tokens: "host" (numpy, `decode_loops.host_pick`), "device" (the CUDA
         kernel on the logits in device memory, `decode_loops.device_pick`; needs pycuda or cuda-python),
         "auto": "device" when the engine's sessions bind to a CUDA device (then a missing binding is an error
         that names both; pass "host" to sample on the host), else "host"."""
@@ -193,7 +193,7 @@ class Pipeline:
         table = PromptTable(self.cfg)
         image_ids = table.add(encode_image(self.engine, pixels, timings))
         pieces = stream_text(self.runner, self.tokenizer, prompt.expand([image_ids]), table.table(), params, seed,
-                             max_new_tokens, timings)
+                             max_new_tokens, timings, pick=self.pick)
         return TextStream(pieces, timings, t0, self.cfg.prompts.answer_separator)
 
     # --- generation ---------------------------------------------------------------------------------------

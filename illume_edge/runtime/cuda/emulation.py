@@ -102,8 +102,9 @@ def radix_kth(keys: np.ndarray, k: int) -> tuple[int, int]:
 
 
 def combined_logits(cond: np.ndarray, uncond: np.ndarray | None, cfg: float, penalty: float,
-                    pen_local: np.ndarray | None) -> np.ndarray:
-    """Stage 1 for one row (float32 exactly as the kernel's _rn intrinsics)."""
+                    pen_local: np.ndarray | None, bans_local: Sequence[tuple[int, int]] = ()) -> np.ndarray:
+    """Stages 1 and 1b for one row (float32 exactly as the kernel's _rn intrinsics): CFG and the penalty,
+    then the banned ranges (``[start, stop)`` within the row, clipped to it) at -inf."""
     c = np.asarray(cond, dtype=np.float32).copy()
     if pen_local is not None and penalty != 1.0 and pen_local.size:
         p = np.float32(penalty)
@@ -112,6 +113,8 @@ def combined_logits(cond: np.ndarray, uncond: np.ndarray | None, cfg: float, pen
     if uncond is not None and np.float32(cfg) != np.float32(1.0):
         u = np.asarray(uncond, dtype=np.float32)
         c = u + np.float32(cfg) * (c - u)
+    for lo, hi in bans_local:
+        c[max(int(lo), 0):max(min(int(hi), c.size), 0)] = -np.inf
     return c
 
 
@@ -199,8 +202,9 @@ def sample_row(x: np.ndarray, temperature: float, top_k: int, top_p: float, u: f
 def emulate_guided_sample(cond: np.ndarray, uncond: np.ndarray | None, params: SamplingParams,
                           uniforms: Sequence[float] | np.ndarray | None, *, range_start: int = 0,
                           generated_ids_per_row: Sequence[Sequence[int]] | None = None,
-                          acc: str = "float64") -> np.ndarray:
-    """What the kernel computes for ``guided_sample``'s arguments (indices within the range)."""
+                          acc: str = "float64", banned: Sequence[tuple[int, int]] = ()) -> np.ndarray:
+    """What the kernel computes for ``guided_sample``'s arguments (indices within the range), with
+    ``banned`` global id ranges at -inf."""
     cond = np.asarray(cond, dtype=np.float32)
     rows, v = cond.shape
     us = np.zeros(rows) if uniforms is None else np.asarray(uniforms, dtype=np.float64).reshape(-1)
@@ -211,6 +215,6 @@ def emulate_guided_sample(cond: np.ndarray, uncond: np.ndarray | None, params: S
             loc = np.asarray(generated_ids_per_row[r], dtype=np.int64).reshape(-1) - range_start
             pen = loc[(loc >= 0) & (loc < v)]
         x = combined_logits(cond[r], None if uncond is None else uncond[r], params.cfg_scale,
-                            params.repetition_penalty, pen)
+                            params.repetition_penalty, pen, [(a - range_start, b - range_start) for a, b in banned])
         out[r] = sample_row(x, params.temperature, params.top_k, params.top_p, float(us[r]), acc)
     return out

@@ -78,6 +78,7 @@ class LaunchArgs:
     uniforms: np.ndarray     # float64 [rows]
     pen_offsets: np.ndarray  # int32 [rows + 1]
     pen_ids: np.ndarray      # int32 [total] global token ids (the kernel subtracts range_start)
+    bans: np.ndarray         # int32 [n, 2] global [start, stop) id ranges every row must not emit
     range_start: int
     v: int
     grid: tuple[int, int, int]
@@ -86,9 +87,11 @@ class LaunchArgs:
 
 def pack_launch(rows: int, params: SamplingParams | Sequence[SamplingParams], uniforms, *, v: int,
                 range_start: int = 0, has_uncond: bool = False,
-                generated_ids_per_row: Sequence[Sequence[int]] | None = None) -> LaunchArgs:
+                generated_ids_per_row: Sequence[Sequence[int]] | None = None,
+                banned: Sequence[tuple[int, int]] = ()) -> LaunchArgs:
     """Arrays for ``rows`` outputs whose cond logits are input rows ``0..rows-1`` and, with ``has_uncond``,
-    uncond logits rows ``rows..2*rows-1`` (``guided_sample``'s layout of ``[cond; uncond]``)."""
+    uncond logits rows ``rows..2*rows-1`` (``guided_sample``'s layout of ``[cond; uncond]``). ``banned``:
+    global ``[start, stop)`` id ranges set to -inf in every row (``grammar.text_banned_ranges``)."""
     ps = [params] * rows if isinstance(params, SamplingParams) else list(params)
     if len(ps) != rows:
         raise ValueError(f"params: expected {rows} entries, got {len(ps)}")
@@ -102,6 +105,9 @@ def pack_launch(rows: int, params: SamplingParams | Sequence[SamplingParams], un
         us = np.zeros(rows)
     if generated_ids_per_row is not None and len(generated_ids_per_row) != rows:
         raise ValueError(f"generated_ids_per_row: expected {rows} lists, got {len(generated_ids_per_row)}")
+    bans = np.asarray(list(banned), dtype=np.int64).reshape(-1, 2)
+    if (bans[:, 0] > bans[:, 1]).any() or (bans < 0).any() or (bans >= 2 ** 31).any():
+        raise ValueError(f"banned: expected [start, stop) ranges with 0 <= start <= stop < 2**31, got {banned!r}")
     uses_cfg = has_uncond and any(p.cfg_scale != 1.0 for p in ps)
     cond_row = np.arange(rows, dtype=np.int32)
     uncond_row = (np.arange(rows, 2 * rows, dtype=np.int32) if uses_cfg else np.full(rows, -1, np.int32))
@@ -116,7 +122,7 @@ def pack_launch(rows: int, params: SamplingParams | Sequence[SamplingParams], un
         offs.append(offs[-1] + g.size)
     return LaunchArgs(cond_row, uncond_row, par, np.array([p.top_k for p in ps], dtype=np.int32), us,
                       np.array(offs, dtype=np.int32), np.concatenate(ids) if ids else np.zeros(0, np.int32),
-                      int(range_start), int(v), (rows, 1, 1), (BLOCK, 1, 1))
+                      bans.astype(np.int32), int(range_start), int(v), (rows, 1, 1), (BLOCK, 1, 1))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,7 +281,7 @@ class GpuSampler:
         LLM rows)."""
         b = self.binding
         bufs = {}
-        for name in ("cond_row", "uncond_row", "params", "top_k", "uniforms", "pen_offsets", "pen_ids"):
+        for name in ("cond_row", "uncond_row", "params", "top_k", "uniforms", "pen_offsets", "pen_ids", "bans"):
             arr = getattr(la, name)
             bufs[name] = self._buffer(name, arr.nbytes)
             b.htod(bufs[name], arr)
@@ -283,12 +289,13 @@ class GpuSampler:
         P = lambda n: ("ptr", b.ptr(bufs[n]))  # noqa: E731
         args = [("ptr", logits_ptr), ("i64", row_stride), ("i32", col0), ("i32", la.v), P("cond_row"),
                 P("uncond_row"), P("params"), P("top_k"), P("uniforms"), P("pen_offsets"), P("pen_ids"),
-                ("i64", la.range_start), ("ptr", out_ptr), ("i64", out_stride), ("i32", out_copies),
+                P("bans"), ("i32", la.bans.shape[0]), ("i64", la.range_start), ("ptr", out_ptr), ("i64", out_stride), ("i32", out_copies),
                 ("ptr", b.ptr(ws))]
         b.launch(self.functions[dtype], la.grid, la.block, args)
 
     def sample(self, cond: np.ndarray, uncond: np.ndarray | None, params: SamplingParams, uniforms, *,
-               range_start: int = 0, generated_ids_per_row=None) -> np.ndarray:
+               range_start: int = 0, generated_ids_per_row=None, banned: Sequence[tuple[int, int]] = ()
+               ) -> np.ndarray:
         """Same arguments and result as :func:`illume_edge.runtime.sampler.guided_sample` (indices within
         the range); raises ValueError for a row the kernel flags (NaN/+inf or no finite logit)."""
         cond = np.asarray(cond)
@@ -297,7 +304,7 @@ class GpuSampler:
         rows, v = cond.shape
         stack = cond if uncond is None else np.concatenate([cond, np.asarray(uncond, dtype=cond.dtype)])
         la = pack_launch(rows, params, uniforms, v=v, range_start=range_start, has_uncond=uncond is not None,
-                         generated_ids_per_row=generated_ids_per_row)
+                         generated_ids_per_row=generated_ids_per_row, banned=banned)
         b = self.binding
         dl, do = b.alloc(stack.nbytes), b.alloc(rows * 8)
         out = np.empty(rows, dtype=np.int64)

@@ -2,6 +2,7 @@
 //
 // Reproduces illume_edge/runtime/sampler.py (its module docstring is the specification):
 //   repetition penalty on the cond row (HF rule) -> CFG u + s*(c-u) (float32, no FMA contraction)
+//   -> banned id ranges set to -inf (text decoding: grammar.text_banned_ranges)
 //   -> greedy argmax (T == 0, lowest id on ties) or
 //   -> top-k (radix select of the k-th largest key, ties at the k-th value kept in ascending id order)
 //   -> p_i = exp((x_i - x_max) / T) in float64 over the kept set
@@ -138,9 +139,9 @@ __device__ __forceinline__ void sample_row(
     const L* __restrict__ logits, long long row_stride, int col0, int V,
     const int* __restrict__ cond_row, const int* __restrict__ uncond_row,
     const double* __restrict__ params, const int* __restrict__ top_ks, const double* __restrict__ uniforms,
-    const int* __restrict__ pen_offsets, const int* __restrict__ pen_ids, long long range_start,
-    long long* __restrict__ out_ids, long long out_stride, int out_copies, float* __restrict__ workspace,
-    Shared& sm)
+    const int* __restrict__ pen_offsets, const int* __restrict__ pen_ids, const int* __restrict__ bans,
+    int n_bans, long long range_start, long long* __restrict__ out_ids, long long out_stride, int out_copies,
+    float* __restrict__ workspace, Shared& sm)
 {
     const int r = blockIdx.x, tid = threadIdx.x;
     const double temperature = params[4 * r + 0];
@@ -169,6 +170,16 @@ __device__ __forceinline__ void sample_row(
                 float c = penalize(load_logit(c_row, i), penalty);
                 x[i] = use_cfg ? combine(c, load_logit(u_row, i), cfg) : c;
             }
+        }
+        __syncthreads();
+    }
+    // 1b) banned id ranges (global [start, stop) pairs, shared by every row: text decoding bans codes, level
+    //     tags, dead head rows) -> -inf. After the penalty, which recomputes its ids from the input.
+    if (n_bans > 0) {
+        for (int q = 0; q < n_bans; ++q) {
+            const long long lo = max((long long)bans[2 * q] - range_start, 0LL);
+            const long long hi = min((long long)bans[2 * q + 1] - range_start, (long long)V);
+            for (long long i = lo + tid; i < hi; i += BLOCK) x[i] = __int_as_float(0xff800000);
         }
         __syncthreads();
     }
@@ -349,12 +360,12 @@ __device__ __forceinline__ void sample_row(
     const int* __restrict__ cond_row, const int* __restrict__ uncond_row,                                \
     const double* __restrict__ params, const int* __restrict__ top_ks,                                    \
     const double* __restrict__ uniforms, const int* __restrict__ pen_offsets,                             \
-    const int* __restrict__ pen_ids, long long range_start, long long* __restrict__ out_ids,              \
-    long long out_stride, int out_copies, float* __restrict__ workspace
+    const int* __restrict__ pen_ids, const int* __restrict__ bans, int n_bans, long long range_start,    \
+    long long* __restrict__ out_ids, long long out_stride, int out_copies, float* __restrict__ workspace
 
 #define ILLUME_CALL                                                                                        \
     sample_row(logits, row_stride, col0, V, cond_row, uncond_row, params, top_ks, uniforms, pen_offsets,   \
-               pen_ids, range_start, out_ids, out_stride, out_copies, workspace, sm)
+               pen_ids, bans, n_bans, range_start, out_ids, out_stride, out_copies, workspace, sm)
 
 // fp32 logits
 extern "C" __global__ void __launch_bounds__(BLOCK) illume_sample_f32(ILLUME_ARGS(float)) {
