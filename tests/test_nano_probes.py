@@ -179,6 +179,17 @@ def test_text_lookup_trains_from_scratch_and_scores_every_kind():
     assert set(one[-1]) - {"steps", "seconds", "loss"} == {"color", "overall"}
 
 
+def test_text_lookup_attention_variants(monkeypatch):
+    """--heads / --kv-heads change the probe's LLM (nano: 4 query heads, 2 key/value heads) and nothing else."""
+    from illume_edge.export import llm
+
+    seen, real = [], llm.build_llm
+    monkeypatch.setattr(llm, "build_llm", lambda cfg, **kw: seen.append(cfg.llm) or real(cfg, **kw))
+    probes.text_lookup([(("color",), 1)], per_kind=1, batch=2, log=lambda s: None, kv_heads=4)
+    probes.text_lookup([(("color",), 1)], per_kind=1, batch=2, log=lambda s: None, heads=8)
+    assert [(c.num_heads, c.num_kv_heads, c.hidden_size) for c in seen] == [(4, 4, 128), (8, 2, 128)]
+
+
 def test_lookup_pairs_in_both_layouts_supervise_only_the_answer():
     from illume_edge.config import preset
     from illume_edge.export.tokenizer_factory import build_tokenizer

@@ -321,8 +321,8 @@ def restyle(scene: world.Scene, qa: world.QA, style: str) -> world.QA:
 
 def text_lookup(phases: list[text_pretrain.Phase], lr: float = 1e-3, hidden: int | None = None,
                 per_kind: int = 60, batch: int = 32, every: int = 250, seed: int = 0, log=print,
-                layout: str = "scene-first") -> list[dict]:
-    """The nano LLM (or a wider one: `hidden`, FFN 3x) from scratch on the recipe's text pretraining
+                layout: str = "scene-first", heads: int | None = None, kv_heads: int | None = None) -> list[dict]:
+    """The nano LLM (or a variant: `hidden` wide with FFN 3x, `heads` / `kv_heads` attention heads) from scratch on the recipe's text pretraining
     (`text_pretrain.pretrain_text`: "<description>. <question>" -> answer, `phases` of (kinds, steps) in order).
     Teacher-forced accuracy on the evaluation's held-out scenes, of every kind the phases train, every
     `every` steps. Without an image, this asks how many steps the LLM needs to learn to look an object up."""
@@ -337,6 +337,11 @@ def text_lookup(phases: list[text_pretrain.Phase], lr: float = 1e-3, hidden: int
     if hidden is not None:
         wide = dataclasses.replace(cfg.llm, hidden_size=hidden, intermediate_size=3 * hidden)
         cfg = dataclasses.replace(cfg, llm=wide)
+    if heads is not None or kv_heads is not None:
+        h = heads or cfg.llm.num_heads
+        attn = dataclasses.replace(cfg.llm, num_heads=h, num_kv_heads=kv_heads or min(
+            cfg.llm.num_kv_heads, h))
+        cfg = dataclasses.replace(cfg, llm=attn)
     tok = TextTokenizer(build_tokenizer(cfg, base_words(cfg)), cfg)
     wcfg, im_end = world.WorldConfig(), cfg.tokens.im_end
     kinds = {k for ks, _ in phases for k in ks}
@@ -506,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="train the LLM from scratch on text only (descriptions + questions), phases in order: "
                          "e.g. color:4000,all:1500 ('all': every kind; kinds joined by '+')")
     ap.add_argument("--hidden", type=int, default=None, help="--text-lookup: the LLM's width (nano: 128)")
+    ap.add_argument("--heads", type=int, default=None, help="--text-lookup: attention heads (nano: 4)")
+    ap.add_argument("--kv-heads", dest="kv_heads", type=int, default=None,
+                    help="--text-lookup: key/value heads (nano: 2)")
     ap.add_argument("--layout", default="scene-first", choices=text_pretrain.LAYOUTS,
                     help="--text-lookup: the description before the question (the recipe's) or after it")
     ap.add_argument("--threads", type=int, default=2)
@@ -513,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(recipe.SEED)
     if args.text_lookup is not None:
-        text_lookup(parse_phases(args.text_lookup), args.lr, args.hidden, args.per_kind, layout=args.layout)
+        text_lookup(parse_phases(args.text_lookup), args.lr, args.hidden, args.per_kind, layout=args.layout,
+                    heads=args.heads, kv_heads=args.kv_heads)
         return 0
     qas = questions(args.per_kind, args.split, style=args.answer_style)
     if args.scratch:
