@@ -9,7 +9,8 @@ One run, one set of weights (a seeded random Qwen2ForCausalLM of the shape):
   (IO-bound KV cache) with greedy argmax over the text head each step; default session threading (a pool per
   session, spinning only inside a run), and with
   `--shared-pool fp32 int4` again in a fresh process with ILLUME_EDGE_THREAD_POOL=shared (one pool for all
-  sessions). `--profile` (default int4) runs onnxruntime's profiler over the decode steps (llm + head).
+  sessions). `--profile` (default int4) runs onnxruntime's profiler over the decode steps (llm + head), and
+  over onnxruntime-genai's (its genai_config.json `enable_profiling`), kernels side by side.
   With `--llm-graphs fused portable`, fp32 and int4 are also timed on the portable graph (the A/B).
 - transformers eager on the same module (DynamicCache, logits_to_keep=1: the full LM head per step).
 - onnxruntime-genai: its model builder on a HF folder saved from the same module (fp32 and int4 at
@@ -444,6 +445,46 @@ def profile_ours(engine_dir: Path, prompt: list[int], steps: int, threads: int, 
     return result
 
 
+def genai_profiling_dir(model_dir: Path, dest: Path) -> Path:
+    """A copy of onnxruntime-genai model folder `model_dir` at `dest` (its files linked, not copied) whose
+    genai_config.json turns onnxruntime's profiler on (the decoder session option `enable_profiling`: a file
+    prefix). Returns that prefix; the profile is written when the og.Model is freed."""
+    config_path = model_dir / "genai_config.json"
+    if not config_path.is_file():
+        raise RuntimeError(f"{model_dir}: no genai_config.json (an onnxruntime-genai model folder has one)")
+    config = json.loads(config_path.read_text())
+    try:
+        options = config["model"]["decoder"].setdefault("session_options", {})
+    except (KeyError, AttributeError, TypeError):
+        raise RuntimeError(f"{config_path}: expected model.decoder in the config; rebuild the model") from None
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        if f.name != config_path.name:
+            (dest / f.name).symlink_to(f.resolve())
+    prefix = dest / "ort-profile"
+    options["enable_profiling"] = str(prefix)
+    (dest / config_path.name).write_text(json.dumps(config, indent=2))
+    return prefix
+
+
+def profile_genai(model_dir: Path, prompt: list[int], steps: int, work: Path) -> dict:
+    """onnxruntime's profiler inside onnxruntime-genai's Generator over `steps` greedy decode steps (its one
+    graph, LM head included): the summary `profile_ours` gives for ours, to compare kernel by kernel."""
+    dest = work / f"{model_dir.name}-profile"
+    prefix = genai_profiling_dir(model_dir, dest)
+    rep = genai_rep(dest, prompt, steps)
+    rep(steps)
+    del rep  # frees the og.Model, which writes the profile
+    gc.collect()
+    files = sorted(dest.glob(f"{prefix.name}*.json"))
+    if not files:
+        raise RuntimeError(f"onnxruntime-genai wrote no profile under {dest} (enable_profiling ignored?)")
+    summary = profile_summary(json.loads(files[-1].read_text()), skip_runs=1)
+    shutil.rmtree(dest, ignore_errors=True)
+    return {"steps": steps, "context": len(prompt) + steps // 2, "graphs": {"model": summary}}
+
+
 def profile_summary(events: list[dict], skip_runs: int = 0) -> dict:
     """Per-step wall time of a session's runs and its kernels' time per op type, from onnxruntime profiler
     events; the first `skip_runs` runs (the prefill) are left out."""
@@ -643,6 +684,15 @@ def run(args) -> dict:
                 except Exception as e:
                     result["failures"][f"profile {prec}"] = f"{type(e).__name__}: {e}"
                     traceback.print_exc()
+            peer = f"onnxruntime-genai {prec}"
+            if peer in genai_dirs:
+                log(f"profile {peer} ({args.profile_steps} decode steps)")
+                try:
+                    result.setdefault("peer_profiles", {})[prec] = {
+                        "name": peer, **profile_genai(genai_dirs[peer], prompt, args.profile_steps, work)}
+                except Exception as e:  # a failing peer is reported, not hidden
+                    result["failures"][f"profile {peer}"] = f"{type(e).__name__}: {e}"
+                    traceback.print_exc()
 
     gbs = bw["best_gbs"]
     for r in result["runs"].values():
@@ -703,6 +753,18 @@ def markdown(result: dict) -> str:
                          f"{g['kernel_ms_per_step']:.1f} ms/step: {top}")
         lines.append(f"\nProfile illume-edge {prec} ({p['steps']} steps, mean context {p['context']}): "
                      + "; ".join(parts))
+    for prec, p in result.get("peer_profiles", {}).items():
+        g = p["graphs"]["model"]
+        top = ", ".join(f"{k} {v}% ({g['op_ms_per_step'][k]:.2f} ms)" for k, v in list(g["op_share_pct"].items())[:8])
+        lines.append(f"\nProfile {p['name']} ({p['steps']} steps): run {g['model_run_ms_per_step']:.1f} ms/step, "
+                     f"kernels {g['kernel_ms_per_step']:.1f} ms/step: {top}")
+        ours = result.get("profiles", {}).get(prec)
+        if ours:
+            kernels = sum(x["kernel_ms_per_step"] for x in ours["graphs"].values())
+            mnb = sum(x["op_ms_per_step"].get("MatMulNBits", 0.0) for x in ours["graphs"].values())
+            lines.append(f"Kernels per step, ours (every graph) vs {p['name']}: {kernels:.2f} vs "
+                         f"{g['kernel_ms_per_step']:.2f} ms; MatMulNBits {mnb:.2f} vs "
+                         f"{g['op_ms_per_step'].get('MatMulNBits', 0.0):.2f} ms (under the profiler)")
     return "\n".join(lines)
 
 

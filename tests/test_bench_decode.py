@@ -96,3 +96,41 @@ def test_smoke_run_times_both_graphs_and_eager(tmp_path):
     assert llm["runs"] == head["runs"] == result["profiles"]["int4"]["steps"]  # the decode steps, not the prefill
     assert list(head["op_share_pct"]) == ["MatMulNBits"]  # the int4 text head: one weight-only GEMM
     assert "interleaved rounds" in proc.stdout and "Load order 2 (loaded first" in proc.stdout
+
+
+def test_genai_profiling_dir_links_the_model_and_turns_the_profiler_on(tmp_path):
+    model = tmp_path / "genai-int4"
+    model.mkdir()
+    (model / "model.onnx").write_bytes(b"onnx")
+    config = {"model": {"decoder": {"filename": "model.onnx", "session_options": {"intra_op_num_threads": 2}}}}
+    (model / "genai_config.json").write_text(json.dumps(config))
+    prefix = llm_decode.genai_profiling_dir(model, tmp_path / "prof")
+    copied = json.loads((tmp_path / "prof" / "genai_config.json").read_text())
+    options = copied["model"]["decoder"]["session_options"]
+    assert options == {"intra_op_num_threads": 2, "enable_profiling": str(prefix)}
+    assert (tmp_path / "prof" / "model.onnx").is_symlink() and (tmp_path / "prof" / "model.onnx").read_bytes() == b"onnx"
+    assert json.loads((model / "genai_config.json").read_text()) == config  # the original is untouched
+    (model / "genai_config.json").write_text(json.dumps({"model": {}}))
+    with pytest.raises(RuntimeError, match="expected model.decoder"):
+        llm_decode.genai_profiling_dir(model, tmp_path / "prof")
+    (model / "genai_config.json").unlink()
+    with pytest.raises(RuntimeError, match="no genai_config.json"):
+        llm_decode.genai_profiling_dir(model, tmp_path / "prof")
+
+
+def test_profile_genai_on_a_built_model(tmp_path):
+    """The peer's profile, end to end on the smoke shape (where onnxruntime-genai is installed: `.[bench]`)."""
+    pytest.importorskip("onnxruntime_genai")
+    from illume_edge.export.llm import build_llm
+    from illume_edge.export.tokenizer_factory import save_tokenizer_files
+
+    cfg = llm_decode.smoke_shape()
+    hf = tmp_path / "hf"
+    build_llm(cfg, seed=0).save_pretrained(hf, safe_serialization=True)
+    save_tokenizer_files(cfg, hf)
+    llm_decode.build_genai(hf, tmp_path / "genai-int4", "int4", 2, tmp_path / "cache")
+    result = llm_decode.profile_genai(tmp_path / "genai-int4", [5, 6, 7, 8, 9], 4, tmp_path)
+    g = result["graphs"]["model"]
+    assert g["runs"] >= 3 and g["kernel_ms_per_step"] > 0  # decode runs only: the prefill is left out
+    assert {"MatMulNBits", "GroupQueryAttention"} <= set(g["op_ms_per_step"])
+    assert not (tmp_path / "genai-int4-profile").exists()  # the profiling copy is removed
