@@ -28,8 +28,13 @@ def test_precision_contract_and_size(engines):
     for name, comp in fp16.manifest.components.items():
         assert comp.precision == ("fp32" if name == "vae_decoder" else "fp16"), name
         ref = fp32.manifest.component(name)
-        assert [(t.name, t.dtype) for t in comp.inputs] == [(t.name, t.dtype) for t in ref.inputs], name
-        assert [(t.name, t.dtype) for t in comp.outputs] == [(t.name, t.dtype) for t in ref.outputs], name
+        # the fp32 contract, except the LLM's KV cache, kept fp16 (a step appends to it in place, no casts)
+        kv = lambda t: t.name.startswith(("past_key_values.", "present."))  # noqa: E731
+        want = lambda ts: [(t.name, "float16" if name == "llm" and kv(t) else t.dtype) for t in ts]  # noqa: E731
+        assert [(t.name, t.dtype) for t in comp.inputs] == want(ref.inputs), name
+        assert [(t.name, t.dtype) for t in comp.outputs] == want(ref.outputs), name
+        if name == "llm":
+            assert sum(kv(t) for t in comp.inputs) == 2 * fp16.config.llm.num_layers
         model = onnx.load(str(fp16.dir / comp.path), load_external_data=False)
         weights: dict[int, int] = {}  # element type -> elements (small fp32 constants, e.g. sinusoid tables)
         for t in model.graph.initializer:
@@ -69,3 +74,43 @@ def test_outputs_within_fp16_tolerance(engines):
     vf = {"pixel_values": v.pixel_values, "rotary_cos": v.rotary_cos, "rotary_sin": v.rotary_sin}
     x, y = (e.session("vision_semantic").run(vf)["features"] for e in (fp32, fp16))
     assert _rel(y, x) < 2e-2
+
+
+def test_kv_cache_is_bound_to_the_attention_kernel_directly(engines):
+    """The fp16 fused graph feeds its fp16 past K/V inputs straight into GroupQueryAttention and returns the
+    kernel's present outputs as they are: no Cast on the cache, so past and present stay one buffer that a
+    decode step appends to in place (the CUDA kernel's shared-buffer fast path; a cast would copy the whole
+    cache twice per step). Decoding a left-padded batch then stays within fp16 tolerance of the fp32 engine."""
+    fp32, fp16 = engines
+    model = onnx.load(str(fp16.dir / fp16.manifest.component("llm").path), load_external_data=False)
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    if not gqa:
+        pytest.skip("the portable llm graph (no fused attention)")
+    inputs, outputs = {i.name for i in model.graph.input}, {o.name for o in model.graph.output}
+    for n in gqa:
+        assert {n.input[3], n.input[4]} <= inputs and {n.output[1], n.output[2]} <= outputs, n.name
+    runners = [LLMRunner(e) for e in (fp32, fp16)]
+    assert [r.kv_dtype for r in runners] == [np.float32, np.float16]
+    states = [r.prefill([[5, 6, 7, 8, 9], [10, 11]], max_new_tokens=4) for r in runners]
+    for t in range(4):
+        for r, st in zip(runners, states):
+            r.feed(st, np.array([[20 + t], [30 + t]]))
+        assert _rel(states[1].hidden, states[0].hidden) < 2e-2, t
+
+
+def test_cuda_attention_check(engines):
+    """onnxruntime's CUDA GroupQueryAttention takes float16 / bfloat16 only: the session refuses an fp32
+    fused graph on the CUDA provider (naming the fix), and lets the fp16 one and every CPU session through."""
+    from illume_edge.manifest import EngineError
+    from illume_edge.runtime.session import check_cuda_attention
+
+    fp32, fp16 = engines
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    llm32, llm16 = fp32.manifest.component("llm"), fp16.manifest.component("llm")
+    if "GroupQueryAttention" not in llm32.ops:
+        pytest.skip("the portable llm graph (no fused attention)")
+    with pytest.raises(EngineError, match=r"llm \(llm.onnx\).*float32.*--precision fp16"):
+        check_cuda_attention("llm", llm32, cuda)
+    check_cuda_attention("llm", llm16, cuda)
+    check_cuda_attention("llm", llm32, ["CPUExecutionProvider"])
+    check_cuda_attention("head_text", fp32.manifest.component("head_text"), cuda)  # no attention in it

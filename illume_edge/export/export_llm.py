@@ -13,6 +13,9 @@
   An id in [vocab_rows, vocab_rows + image_rows) takes row id - vocab_rows of image_embeds; an id past that
   is an out-of-range gather (the runtime validates ids before running). Key slots whose attention_mask is 0
   are masked for every query; a query whose keys are all masked gives a finite (uniform-attention) row.
+  An fp16 engine (`--precision fp16`) keeps this contract except the KV cache: past / present are float16
+  there (the compute dtype), so that the fused graph hands the bound cache to GroupQueryAttention as it is
+  and a step appends to it in place (a float32 cache would be cast whole, twice, every step).
 
 `head_<name>` graph contract: hidden float32 [batch, hidden] -> logits float32 [batch, stop - start],
   logits = hidden @ lm_head.weight[start:stop].T for each range of `cfg.head_ranges()`.
@@ -68,7 +71,11 @@ def export_llm(model: nn.Module, cfg: ModelConfig, path: str | os.PathLike,
     fused = graph == "fused"
     kv_len = p + s + 2 if fused else p  # shared layout: a buffer with room to spare
     kv_shape = (b, llm.num_kv_heads, kv_len, llm.head_size)
-    past = tuple((torch.zeros(kv_shape), torch.zeros(kv_shape)) for _ in range(llm.num_layers))
+    # The KV cache in the compute dtype: an fp16 export keeps past / present fp16 (the other inputs and outputs
+    # stay fp32), so that a step appends to the cache in place instead of casting the whole cache twice
+    kv_dtype = next(model.parameters()).dtype
+    past = tuple((torch.zeros(kv_shape, dtype=kv_dtype), torch.zeros(kv_shape, dtype=kv_dtype))
+                 for _ in range(llm.num_layers))
     ids = torch.tensor([[1, llm.vocab_rows, 2], [3, 4, llm.vocab_rows + 1]], dtype=torch.int64)[:b, :s]
     args = (ids, torch.zeros(n, llm.hidden_size), torch.ones(b, p + s, dtype=torch.int64),
             torch.arange(p, p + s).expand(b, s).contiguous(), past)
@@ -90,8 +97,10 @@ def export_llm(model: nn.Module, cfg: ModelConfig, path: str | os.PathLike,
     translations = None
     if fused:
         from .fused_ops import TRANSLATIONS as translations
-    return export_onnx(step, args, path, input_names=llm_input_names(cfg), output_names=llm_output_names(cfg),
-                       dynamic_shapes=dynamic_shapes, translations=translations)
+    outputs = llm_output_names(cfg)
+    return export_onnx(step, args, path, input_names=llm_input_names(cfg), output_names=outputs,
+                       dynamic_shapes=dynamic_shapes, translations=translations,
+                       half_outputs=tuple(n for n in outputs if n.startswith("present.")))
 
 
 class HeadSlice(nn.Module):

@@ -143,11 +143,15 @@ def check_portable(model: onnx.ModelProto, where: str) -> None:
 
 class _HalfCompute(torch.nn.Module):
     """fp16 weights and compute behind an fp32 interface: float inputs are cast to half on entry, float
-    outputs back to float32 on exit, so every engine keeps one I/O contract whatever its precision."""
+    outputs back to float32 on exit, so every engine keeps one I/O contract whatever its precision. Except
+    the outputs at `half_outputs` (positions in the flat output tuple), which stay fp16, and inputs whose
+    sample is already fp16 (the cast is then a no-op): the LLM's KV cache, which a decode step rewrites in
+    place and must not be copied through a cast every step (export_llm)."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, half_outputs: frozenset[int] = frozenset()):
         super().__init__()
         self.module = module
+        self.half_outputs = half_outputs
 
     def forward(self, *args):
         from torch.utils._pytree import tree_map
@@ -156,7 +160,9 @@ class _HalfCompute(torch.nn.Module):
             return lambda t: t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t
 
         out = self.module(*tree_map(cast(torch.float16), args))  # nested inputs too (past K/V tuples)
-        return tree_map(cast(torch.float32), out)
+        if not self.half_outputs:
+            return tree_map(cast(torch.float32), out)
+        return tuple(o if i in self.half_outputs else cast(torch.float32)(o) for i, o in enumerate(out))
 
 
 def _positional_shapes(module: torch.nn.Module, dynamic_shapes: Any) -> Any:
@@ -184,12 +190,14 @@ def _has_half_weights(module: torch.nn.Module) -> bool:
 
 def export_onnx(module: torch.nn.Module, args: tuple, path: str | os.PathLike, *, input_names: list[str],
                 output_names: list[str], dynamic_shapes: Any = None, kwargs: dict | None = None,
-                external_data: bool | None = None, translations: dict | None = None) -> GraphInfo:
+                external_data: bool | None = None, translations: dict | None = None,
+                half_outputs: tuple[str, ...] = ()) -> GraphInfo:
     """Export `module(*args)` to `path` with torch.onnx.export(dynamo=True), opset 18, then verify it.
 
     `dynamic_shapes` follows torch.export (a tuple/dict mirroring args, with torch.export.Dim values).
     Weights go to `<path>.data` when the model is large (or when `external_data` is True). A module with
-    fp16 weights is exported with fp16 compute behind fp32 inputs and outputs (see `_HalfCompute`).
+    fp16 weights is exported with fp16 compute behind fp32 inputs and outputs (see `_HalfCompute`), except
+    fp16 sample inputs and the outputs named in `half_outputs`, which stay fp16.
     `translations` maps torch custom ops to onnxscript functions that emit onnxruntime contrib ops (the
     fused LLM graph); without it the graph must be portable (default ONNX domain only). Every export also
     uses `portable_ops.PORTABLE_TRANSLATIONS` (faster default-domain forms of a few aten ops).
@@ -203,7 +211,10 @@ def export_onnx(module: torch.nn.Module, args: tuple, path: str | os.PathLike, *
         if kwargs:
             raise ExportError(f"{path.name}: fp16 export takes positional inputs only")
         dynamic_shapes = _positional_shapes(module, dynamic_shapes)
-        module = _HalfCompute(module)
+        unknown = set(half_outputs) - set(output_names)
+        if unknown:
+            raise ExportError(f"{path.name}: half_outputs {sorted(unknown)} are not among the outputs")
+        module = _HalfCompute(module, frozenset(output_names.index(n) for n in half_outputs))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, opset_version=OPSET,

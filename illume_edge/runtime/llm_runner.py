@@ -57,11 +57,12 @@ def takes_capacity_mask(component: Component) -> bool:
 
 
 class KVBuffers:
-    """K and V of every layer for up to `capacity` positions, in the graph's layout (module docstring):
-    two flat float32 buffers used ping-pong for "concat", one for "shared", on `session`'s device."""
+    """K and V of every layer for up to `capacity` positions, in the graph's layout (module docstring) and
+    dtype (float32, or float16 for an fp16 engine): two flat buffers used ping-pong for "concat", one for
+    "shared", on `session`'s device."""
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
-                 session: Session, layout: str = "concat"):
+                 session: Session, layout: str = "concat", dtype=np.float32):
         self.shape = (batch, kv_heads, head_dim)
         self.capacity = capacity
         self.layout = layout
@@ -69,7 +70,7 @@ class KVBuffers:
         self.count = 2 * num_layers
         # zeros, not empty: slots past the valid length are never read, but stay finite if a kernel touches them
         n = (self.count * self.region,)
-        self._buf = [session.allocate(n, np.float32) for _ in range(1 if layout == "shared" else 2)]
+        self._buf = [session.allocate(n, dtype) for _ in range(1 if layout == "shared" else 2)]
         self.current = 0  # the buffer holding the valid past
         # shared: the same full-capacity views every step, made once
         self._shared = self.views(0, capacity) if layout == "shared" else None
@@ -167,6 +168,8 @@ class LLMRunner:
         self._empty_table = np.zeros((0, self.hidden), np.float32)
         self._past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
         self._present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        # the cache's dtype is the graph's (float16 in an fp16 engine, float32 otherwise): its present outputs
+        self.kv_dtype = self.session.output_dtype(self._present_names[0])
 
     # --- prefill ------------------------------------------------------------------------------------------
     def prefill(self, rows: list[list[int]], image_embeds: np.ndarray | None = None,
@@ -219,7 +222,7 @@ class LLMRunner:
             step = StepBuffers(ids=alloc((batch, 1), np.int64), positions=alloc((batch, 1), np.int64),
                                mask=alloc((batch, capacity), np.int64), table=alloc((1, self.hidden), np.float32))
         bufs = RequestBuffers(KVBuffers(self.num_layers, batch, self.kv_heads, self.head_dim, capacity,
-                                        self.session, self.kv_layout),
+                                        self.session, self.kv_layout, self.kv_dtype),
                               alloc((batch, self.hidden), np.float32), step)
         if self.cuda_graph:
             bufs.graph_id = -1  # the shape's buffers are in use: this request runs without a graph

@@ -50,6 +50,26 @@ def choose_providers(requested: list[str] | None = None) -> list[str]:
     return [p for p in PROVIDER_PREFERENCE if p in available] or ["CPUExecutionProvider"]
 
 
+# onnxruntime's CUDA provider registers GroupQueryAttention for float16 and bfloat16 only (its
+# contrib_ops/cuda/bert/group_query_attention.cc). A fused graph whose attention is float32 (an fp32 or
+# int4 / int8 engine) would have those nodes placed on the CPU provider: the KV cache copied across the bus
+# at every layer of every step, and no CUDA graph (docs/gpu.md).
+CUDA_ATTENTION_DTYPES = ("float16", "bfloat16")
+
+
+def check_cuda_attention(name: str, component: Component, providers: list[str]) -> None:
+    """Refuse a fused graph whose GroupQueryAttention the CUDA provider cannot run (CUDA_ATTENTION_DTYPES)."""
+    if "CUDAExecutionProvider" not in providers or "GroupQueryAttention" not in component.ops:
+        return
+    kv = next((t for t in component.inputs if t.name.startswith("past_key_values.")), None)
+    if kv is not None and kv.dtype not in CUDA_ATTENTION_DTYPES:
+        raise EngineError(f"{name} ({component.path}): onnxruntime's CUDA provider runs GroupQueryAttention in "
+                          f"{' / '.join(CUDA_ATTENTION_DTYPES)} only, and this engine's attention and KV cache "
+                          f"are {kv.dtype} ({component.precision} engine): its attention would run on the CPU, "
+                          f"copying the cache every step. For CUDA export with `illume-edge export --precision "
+                          f"fp16`; or run this engine on the CPU provider")
+
+
 @dataclass
 class SessionOptions:
     providers: list[str] | None = None
@@ -165,6 +185,7 @@ class Session:
             so.enable_profiling = True
             so.profile_file_prefix = f"{opts.profile_prefix}-{name}"
         self.providers = choose_providers(opts.providers)
+        check_cuda_attention(name, component, self.providers)
         self.device, self.device_id, self.buffer_owner = opts.device, opts.device_id, opts.buffers
         self.cuda_graph = name in CUDA_GRAPH_COMPONENTS and _flag(opts.cuda_graph, "ILLUME_EDGE_CUDA_GRAPH")
         self._graph_runs: dict[int, object] = {}  # CUDA graph id -> onnxruntime RunOptions (run_options)
