@@ -108,7 +108,8 @@ def test_genai_profiling_dir_links_the_model_and_turns_the_profiler_on(tmp_path)
     copied = json.loads((tmp_path / "prof" / "genai_config.json").read_text())
     options = copied["model"]["decoder"]["session_options"]
     assert options == {"intra_op_num_threads": 2, "enable_profiling": str(prefix)}
-    assert (tmp_path / "prof" / "model.onnx").is_symlink() and (tmp_path / "prof" / "model.onnx").read_bytes() == b"onnx"
+    linked = tmp_path / "prof" / "model.onnx"
+    assert linked.is_symlink() and linked.read_bytes() == b"onnx"
     assert json.loads((model / "genai_config.json").read_text()) == config  # the original is untouched
     (model / "genai_config.json").write_text(json.dumps({"model": {}}))
     with pytest.raises(RuntimeError, match="expected model.decoder"):

@@ -199,7 +199,8 @@ def test_device_pick_streams_the_host_samplers_text(tiny_engine, buffers, monkey
         pipe.pick = lambda *a, _inner=inner, _out=picks[name]: _out.append(_inner(*a)) or _out[-1]
     writes = []
     real_write = dev.runner._write_step
-    dev.runner._write_step = lambda state, ids, pos: (writes.append(state.step.ids_written), real_write(state, ids, pos))
+    dev.runner._write_step = lambda state, ids, pos: (writes.append(state.step.ids_written),
+                                                      real_write(state, ids, pos))
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     for seed in range(3):
         args = dict(max_new_tokens=24, seed=seed, temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=1.2)

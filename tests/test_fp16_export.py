@@ -99,8 +99,9 @@ def test_kv_cache_is_bound_to_the_attention_kernel_directly(engines):
 
 
 def test_cuda_attention_check(engines):
-    """onnxruntime's CUDA GroupQueryAttention takes float16 / bfloat16 only: the session refuses an fp32
-    fused graph on the CUDA provider (naming the fix), and lets the fp16 one and every CPU session through."""
+    """onnxruntime's CUDA GroupQueryAttention takes float16 / bfloat16 only: a session asked for the CUDA
+    provider refuses an fp32 fused graph (naming the fix); with the providers chosen automatically it runs
+    that graph on the CPU provider and warns; the fp16 graph and every CPU session go through."""
     from illume_edge.manifest import EngineError
     from illume_edge.runtime.session import check_cuda_attention
 
@@ -110,7 +111,10 @@ def test_cuda_attention_check(engines):
     if "GroupQueryAttention" not in llm32.ops:
         pytest.skip("the portable llm graph (no fused attention)")
     with pytest.raises(EngineError, match=r"llm \(llm.onnx\).*float32.*--precision fp16"):
-        check_cuda_attention("llm", llm32, cuda)
-    check_cuda_attention("llm", llm16, cuda)
-    check_cuda_attention("llm", llm32, ["CPUExecutionProvider"])
-    check_cuda_attention("head_text", fp32.manifest.component("head_text"), cuda)  # no attention in it
+        check_cuda_attention("llm", llm32, cuda)  # asked for CUDA: refused
+    with pytest.warns(UserWarning, match="runs on the CPU provider.*--precision fp16"):
+        assert check_cuda_attention("llm", llm32, cuda, explicit=False) == ["CPUExecutionProvider"]
+    assert check_cuda_attention("llm", llm16, cuda) == cuda
+    assert check_cuda_attention("llm", llm32, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    head = fp32.manifest.component("head_text")  # no attention in it
+    assert check_cuda_attention("head_text", head, cuda) == cuda

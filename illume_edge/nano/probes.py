@@ -322,8 +322,9 @@ def restyle(scene: world.Scene, qa: world.QA, style: str) -> world.QA:
 def text_lookup(phases: list[text_pretrain.Phase], lr: float = 1e-3, hidden: int | None = None,
                 per_kind: int = 60, batch: int = 32, every: int = 250, seed: int = 0, log=print,
                 layout: str = "scene-first", heads: int | None = None, kv_heads: int | None = None) -> list[dict]:
-    """The nano LLM (or a variant: `hidden` wide with FFN 3x, `heads` / `kv_heads` attention heads) from scratch on the recipe's text pretraining
-    (`text_pretrain.pretrain_text`: "<description>. <question>" -> answer, `phases` of (kinds, steps) in order).
+    """The nano LLM (or a variant: `hidden` wide with FFN 3x, `heads` / `kv_heads` attention heads) from
+    scratch on the recipe's text pretraining (`text_pretrain.pretrain_text`: "<description>. <question>" ->
+    answer, `phases` of (kinds, steps) in order).
     Teacher-forced accuracy on the evaluation's held-out scenes, of every kind the phases train, every
     `every` steps. Without an image, this asks how many steps the LLM needs to learn to look an object up."""
     from ..config import preset

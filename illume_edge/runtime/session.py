@@ -57,17 +57,29 @@ def choose_providers(requested: list[str] | None = None) -> list[str]:
 CUDA_ATTENTION_DTYPES = ("float16", "bfloat16")
 
 
-def check_cuda_attention(name: str, component: Component, providers: list[str]) -> None:
-    """Refuse a fused graph whose GroupQueryAttention the CUDA provider cannot run (CUDA_ATTENTION_DTYPES)."""
+def check_cuda_attention(name: str, component: Component, providers: list[str], explicit: bool = True
+                         ) -> list[str]:
+    """The providers for a session of `component`: unchanged, unless it is a fused graph whose
+    GroupQueryAttention the CUDA provider cannot run (CUDA_ATTENTION_DTYPES) and CUDA is among them. Then an
+    `explicit` choice of providers (SessionOptions.providers, ILLUME_EDGE_PROVIDERS) is refused, naming the
+    fix; an automatic one (whatever this onnxruntime has) runs this session on the CPU provider, with a
+    warning, rather than split across the bus."""
     if "CUDAExecutionProvider" not in providers or "GroupQueryAttention" not in component.ops:
-        return
+        return providers
     kv = next((t for t in component.inputs if t.name.startswith("past_key_values.")), None)
-    if kv is not None and kv.dtype not in CUDA_ATTENTION_DTYPES:
-        raise EngineError(f"{name} ({component.path}): onnxruntime's CUDA provider runs GroupQueryAttention in "
-                          f"{' / '.join(CUDA_ATTENTION_DTYPES)} only, and this engine's attention and KV cache "
-                          f"are {kv.dtype} ({component.precision} engine): its attention would run on the CPU, "
-                          f"copying the cache every step. For CUDA export with `illume-edge export --precision "
-                          f"fp16`; or run this engine on the CPU provider")
+    if kv is None or kv.dtype in CUDA_ATTENTION_DTYPES:
+        return providers
+    why = (f"{name} ({component.path}): onnxruntime's CUDA provider runs GroupQueryAttention in "
+           f"{' / '.join(CUDA_ATTENTION_DTYPES)} only, and this engine's attention and KV cache are {kv.dtype} "
+           f"({component.precision} engine)")
+    fix = "export with `illume-edge export --precision fp16` for CUDA"
+    if explicit:
+        raise EngineError(f"{why}: its attention would run on the CPU, copying the cache every step; {fix}, or "
+                          f"run this engine on the CPU provider")
+    import warnings
+
+    warnings.warn(f"{why}: this session runs on the CPU provider; {fix}", stacklevel=3)
+    return ["CPUExecutionProvider"]
 
 
 @dataclass
@@ -184,8 +196,9 @@ class Session:
         if opts.profile_prefix:
             so.enable_profiling = True
             so.profile_file_prefix = f"{opts.profile_prefix}-{name}"
-        self.providers = choose_providers(opts.providers)
-        check_cuda_attention(name, component, self.providers)
+        self.providers = check_cuda_attention(
+            name, component, choose_providers(opts.providers),
+            explicit=opts.providers is not None or bool(os.environ.get("ILLUME_EDGE_PROVIDERS")))
         self.device, self.device_id, self.buffer_owner = opts.device, opts.device_id, opts.buffers
         self.cuda_graph = name in CUDA_GRAPH_COMPONENTS and _flag(opts.cuda_graph, "ILLUME_EDGE_CUDA_GRAPH")
         self._graph_runs: dict[int, object] = {}  # CUDA graph id -> onnxruntime RunOptions (run_options)

@@ -289,8 +289,8 @@ class GpuSampler:
         P = lambda n: ("ptr", b.ptr(bufs[n]))  # noqa: E731
         args = [("ptr", logits_ptr), ("i64", row_stride), ("i32", col0), ("i32", la.v), P("cond_row"),
                 P("uncond_row"), P("params"), P("top_k"), P("uniforms"), P("pen_offsets"), P("pen_ids"),
-                P("bans"), ("i32", la.bans.shape[0]), ("i64", la.range_start), ("ptr", out_ptr), ("i64", out_stride), ("i32", out_copies),
-                ("ptr", b.ptr(ws))]
+                P("bans"), ("i32", la.bans.shape[0]), ("i64", la.range_start), ("ptr", out_ptr),
+                ("i64", out_stride), ("i32", out_copies), ("ptr", b.ptr(ws))]
         b.launch(self.functions[dtype], la.grid, la.block, args)
 
     def sample(self, cond: np.ndarray, uncond: np.ndarray | None, params: SamplingParams, uniforms, *,
