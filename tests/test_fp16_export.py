@@ -118,3 +118,26 @@ def test_cuda_attention_check(engines):
     assert check_cuda_attention("llm", llm32, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     head = fp32.manifest.component("head_text")  # no attention in it
     assert check_cuda_attention("head_text", head, cuda) == cuda
+
+
+def test_sessions_ask_for_cuda_by_provider_device_or_graphs(engines, monkeypatch):
+    """What counts as asking for CUDA: the providers, device "cuda" (buffers a CPU session cannot bind) or
+    CUDA graphs. Asked, an fp32 fused llm is refused; not asked, it falls back to the CPU provider."""
+    from illume_edge.manifest import EngineError
+    from illume_edge.runtime import session as session_mod
+    from illume_edge.runtime.session import SessionOptions
+
+    fp32, _ = engines
+    if "GroupQueryAttention" not in fp32.manifest.component("llm").ops:
+        pytest.skip("the portable llm graph (no fused attention)")
+    monkeypatch.setattr(session_mod, "choose_providers", lambda requested=None: requested or
+                        ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.delenv("ILLUME_EDGE_PROVIDERS", raising=False)
+    monkeypatch.delenv("ILLUME_EDGE_CUDA_GRAPH", raising=False)
+    for opts in (SessionOptions(device="cuda"), SessionOptions(cuda_graph=True),
+                 SessionOptions(providers=["CUDAExecutionProvider", "CPUExecutionProvider"])):
+        with pytest.raises(EngineError, match="--precision fp16"):
+            Engine.load(fp32.dir, opts).session("llm")
+    with pytest.warns(UserWarning, match="runs on the CPU provider"):
+        llm = Engine.load(fp32.dir, SessionOptions()).session("llm")
+    assert llm.providers == ["CPUExecutionProvider"]

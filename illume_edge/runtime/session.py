@@ -60,10 +60,10 @@ CUDA_ATTENTION_DTYPES = ("float16", "bfloat16")
 def check_cuda_attention(name: str, component: Component, providers: list[str], explicit: bool = True
                          ) -> list[str]:
     """The providers for a session of `component`: unchanged, unless it is a fused graph whose
-    GroupQueryAttention the CUDA provider cannot run (CUDA_ATTENTION_DTYPES) and CUDA is among them. Then an
-    `explicit` choice of providers (SessionOptions.providers, ILLUME_EDGE_PROVIDERS) is refused, naming the
-    fix; an automatic one (whatever this onnxruntime has) runs this session on the CPU provider, with a
-    warning, rather than split across the bus."""
+    GroupQueryAttention the CUDA provider cannot run (CUDA_ATTENTION_DTYPES) and CUDA is among them. Then, if
+    CUDA was asked for (`explicit`: SessionOptions.providers, ILLUME_EDGE_PROVIDERS, device "cuda" or CUDA
+    graphs), the session is refused, naming the fix; otherwise (the providers this onnxruntime has, buffers
+    on the host) it runs on the CPU provider, with a warning, rather than split across the bus."""
     if "CUDAExecutionProvider" not in providers or "GroupQueryAttention" not in component.ops:
         return providers
     kv = next((t for t in component.inputs if t.name.startswith("past_key_values.")), None)
@@ -196,9 +196,11 @@ class Session:
         if opts.profile_prefix:
             so.enable_profiling = True
             so.profile_file_prefix = f"{opts.profile_prefix}-{name}"
-        self.providers = check_cuda_attention(
-            name, component, choose_providers(opts.providers),
-            explicit=opts.providers is not None or bool(os.environ.get("ILLUME_EDGE_PROVIDERS")))
+        # CUDA was asked for: by provider, or by keeping the request's buffers in GPU memory (which a session on
+        # the CPU provider cannot bind)
+        asked = (opts.providers is not None or bool(os.environ.get("ILLUME_EDGE_PROVIDERS"))
+                 or opts.device == "cuda" or _flag(opts.cuda_graph, "ILLUME_EDGE_CUDA_GRAPH"))
+        self.providers = check_cuda_attention(name, component, choose_providers(opts.providers), explicit=asked)
         self.device, self.device_id, self.buffer_owner = opts.device, opts.device_id, opts.buffers
         self.cuda_graph = name in CUDA_GRAPH_COMPONENTS and _flag(opts.cuda_graph, "ILLUME_EDGE_CUDA_GRAPH")
         self._graph_runs: dict[int, object] = {}  # CUDA graph id -> onnxruntime RunOptions (run_options)
