@@ -29,8 +29,11 @@ KV_CAPACITY_DIM = "kv_capacity"
 # The fused `llm` graph's attention_mask axis: the mask may be exactly the step's slots or span the whole KV
 # capacity (a decode step with the same shapes every step, which a CUDA graph needs); the graph reads each
 # row's newest slot from the mask's content (export/fused_ops.py). Engines whose mask axis has another name
-# ("total") take only the first form.
+# ("total") take only the first form. Both are left-padded engines (a padding bias in the graph).
 MASK_SLOTS_DIM = "mask_slots"
+# The same for a fused graph whose rows are right-padded in the cache (each row's tokens from slot 0, no bias:
+# the layout onnxruntime's CUDA attention kernel takes on its fast paths), the export's form now.
+ROW_SLOTS_DIM = "row_slots"
 
 
 class EngineError(RuntimeError):

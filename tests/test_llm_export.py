@@ -2,8 +2,8 @@
 transformers, for a Qwen2 (tiny-plus) and a LLaMA (tiny-v1) model, in both graph flavours: "portable"
 (standard ops, concat KV layout) and "fused" (onnxruntime contrib ops, one shared KV buffer). The tests
 see one contract: `Bundle.step` adapts the fused graph's shared buffer to past [B,kvh,P,d] -> present
-[B,kvh,P+S,d], and its keys (rotated at cache slots, export/fused_ops.py) to transformers' (rotated at
-positions), so every assertion below holds for both.
+[B,kvh,P+S,d], and its right-padded rows (export/fused_ops.py) to transformers' left-padded ones, so every
+assertion below holds for both.
 
 Tolerances: fp32 throughout; the graph reorders a few float ops (scaled queries, grouped-head matmuls), so
 hidden states and logits agree with transformers to LOGIT_ATOL absolute (observed ~1e-6 on these models).
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from illume_edge.config import ConfigError, preset
-from illume_edge.manifest import KV_CAPACITY_DIM, LLM_GRAPHS, MASK_SLOTS_DIM
+from illume_edge.manifest import KV_CAPACITY_DIM, LLM_GRAPHS, ROW_SLOTS_DIM
 from illume_edge.export.export_llm import (export_heads, export_llm, head_graph_name, lm_head_weight,
                                            llm_input_names, llm_output_names)
 from illume_edge.export.llm import (LLMStep, build_llm, cache_tensors, hf_config, llm_config_from_hf,
@@ -85,16 +85,26 @@ class Bundle:
         return self._shared_step(feeds, past)
 
     def _shared_step(self, feeds, past) -> tuple[np.ndarray, list[np.ndarray]]:
-        """The fused graph: copy `past` into buffers with spare capacity, bind each as past and present
-        (the runtime's shared layout), return the valid slots. Keys go in rotated from positions to slots
-        and come back rotated from slots to positions (a left-padded row's slot = position + its padding)."""
-        total = feeds["attention_mask"].shape[1]
-        batch, kvh, p, d = past[0].shape
-        shift = (feeds["attention_mask"] == 0).sum(axis=1)  # [B]: left padding = slot - position
+        """The fused graph: move the left-padded feeds and `past` into its right-padded layout (each row's
+        tokens from slot 0) in buffers with spare capacity, bind each buffer as past and present (the
+        runtime's shared layout), and return the presents left-padded again."""
+        mask = feeds["attention_mask"]
+        batch, total = mask.shape
+        s = feeds["input_ids"].shape[1]
+        _, kvh, p, d = past[0].shape
+        pad = (mask == 0).sum(axis=1)  # [B]: left padding (all of it in front)
+        past_pad, new_pad = (mask[:, :p] == 0).sum(axis=1), (mask[:, p:] == 0).sum(axis=1)
+        ids = np.full_like(feeds["input_ids"], PAD_ID)
+        right = np.zeros_like(mask)
+        for b in range(batch):
+            ids[b, :s - new_pad[b]] = feeds["input_ids"][b, new_pad[b]:]
+            right[b, :total - pad[b]] = 1
+        feeds = {**feeds, "input_ids": ids, "attention_mask": right}
         buffers = []
-        for i, t in enumerate(past):
-            buf = np.full((batch, kvh, total + 3, d), np.nan, np.float32)  # NaN: slots past T must stay unread
-            buf[:, :, :p] = self._rotate(t, shift) if i % 2 == 0 else t
+        for t in past:
+            buf = np.full((batch, kvh, total + 3, d), np.nan, np.float32)  # NaN: slots past a row's end stay unread
+            for b in range(batch):
+                buf[b, :, :p - past_pad[b]] = t[b, :, past_pad[b]:]
             buffers.append(buf)
         io = self.llm.io_binding()
         for name, arr in feeds.items():
@@ -106,18 +116,13 @@ class Bundle:
             io.bind_cpu_input(past_name, buf)
             io.bind_output(present_name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
         self.llm.run_with_iobinding(io)
-        return hidden, [self._rotate(buf[:, :, :total], -shift) if i % 2 == 0 else buf[:, :, :total]
-                        for i, buf in enumerate(buffers)]
-
-    def _rotate(self, keys: np.ndarray, shift: np.ndarray) -> np.ndarray:
-        """RoPE-rotate keys [B, kvh, L, d] by `shift` [B] more positions (rotations compose additively)."""
-        inv_freq = self.model.model.rotary_emb.inv_freq.double().numpy()  # [d/2]
-        angle = shift[:, None].astype(np.float64) * inv_freq  # [B, d/2]
-        cos = np.concatenate([np.cos(angle)] * 2, axis=1)[:, None, None]  # [B, 1, 1, d]
-        sin = np.concatenate([np.sin(angle)] * 2, axis=1)[:, None, None]
-        half = keys.shape[-1] // 2
-        rotated_half = np.concatenate([-keys[..., half:], keys[..., :half]], axis=-1)
-        return (keys * cos + rotated_half * sin).astype(np.float32)
+        presents = []
+        for buf in buffers:
+            out = np.zeros((batch, kvh, total, d), np.float32)  # padded slots: zeros
+            for b in range(batch):
+                out[b, :, pad[b]:] = buf[b, :, :total - pad[b]]
+            presents.append(out)
+        return hidden, presents
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """[B, tokenizer_len]: the head graphs' outputs side by side, in range order."""
@@ -143,6 +148,17 @@ def _left_padded(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndar
         mask[b, width - len(r):] = 1
         pos[b, width - len(r):] = np.arange(len(r))
     return ids, mask, pos
+
+
+def _right_padded(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The fused graph's layout of the same rows: each from slot 0, padded at its end (positions = slots)."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), PAD_ID, np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = r
+        mask[b, :len(r)] = 1
+    return ids, mask, np.broadcast_to(np.arange(width), ids.shape).copy()
 
 
 def _prompts(cfg, seed: int = 0) -> list[list[int]]:
@@ -313,7 +329,7 @@ def test_llm_graph_contract(bundle):
     assert (inputs["input_ids"].dtype, inputs["input_ids"].shape) == ("int64", ["batch", "seq"])
     assert (inputs["image_embeds"].dtype, inputs["image_embeds"].shape) == ("float32",
                                                                            ["image_rows", llm.hidden_size])
-    mask_axis = "total" if bundle.graph == "portable" else MASK_SLOTS_DIM
+    mask_axis = "total" if bundle.graph == "portable" else ROW_SLOTS_DIM
     assert (inputs["attention_mask"].dtype, inputs["attention_mask"].shape) == ("int64", ["batch", mask_axis])
     assert (inputs["position_ids"].dtype, inputs["position_ids"].shape) == ("int64", ["batch", "seq"])
     past_axis = "past" if bundle.graph == "portable" else KV_CAPACITY_DIM
@@ -429,27 +445,30 @@ def test_hf_config_attention_implementations():
 # The fused graph's own contract
 # ----------------------------------------------------------------------------------------------------
 def test_fused_step_equals_portable_step_in_torch():
-    """The custom ops' eager arithmetic is the portable step's: the same outputs in torch, per layer. The
-    fused step rotates by cache slot, so a left-padded row's cached keys differ by a rotation (its padding)
-    while values and the attention output agree; a row without padding agrees everywhere."""
+    """The custom ops' eager arithmetic is the portable step's: the same outputs in torch, the portable step
+    on left-padded rows, the fused one on the same rows right-padded. Row b's cache (keys and values) holds
+    at slots [0, T_b) what the portable cache holds at its last T_b slots; slots past the batch's width stay
+    untouched."""
     cfg = preset("tiny-plus")
     model = _sharpen_attention(build_llm(cfg, seed=1))
     portable, fused = LLMStep(model, cfg, "portable"), LLMStep(model, cfg, "fused")
-    ids, mask, pos = (torch.from_numpy(a) for a in _left_padded(_prompts(cfg, seed=11)))
-    llm, (b, t) = cfg.llm, ids.shape
+    prompts = _prompts(cfg, seed=11)
+    left = [torch.from_numpy(a) for a in _left_padded(prompts)]
+    right = [torch.from_numpy(a) for a in _right_padded(prompts)]
+    llm, (b, t) = cfg.llm, left[0].shape
     empty = tuple((torch.zeros(b, llm.num_kv_heads, 0, llm.head_size),) * 2 for _ in range(llm.num_layers))
     shared = tuple((torch.zeros(b, llm.num_kv_heads, t + 4, llm.head_size),) * 2 for _ in range(llm.num_layers))
     table = torch.zeros(0, llm.hidden_size)
     with torch.no_grad():
-        want, got = portable(ids, table, mask, pos, empty), fused(ids, table, mask, pos, shared)
+        want, got = portable(left[0], table, *left[1:], empty), fused(right[0], table, *right[1:], shared)
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=0)
-    full = mask.all(dim=1)  # rows without padding: slots are positions
-    assert full.any() and not full.all(), "the prompts must mix padded and unpadded rows"
-    for i, (w, g) in enumerate(zip(want[1:], got[1:])):
+    assert len({len(p) for p in prompts}) > 1, "the prompts must have unequal lengths"
+    for w, g in zip(want[1:], got[1:]):
         assert g.shape[2] == t + 4
-        rows = slice(None) if i % 2 else full  # values (odd) in every row, keys (even) where unpadded
-        torch.testing.assert_close(g[rows, :, :t], w[rows], atol=1e-5, rtol=0)
-        assert not g[:, :, t:].any(), "slots past T must stay untouched"
+        for row, p in enumerate(prompts):
+            n = len(p)
+            torch.testing.assert_close(g[row, :, :n], w[row, :, t - n:], atol=1e-5, rtol=0)
+        assert not g[:, :, t:].any(), "slots past the batch's width must stay untouched"
 
 
 def test_fused_graph_layers_are_fused_kernels(bundle):
@@ -528,10 +547,12 @@ FUSED_BUNDLES = [(name, "fused") for name in ("tiny-plus", "tiny-v1")]
 
 @pytest.mark.parametrize("bundle", FUSED_BUNDLES, indirect=True, ids=lambda p: "-".join(p))
 def test_fused_decode_with_capacity_mask_equals_exact_mask(bundle):
-    """A decode step may bind the mask over the whole KV capacity (zeros past the newest slot: the same
+    """A decode step may bind the mask over the whole KV capacity (zeros past each row's end: the same
     shapes every step, what a CUDA graph needs): the same hidden states and cache as the mask cut to the
-    step's slots, on a left-padded batch, step after step (onnxruntime; atol 1e-6)."""
-    ids, mask, pos = _left_padded(_prompts(bundle.cfg, seed=5))
+    longest row, on a batch of unequal rows each appending at its own end, step after step (onnxruntime;
+    atol 1e-6)."""
+    prompts = _prompts(bundle.cfg, seed=5)
+    ids, mask, pos = _right_padded(prompts)
     batch, width = ids.shape
     capacity = width + DECODE_STEPS + 3
     full = np.zeros((batch, capacity), np.int64)
@@ -540,38 +561,45 @@ def test_fused_decode_with_capacity_mask_equals_exact_mask(bundle):
     for bufs in (exact, wide):  # the prefill binds the mask cut to its slots (the CPU kernel's rule)
         _run_shared(bundle, bufs, ids, mask, pos)
     g = np.random.default_rng(6)
-    next_pos = mask.sum(axis=1)
-    for t in range(width, width + DECODE_STEPS):
+    ends = mask.sum(axis=1)  # [B]: each row's next slot
+    for _ in range(DECODE_STEPS):
         tok = g.integers(0, bundle.cfg.tokenizer_len, size=(batch, 1))
-        full[:, t] = 1
-        step_pos = next_pos[:, None] + (t - width)
-        want = _run_shared(bundle, exact, tok, full[:, :t + 1], step_pos)
-        got = _run_shared(bundle, wide, tok, full, step_pos)
+        full[np.arange(batch), ends] = 1
+        want = _run_shared(bundle, exact, tok, full[:, :ends.max() + 1], ends[:, None])
+        got = _run_shared(bundle, wide, tok, full, ends[:, None])
         np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+        ends = ends + 1
     for a, b in zip(wide, exact):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
-    assert not np.concatenate([a[:, :, width + DECODE_STEPS:] for a in wide]).any(), "slots past T untouched"
+    for row, end in enumerate(ends):  # nothing written past a row's end (nor past the prefill's width)
+        assert not np.concatenate([a[row, :, max(end, width):] for a in wide]).any(), f"row {row}"
 
 
-def test_fused_step_in_torch_reads_the_newest_slot_from_the_mask():
+def test_fused_step_in_torch_reads_each_rows_end_from_the_mask():
     """The custom op's eager body (the export's reference) follows the same rule: a decode step with the
-    mask over the whole capacity equals the step with the mask cut to its slots, and writes the same slot."""
+    mask over the whole capacity equals the step with the mask cut to the longest row, and each row writes
+    its own next slot."""
     cfg = preset("tiny-plus")
     model = _sharpen_attention(build_llm(cfg, seed=2))
     step = LLMStep(model, cfg, "fused")
-    ids, mask, pos = (torch.from_numpy(a) for a in _left_padded(_prompts(cfg, seed=12)))
+    prompts = _prompts(cfg, seed=12)
+    ids, mask, pos = (torch.from_numpy(a) for a in _right_padded(prompts))
     llm, (b, t) = cfg.llm, ids.shape
     capacity = t + 5
     past = tuple((torch.zeros(b, llm.num_kv_heads, capacity, llm.head_size),) * 2 for _ in range(llm.num_layers))
     table = torch.zeros(0, llm.hidden_size)
+    ends = mask.sum(dim=1)  # [B]
     with torch.no_grad():
         out = step(ids, table, mask, pos, past)
         cache = tuple((out[1 + 2 * i], out[2 + 2 * i]) for i in range(llm.num_layers))
         full = torch.zeros(b, capacity, dtype=torch.int64)
-        full[:, :t + 1] = torch.cat([mask, torch.ones(b, 1, dtype=torch.int64)], dim=1)
-        tok, p = torch.tensor([[3], [4]]), mask.sum(dim=1, keepdim=True)
-        want = step(tok, table, full[:, :t + 1], p, cache)
-        got = step(tok, table, full, p, cache)
+        full[:, :t] = mask
+        full[torch.arange(b), ends] = 1
+        tok = torch.tensor([[3], [4]])
+        want = step(tok, table, full[:, :int(ends.max()) + 1], ends[:, None], cache)
+        got = step(tok, table, full, ends[:, None], cache)
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w, atol=1e-6, rtol=0)
-    assert got[1][:, :, t].abs().sum() > 0 and not got[1][:, :, t + 1:].any()
+    for row, end in enumerate(ends.tolist()):
+        assert not torch.equal(got[1][row, :, end], cache[0][0][row, :, end]), f"row {row}: slot {end} written"
+        assert not got[1][row, :, max(end + 1, t):].any(), f"row {row}: nothing past its new end"

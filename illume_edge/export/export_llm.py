@@ -13,6 +13,10 @@
   An id in [vocab_rows, vocab_rows + image_rows) takes row id - vocab_rows of image_embeds; an id past that
   is an out-of-range gather (the runtime validates ids before running). Key slots whose attention_mask is 0
   are masked for every query; a query whose keys are all masked gives a finite (uniform-attention) row.
+  That is the portable graph's contract. The fused graph (the export default) differs in its layout: one
+  KV buffer bound as past and present ([batch, kv_heads, kv_capacity, head_dim]) and right-padded rows
+  (row b's tokens at slots [0, T_b), its mask row 1 there and 0 after; the mask [batch, row_slots] is the
+  step's slots or the whole capacity), so its mask's zeros are at row ends (export/fused_ops.py).
   An fp16 engine (`--precision fp16`) keeps this contract except the KV cache: past / present are float16
   there (the compute dtype), so that the fused graph hands the bound cache to GroupQueryAttention as it is
   and a step appends to it in place (a float32 cache would be cast whole, twice, every step).
@@ -30,7 +34,7 @@ from torch import nn
 from torch.export import Dim
 
 from illume_edge.config import ConfigError, ModelConfig
-from illume_edge.manifest import DEFAULT_LLM_GRAPH, KV_CAPACITY_DIM, MASK_SLOTS_DIM
+from illume_edge.manifest import DEFAULT_LLM_GRAPH, KV_CAPACITY_DIM, ROW_SLOTS_DIM
 from illume_edge.export.llm import LLMStep
 from illume_edge.export.onnx_io import GraphInfo, export_onnx
 
@@ -61,9 +65,10 @@ def export_llm(model: nn.Module, cfg: ModelConfig, path: str | os.PathLike,
                graph: str = DEFAULT_LLM_GRAPH) -> GraphInfo:
     """Export the one-graph LLM step (see the module docstring for the I/O contract) to `path`.
 
-    graph "portable": standard ops, concat KV layout. graph "fused": onnxruntime contrib ops, shared KV
-    layout (past_key_values.* and present.* are [batch, kv_heads, kv_capacity, head_dim], one buffer;
-    attention_mask [batch, mask_slots]: the step's slots or the whole capacity, see export/fused_ops.py).
+    graph "portable": standard ops, concat KV layout, left padding. graph "fused": onnxruntime contrib ops,
+    shared KV layout (past_key_values.* and present.* are [batch, kv_heads, kv_capacity, head_dim], one
+    buffer), rows right-padded (attention_mask [batch, row_slots]: the step's slots or the whole capacity,
+    see export/fused_ops.py).
     """
     llm = cfg.llm
     step = LLMStep(model, cfg, graph)
@@ -84,7 +89,7 @@ def export_llm(model: nn.Module, cfg: ModelConfig, path: str | os.PathLike,
     batch = Dim("batch", min=1, max=llm.max_batch)
     seq = Dim("seq", min=1, max=ctx)
     past_len = Dim("past", min=0, max=ctx)
-    total = Dim(MASK_SLOTS_DIM if fused else "total", min=1, max=ctx)  # fused: [B, T] or [B, capacity]
+    total = Dim(ROW_SLOTS_DIM if fused else "total", min=1, max=ctx)  # fused: [B, W] or [B, capacity]
     image_rows = Dim("image_rows", min=0, max=ctx)
     kv = {0: batch, 2: Dim(KV_CAPACITY_DIM, min=1, max=ctx) if fused else past_len}
     dynamic_shapes = (

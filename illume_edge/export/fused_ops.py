@@ -14,26 +14,28 @@ Each op has an eager implementation with the portable graph's arithmetic, so `LL
 runs in torch and its parity with the transformers reference is tested like the portable step.
 
 GroupQueryAttention's cache contract ("shared" KV layout): past_key / present_key are the *same* buffer of
-`capacity` positions, [B, kv_heads, capacity, head_dim]; the step writes its S new keys at slots
-[T - S, T) and attends over slots [0, T), where T - 1 is the newest real slot: the last 1 in attention_mask
-(rows end together, left padding). onnxruntime takes the shared path when the two bound buffers have the
-same address (the runtime binds them so); `gqa` below computes present = past with those slots replaced.
+`capacity` positions, [B, kv_heads, capacity, head_dim]. Rows are **right-padded** in the cache: row b holds
+its T_b tokens at slots [0, T_b), and T_b - 1 is the last 1 in its attention_mask row (`gqa_lengths`, the
+kernel's seqlens_k). A step appends its S new tokens at each row's own slots [T_b - S, T_b) and each row
+attends over its own [0, T_b), causally; the first prompt (total_sequence_length = S) starts every row at
+slot 0, and a row shorter than S is padded at its end. So the kernel masks padding by itself and the graph
+passes no attention bias, which onnxruntime's CUDA kernel does not take on its fast paths (docs/gpu.md).
+onnxruntime takes the shared path when the two bound buffers have the same address (the runtime binds them
+so); `gqa` below computes present = past with the new slots replaced. (Engines exported before this layout,
+whose mask axis is not ROW_SLOTS_DIM, are left-padded and pass a padding bias; the runtime still drives them.)
 
-The attention mask [B, W] may be exactly the step's slots (W = T: prefill, runs of forced tokens) or span the
-whole cache (W = capacity, zeros past T: a decode step). With W = capacity every decode step of a request has
-the same input shapes, so it can be bound once and captured as a CUDA graph (onnxruntime's
+The attention mask [B, W] may be exactly the step's slots (W = max T_b: prefill, runs of forced tokens) or
+span the whole cache (W = capacity, zeros past each T_b: a decode step). With W = capacity every decode step
+of a request has the same input shapes, so it can be bound once and captured as a CUDA graph (onnxruntime's
 `enable_cuda_graph`); the kernel gets total_sequence_length = W and attends over each row's seqlens_k + 1
 slots only (measured on the CPU kernel: identical outputs, same time). onnxruntime's CPU kernel refuses
-W > S for a batch > 1 prefill ("past context"), so prefills use W = T.
+W > S for a batch > 1 prefill ("past context"), so prefills use W = S.
 
-RoPE positions are the cache slots. GroupQueryAttention derives them from its own bookkeeping (slot T - S + s
-for the step's token s; with position_ids it would use them on later steps but not on the first prompt,
-measured with onnxruntime 1.32), so the graph rotates by slot index and ignores its position_ids input. That
-is exact for the runtime's batches: a left-padded row's slots are its positions plus a constant (its padding),
-and RoPE attention depends only on differences of positions, q(m)·k(n) = f(m - n). The cached keys of a padded
-row are therefore rotated further, by its padding, than the portable graph's; the attention outputs are the same
-(tested against transformers). Folding RoPE into the attention kernel saves a Split and two RoPE nodes per
-layer (3% of the int4 decode step on 2 cores, docs/performance.md).
+RoPE positions are the cache slots, which for right-padded rows are the tokens' positions: GroupQueryAttention
+derives them from its own bookkeeping (slot T_b - S + s for the step's token s), and the graph ignores its
+position_ids input. The cached keys are rotated as transformers' are (tested against it). Folding RoPE into
+the attention kernel saves a Split and two RoPE nodes per layer (3% of the int4 decode step on 2 cores,
+docs/performance.md).
 Limits of onnxruntime's CPU kernel, checked at export or in the runtime: head_dim a multiple of 16; a call
 with batch > 1 and S > 1 on a non-empty cache is refused (the runtime feeds such runs a token at a time).
 
@@ -143,29 +145,38 @@ def _rope(x: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin
 
 @torch.library.custom_op("illume_edge::gqa", mutates_args=())
 def gqa(qkv: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor, seqlens_k: torch.Tensor,
-        total: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor, bias: torch.Tensor,
+        total: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor, bias: torch.Tensor | None,
         num_heads: int, kv_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RoPE at the cache slots, then grouped-query attention over a shared-buffer cache (module docstring).
 
-    qkv [B, S, (h + 2*kvh)*d] (the packed projection, pre-RoPE), past_key / past_value [B, kvh, C, d] (slots
-    [0, T - S) valid), seqlens_k int32 [B] = T - 1 and total int32 [] = W (the kernel's bookkeeping; see
-    `gqa_lengths`), cos_cache / sin_cache [max_positions, d/2], bias [B, 1, S, W] additive (causal +
-    padding; W = T, or the capacity with slots past T masked). Returns (out [B, S, h*d], present_key,
+    qkv [B, S, (h + 2*kvh)*d] (the packed projection, pre-RoPE), past_key / past_value [B, kvh, C, d],
+    seqlens_k int32 [B] = T_b - 1 and total int32 [] = W (the kernel's bookkeeping; see `gqa_lengths`),
+    cos_cache / sin_cache [max_positions, d/2]. Without `bias` (right-padded rows, the export's form), row b
+    writes its new tokens at slots [T_b - S, T_b), or [0, S) on the first prompt (total == S), and attends
+    causally over its own [0, T_b). With `bias` [B, 1, S, W] (engines exported left-padded), every row writes
+    at [T - S, T) and the additive bias masks causality and padding. Returns (out [B, S, h*d], present_key,
     present_value [B, kvh, C, d]).
     """
     b, s, _ = qkv.shape
-    w = bias.shape[-1]  # W: the slots attended over (the eager body reads it from the bias)
     d = past_key.shape[-1]
     group = num_heads // kv_heads
     q, k, v = qkv.split([num_heads * d, kv_heads * d, kv_heads * d], dim=-1)
-    ends = seqlens_k.long() + 1  # [B]: T per row
-    slots = ends[:, None] - s + torch.arange(s, device=qkv.device)  # [B, S]: the new tokens' slots (RoPE positions)
+    ends = seqlens_k.long() + 1  # [B]: T_b per row
+    first = bias is None and int(total) == s  # onnxruntime's first prompt: every row starts at slot 0
+    starts = torch.zeros_like(ends) if first else ends - s  # [B]: each row's first new slot
+    slots = starts[:, None] + torch.arange(s, device=qkv.device)  # [B, S]: the new tokens' slots (RoPE positions)
     q, k = _rope(q, slots, cos_cache, sin_cache, num_heads), _rope(k, slots, cos_cache, sin_cache, kv_heads)
     present_key, present_value = past_key.clone(), past_value.clone()
     new_k, new_v = (x.view(b, s, kv_heads, d).transpose(1, 2) for x in (k, v))  # [B, kvh, S, d]
     for row in range(b):
         present_key[row, :, slots[row]] = new_k[row]
         present_value[row, :, slots[row]] = new_v[row]
+    if bias is None:  # each row's own causal window over its valid slots
+        w = past_key.shape[2]
+        key_slot = torch.arange(w, device=qkv.device)
+        allowed = (key_slot <= slots[:, :, None]) & (key_slot < ends[:, None, None])  # [B, S, C]
+        bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min).to(qkv.dtype)[:, None]  # [B, 1, S, C]
+    w = bias.shape[-1]  # W: the slots attended over
     key, value = present_key[:, :, :w], present_value[:, :, :w]  # [B, kvh, W, d]
     qg = q.view(b, s, num_heads, d).transpose(1, 2).reshape(b, kv_heads, group * s, d)  # [B, kvh, g*S, d]
     scores = torch.matmul(qg, key.transpose(2, 3)) * scale  # [B, kvh, g*S, W]
@@ -204,19 +215,17 @@ def _gqa_onnx(qkv, past_key, past_value, seqlens_k, total, cos_cache, sin_cache,
 
 
 def gqa_lengths(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """GroupQueryAttention's seqlens_k (int32 [B]: T - 1 for every row) and total_sequence_length (int32 []: W)
-    for an attention mask [B, W] (W = T, or the cache capacity with zeros past T; module docstring). T - 1 is
-    the batch's newest real slot: rows end together (left padding, masked by the bias), and a row that is all
-    padding follows the others; a mask with no 1 at all means T = W. Computed once per step, shared by every
-    layer."""
+    """GroupQueryAttention's seqlens_k (int32 [B]: T_b - 1, row b's last 1) and total_sequence_length (int32 []:
+    W) for an attention mask [B, W] of right-padded rows (W = the step's slots, or the cache capacity with
+    zeros past each row's end; module docstring). A row with no 1 at all counts as T_b = W. Computed once per
+    step, shared by every layer."""
     # W from the mask's shape (Shape -> Cast in the graph): onnxruntime's CUDA kernel reads total_sequence_length
     # on the host, and a shape needs no device-to-host copy (none is allowed inside a captured CUDA graph)
     width = torch.full((), attention_mask.shape[1], dtype=torch.int64, device=attention_mask.device)
     slots = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)  # [W]: slot + 1
-    end = ((attention_mask != 0) * slots).amax(dim=(0, 1))  # T: one past the newest real slot of any row
+    end = ((attention_mask != 0) * slots).amax(dim=1)  # [B]: T_b, one past the row's last real slot
     end = torch.where(end > 0, end, width)
-    seqlens = torch.zeros_like(attention_mask[:, 0]) + (end - 1)  # [B]
-    return seqlens.to(torch.int32), width.to(torch.int32)
+    return (end - 1).to(torch.int32), width.to(torch.int32)
 
 
 TRANSLATIONS = {

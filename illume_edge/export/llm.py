@@ -249,21 +249,17 @@ def cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]
 # The exported step
 # ----------------------------------------------------------------------------------------------------
 def causal_padding_bias(attention_mask: torch.Tensor, new_len: int | torch.SymInt,
-                        dtype: torch.dtype = torch.float32, ends: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, W] 1/0 mask over past + new keys -> additive bias [B, 1, S, W] for the S newest queries.
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[B, T] 1/0 mask over past + new keys (left padding) -> additive bias [B, 1, S, T] for the S newest
+    queries (the portable graph's attention mask).
 
-    Query i sits at cache slot T - S + i and may see key slot j iff j <= T - S + i and mask[b, j] == 1. T is
-    the mask's width, or per row `ends` [B] when given (a mask spanning the cache capacity, fused_ops.py).
-    Disallowed keys get `dtype`'s most negative finite value (MASK_VALUE for float32).
+    Query i sits at slot T - S + i and may see key slot j iff j <= T - S + i and mask[b, j] == 1. Disallowed
+    keys get `dtype`'s most negative finite value (MASK_VALUE for float32).
     """
     total = attention_mask.shape[1]
-    key_slot = torch.arange(total, device=attention_mask.device)  # [W]
+    key_slot = torch.arange(total, device=attention_mask.device)  # [T]
     new_slot = torch.arange(new_len, device=attention_mask.device)  # [S]
-    if ends is None:
-        causal = (key_slot.unsqueeze(0) <= (new_slot + (total - new_len)).unsqueeze(1)).unsqueeze(0)  # [1, S, W]
-    else:
-        query_slot = ends.long().unsqueeze(1) - new_len + new_slot  # [B, S]
-        causal = key_slot.view(1, 1, -1) <= query_slot.unsqueeze(2)  # [B, S, W]
+    causal = (key_slot.unsqueeze(0) <= (new_slot + (total - new_len)).unsqueeze(1)).unsqueeze(0)  # [1, S, T]
     allowed = causal & (attention_mask != 0).unsqueeze(1)  # [B, S, W]
     masked = torch.full((), torch.finfo(dtype).min, dtype=dtype)
     bias = torch.where(allowed, torch.zeros((), dtype=dtype), masked)
@@ -317,11 +313,12 @@ class LLMStep(nn.Module):
 
     graph "portable" (standard ONNX ops): past [B,kvh,P,d] -> present [B,kvh,P+S,d] (the "concat" KV layout).
     graph "fused" (onnxruntime contrib ops, export/fused_ops.py): past and present are one buffer of
-    capacity C >= T, [B,kvh,C,d]; the step writes slots [P, T) (the "shared" KV layout), where T - 1 is the
-    last 1 in attention_mask (rows end together), which may be [B,T] or span the capacity, [B,C] (zeros past
-    T: a decode step with static shapes). RoPE rotates by cache slot (T - S + s), not by position_ids: the
-    same attention for rows whose slots are their positions plus a constant (left padding), which is every
-    batch the runtime builds; the graph keeps the input, unused.
+    capacity C, [B,kvh,C,d], and rows are **right-padded**: row b holds its T_b tokens at slots [0, T_b),
+    T_b - 1 being the last 1 in its attention_mask row, which may be [B,W] (W = the longest row) or span the
+    capacity, [B,C] (zeros past each row's end: a decode step with static shapes). The step writes each
+    row's new tokens at its own slots [T_b - S, T_b) (the "shared" KV layout; on the first prompt every row
+    starts at slot 0, a short row padded at its end) and returns each row's last real position. RoPE rotates
+    by cache slot, which is the position in this layout; the graph keeps position_ids, unused.
     """
 
     def __init__(self, model: Qwen2ForCausalLM | LlamaForCausalLM, cfg: ModelConfig, graph: str = "portable"):
@@ -411,8 +408,7 @@ class LLMStep(nn.Module):
 
         inner = self.model.model
         x = splice_rows(inner.embed_tokens.weight, input_ids, image_embeds, self.vocab_rows)  # [B, S, H]
-        seqlens, total = gqa_lengths(attention_mask)  # the mask may span the cache (fused_ops.py)
-        bias = causal_padding_bias(attention_mask, input_ids.shape[1], x.dtype, ends=seqlens + 1)  # [B, 1, S, W]
+        seqlens, total = gqa_lengths(attention_mask)  # right-padded rows; the mask may span the cache (fused_ops.py)
         cos, sin = self.cos_cache.to(x.dtype), self.sin_cache.to(x.dtype)
         eps = float(inner.norm.variance_epsilon)
         presents: list[torch.Tensor] = []
@@ -423,7 +419,7 @@ class LLMStep(nn.Module):
             else:
                 h, residual = skip_rms_norm(branch, residual, layer.input_layernorm.weight, eps)
             qkv = self.qkv[i].packed(h)  # [B, S, (h + 2*kvh)*d]: one MatMul, RoPE'd inside the kernel
-            ctx, key, value = gqa(qkv, past_key, past_value, seqlens, total, cos, sin, bias, self.num_heads,
+            ctx, key, value = gqa(qkv, past_key, past_value, seqlens, total, cos, sin, None, self.num_heads,
                                   self.num_kv_heads, self.scale)
             h, residual = skip_rms_norm(layer.self_attn.o_proj(ctx), residual,
                                         layer.post_attention_layernorm.weight, eps)
@@ -433,5 +429,9 @@ class LLMStep(nn.Module):
             mlp = layer.mlp
             branch = mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
             presents += [key, value]
-        last, _ = skip_rms_norm(branch[:, -1], residual[:, -1], inner.norm.weight, eps)  # [B, H]
+        # each row's last real position: S - 1, or its own end in a right-padded first prompt (T_b - 1 < S - 1)
+        s = input_ids.shape[1]
+        at = torch.where(seqlens < s, seqlens, s - 1).long()  # [B]
+        rows = torch.arange(at.shape[0], device=at.device)
+        last, _ = skip_rms_norm(branch[rows, at], residual[rows, at], inner.norm.weight, eps)  # [B, H]
         return (last, *presents)

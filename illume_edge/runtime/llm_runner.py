@@ -1,4 +1,9 @@
-"""Drive the `llm` graph: left-padded prefill, decode steps, preallocated KV cache, head graphs.
+"""Drive the `llm` graph: batched prefill, decode steps, preallocated KV cache, head graphs.
+
+Rows of unequal length are padded to one width: on the left for the portable graph and for fused engines
+exported before right padding (their graph masks padding with a bias), on the right for the fused graph
+(`right_padded`: mask axis ROW_SLOTS_DIM; each row's tokens from slot 0, its mask row 1 there and 0 after,
+each row appending at its own end; export/fused_ops.py).
 
 The KV cache, the last hidden state and each head's logits are preallocated per request on the sessions'
 device (`device_buffer`: numpy memory on the CPU, OrtValues on a GPU) and bound by address, so no step
@@ -11,7 +16,7 @@ allocates them or copies them through the host. The KV layout follows the graph 
   mode). onnxruntime's kernel refuses batch > 1 with several new tokens on a non-empty cache, so such
   runs (forced tokens in a CFG batch) are fed a token at a time.
 
-Static decode steps (the fused graph exported with a `mask_slots` mask axis, `LLMRunner.static_decode`):
+Static decode steps (the fused graph, mask axis `row_slots` or `mask_slots`, `LLMRunner.static_decode`):
 every single-token step of a request binds the same inputs, `StepBuffers` at fixed addresses with fixed
 shapes (ids and positions [B, 1], the mask over the whole capacity [B, capacity]), rewritten in place between
 steps. Nothing is rebound or re-validated from step to step, and the step is what onnxruntime's CUDA graphs
@@ -33,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import ModelConfig
-from ..manifest import KV_CAPACITY_DIM, MASK_SLOTS_DIM, Component, EngineError
+from ..manifest import KV_CAPACITY_DIM, MASK_SLOTS_DIM, ROW_SLOTS_DIM, Component, EngineError
 from .device_buffer import DeviceArray
 from .engine import Engine
 from .session import Binding, Session
@@ -50,10 +55,19 @@ def kv_layout(component: Component) -> str:
 CUDA_GRAPH_CAPACITY_STEP = 256
 
 
+def _mask_axis(component: Component) -> object:
+    mask = next((t for t in component.inputs if t.name == "attention_mask"), None)
+    return None if mask is None else mask.shape[1]
+
+
 def takes_capacity_mask(component: Component) -> bool:
     """True if the graph's attention_mask may span the KV capacity (module docstring: static decode)."""
-    mask = next((t for t in component.inputs if t.name == "attention_mask"), None)
-    return mask is not None and mask.shape[1] == MASK_SLOTS_DIM
+    return _mask_axis(component) in (MASK_SLOTS_DIM, ROW_SLOTS_DIM)
+
+
+def takes_right_padding(component: Component) -> bool:
+    """True if the graph's rows are right-padded in the cache (module docstring)."""
+    return _mask_axis(component) == ROW_SLOTS_DIM
 
 
 class KVBuffers:
@@ -132,7 +146,7 @@ class DecodeState:
     mask: np.ndarray  # int64 [B, capacity]; 1 = real token
     next_pos: np.ndarray  # int64 [B]: RoPE position of each row's next token
     hidden_buffer: DeviceArray  # float32 [B, hidden]: last position's final hidden state, rewritten every run
-    length: int = 0  # positions filled (prompt incl. padding + fed tokens)
+    length: int = 0  # slots filled in the longest row (prompt incl. padding + fed tokens)
     fed: list[list[int]] = field(default_factory=list)  # ids fed after the prompt, per row
     binding: Binding | None = None  # the llm session's IO binding, kept across steps
     step: StepBuffers | None = None  # static decode steps' inputs (LLMRunner.static_decode), else None
@@ -158,6 +172,7 @@ class LLMRunner:
         self.kv_layout = kv_layout(self.session.component)
         # single-token steps with fixed shapes and addresses, replayed as CUDA graphs if asked (module docstring)
         self.static_decode = self.kv_layout == "shared" and takes_capacity_mask(self.session.component)
+        self.right_padded = self.kv_layout == "shared" and takes_right_padding(self.session.component)
         self.cuda_graph = self.static_decode and self.session.cuda_graph
         self._pool: dict[tuple[int, int], RequestBuffers] = {}  # (batch, capacity) -> buffers (CUDA graphs)
         self.runs = 0  # llm graph runs so far (benchmarks count them)
@@ -174,7 +189,8 @@ class LLMRunner:
     # --- prefill ------------------------------------------------------------------------------------------
     def prefill(self, rows: list[list[int]], image_embeds: np.ndarray | None = None,
                 max_new_tokens: int = 0) -> DecodeState:
-        """Left-pad `rows` to one length, run them in one call, keep room for `max_new_tokens` more."""
+        """Pad `rows` to one length (module docstring: which side), run them in one call, keep room for
+        `max_new_tokens` more."""
         if not rows or any(len(r) == 0 for r in rows):
             raise EngineError("llm: every prompt row needs at least one token")
         table = self._empty_table if image_embeds is None else np.ascontiguousarray(image_embeds, np.float32)
@@ -196,10 +212,17 @@ class LLMRunner:
         step = bufs.step
         mask = step.mask.host() if step is not None and step.mask.on_host else np.zeros((batch, capacity), np.int64)
         for b, r in enumerate(rows):
-            ids[b, width - len(r):] = r  # left padding: real tokens end at the same column
-            mask[b, width - len(r):width] = 1
+            if self.right_padded:  # each row from slot 0, padded at its end
+                ids[b, :len(r)] = r
+                mask[b, :len(r)] = 1
+            else:  # left padding: real tokens end at the same column
+                ids[b, width - len(r):] = r
+                mask[b, width - len(r):width] = 1
         self._check_ids(ids, table.shape[0])
-        positions = np.maximum(np.cumsum(mask[:, :width], axis=1) - 1, 0)  # padded slots get position 0
+        if self.right_padded:
+            positions = np.broadcast_to(np.arange(width), (batch, width)).copy()  # slots = positions
+        else:
+            positions = np.maximum(np.cumsum(mask[:, :width], axis=1) - 1, 0)  # padded slots get position 0
         state = DecodeState(kv=bufs.kv, mask=mask, next_pos=mask[:, :width].sum(axis=1), hidden_buffer=bufs.hidden,
                             fed=[[] for _ in rows], step=step, graph_id=bufs.graph_id)
         bufs.owner = weakref.ref(state)
@@ -257,8 +280,11 @@ class LLMRunner:
 
     def _append(self, state: DecodeState, tokens: np.ndarray) -> None:
         s = tokens.shape[1]
-        state.mask[:, state.length:state.length + s] = 1
         positions = state.next_pos[:, None] + np.arange(s)[None, :]  # [B, S]
+        if self.right_padded:  # each row appends at its own end (its positions are its slots)
+            state.mask[np.arange(state.batch)[:, None], positions] = 1
+        else:  # rows end together
+            state.mask[:, state.length:state.length + s] = 1
         for row, toks in zip(state.fed, tokens.tolist()):
             row.extend(toks)
         state.next_pos = state.next_pos + s
