@@ -260,7 +260,7 @@ def causal_padding_bias(attention_mask: torch.Tensor, new_len: int | torch.SymIn
     key_slot = torch.arange(total, device=attention_mask.device)  # [T]
     new_slot = torch.arange(new_len, device=attention_mask.device)  # [S]
     causal = (key_slot.unsqueeze(0) <= (new_slot + (total - new_len)).unsqueeze(1)).unsqueeze(0)  # [1, S, T]
-    allowed = causal & (attention_mask != 0).unsqueeze(1)  # [B, S, W]
+    allowed = causal & (attention_mask != 0).unsqueeze(1)  # [B, S, T]
     masked = torch.full((), torch.finfo(dtype).min, dtype=dtype)
     bias = torch.where(allowed, torch.zeros((), dtype=dtype), masked)
     return bias.unsqueeze(1)  # [B, 1, S, W]

@@ -55,7 +55,7 @@ def kv_layout(component: Component) -> str:
 CUDA_GRAPH_CAPACITY_STEP = 256
 
 
-def _mask_axis(component: Component) -> object:
+def _mask_axis(component: Component) -> str | int | None:
     mask = next((t for t in component.inputs if t.name == "attention_mask"), None)
     return None if mask is None else mask.shape[1]
 
