@@ -80,7 +80,7 @@ def test_kv_cache_is_bound_to_the_attention_kernel_directly(engines):
     """The fp16 fused graph feeds its fp16 past K/V inputs straight into GroupQueryAttention and returns the
     kernel's present outputs as they are: no Cast on the cache, so past and present stay one buffer that a
     decode step appends to in place (the CUDA kernel's shared-buffer fast path; a cast would copy the whole
-    cache twice per step). Decoding a left-padded batch then stays within fp16 tolerance of the fp32 engine."""
+    cache twice per step). Decoding a batch of unequal rows then stays within fp16 tolerance of the fp32 engine."""
     fp32, fp16 = engines
     model = onnx.load(str(fp16.dir / fp16.manifest.component("llm").path), load_external_data=False)
     gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
