@@ -145,24 +145,22 @@ def _rope(x: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin
 
 @torch.library.custom_op("illume_edge::gqa", mutates_args=())
 def gqa(qkv: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor, seqlens_k: torch.Tensor,
-        total: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor, bias: torch.Tensor | None,
-        num_heads: int, kv_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        total: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor, num_heads: int, kv_heads: int,
+        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RoPE at the cache slots, then grouped-query attention over a shared-buffer cache (module docstring).
 
     qkv [B, S, (h + 2*kvh)*d] (the packed projection, pre-RoPE), past_key / past_value [B, kvh, C, d],
     seqlens_k int32 [B] = T_b - 1 and total int32 [] = W (the kernel's bookkeeping; see `gqa_lengths`),
-    cos_cache / sin_cache [max_positions, d/2]. Without `bias` (right-padded rows, the export's form), row b
-    writes its new tokens at slots [T_b - S, T_b), or [0, S) on the first prompt (total == S), and attends
-    causally over its own [0, T_b). With `bias` [B, 1, S, W] (engines exported left-padded), every row writes
-    at [T - S, T) and the additive bias masks causality and padding. Returns (out [B, S, h*d], present_key,
-    present_value [B, kvh, C, d]).
+    cos_cache / sin_cache [max_positions, d/2]. Rows are right-padded: row b writes its new tokens at slots
+    [T_b - S, T_b), or [0, S) on the first prompt (total == S), and attends causally over its own [0, T_b).
+    Returns (out [B, S, h*d], present_key, present_value [B, kvh, C, d]).
     """
     b, s, _ = qkv.shape
     d = past_key.shape[-1]
     group = num_heads // kv_heads
     q, k, v = qkv.split([num_heads * d, kv_heads * d, kv_heads * d], dim=-1)
     ends = seqlens_k.long() + 1  # [B]: T_b per row
-    first = bias is None and int(total) == s  # onnxruntime's first prompt: every row starts at slot 0
+    first = int(total) == s  # onnxruntime's first prompt: every row starts at slot 0
     starts = torch.zeros_like(ends) if first else ends - s  # [B]: each row's first new slot
     slots = starts[:, None] + torch.arange(s, device=qkv.device)  # [B, S]: the new tokens' slots (RoPE positions)
     q, k = _rope(q, slots, cos_cache, sin_cache, num_heads), _rope(k, slots, cos_cache, sin_cache, kv_heads)
@@ -171,24 +169,21 @@ def gqa(qkv: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor, seq
     for row in range(b):
         present_key[row, :, slots[row]] = new_k[row]
         present_value[row, :, slots[row]] = new_v[row]
-    if bias is None:  # each row's own causal window over its valid slots
-        w = past_key.shape[2]
-        key_slot = torch.arange(w, device=qkv.device)
-        allowed = (key_slot <= slots[:, :, None]) & (key_slot < ends[:, None, None])  # [B, S, C]
-        bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min).to(qkv.dtype)[:, None]  # [B, 1, S, C]
-    w = bias.shape[-1]  # W: the slots attended over
-    key, value = present_key[:, :, :w], present_value[:, :, :w]  # [B, kvh, W, d]
+    c = past_key.shape[2]  # every slot, masked to each row's own causal window over its valid slots
+    key_slot = torch.arange(c, device=qkv.device)
+    allowed = (key_slot <= slots[:, :, None]) & (key_slot < ends[:, None, None])  # [B, S, C]
+    bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min).to(qkv.dtype)[:, None]  # [B, 1, S, C]
     qg = q.view(b, s, num_heads, d).transpose(1, 2).reshape(b, kv_heads, group * s, d)  # [B, kvh, g*S, d]
-    scores = torch.matmul(qg, key.transpose(2, 3)) * scale  # [B, kvh, g*S, W]
-    scores = scores.view(b, num_heads, s, w) + bias  # [B, h, S, W]
-    probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
-    ctx = torch.matmul(probs.view(b, kv_heads, group * s, w), value)  # [B, kvh, g*S, d]
+    scores = torch.matmul(qg, present_key.transpose(2, 3)) * scale  # [B, kvh, g*S, C]
+    scores = scores.view(b, num_heads, s, c) + bias  # [B, h, S, C]
+    probs = torch.softmax(scores.float(), dim=-1).to(present_value.dtype)
+    ctx = torch.matmul(probs.view(b, kv_heads, group * s, c), present_value)  # [B, kvh, g*S, d]
     out = ctx.view(b, num_heads, s, d).transpose(1, 2).reshape(b, s, num_heads * d)  # [B, S, h*d]
     return out, present_key, present_value
 
 
 @gqa.register_fake
-def _(qkv, past_key, past_value, seqlens_k, total, cos_cache, sin_cache, bias, num_heads, kv_heads, scale):
+def _(qkv, past_key, past_value, seqlens_k, total, cos_cache, sin_cache, num_heads, kv_heads, scale):
     b, s, _ = qkv.shape
     out = qkv.new_empty(b, s, num_heads * past_key.shape[-1])
     return out, torch.empty_like(past_key), torch.empty_like(past_value)
@@ -206,10 +201,10 @@ def _skip_rms_norm_onnx(x, skip, weight, eps: float):
     return out, total
 
 
-def _gqa_onnx(qkv, past_key, past_value, seqlens_k, total, cos_cache, sin_cache, bias, num_heads: int,
-              kv_heads: int, scale: float):
+def _gqa_onnx(qkv, past_key, past_value, seqlens_k, total, cos_cache, sin_cache, num_heads: int, kv_heads: int,
+              scale: float):
     out, present_key, present_value = _msft.GroupQueryAttention(
-        qkv, None, None, past_key, past_value, seqlens_k, total, cos_cache, sin_cache, None, bias,
+        qkv, None, None, past_key, past_value, seqlens_k, total, cos_cache, sin_cache,
         num_heads=num_heads, kv_num_heads=kv_heads, scale=scale, do_rotary=1, rotary_interleaved=0)
     return out, present_key, present_value
 

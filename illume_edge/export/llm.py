@@ -419,7 +419,7 @@ class LLMStep(nn.Module):
             else:
                 h, residual = skip_rms_norm(branch, residual, layer.input_layernorm.weight, eps)
             qkv = self.qkv[i].packed(h)  # [B, S, (h + 2*kvh)*d]: one MatMul, RoPE'd inside the kernel
-            ctx, key, value = gqa(qkv, past_key, past_value, seqlens, total, cos, sin, None, self.num_heads,
+            ctx, key, value = gqa(qkv, past_key, past_value, seqlens, total, cos, sin, self.num_heads,
                                   self.num_kv_heads, self.scale)
             h, residual = skip_rms_norm(layer.self_attn.o_proj(ctx), residual,
                                         layer.post_attention_layernorm.weight, eps)

@@ -211,18 +211,14 @@ class LLMRunner:
         bufs = self._request_buffers(batch, capacity)
         step = bufs.step
         mask = step.mask.host() if step is not None and step.mask.on_host else np.zeros((batch, capacity), np.int64)
-        for b, r in enumerate(rows):
-            if self.right_padded:  # each row from slot 0, padded at its end
-                ids[b, :len(r)] = r
-                mask[b, :len(r)] = 1
-            else:  # left padding: real tokens end at the same column
-                ids[b, width - len(r):] = r
-                mask[b, width - len(r):width] = 1
+        for b, r in enumerate(rows):  # right padding: each row from slot 0; left: rows end at the same column
+            start = 0 if self.right_padded else width - len(r)
+            ids[b, start:start + len(r)] = r
+            mask[b, start:start + len(r)] = 1
         self._check_ids(ids, table.shape[0])
-        if self.right_padded:
-            positions = np.broadcast_to(np.arange(width), (batch, width)).copy()  # slots = positions
-        else:
-            positions = np.maximum(np.cumsum(mask[:, :width], axis=1) - 1, 0)  # padded slots get position 0
+        # each real token's position; padded slots get their neighbour's (unread: masked, or ignored by the
+        # fused graph, whose RoPE positions are its slots)
+        positions = np.maximum(np.cumsum(mask[:, :width], axis=1) - 1, 0)
         state = DecodeState(kv=bufs.kv, mask=mask, next_pos=mask[:, :width].sum(axis=1), hidden_buffer=bufs.hidden,
                             fed=[[] for _ in rows], step=step, graph_id=bufs.graph_id)
         bufs.owner = weakref.ref(state)
