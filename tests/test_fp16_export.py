@@ -141,3 +141,66 @@ def test_sessions_ask_for_cuda_by_provider_device_or_graphs(engines, monkeypatch
     with pytest.warns(UserWarning, match="runs on the CPU provider"):
         llm = Engine.load(fp32.dir, SessionOptions()).session("llm")
     assert llm.providers == ["CPUExecutionProvider"]
+
+
+@pytest.fixture(scope="module")
+def quantized_fp16(engines, tmp_path_factory):
+    """int4 / int8 weights over fp16 activations: the fp16 engine quantized (the GPU's quantized engine)."""
+    from illume_edge.export.quantize import quantize_engine
+
+    _, fp16 = engines
+    out = {}
+    for precision in ("int4", "int8"):
+        dst = tmp_path_factory.mktemp(f"fp16-{precision}") / "engine"
+        quantize_engine(fp16.dir, dst, precision, block_size=32, progress=lambda s: None)
+        out[precision] = Engine.load(dst)
+    return out
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_quantized_fp16_engine_keeps_fp16_activations_and_cache(engines, quantized_fp16, precision):
+    """Quantizing the fp16 export keeps its float type everywhere but the weights: MatMulNBits takes fp16
+    activations and fp16 block scales, the KV cache stays fp16 and bound straight to the attention kernel,
+    so onnxruntime's CUDA attention (fp16 / bf16 only) accepts it. On the CPU provider, decoding two unequal
+    rows stays within the tolerance of int4 / int8 weights of the fp32 engine (the bounds of
+    tests/test_quantize.py: 0.30 / 0.03 of the logits' range; measured here 0.13-0.15 / 0.013-0.015, fp16
+    rounding included)."""
+    from illume_edge.runtime.session import check_cuda_attention
+
+    fp32, fp16 = engines
+    q = quantized_fp16[precision]
+    quant = q.manifest.source["quantization"]
+    assert (q.manifest.precision, quant["activations"]) == (precision, "float16")
+    llm = q.manifest.component("llm")
+    assert llm.precision == precision and "MatMulNBits" in llm.ops
+    assert [(t.name, t.dtype) for t in llm.inputs] == [(t.name, t.dtype) for t in fp16.manifest.component("llm").inputs]
+    model = onnx.load(str(q.dir / llm.path), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(inits[n.input[2]].data_type == onnx.TensorProto.FLOAT16 for n in nbits)  # scales
+    assert not [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]  # all quantized
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if "GroupQueryAttention" in llm.ops:
+        assert check_cuda_attention("llm", llm, cuda) == cuda
+    tol = {"int4": 0.30, "int8": 0.03}[precision]
+    runners = [LLMRunner(e) for e in (fp32, q)]
+    assert runners[1].kv_dtype == np.float16
+    states = [r.prefill([[5, 6, 7, 8, 9], [10, 11]], max_new_tokens=4) for r in runners]
+    for t in range(4):
+        for r, st in zip(runners, states):
+            r.feed(st, np.array([[20 + t], [30 + t]]))
+        logits = [r.logits("text", state=st) for r, st in zip(runners, states)]
+        rel = _rel(logits[1], logits[0])
+        print(f"{precision} over fp16, step {t}: logits relative to fp32 {rel:.4f}")
+        assert rel < tol, t
+
+
+def test_quantizing_an_fp16_engine_refuses_the_cpu_dynamic_schemes(engines, tmp_path):
+    """Dynamic int8 (vision / unet) quantizes float32 activations at run time: a CPU scheme, refused on an
+    fp16 source with the fix named."""
+    from illume_edge.export.quantize import quantize_engine
+    from illume_edge.manifest import EngineError
+
+    _, fp16 = engines
+    with pytest.raises(EngineError, match=r"is fp16: dynamic int8 .*quantize the fp32 export, or drop --vision"):
+        quantize_engine(fp16.dir, tmp_path / "x", "int4", vision="int8")

@@ -1,10 +1,20 @@
 """Weight-only quantization of an fp32 engine folder: MatMul -> com.microsoft MatMulNBits (int8 / int4).
 
-`quantize_engine(src, dst, "int4")` copies an fp32 engine folder and rewrites the graphs whose decode cost is
-their weight read: the `llm` graph (every projection of every layer) and the `head_*` range graphs. Each
-constant MatMul weight [K, N] is quantized blockwise along K (blocks of `block_size`, symmetric, one fp32
-scale per block) by onnxruntime's `MatMulNBitsQuantizer`, with `accuracy_level=4` (int8 activations in the
-CPU kernel). Optionally (int4 only) the embedding Gather of the `llm` graph becomes GatherBlockQuantized.
+`quantize_engine(src, dst, "int4")` copies an fp32 or fp16 engine folder and rewrites the graphs whose decode
+cost is their weight read: the `llm` graph (every projection of every layer) and the `head_*` range graphs.
+Each constant MatMul weight [K, N] is quantized blockwise along K (blocks of `block_size`, symmetric, one
+scale per block, in the weight's float type) by onnxruntime's `MatMulNBitsQuantizer`, with `accuracy_level=4`
+(int8 activations in the CPU kernel; the CUDA kernel ignores it). Optionally (int4 only) the embedding Gather
+of the `llm` graph becomes GatherBlockQuantized.
+
+The source's float type stays the activations' type (`ACTIVATIONS`, recorded as
+`source["quantization"]["activations"]`):
+- an fp32 export gives the CPU engine: float32 activations and KV cache. On the 2-core VM (0.5B bench
+  shape, int4 block 32, batch 1) it decodes 3-5% faster than the fp16-activation engine (20.9 / 22.2 vs
+  21.6 / 23.4 ms per token in two alternating pairs; docs/gpu.md);
+- an fp16 export gives the GPU engine: float16 activations and KV cache, which onnxruntime's CUDA
+  GroupQueryAttention requires (it is registered for float16 / bfloat16 only; session.check_cuda_attention)
+  and which halves the cache's bytes. This is onnxruntime-genai's int4 CUDA layout too.
 
 What this buys and costs
 - Bytes read per decode step drop ~4x (int8) / ~7x (int4, 4 bits + a 4-byte scale per 32 weights), and
@@ -35,6 +45,8 @@ from ..manifest import (MANIFEST_NAME, Component, EngineError, Manifest, file_en
                         write_manifest)
 
 QUANT_BITS = {"int8": 8, "int4": 4}
+# Source precision -> the quantized engine's activation (and KV cache) type: see the module docstring.
+ACTIVATIONS = {"fp32": "float32", "fp16": "float16"}
 DYNAMIC_SCHEMES = ("int8",)  # dynamic int8 of a compute-bound graph's MatMul / Gemm (module docstring)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations x dequantized weights on CPU (the fast kernels)
@@ -107,8 +119,9 @@ def quantize_component(src_dir: Path, dst_dir: Path, name: str, comp: Component,
     bits = _check_args(precision, block_size, embeddings)
     if comp.kind != "onnx":
         raise EngineError(f"quantize: component {name} is {comp.kind!r}, only ONNX graphs can be quantized")
-    if comp.precision != "fp32":
-        raise EngineError(f"quantize: component {name} is {comp.precision}; quantize an fp32 export")
+    if comp.precision not in ACTIVATIONS:
+        raise EngineError(f"quantize: component {name} is {comp.precision}; quantize an fp32 (CPU) or fp16 (GPU) "
+                          f"export")
     model = onnx.load(str(src_dir / comp.path), load_external_data=True)
     before = {n.op_type for n in model.graph.node}
     io_before = ([i.name for i in model.graph.input], [o.name for o in model.graph.output])
@@ -169,16 +182,18 @@ def quantize_dynamic_component(src_dir: Path, dst_dir: Path, name: str, comp: Co
 def quantize_engine(src_dir: str | Path, dst_dir: str | Path, precision: str, block_size: int = 32,
                     components: Iterable[str] | None = None, *, embeddings: bool = False,
                     vision: str | None = None, unet: str | None = None, progress: Progress = print) -> Manifest:
-    """Copy the fp32 engine `src_dir` to `dst_dir` with `components` (default: llm + heads) quantized.
+    """Copy the fp32 or fp16 engine `src_dir` to `dst_dir` with `components` (default: llm + heads) quantized.
 
     precision   "int8" | "int4": MatMulNBits bits, symmetric blocks of `block_size` along K, accuracy_level 4
     embeddings  int4 only: also store the llm's embedding table as GatherBlockQuantized (smaller file and
                 resident memory; no effect on decode speed, one row per token is gathered either way)
-    vision      "int8": also quantize every `vision_*` graph dynamically (`quantize_dynamic_component`)
-    unet        "int8": also quantize the `unet` graph dynamically
+    vision      "int8": also quantize every `vision_*` graph dynamically (`quantize_dynamic_component`;
+                fp32 sources only: a CPU scheme)
+    unet        "int8": also quantize the `unet` graph dynamically (fp32 sources only)
     The new manifest records each quantized component's precision, files (sha256, bytes), op list and
     `portable: false`; the engine precision becomes `precision`; the producer is kept and
-    `source["quantization"]` records the recipe. Everything else is copied unchanged.
+    `source["quantization"]` records the recipe, the activations' type included. Everything else is copied
+    unchanged.
     """
     import onnxruntime as ort
 
@@ -189,8 +204,13 @@ def quantize_engine(src_dir: str | Path, dst_dir: str | Path, precision: str, bl
     src, dst = Path(src_dir), Path(dst_dir)
     manifest = read_manifest(src)
     verify_engine(src, manifest, check_hash=False)
-    if manifest.precision != "fp32":
-        raise EngineError(f"quantize: {src} is a {manifest.precision} engine; quantize an fp32 export")
+    if manifest.precision not in ACTIVATIONS:
+        raise EngineError(f"quantize: {src} is a {manifest.precision} engine; quantize an fp32 (CPU) or fp16 (GPU) "
+                          f"export")
+    if manifest.precision != "fp32" and (vision or unet):
+        raise EngineError(f"quantize: {src} is {manifest.precision}: dynamic int8 (vision / unet) is a CPU scheme "
+                          f"for fp32 graphs (uint8 activations quantized from float32); quantize the fp32 export, "
+                          f"or drop --vision / --unet")
     names = list(components) if components is not None else default_components(manifest)
     unknown = [n for n in names if n not in manifest.components]
     if unknown or not names:
@@ -226,6 +246,7 @@ def quantize_engine(src_dir: str | Path, dst_dir: str | Path, precision: str, bl
     source["quantization"] = {
         "from": str(src), "precision": precision, "bits": bits, "block_size": block_size, "symmetric": True,
         "accuracy_level": ACCURACY_LEVEL, "components": names, "embeddings": bool(embeddings),
+        "activations": ACTIVATIONS[manifest.precision],
         "tool": f"onnxruntime {ort.__version__} MatMulNBitsQuantizer",
     }
     if dynamic_names:
@@ -243,9 +264,11 @@ def quantize_engine(src_dir: str | Path, dst_dir: str | Path, precision: str, bl
 # ---------------------------------------------------------------------------------------------------------
 def add_quantize_parser(sub) -> None:
     """Add the `quantize` sub-command to the `illume-edge` sub-parsers."""
-    p = sub.add_parser("quantize", help="weight-only int8/int4 copy of an fp32 engine (llm + heads; "
+    p = sub.add_parser("quantize", help="weight-only int8/int4 copy of an fp32 or fp16 engine (llm + heads; "
                                         "onnxruntime only, not TensorRT-portable)")
-    p.add_argument("--engine", required=True, help="fp32 engine folder")
+    p.add_argument("--engine", required=True,
+                   help="fp32 engine folder (CPU), or fp16 (GPU: fp16 activations and KV cache, as onnxruntime's "
+                        "CUDA attention requires)")
     p.add_argument("--out", required=True, help="new engine folder")
     p.add_argument("--precision", required=True, choices=sorted(QUANT_BITS))
     p.add_argument("--block-size", dest="block_size", type=int, default=32, choices=BLOCK_SIZES)
@@ -273,5 +296,6 @@ def cmd_quantize(args) -> int:
             new = sum(f.bytes for f in c.files)
             print(f"  {name:<14} {old / 1e6:9.1f} MB -> {new / 1e6:8.1f} MB ({c.precision}, "
                   f"{'portable' if c.portable else 'onnxruntime only'})")
-    print(f"engine written to {args.out} ({MANIFEST_NAME} precision {m.precision})")
+    print(f"engine written to {args.out} ({MANIFEST_NAME} precision {m.precision}, "
+          f"{m.source['quantization']['activations']} activations)")
     return 0

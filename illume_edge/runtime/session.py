@@ -72,7 +72,8 @@ def check_cuda_attention(name: str, component: Component, providers: list[str], 
     why = (f"{name} ({component.path}): onnxruntime's CUDA provider runs GroupQueryAttention in "
            f"{' / '.join(CUDA_ATTENTION_DTYPES)} only, and this engine's attention and KV cache are {kv.dtype} "
            f"({component.precision} engine)")
-    fix = "export with `illume-edge export --precision fp16` for CUDA"
+    fix = ("export with `illume-edge export --precision fp16` for CUDA (and for int4 / int8 weights, `illume-edge "
+           "quantize` that fp16 engine: its activations and cache stay fp16)")
     if explicit:
         raise EngineError(f"{why}: its attention would run on the CPU, copying the cache every step; {fix}, or "
                           f"run this engine on the CPU provider")
