@@ -517,8 +517,9 @@ def run_name(precision: str, graph: str, default_graph: bool) -> str:
     return f"illume-edge {precision}" + ("" if default_graph else f" ({graph} graph)")
 
 
-def export_bench_engine(model, cfg, out_dir: Path, llm_graph: str) -> None:
-    """llm + head graphs of `model` in an engine folder the runtime loads (no vision/decoder graphs)."""
+def export_bench_engine(model, cfg, out_dir: Path, llm_graph: str, precision: str = "fp32") -> None:
+    """llm + head graphs of `model` in an engine folder the runtime loads (no vision/decoder graphs);
+    `precision` "fp16" for a module already in half precision (its graphs compute in fp16)."""
     from illume_edge.config import FORMAT_VERSION
     from illume_edge.export.engine import _component, _precision_of, producer
     from illume_edge.export.export_llm import export_heads, export_llm
@@ -529,7 +530,7 @@ def export_bench_engine(model, cfg, out_dir: Path, llm_graph: str) -> None:
     graphs.update({f"head_{k}": v for k, v in export_heads(model, cfg, out_dir).items()})
     comps = {n: _component(out_dir, g, _precision_of(g.path)) for n, g in graphs.items()}
     write_manifest(out_dir, Manifest(format_version=FORMAT_VERSION, name=cfg.name, config=cfg.to_dict(),
-                                     producer=producer(), precision="fp32", components=comps, assets={},
+                                     producer=producer(), precision=precision, components=comps, assets={},
                                      source={"benchmark": "random weights, seed 0"}))
 
 

@@ -135,3 +135,27 @@ def test_profile_genai_on_a_built_model(tmp_path):
     assert g["runs"] >= 3 and g["kernel_ms_per_step"] > 0  # decode runs only: the prefill is left out
     assert {"MatMulNBits", "GroupQueryAttention"} <= set(g["op_ms_per_step"])
     assert not (tmp_path / "genai-int4-profile").exists()  # the profiling copy is removed
+
+
+def test_gpu_decode_harness_runs_on_the_host(tmp_path):
+    """benchmarks/gpu_decode.py with --device cpu: the GPU bench's code (fp16 export, int4 over fp16, the
+    runtime with OrtValue buffers and graph ids, eager fp16, bandwidth and roofline) on the host, so that the
+    first GPU run does not find a harness bug. fp16 engines and eager fp16 start from the same weights: their
+    first greedy tokens agree."""
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, "-m", "benchmarks.gpu_decode", "--shape", "smoke", "--device", "cpu", "--steps", "4",
+           "--prompt", "12", "--reps", "2", "--graph-ab", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert not result["failures"], result["failures"]
+    runs = result["runs"]
+    assert set(runs) == {"illume-edge fp16", "illume-edge fp16 (no CUDA graph)", "illume-edge int4",
+                         "illume-edge int4 (no CUDA graph)", "PyTorch eager fp16"}
+    for name, r in runs.items():
+        assert r["reps"] == 2 and r["steps"] == 4 and 0 < r["decode_ms_min"] <= r["decode_ms_max"], name
+        assert 0 < r["roofline_pct"] and r["bytes_per_token"] > r["kv_bytes_per_token"] > 0, name
+    assert runs["illume-edge int4"]["weight_bytes_per_token"] < 0.5 * runs["illume-edge fp16"]["weight_bytes_per_token"]
+    assert runs["illume-edge fp16"]["tokens"] == runs["illume-edge fp16 (no CUDA graph)"]["tokens"]
+    assert runs["illume-edge fp16"]["tokens"][:2] == runs["PyTorch eager fp16"]["tokens"][:2]
+    assert result["machine"]["device"] == "cpu" and "| illume-edge int4 |" in proc.stdout

@@ -1,0 +1,349 @@
+"""LLM decode on a GPU: our fp16 and int4 engines against PyTorch eager, next to the GPU's bandwidth roofline.
+
+    python -m benchmarks.gpu_decode                                  # ILLUME+ 3B shape, 8 of its 36 layers
+    python -m benchmarks.gpu_decode --layers 0                       # all 36 layers (export takes minutes)
+    python -m benchmarks.gpu_decode --shape smoke --device cpu       # the same code on the host, in seconds
+
+One set of seeded random weights of the shape, batch 1, a `--prompt`-token prompt, then `--steps` greedy decode
+steps (EOS ignored):
+- illume-edge fp16: the fused `llm` graph + `head_text` exported from the module in half precision; KV cache,
+  hidden state and logits in device memory (`SessionOptions(device="cuda")`), the decode step replayed as a
+  CUDA graph (and, for the A/B, without), the greedy token drawn by the sampling kernel straight into the next
+  step's input ids (`decode_loops.device_pick`; only its 8 bytes come back). `--device cpu` runs the same
+  code with the buffers as onnxruntime OrtValues on the host and the host sampler.
+- illume-edge int4: the fp16 engine quantized (`quantize_engine`, int4 weights over fp16 activations,
+  block `--block-size`), the same way.
+- PyTorch eager (transformers) on the same module in fp16 on the device: DynamicCache, logits_to_keep=1.
+Each runtime's per-token time is compared with its weight-read bound: the bytes a step must read (every
+streamed weight once, the KV cache at the mean context) over the device's bandwidth, measured in the same run
+as a device-to-device copy (bytes read + written per second). The issue's anchor: onnxruntime-genai reaches
+~46% of that roofline for Phi-3-mini fp16 on an A100; the target is >= 40% with CUDA graphs.
+
+`--layers N` keeps the shape's width, heads and vocabulary and N of its layers: the full 3B export (6 GB of
+fp16 weights) takes minutes of CPU time, more than one call on a lent GPU machine allows. Fewer layers
+make the fixed per-step costs (the text head, launches, the token's round trip) weigh more, so the roofline
+percentage of a truncated model is a lower bound for the full one.
+Writes JSON (`--out`, default benchmarks/results/<date>-<host>-gpu-decode.json) and prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import inspect
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.llm_decode import (Rep, export_bench_engine, interleaved, kv_bytes_per_step, smoke_shape,
+                                   streamed_weight_bytes)
+from benchmarks.machine import cores, cpu_model, git_commit, measure_read_bandwidth, versions, write_result
+
+CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def illume_plus_3b_shape():
+    from illume_edge.config import illume_plus
+
+    return illume_plus("3b")
+
+
+def illume_plus_7b_shape():
+    from illume_edge.config import illume_plus
+
+    return illume_plus("7b")
+
+
+SHAPES = {"illume-plus-3b": illume_plus_3b_shape, "illume-plus-7b": illume_plus_7b_shape, "smoke": smoke_shape}
+
+
+def with_layers(cfg, layers: int):
+    """`cfg` with `layers` of its LLM's layers (0: all)."""
+    if not layers or layers >= cfg.llm.num_layers:
+        return cfg
+    return dataclasses.replace(cfg, name=f"{cfg.name} ({layers} of {cfg.llm.num_layers} layers)",
+                               llm=dataclasses.replace(cfg.llm, num_layers=layers)).validate()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The device: bandwidth, memory, identity
+# ---------------------------------------------------------------------------------------------------------
+def device_bandwidth(device: str, mib: int = 1024, reps: int = 10) -> dict:
+    """GB/s of a device-to-device copy of `mib` MiB (bytes read + bytes written, as GPU bandwidth is quoted);
+    on "cpu", the host's streaming read (machine.measure_read_bandwidth)."""
+    if device == "cpu":
+        bw = measure_read_bandwidth(cores())
+        return {"best_gbs": bw["best_gbs"], "median_gbs": bw["median_gbs"], "method": bw["method"]}
+    import torch
+
+    src = torch.empty(mib << 20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    rates = []
+    for _ in range(reps):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        stop.record()
+        stop.synchronize()
+        rates.append(2 * src.numel() / (start.elapsed_time(stop) / 1e3) / 1e9)
+    del src, dst
+    torch.cuda.empty_cache()
+    return {"best_gbs": max(rates), "median_gbs": float(np.median(rates)),
+            "method": f"torch device-to-device copy of {mib} MiB, (read + write bytes) / time, CUDA events"}
+
+
+def device_used_bytes(device: str) -> int | None:
+    """Bytes in use on the whole device (every allocator: onnxruntime's arena and torch's alike)."""
+    if device == "cpu":
+        return None
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
+def gpu_identity(device: str) -> dict:
+    if device == "cpu":
+        return {"device": "cpu", "cpu": cpu_model(), "cores": cores()}
+    out = {"device": device}
+    try:
+        q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                            "--format=csv,noheader"], capture_output=True, text=True, check=True).stdout
+        out.update(zip(("name", "driver", "memory", "max_sm_clock"), (x.strip() for x in q.splitlines()[0].split(","))))
+    except (OSError, subprocess.CalledProcessError, IndexError) as e:
+        out["nvidia_smi"] = f"failed: {e}"
+    try:
+        import torch
+
+        out["torch_cuda"] = torch.version.cuda
+        out["sm"] = "%d%d" % torch.cuda.get_device_capability()
+    except Exception as e:  # noqa: BLE001 - reported
+        out["torch"] = f"failed: {e}"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The runtimes
+# ---------------------------------------------------------------------------------------------------------
+def ours_rep(engine_dir: Path, prompt: list[int], steps: int, device: str, cuda_graph: bool) -> Rep:
+    """Our runtime on `engine_dir`: prefill, then greedy steps through the runtime's own `Pick` (the kernel on
+    a GPU, the host sampler on "cpu")."""
+    from illume_edge.runtime.decode_loops import device_pick, host_pick
+    from illume_edge.runtime.engine import Engine
+    from illume_edge.runtime.llm_runner import LLMRunner
+    from illume_edge.runtime.sampler import SamplingParams, Uniforms
+    from illume_edge.runtime.session import SessionOptions
+
+    if device == "cpu":  # the device path's allocation and binding (OrtValues), on the host
+        opts = SessionOptions(threads=cores(), buffers="ortvalue", cuda_graph=cuda_graph)
+        pick = host_pick
+    else:
+        from illume_edge.runtime.cuda import GpuSampler
+
+        opts = SessionOptions(providers=CUDA, device=device, cuda_graph=cuda_graph)
+        pick = device_pick(GpuSampler())
+    runner = LLMRunner(Engine.load(engine_dir, opts, check_hash=False))
+    cfg = runner.cfg
+    text_start = cfg.head_ranges()["text"][0]
+    greedy = SamplingParams(temperature=0.0)
+
+    def rep(n: int = steps):
+        uniforms = Uniforms(0, rows=1, steps=n + 1)
+        t0 = time.perf_counter()
+        state = runner.prefill([prompt], max_new_tokens=n + 1)
+        tok = pick(runner, state, "text", greedy, uniforms[0], text_start, False, ())
+        t_prefill = time.perf_counter() - t0
+        step_s, out = [], [tok]
+        for i in range(n):
+            t0 = time.perf_counter()
+            runner.feed(state, np.array([[tok]], np.int64))
+            tok = pick(runner, state, "text", greedy, uniforms[i + 1], text_start, False, ())  # syncs: 8 bytes back
+            step_s.append(time.perf_counter() - t0)
+            out.append(tok)
+        return t_prefill, step_s, out, {}
+
+    return rep
+
+
+def eager_rep(model, prompt: list[int], steps: int, device: str) -> Rep:
+    """transformers eager on the module (on `device`): DynamicCache, logits_to_keep=1, argmax; `.item()`
+    synchronizes every step."""
+    import torch
+    from transformers import DynamicCache
+
+    ids = torch.tensor([prompt], dtype=torch.int64, device=device)
+    # transformers renamed the cache argument (`cache`; `past_key_values` deprecated): take what this one has
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    @torch.inference_mode()
+    def rep(n: int = steps):
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{key: DynamicCache(config=model.config)})
+        tok = int(out.logits[0, -1].argmax().item())
+        t_prefill = time.perf_counter() - t0
+        step_s, got = [], [tok]
+        for _ in range(n):
+            t0 = time.perf_counter()
+            out = model(input_ids=torch.tensor([[tok]], device=device), use_cache=True, logits_to_keep=1,
+                        **{key: getattr(out, key)})
+            tok = int(out.logits[0, -1].argmax().item())
+            step_s.append(time.perf_counter() - t0)
+            got.append(tok)
+        return t_prefill, step_s, got, {}
+
+    return rep
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------
+def build_engines(model, cfg, work: Path, block_size: int, log) -> dict[str, Path]:
+    """fp16 engine (the fused graph) and its int4 copy."""
+    from illume_edge.export.quantize import quantize_engine
+
+    fp16 = work / "engine-fp16"
+    if fp16.exists():
+        shutil.rmtree(fp16)
+    log("export fp16 (fused graph)")
+    export_bench_engine(model, cfg, fp16, "fused", precision="fp16")
+    log(f"quantize int4 over fp16 (block {block_size})")
+    int4 = work / "engine-int4"
+    quantize_engine(fp16, int4, "int4", block_size=block_size, progress=lambda s: None)
+    return {"fp16": fp16, "int4": int4}
+
+
+def run(args) -> dict:
+    import torch
+
+    from illume_edge.export.llm import build_llm
+
+    t_start = time.perf_counter()
+    log = lambda s: print(f"[gpu-bench {time.perf_counter() - t_start:6.1f}s] {s}", file=sys.stderr, flush=True)  # noqa: E731
+    if args.device != "cpu" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch sees no CUDA device (use --device cpu to check the harness)")
+    torch.set_num_threads(cores())
+    cfg = with_layers(SHAPES[args.shape](), args.layers)
+    llm = cfg.llm
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="illume-gpu-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    prompt = np.random.default_rng(0).integers(0, cfg.tokens.endoftext, args.prompt).tolist()
+    context = args.prompt + args.steps // 2
+    log(f"device: {gpu_identity(args.device)}")
+    bw = device_bandwidth(args.device)
+    log(f"bandwidth {bw['best_gbs']:.0f} GB/s ({bw['method']})")
+    result: dict = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"), "host": socket.gethostname(),
+        "machine": {**gpu_identity(args.device), "bandwidth_gbs": bw["best_gbs"], "bandwidth": bw,
+                    "host_cpu": cpu_model(), "host_cores": cores()},
+        "versions": {**versions(), "onnxruntime_providers": _providers()}, "git_commit": git_commit(),
+        "shape": {"name": cfg.name, "layers": llm.num_layers, "hidden": llm.hidden_size, "heads": llm.num_heads,
+                  "kv_heads": llm.num_kv_heads, "ffn": llm.intermediate_size, "vocab_rows": llm.vocab_rows,
+                  "text_head_rows": cfg.head_ranges()["text"][1] - cfg.head_ranges()["text"][0]},
+        "protocol": {"batch": 1, "prompt_tokens": args.prompt, "decode_steps": args.steps, "warmup": args.warmup,
+                     "reps": args.reps, "greedy": True, "mean_context": context, "block_size": args.block_size,
+                     "timing": "interleaved rounds in one process; per-step wall time, the token's id read back"},
+        "runs": {}, "failures": {}, "build_s": {},
+    }
+    log(f"building random {cfg.name} in fp16")
+    t0 = time.perf_counter()
+    model = build_llm(cfg, seed=0).half().eval()
+    engines = build_engines(model, cfg, work, args.block_size, log)
+    result["build_s"]["export_and_quantize"] = time.perf_counter() - t0
+    kv = kv_bytes_per_step(cfg, context, bytes_per_value=2)
+    reps, bytes_by_name = {}, {}
+    for prec, d in engines.items():
+        weights = sum(streamed_weight_bytes(d / f)["streamed"] for f in ("llm.onnx", "head_text.onnx"))
+        for graph in ([True, False] if args.graph_ab else [True]):
+            name = f"illume-edge {prec}" + ("" if graph else " (no CUDA graph)")
+            before = device_used_bytes(args.device)
+            try:
+                reps[name] = ours_rep(d, prompt, args.steps, args.device, graph)
+                bytes_by_name[name] = {"weight_bytes_per_token": weights, "device_bytes_before": before}
+            except Exception as e:  # a failing configuration is reported, not hidden
+                result["failures"][name] = f"{type(e).__name__}: {str(e)[-1500:]}"
+                traceback.print_exc()
+    if not args.skip_eager:
+        from benchmarks.llm_decode import param_bytes
+
+        model = model.to(args.device)
+        reps["PyTorch eager fp16"] = eager_rep(model, prompt, args.steps, args.device)
+        bytes_by_name["PyTorch eager fp16"] = {"weight_bytes_per_token": param_bytes(model)}
+    log(f"timing {len(reps)} runtimes: {args.warmup} warm-up + {args.reps} interleaved rounds")
+    for name, r in interleaved(reps, args.warmup, args.reps, log, result["failures"]).items():
+        b = bytes_by_name[name]
+        total = b["weight_bytes_per_token"] + kv
+        result["runs"][name] = {**r, **b, "kv_bytes_per_token": kv, "bytes_per_token": total,
+                                "bound_ms": total / (bw["best_gbs"] * 1e9) * 1e3,
+                                "achieved_gbs": total / (r["decode_ms_per_token"] / 1e3) / 1e9}
+        result["runs"][name]["roofline_pct"] = 100 * result["runs"][name]["bound_ms"] / r["decode_ms_per_token"]
+    result["device_bytes_after"] = device_used_bytes(args.device)
+    eager = result["runs"].get("PyTorch eager fp16")
+    for r in result["runs"].values():
+        r["speedup_vs_eager"] = eager["decode_ms_per_token"] / r["decode_ms_per_token"] if eager else None
+    result["total_s"] = time.perf_counter() - t_start
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
+def markdown(result: dict) -> str:
+    m, v, p = result["machine"], result["versions"], result["protocol"]
+    what = m.get("name") or m.get("cpu")
+    lines = [f"Device: {what} ({m['device']}; driver {m.get('driver', '-')}), measured bandwidth "
+             f"{m['bandwidth_gbs']:.0f} GB/s ({m['bandwidth']['method']}). onnxruntime {v['onnxruntime']} "
+             f"({', '.join(v['onnxruntime_providers'])}), torch {v['torch']}; commit {result['git_commit'][:12]}.",
+             f"Shape {result['shape']['name']}: batch 1, prompt {p['prompt_tokens']}, {p['decode_steps']} greedy "
+             f"steps, {p['warmup']} warm-up + {p['reps']} interleaved rounds.", "",
+             "| runtime | decode ms/token (median) | min-max | step p10-p90 | prefill ms | MB read/token | bound ms | "
+             "achieved GB/s | roofline % | vs eager |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in result["runs"].items():
+        sp = f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else "-"
+        lines.append(f"| {name} | {r['decode_ms_per_token']:.2f} | {r['decode_ms_min']:.2f}-{r['decode_ms_max']:.2f} | "
+                     f"{r['step_ms_p10']:.2f}-{r['step_ms_p90']:.2f} | {r['prefill_ms']:.1f} | "
+                     f"{r['bytes_per_token'] / 1e6:.0f} | {r['bound_ms']:.3f} | {r['achieved_gbs']:.0f} | "
+                     f"{r['roofline_pct']:.0f} | {sp} |")
+    for name, why in result["failures"].items():
+        lines.append(f"| {name} | FAILED: {why.splitlines()[-1][:160] if why else ''} | | | | | | | | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_decode", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="illume-plus-3b", choices=sorted(SHAPES))
+    ap.add_argument("--layers", type=int, default=8, help="LLM layers kept (0: all of the shape's)")
+    ap.add_argument("--device", default="cuda", help="cuda (a GPU) or cpu (the same code on the host)")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--block-size", dest="block_size", type=int, default=32)
+    ap.add_argument("--graph-ab", dest="graph_ab", action="store_true",
+                    help="also time our engines without CUDA graphs")
+    ap.add_argument("--skip-eager", action="store_true")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default benchmarks/results/<date>-<host>-gpu-decode.json)")
+    args = ap.parse_args(argv)
+    result = run(args)
+    write_result(result, args.out, "-gpu-decode", markdown(result))
+    return 0 if result["runs"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
