@@ -397,15 +397,16 @@ def test_gpu_kernel_timing(gpu_sampler, capsys):
 
 
 def test_sample_device_reuses_its_argument_buffers(tmp_path):
-    """The image loop launches once per sampled token: the per-row argument buffers and the workspace are
-    allocated once and reused, and only grown (the old one freed) when a launch needs more."""
+    """The image loop launches once per sampled token: the eight argument arrays go up in one copy into one
+    buffer, which like the workspace is allocated once and reused, and only grown (the old one freed) when a
+    launch needs more. The kernel's pointers are that buffer's base plus each array's offset."""
     (tmp_path / "manifest.json").write_text(__import__("json").dumps(MAN))
     (tmp_path / "sampling.sm_89.cubin").write_bytes(b"CUBIN89")
 
     class Device(FakeBinding):
         def __init__(self):
             super().__init__(89, 12040)
-            self.allocs, self.freed, self.launches, self.copied = [], [], 0, []
+            self.allocs, self.freed, self.launches, self.copied, self.args = [], [], 0, [], []
 
         def alloc(self, nbytes):
             self.allocs.append(max(int(nbytes), 8))
@@ -422,20 +423,31 @@ def test_sample_device_reuses_its_argument_buffers(tmp_path):
 
         def launch(self, fn, grid, block, args):
             self.launches += 1
+            self.args.append(args)
 
     dev = Device()
     sampler = kernel.GpuSampler(tmp_path, dev)
     params = SamplingParams(temperature=1.0, top_k=8, repetition_penalty=1.1)
     for step in range(3):
-        la = kernel.pack_launch(1, params, [0.5], v=1000, has_uncond=True, generated_ids_per_row=[[1, 2]])
+        la = kernel.pack_launch(1, params, [0.5], v=1000, has_uncond=True, generated_ids_per_row=[[1, 2]],
+                                banned=[(3, 9)])
         sampler.sample_device(1 << 20, "float32", 1000, 0, la, 1 << 21)
-    assert dev.launches == 3 and dev.freed == [] and len(dev.allocs) == 9  # 8 argument arrays + workspace
-    assert dev.allocs[-1] == kernel.workspace_bytes(1, 1000)
-    # the last launch's arguments went into the first launch's buffers
-    assert {dst for dst, _ in dev.copied[-8:]} == {dst for dst, _ in dev.copied[:8]}
+    assert dev.launches == 3 and dev.freed == [] and len(dev.allocs) == 2  # the arguments + the workspace
+    assert dev.allocs[-1] == kernel.workspace_bytes(1, 1000) and len(dev.copied) == 3  # one copy per launch
+    assert {dst for dst, _ in dev.copied} == {1}  # every launch's arguments into the first launch's buffer
+    # each pointer argument, read back from the copied bytes at its offset, is the array pack_launch made
+    host = dev.copied[-1][1]
+    pointers = [a for _, a in dev.args[-1][4:12]]  # cond_row .. bans, in the kernel's order
+    for name, address in zip(kernel.ARGUMENT_ARRAYS, pointers):
+        want = getattr(la, name)
+        off = address - dev.ptr(1)
+        assert off % kernel.ARGUMENT_ALIGN == 0, name
+        got = host[off:off + want.nbytes].view(want.dtype).reshape(want.shape)
+        np.testing.assert_array_equal(got, want, err_msg=name)
     la = kernel.pack_launch(1, params, [0.5], v=4000, has_uncond=True, generated_ids_per_row=[[1, 2, 3, 4, 5]])
     sampler.sample_device(1 << 20, "float32", 4000, 0, la, 1 << 21)
-    assert dev.freed == [7, 9] and dev.allocs[9:] == [5 * 4, kernel.workspace_bytes(1, 4000)]  # pen_ids, workspace
+    assert dev.freed == [1, 2] and dev.allocs[2:] == [kernel.pack_arguments(la)[0].nbytes,
+                                                       kernel.workspace_bytes(1, 4000)]  # both grew
 
 
 def test_the_wheel_ships_what_the_kernel_build_writes():

@@ -85,6 +85,25 @@ class LaunchArgs:
     block: tuple[int, int, int]
 
 
+ARGUMENT_ARRAYS = ("cond_row", "uncond_row", "params", "top_k", "uniforms", "pen_offsets", "pen_ids", "bans")
+ARGUMENT_ALIGN = 8  # bytes: the widest element (float64 params, uniforms)
+
+
+def pack_arguments(la: LaunchArgs) -> tuple[np.ndarray, dict[str, int]]:
+    """`la`'s argument arrays in one host buffer, each at an ARGUMENT_ALIGN-aligned offset, so that one
+    host-to-device copy uploads them all (a copy costs microseconds however small it is, and a launch has
+    eight arrays). Returns (uint8 buffer, array name -> byte offset); the kernel gets base + offset."""
+    offsets, size = {}, 0
+    for name in ARGUMENT_ARRAYS:
+        offsets[name] = size
+        size += -(-getattr(la, name).nbytes // ARGUMENT_ALIGN) * ARGUMENT_ALIGN
+    host = np.zeros(max(size, ARGUMENT_ALIGN), np.uint8)
+    for name in ARGUMENT_ARRAYS:
+        raw = np.ascontiguousarray(getattr(la, name)).view(np.uint8).reshape(-1)  # the array's bytes
+        host[offsets[name]:offsets[name] + raw.size] = raw
+    return host, offsets
+
+
 def pack_launch(rows: int, params: SamplingParams | Sequence[SamplingParams], uniforms, *, v: int,
                 range_start: int = 0, has_uncond: bool = False,
                 generated_ids_per_row: Sequence[Sequence[int]] | None = None,
@@ -280,13 +299,12 @@ class GpuSampler:
         ``out_copies`` (the next step's input_ids: ``out_copies`` = 2 writes a CFG pair's token into both of its
         LLM rows)."""
         b = self.binding
-        bufs = {}
-        for name in ("cond_row", "uncond_row", "params", "top_k", "uniforms", "pen_offsets", "pen_ids", "bans"):
-            arr = getattr(la, name)
-            bufs[name] = self._buffer(name, arr.nbytes)
-            b.htod(bufs[name], arr)
+        host, offsets = pack_arguments(la)
+        arguments = self._buffer("arguments", host.nbytes)
+        b.htod(arguments, host)  # one copy for the eight argument arrays
+        base = b.ptr(arguments)
         ws = self._buffer("workspace", workspace_bytes(la.grid[0], la.v))
-        P = lambda n: ("ptr", b.ptr(bufs[n]))  # noqa: E731
+        P = lambda n: ("ptr", base + offsets[n])  # noqa: E731
         args = [("ptr", logits_ptr), ("i64", row_stride), ("i32", col0), ("i32", la.v), P("cond_row"),
                 P("uncond_row"), P("params"), P("top_k"), P("uniforms"), P("pen_offsets"), P("pen_ids"),
                 P("bans"), ("i32", la.bans.shape[0]), ("i64", la.range_start), ("ptr", out_ptr),
