@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 NANO_CKPT   := models/illume-nano
 NANO_ENGINE := engines/illume-nano
 
-.PHONY: setup test export demo bench bench-full clean info kernels wheel nano eval-nano eval-nano-ablation
+.PHONY: setup test export demo bench bench-full bench-gpu clean info kernels wheel nano eval-nano eval-nano-ablation
 
 setup: $(VENV)/.installed
 
@@ -71,10 +71,17 @@ eval-nano-ablation: | setup
 # LLM decode at the Qwen2.5-0.5B shape (our fp32/int8/int4 engines vs transformers eager and
 # onnxruntime-genai), then every stage of the pipeline at an ILLUME+-layout CPU preset vs PyTorch eager; same
 # weights on every side, results under benchmarks/results/ (docs/performance.md).
+# On a machine with an NVIDIA GPU (and onnxruntime-gpu: `.[gpu]`), `make bench` also runs bench-gpu.
 bench: setup
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m benchmarks.llm_decode
 	$(BIN)/python -m benchmarks.stages
+	@if [ -e /dev/nvidia0 ]; then $(MAKE) bench-gpu; fi
+
+# LLM decode on the GPU at the ILLUME+ 3B shape (8 of its layers): fp16 and int4-over-fp16 engines with and
+# without CUDA graphs vs PyTorch eager fp16, against the device's bandwidth roofline (docs/gpu.md).
+bench-gpu: setup
+	$(BIN)/python -m benchmarks.gpu_decode --graph-ab
 
 # The long protocol (~25 minutes): int8 decode too, both LLM graphs in the decode A/B, prompts up to 1024
 # tokens, every stage's repetitions in full, and the fp32 engine end to end too.
