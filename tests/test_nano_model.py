@@ -93,3 +93,9 @@ def test_heldout_subset_meets_the_reduced_bar_through_the_runtime(nano_engine):
            "editing": r["editing"]["overall"], "assessment": r["self_assessment"]["agreement"]}
     short = {k: (round(v, 3), SMALL_BARS[k]) for k, v in got.items() if v < SMALL_BARS[k]}
     assert not short, f"below the bar (got, bar): {short}; full results: {json.dumps(r)}"
+    # a perfect judge's pick is right whenever any candidate is: no ranking, and no single sample, beats it
+    n = SIZES["small"].candidates
+    diag = r[f"best_of_{n}_diagnostics"]
+    assert diag["oracle_overall"] >= max(r[f"generation_best_of_{n}"]["overall"], r["generation_single"]["overall"])
+    assert 0.0 <= diag["tied_prompts"] <= 1.0
+    assert all(0.0 <= diag[k] <= 1.0 for k in ("score_on_right", "score_on_wrong") if diag[k] is not None)

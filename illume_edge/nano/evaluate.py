@@ -7,7 +7,9 @@ generated and edited images parsed back into scenes), never from logits:
 - generation: GenEval's categories (single object, two objects, counting, colors, position, color attribute),
   overall = the mean over categories, as GenEval reports it. Each prompt gets `candidates` samples (seeds
   seed..seed+N-1); "single" is the mean accuracy over all samples (the expected single-sample accuracy),
-  "best_of_N" the accuracy of the candidate the model's own assessment ranks first;
+  "best_of_N" the accuracy of the candidate the model's own assessment ranks first, with why it gains what it
+  gains (`best_of_diagnostics`: ties, a perfect judge's ceiling, the valid assessments' score on right and
+  wrong samples);
 - editing: accuracy per edit kind and overall (output parsed == target scene);
 - self-assessment: agreement of the model's verdicts (object / count / color / spatial) with the evaluator's
   on the model's own generations; "valid" is the share of answers that are a well-formed assessment.
@@ -155,7 +157,7 @@ def evaluate(backend, size: EvalSize, wcfg: world.WorldConfig = world.WorldConfi
                                         backend.answer_separator)))
         tick()
     per_sample: list[list[tuple[world.GenPrompt, world.Scene]]] = [[] for _ in range(size.candidates)]
-    best, agree = [], []
+    best, agree, oracle, judged, ties = [], [], [], [], []  # judged: (model score, evaluator: right) per sample
     for i, prompt in enumerate(prompts):
         scored = []
         for c in range(size.candidates):
@@ -166,7 +168,12 @@ def evaluate(backend, size: EvalSize, wcfg: world.WorldConfig = world.WorldConfi
             model = evaluator.assessment_from_json(text)
             agree.append((text, evaluator.assess(prompt, scene)))
             scored.append((model.score if model is not None else -1.0, scene))
+            if model is not None:  # a well-formed assessment ("valid" counts the others)
+                judged.append((model.score, evaluator.prompt_satisfied(prompt, scene)))
         best.append((prompt, scored[int(np.argmax([s for s, _ in scored]))][1]))
+        right = [scene for _, scene in scored if evaluator.prompt_satisfied(prompt, scene)]
+        oracle.append((prompt, right[0] if right else scored[0][1]))  # a perfect judge's pick
+        ties.append(len({s for s, _ in scored}) == 1)
         tick()
     edited = []
     for i, e in enumerate(edits):
@@ -182,10 +189,25 @@ def evaluate(backend, size: EvalSize, wcfg: world.WorldConfig = world.WorldConfi
         f"generation_best_of_{size.candidates}": evaluator.generation_scores(best),
         "editing": evaluator.editing_scores(edited),
         "self_assessment": evaluator.assessment_scores(agree),
+        f"best_of_{size.candidates}_diagnostics": best_of_diagnostics(judged, ties, oracle),
         "counts": {"questions": len(qas), "prompts": len(prompts), "samples_per_prompt": size.candidates,
                    "edits": len(edits)},
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def best_of_diagnostics(judged: list[tuple[float, bool]], ties: list[bool],
+                        oracle: list[tuple[world.GenPrompt, world.Scene]]) -> dict[str, float]:
+    """Why best-of-N gains what it gains: the share of prompts whose N assessment scores are all equal (the
+    ranking then keeps the first candidate), GenEval overall if a perfect judge picked (a right candidate
+    whenever there is one: the ceiling of self-assessed selection), and the model's mean score on the samples
+    the evaluator finds right and wrong (how well its score separates them)."""
+    def mean(xs):
+        return float(np.mean(xs)) if xs else None
+
+    return {"tied_prompts": mean(ties), "oracle_overall": evaluator.generation_scores(oracle)["overall"],
+            "score_on_right": mean([s for s, ok in judged if ok]),
+            "score_on_wrong": mean([s for s, ok in judged if not ok])}
 
 
 def decoder_fidelity(checkpoint: str | Path, n: int = 40, seed: int = 1,
@@ -243,6 +265,11 @@ def results_table(results: list[dict]) -> str:
         add(f"  {k}", lambda r, k=k: r["generation_single"].get(k))
     add(f"generation GenEval overall ({gb.split('_', 1)[1].replace('_', '-')}, self-assessed)",
         lambda r: r[gb].get("overall"))
+    diag = gb.replace("generation_", "") + "_diagnostics"
+    add("  prompts whose assessments all tie (first kept)", lambda r: r.get(diag, {}).get("tied_prompts"))
+    add("  a perfect judge's pick (ceiling)", lambda r: r.get(diag, {}).get("oracle_overall"))
+    add("  model's score on right / wrong samples", lambda r: _pair(r.get(diag, {}), "score_on_right",
+                                                                     "score_on_wrong"))
     add("editing (overall)", lambda r: r["editing"].get("overall"))
     for k in world.EDIT_KINDS:
         add(f"  {k}", lambda r, k=k: r["editing"].get(k))
@@ -254,9 +281,15 @@ def results_table(results: list[dict]) -> str:
     return "\n".join([head, sep] + [f"| {label} | " + " | ".join(v) + " |" for label, v in rows])
 
 
+def _pair(d: dict, a: str, b: str) -> str | None:
+    return None if d.get(a) is None or d.get(b) is None else f"{d[a]:.3f} / {d[b]:.3f}"
+
+
 def _fmt(v) -> str:
     if v is None:
         return "-"
+    if isinstance(v, str):
+        return v
     return f"{v:.3f}" if isinstance(v, float) and v <= 1.0 else f"{v}"
 
 
