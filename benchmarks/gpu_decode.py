@@ -226,7 +226,8 @@ def run(args) -> dict:
     from illume_edge.export.llm import build_llm
 
     t_start = time.perf_counter()
-    log = lambda s: print(f"[gpu-bench {time.perf_counter() - t_start:6.1f}s] {s}", file=sys.stderr, flush=True)  # noqa: E731
+    def log(s: str) -> None:
+        print(f"[gpu-bench {time.perf_counter() - t_start:6.1f}s] {s}", file=sys.stderr, flush=True)
     if args.device != "cpu" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: torch sees no CUDA device (use --device cpu to check the harness)")
     torch.set_num_threads(cores())
@@ -266,7 +267,9 @@ def run(args) -> dict:
             before = device_used_bytes(args.device)
             try:
                 reps[name] = ours_rep(d, prompt, args.steps, args.device, graph)
-                bytes_by_name[name] = {"weight_bytes_per_token": weights, "device_bytes_before": before}
+                after = device_used_bytes(args.device)  # sessions loaded (request buffers come at the first run)
+                bytes_by_name[name] = {"weight_bytes_per_token": weights,
+                                       "device_bytes_loaded": None if before is None else after - before}
             except Exception as e:  # a failing configuration is reported, not hidden
                 result["failures"][name] = f"{type(e).__name__}: {str(e)[-1500:]}"
                 traceback.print_exc()
@@ -284,7 +287,7 @@ def run(args) -> dict:
                                 "bound_ms": total / (bw["best_gbs"] * 1e9) * 1e3,
                                 "achieved_gbs": total / (r["decode_ms_per_token"] / 1e3) / 1e9}
         result["runs"][name]["roofline_pct"] = 100 * result["runs"][name]["bound_ms"] / r["decode_ms_per_token"]
-    result["device_bytes_after"] = device_used_bytes(args.device)
+    result["device_bytes_in_use_at_end"] = device_used_bytes(args.device)  # every runtime's, buffers included
     eager = result["runs"].get("PyTorch eager fp16")
     for r in result["runs"].values():
         r["speedup_vs_eager"] = eager["decode_ms_per_token"] / r["decode_ms_per_token"] if eager else None

@@ -98,4 +98,7 @@ def test_heldout_subset_meets_the_reduced_bar_through_the_runtime(nano_engine):
     diag = r[f"best_of_{n}_diagnostics"]
     assert diag["oracle_overall"] >= max(r[f"generation_best_of_{n}"]["overall"], r["generation_single"]["overall"])
     assert 0.0 <= diag["tied_prompts"] <= 1.0
-    assert all(0.0 <= diag[k] <= 1.0 for k in ("score_on_right", "score_on_wrong") if diag[k] is not None)
+    assert all(0.0 <= diag[k] <= 1.0 for k in ("score_on_right", "score_on_wrong", "pick_right_when_mixed",
+                                                "chance_when_mixed") if diag[k] is not None)
+    if diag["chance_when_mixed"] is not None:  # a mixed prompt has a right and a wrong candidate among N
+        assert 1 / n <= diag["chance_when_mixed"] <= 1 - 1 / n

@@ -299,3 +299,32 @@ def test_recipe_smoke_run_writes_every_stage_and_a_strict_checkpoint(tmp_path):
     assert listed == {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {recipe.CHECKSUMS}
     load_checkpoint(out)
     load_checkpoint(work / "ablation_checkpoint")
+
+
+def test_assessment_examples_draw_poor_samples_at_the_asked_share():
+    """Stage 4's self-assessment data: uniformly from the pool by default (a quarter poor in the shipped run),
+    or poor samples at `assess_poor_share` ("assess-balanced": 0.5). Poor ones carry the corrected image."""
+    from illume_edge.nano import evaluator
+    from illume_edge.nano.recipe import AssessedSample, assessment_examples
+
+    rng = np.random.default_rng(0)
+    pool = []
+    for i in range(8):  # 2 poor, 6 good
+        prompt, scene = world.sample_gen_prompt(rng, W, "single_object", "train")
+        good = i >= 2
+        verdict = evaluator.Assessment(object=good, count=None, color=True, spatial=None, analysis="x")
+        pool.append(AssessedSample(prompt, scene, np.zeros((8, 8, 3), np.uint8), verdict))
+    assert sum(not s.assessment.good for s in pool) == 2
+
+    class Builder:  # records what each example was made of
+        def assess(self, image, text, answer, correction, task):
+            return correction is not None
+
+    for share, want in ((None, 2 / 8), (0.5, 0.5), (0.9, 0.9)):
+        draw = assessment_examples(pool, Builder(), W, share)
+        got = np.mean([draw(rng) for _ in range(4000)])
+        assert abs(got - want) < 0.03, (share, got)
+    with pytest.raises(ValueError, match=r"assess_poor_share 0.5: .*pool: 6 good, 0 poor"):
+        assessment_examples(pool[2:], Builder(), W, 0.5)
+    with pytest.raises(ValueError, match="assess_poor_share 1.5"):
+        assessment_examples(pool, Builder(), W, 1.5)

@@ -16,7 +16,8 @@ import pytest
 
 from illume_edge.runtime.cuda import build
 
-_spec = importlib.util.spec_from_file_location("pack_ort", Path(__file__).parents[1] / "tools" / "pack_onnxruntime_gpu.py")
+TOOL = Path(__file__).parents[1] / "tools" / "pack_onnxruntime_gpu.py"
+_spec = importlib.util.spec_from_file_location("pack_ort", TOOL)
 pack = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = pack  # dataclasses look their module up while the class is made
 _spec.loader.exec_module(pack)

@@ -1,4 +1,4 @@
-"""Weight-only quantization of an fp32 engine folder: MatMul -> com.microsoft MatMulNBits (int8 / int4).
+"""Weight-only quantization of an fp32 or fp16 engine folder: MatMul -> com.microsoft MatMulNBits (int8 / int4).
 
 `quantize_engine(src, dst, "int4")` copies an fp32 or fp16 engine folder and rewrites the graphs whose decode
 cost is their weight read: the `llm` graph (every projection of every layer) and the `head_*` range graphs.

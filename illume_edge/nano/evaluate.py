@@ -158,6 +158,7 @@ def evaluate(backend, size: EvalSize, wcfg: world.WorldConfig = world.WorldConfi
         tick()
     per_sample: list[list[tuple[world.GenPrompt, world.Scene]]] = [[] for _ in range(size.candidates)]
     best, agree, oracle, judged, ties = [], [], [], [], []  # judged: (model score, evaluator: right) per sample
+    mixed = []  # prompts with right and wrong candidates: (the ranking's pick is right, share of right candidates)
     for i, prompt in enumerate(prompts):
         scored = []
         for c in range(size.candidates):
@@ -171,9 +172,11 @@ def evaluate(backend, size: EvalSize, wcfg: world.WorldConfig = world.WorldConfi
             if model is not None:  # a well-formed assessment ("valid" counts the others)
                 judged.append((model.score, evaluator.prompt_satisfied(prompt, scene)))
         best.append((prompt, scored[int(np.argmax([s for s, _ in scored]))][1]))
-        right = [scene for _, scene in scored if evaluator.prompt_satisfied(prompt, scene)]
-        oracle.append((prompt, right[0] if right else scored[0][1]))  # a perfect judge's pick
+        ok = [evaluator.prompt_satisfied(prompt, scene) for _, scene in scored]
+        oracle.append((prompt, scored[ok.index(True)][1] if any(ok) else scored[0][1]))  # a perfect judge's pick
         ties.append(len({s for s, _ in scored}) == 1)
+        if len(set(ok)) == 2:  # right and wrong candidates: where the ranking matters
+            mixed.append((ok[int(np.argmax([s for s, _ in scored]))], float(np.mean(ok))))
         tick()
     edited = []
     for i, e in enumerate(edits):
@@ -189,7 +192,7 @@ def evaluate(backend, size: EvalSize, wcfg: world.WorldConfig = world.WorldConfi
         f"generation_best_of_{size.candidates}": evaluator.generation_scores(best),
         "editing": evaluator.editing_scores(edited),
         "self_assessment": evaluator.assessment_scores(agree),
-        f"best_of_{size.candidates}_diagnostics": best_of_diagnostics(judged, ties, oracle),
+        f"best_of_{size.candidates}_diagnostics": best_of_diagnostics(judged, ties, oracle, mixed, len(prompts)),
         "counts": {"questions": len(qas), "prompts": len(prompts), "samples_per_prompt": size.candidates,
                    "edits": len(edits)},
         "seconds": round(time.perf_counter() - t0, 1),
@@ -197,17 +200,25 @@ def evaluate(backend, size: EvalSize, wcfg: world.WorldConfig = world.WorldConfi
 
 
 def best_of_diagnostics(judged: list[tuple[float, bool]], ties: list[bool],
-                        oracle: list[tuple[world.GenPrompt, world.Scene]]) -> dict[str, float]:
-    """Why best-of-N gains what it gains: the share of prompts whose N assessment scores are all equal (the
-    ranking then keeps the first candidate), GenEval overall if a perfect judge picked (a right candidate
-    whenever there is one: the ceiling of self-assessed selection), and the model's mean score on the samples
-    the evaluator finds right and wrong (how well its score separates them)."""
+                        oracle: list[tuple[world.GenPrompt, world.Scene]], mixed: list[tuple[bool, float]],
+                        prompts: int) -> dict[str, float | None]:
+    """Why best-of-N gains what it gains:
+    - tied_prompts: the share of prompts whose N assessment scores are all equal (the first candidate is kept);
+    - oracle_overall: GenEval overall if a perfect judge picked (a right candidate whenever there is one), the
+      ceiling of self-assessed selection;
+    - score_on_right / score_on_wrong: the valid assessments' mean score on the samples the evaluator finds
+      right / wrong, over all prompts (a score can separate prompts, e.g. by category, and not images);
+    - mixed_prompts, pick_right_when_mixed, chance_when_mixed: among the prompts that have right and wrong
+      candidates, where ranking matters, how often the top-ranked one is right, against the share of right
+      candidates (a random pick). Only a judge of the image beats chance there."""
     def mean(xs):
         return float(np.mean(xs)) if xs else None
 
     return {"tied_prompts": mean(ties), "oracle_overall": evaluator.generation_scores(oracle)["overall"],
             "score_on_right": mean([s for s, ok in judged if ok]),
-            "score_on_wrong": mean([s for s, ok in judged if not ok])}
+            "score_on_wrong": mean([s for s, ok in judged if not ok]),
+            "mixed_prompts": len(mixed) / prompts if prompts else None,
+            "pick_right_when_mixed": mean([p for p, _ in mixed]), "chance_when_mixed": mean([c for _, c in mixed])}
 
 
 def decoder_fidelity(checkpoint: str | Path, n: int = 40, seed: int = 1,
@@ -270,6 +281,9 @@ def results_table(results: list[dict]) -> str:
     add("  a perfect judge's pick (ceiling)", lambda r: r.get(diag, {}).get("oracle_overall"))
     add("  model's score on right / wrong samples", lambda r: _pair(r.get(diag, {}), "score_on_right",
                                                                      "score_on_wrong"))
+    add("  prompts with right and wrong candidates", lambda r: r.get(diag, {}).get("mixed_prompts"))
+    add("  there, top-ranked right / a random pick", lambda r: _pair(r.get(diag, {}), "pick_right_when_mixed",
+                                                                      "chance_when_mixed"))
     add("editing (overall)", lambda r: r["editing"].get("overall"))
     for k in world.EDIT_KINDS:
         add(f"  {k}", lambda r, k=k: r["editing"].get(k))

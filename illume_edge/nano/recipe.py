@@ -16,7 +16,7 @@ Stages (docs/nano.md has the why of each):
              assessment data is the ablation (its checkpoint is kept under the work folder, not shipped).
 
 Run: python -m illume_edge.nano.recipe --out models/illume-nano [--work build/nano]
-         [--schedule full|text-pretrain|smoke] [--seed N]
+         [--schedule full|text-pretrain|reasoned|assess-balanced|smoke] [--seed N]
 """
 from __future__ import annotations
 
@@ -71,6 +71,9 @@ class Schedule:
     # "short": answers as the world words them; "describe-first": every QA answer is the scene's description,
     # ". ", then the answer (world.describe_first), and the checkpoint's prompts.answer_separator is ". "
     answer_style: str = "short"
+    # stage 4: the share of poor samples among the self-assessment examples (None: as the pool has them,
+    # about a quarter; 0.5: good and poor drawn alike, so that "always yes" no longer fits the data)
+    assess_poor_share: float | None = None
 
 
 SCHEDULES = {
@@ -82,6 +85,10 @@ SCHEDULES = {
     # Measured: understanding 0.676 (descriptions right 97%, answers from them at the plateau), generation
     # 0.671, editing 0.463, assessment agreement 0.254 (docs/nano.md)
     "reasoned": Schedule(stage0=4000, stage0_layout="question-first", answer_style="describe-first"),
+    # "full" with good and poor self-assessment samples drawn 50/50 in stage 4. Measured as stage 4 alone on
+    # the second seed's stage-3 weights: the scores now separate right and wrong samples over all prompts
+    # (0.93 / 0.60) but not the candidates of one prompt, so best-of-4 gains nothing (docs/nano.md)
+    "assess-balanced": Schedule(assess_poor_share=0.5),
     # A seconds-long run of every stage for tests: same code path, meaningless weights.
     "smoke": Schedule(vit=2, tokenizer=2, vae=2, unet=2, stage0=1, stage1=1, stage2=1, stage3_curriculum=1, stage3=1,
                       stage4=1, self_enhance_prompts=4, vision_batch=4, vae_batch=2, decoder_batch=2, llm_batch=2),
@@ -253,10 +260,22 @@ def self_assess_pool(engine_dir: Path, wcfg: world.WorldConfig, n: int, seed: in
     return out
 
 
-def assessment_examples(pool: list[AssessedSample], b: SequenceBuilder, wcfg: world.WorldConfig):
-    """Good samples: the assessment; poor ones: the assessment, then the corrected image."""
+def assessment_examples(pool: list[AssessedSample], b: SequenceBuilder, wcfg: world.WorldConfig,
+                        poor_share: float | None = None):
+    """Good samples: the assessment; poor ones: the assessment, then the corrected image. `poor_share`: draw a
+    poor sample with this probability (None: uniformly from the pool)."""
+    good = [s for s in pool if s.assessment.good]
+    poor = [s for s in pool if not s.assessment.good]
+    if poor_share is not None and not (0.0 <= poor_share <= 1.0 and good and poor):
+        raise ValueError(f"assess_poor_share {poor_share}: needs a share in [0, 1] and a pool with good and poor "
+                         f"samples (pool: {len(good)} good, {len(poor)} poor)")
+
     def sample(rng: np.random.Generator) -> Example:
-        s = pool[int(rng.integers(len(pool)))]
+        if poor_share is None:
+            s = pool[int(rng.integers(len(pool)))]
+        else:
+            group = poor if rng.random() < poor_share else good
+            s = group[int(rng.integers(len(group)))]
         correction = None if s.assessment.good else world.render(s.source, wcfg)
         return b.assess(s.image, s.prompt.text, evaluator.assessment_to_json(s.assessment), correction,
                         task="assess")
@@ -371,7 +390,7 @@ def run(out: Path, work: Path, schedule: Schedule, threads: int = 2, seed: int =
     p.note(samples=len(pool), good=good, poor=len(pool) - good)
     done("self_assess")
     stage3_state = copy.deepcopy(mods)
-    assess_data = assessment_examples(pool, builder, wcfg)
+    assess_data = assessment_examples(pool, builder, wcfg, s.assess_poor_share)
     with_assess = mixture([(0.3, assess_data), (0.7, mixes["stage3"])])
     trainer.train(with_assess, steps=s.stage4, batch=s.llm_batch, lr=5e-4, seed=_seed(14, seed), trainable="all",
                   progress=stage("stage4", s.stage4))
