@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.llm_decode import (Rep, export_bench_engine, interleaved, kv_bytes_per_step, smoke_shape,
-                                   streamed_weight_bytes)
+from benchmarks.llm_decode import (Rep, add_roofline, export_bench_engine, interleaved, kv_bytes_per_step,
+                                   smoke_shape, streamed_weight_bytes)
 from benchmarks.machine import cores, cpu_model, git_commit, measure_read_bandwidth, versions, write_result
 
 CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -281,16 +281,9 @@ def run(args) -> dict:
         bytes_by_name["PyTorch eager fp16"] = {"weight_bytes_per_token": param_bytes(model)}
     log(f"timing {len(reps)} runtimes: {args.warmup} warm-up + {args.reps} interleaved rounds")
     for name, r in interleaved(reps, args.warmup, args.reps, log, result["failures"]).items():
-        b = bytes_by_name[name]
-        total = b["weight_bytes_per_token"] + kv
-        result["runs"][name] = {**r, **b, "kv_bytes_per_token": kv, "bytes_per_token": total,
-                                "bound_ms": total / (bw["best_gbs"] * 1e9) * 1e3,
-                                "achieved_gbs": total / (r["decode_ms_per_token"] / 1e3) / 1e9}
-        result["runs"][name]["roofline_pct"] = 100 * result["runs"][name]["bound_ms"] / r["decode_ms_per_token"]
+        result["runs"][name] = {**r, **bytes_by_name[name], "kv_bytes_per_token": kv}
+    add_roofline(result["runs"], bw["best_gbs"], "PyTorch eager fp16")
     result["device_bytes_in_use_at_end"] = device_used_bytes(args.device)  # every runtime's, buffers included
-    eager = result["runs"].get("PyTorch eager fp16")
-    for r in result["runs"].values():
-        r["speedup_vs_eager"] = eager["decode_ms_per_token"] / r["decode_ms_per_token"] if eager else None
     result["total_s"] = time.perf_counter() - t_start
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

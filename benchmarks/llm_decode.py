@@ -170,6 +170,21 @@ Rep = Callable[..., tuple[float, list[float], list[int], dict[str, float]]]
 WARMUP_STEPS = 8  # a warm-up repetition's decode steps: every weight read once, every buffer allocated
 
 
+def add_roofline(runs: dict[str, dict], gbs: float, eager: str) -> None:
+    """Each run's bytes read per token (its weights + the KV cache) against the bandwidth `gbs`: the time that
+    reading takes (bound_ms), the bandwidth the run achieved and its share of the roofline; and its speed-up
+    over the run named `eager` (None when that one is missing)."""
+    for r in runs.values():
+        total = r["weight_bytes_per_token"] + r["kv_bytes_per_token"]
+        r["bytes_per_token"] = total
+        r["bound_ms"] = total / (gbs * 1e9) * 1e3
+        r["achieved_gbs"] = total / (r["decode_ms_per_token"] / 1e3) / 1e9
+        r["roofline_pct"] = 100 * r["bound_ms"] / r["decode_ms_per_token"]
+    ref = runs.get(eager)
+    for r in runs.values():
+        r["speedup_vs_eager"] = ref["decode_ms_per_token"] / r["decode_ms_per_token"] if ref else None
+
+
 def summarize_reps(runs: list[tuple]) -> dict:
     """`summarize` of several repetitions, the last one's first tokens, and each part's ms per token
     (median over repetitions)."""
@@ -695,16 +710,7 @@ def run(args) -> dict:
                     result["failures"][f"profile {peer}"] = f"{type(e).__name__}: {e}"
                     traceback.print_exc()
 
-    gbs = bw["best_gbs"]
-    for r in result["runs"].values():
-        total = r["weight_bytes_per_token"] + r["kv_bytes_per_token"]
-        r["bytes_per_token"] = total
-        r["bound_ms"] = total / (gbs * 1e9) * 1e3
-        r["achieved_gbs"] = total / (r["decode_ms_per_token"] / 1e3) / 1e9
-        r["roofline_pct"] = 100 * r["bound_ms"] / r["decode_ms_per_token"]
-    eager = result["runs"].get("transformers eager fp32")
-    for r in result["runs"].values():
-        r["speedup_vs_eager"] = eager["decode_ms_per_token"] / r["decode_ms_per_token"] if eager else None
+    add_roofline(result["runs"], bw["best_gbs"], "transformers eager fp32")
     result["total_s"] = time.perf_counter() - t_start
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
