@@ -9,7 +9,11 @@ generated and edited images parsed back into scenes), never from logits:
   seed..seed+N-1); "single" is the mean accuracy over all samples (the expected single-sample accuracy),
   "best_of_N" the accuracy of the candidate the model's own assessment ranks first, with why it gains what it
   gains (`best_of_diagnostics`: ties, a perfect judge's ceiling, the valid assessments' score on right and
-  wrong samples);
+  wrong samples); "best_of_N_self_described" ranks the same candidates another way: the model describes each
+  ("describe the image."), its words are parsed back into a scene (`world.parse_description`) and checked
+  against the prompt in code; the first candidate so judged right wins (else the first). The perception is
+  the model's, the comparison is not, so this is not the paper's self-assessment: it measures what the
+  model's own reading of its images could give a ranker;
 - editing: accuracy per edit kind and overall (output parsed == target scene);
 - self-assessment: agreement of the model's verdicts (object / count / color / spatial) with the evaluator's
   on the model's own generations; "valid" is the share of answers that are a well-formed assessment.
@@ -23,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -159,8 +164,9 @@ def evaluate(backend, size: EvalSize, wcfg: world.WorldConfig = world.WorldConfi
     per_sample: list[list[tuple[world.GenPrompt, world.Scene]]] = [[] for _ in range(size.candidates)]
     best, agree, oracle, judged, ties = [], [], [], [], []  # judged: (model score, evaluator: right) per sample
     mixed = []  # prompts with right and wrong candidates: (the ranking's pick is right, share of right candidates)
+    described = []  # best-of-N ranked by the model's own description of each candidate (module docstring)
     for i, prompt in enumerate(prompts):
-        scored = []
+        scored, seen_ok = [], []
         for c in range(size.candidates):
             image = backend.generate(prompt.text, seed=1000 * i + c)
             scene = evaluator.parse(image, wcfg)
@@ -171,7 +177,12 @@ def evaluate(backend, size: EvalSize, wcfg: world.WorldConfig = world.WorldConfi
             scored.append((model.score if model is not None else -1.0, scene))
             if model is not None:  # a well-formed assessment ("valid" counts the others)
                 judged.append((model.score, evaluator.prompt_satisfied(prompt, scene)))
+            if size.candidates > 1:  # what the model says it drew, checked against the prompt in code
+                seen = world.parse_description(backend.answer(image, world.DESCRIBE_QUESTION))
+                seen_ok.append(seen is not None and evaluator.prompt_satisfied(prompt, seen))
         best.append((prompt, scored[int(np.argmax([s for s, _ in scored]))][1]))
+        if seen_ok:
+            described.append((prompt, scored[seen_ok.index(True) if any(seen_ok) else 0][1]))
         ok = [evaluator.prompt_satisfied(prompt, scene) for _, scene in scored]
         oracle.append((prompt, scored[ok.index(True)][1] if any(ok) else scored[0][1]))  # a perfect judge's pick
         ties.append(len({s for s, _ in scored}) == 1)
@@ -193,6 +204,8 @@ def evaluate(backend, size: EvalSize, wcfg: world.WorldConfig = world.WorldConfi
         "editing": evaluator.editing_scores(edited),
         "self_assessment": evaluator.assessment_scores(agree),
         f"best_of_{size.candidates}_diagnostics": best_of_diagnostics(judged, ties, oracle, mixed, len(prompts)),
+        f"generation_best_of_{size.candidates}_self_described": evaluator.generation_scores(described)
+        if described else None,
         "counts": {"questions": len(qas), "prompts": len(prompts), "samples_per_prompt": size.candidates,
                    "edits": len(edits)},
         "seconds": round(time.perf_counter() - t0, 1),
@@ -270,12 +283,14 @@ def results_table(results: list[dict]) -> str:
     add("understanding (overall)", lambda r: r["understanding"].get("overall"))
     for k in world.QA_KINDS:
         add(f"  {k}", lambda r, k=k: r["understanding"].get(k))
-    gb = next(k for k in results[0] if k.startswith("generation_best_of"))
+    gb = next(k for k in results[0] if re.fullmatch(r"generation_best_of_\d+", k))
     add("generation GenEval overall (single sample)", lambda r: r["generation_single"].get("overall"))
     for k in world.GEN_CATEGORIES:
         add(f"  {k}", lambda r, k=k: r["generation_single"].get(k))
     add(f"generation GenEval overall ({gb.split('_', 1)[1].replace('_', '-')}, self-assessed)",
         lambda r: r[gb].get("overall"))
+    add(f"generation GenEval overall ({gb.split('_', 1)[1].replace('_', '-')}, ranked by the model's own "
+        f"description)", lambda r: (r.get(gb + "_self_described") or {}).get("overall"))
     diag = gb.replace("generation_", "") + "_diagnostics"
     add("  prompts whose assessments all tie (first kept)", lambda r: r.get(diag, {}).get("tied_prompts"))
     add("  a perfect judge's pick (ceiling)", lambda r: r.get(diag, {}).get("oracle_overall"))

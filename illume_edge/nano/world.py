@@ -262,6 +262,24 @@ def describe(scene: Scene) -> str:
     return _join([f"{amount(1, o.shape, o.color)} {position_phrase(o.row, o.col)}" for o in scene.objects])
 
 
+DESCRIBE_QUESTION = "describe the image."
+
+
+def parse_description(text: str) -> Scene | None:
+    """The scene a `describe` text states ("a red circle at the top left, ... and a green triangle in the
+    center"): the inverse of `describe`. None when no object phrase is found or two share a cell."""
+    phrases = {position_phrase(r, c): (r, c) for r in range(len(ROW_NAMES)) for c in range(len(COL_NAMES))}
+    pattern = (r"\b(?:a|an) (" + "|".join(COLORS) + r") (" + "|".join(SHAPES) + r") ("
+               + "|".join(sorted(map(re.escape, phrases), key=len, reverse=True)) + r")\b")
+    objects = [Obj(*phrases[where], shape, color) for color, shape, where in re.findall(pattern, text)]
+    if not objects:
+        return None
+    try:
+        return Scene(tuple(objects))
+    except ValueError:  # two objects in one cell
+        return None
+
+
 @dataclass(frozen=True)
 class QA:
     kind: str
@@ -320,7 +338,7 @@ def make_qa(scene: Scene, rng: np.random.Generator, kind: str) -> QA | None:
     if kind == "relation":
         return _relation_question(scene, rng)
     if kind == "describe":
-        return QA(kind, "describe the image.", describe(scene)) if scene.objects else None
+        return QA(kind, DESCRIBE_QUESTION, describe(scene)) if scene.objects else None
     raise ValueError(f"unknown QA kind {kind!r}: expected one of {QA_KINDS}")
 
 
