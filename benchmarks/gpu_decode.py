@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.llm_decode import (Rep, add_roofline, export_bench_engine, interleaved, kv_bytes_per_step,
-                                   smoke_shape, streamed_weight_bytes)
+                                   roofline_table, smoke_shape, streamed_weight_bytes)
 from benchmarks.machine import cores, cpu_model, git_commit, measure_read_bandwidth, versions, write_result
 
 CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -304,16 +304,7 @@ def markdown(result: dict) -> str:
              f"({', '.join(v['onnxruntime_providers'])}), torch {v['torch']}; commit {result['git_commit'][:12]}.",
              f"Shape {result['shape']['name']}: batch 1, prompt {p['prompt_tokens']}, {p['decode_steps']} greedy "
              f"steps, {p['warmup']} warm-up + {p['reps']} interleaved rounds.", "",
-             "| runtime | decode ms/token (median) | min-max | step p10-p90 | prefill ms | MB read/token | bound ms | "
-             "achieved GB/s | roofline % | vs eager |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, r in result["runs"].items():
-        sp = f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else "-"
-        lines.append(f"| {name} | {r['decode_ms_per_token']:.2f} | {r['decode_ms_min']:.2f}-{r['decode_ms_max']:.2f} | "
-                     f"{r['step_ms_p10']:.2f}-{r['step_ms_p90']:.2f} | {r['prefill_ms']:.1f} | "
-                     f"{r['bytes_per_token'] / 1e6:.0f} | {r['bound_ms']:.3f} | {r['achieved_gbs']:.0f} | "
-                     f"{r['roofline_pct']:.0f} | {sp} |")
-    for name, why in result["failures"].items():
-        lines.append(f"| {name} | FAILED: {why.splitlines()[-1][:160] if why else ''} | | | | | | | | |")
+             *roofline_table(result["runs"], result["failures"], ms_digits=3)]
     return "\n".join(lines)
 
 

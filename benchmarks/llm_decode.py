@@ -717,6 +717,23 @@ def run(args) -> dict:
     return result
 
 
+def roofline_table(runs: dict[str, dict], failures: dict[str, str], ms_digits: int) -> list[str]:
+    """Markdown rows: each run's decode time, spread, prefill, bytes per token and roofline (`add_roofline`),
+    times with `ms_digits` decimals; then each failed runtime with its last error line."""
+    d = ms_digits
+    lines = ["| runtime | decode ms/token (median) | min-max | step p10-p90 | prefill ms | MB read/token | bound ms | "
+             "achieved GB/s | roofline % | vs eager |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in runs.items():
+        sp = f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else "-"
+        lines.append(f"| {name} | {r['decode_ms_per_token']:.{d}f} | {r['decode_ms_min']:.{d}f}-"
+                     f"{r['decode_ms_max']:.{d}f} | {r['step_ms_p10']:.{d}f}-{r['step_ms_p90']:.{d}f} | "
+                     f"{r['prefill_ms']:.{max(d - 1, 0)}f} | {r['bytes_per_token'] / 1e6:.0f} | "
+                     f"{r['bound_ms']:.{d}f} | {r['achieved_gbs']:.1f} | {r['roofline_pct']:.0f} | {sp} |")
+    for name, why in failures.items():
+        lines.append(f"| {name} | FAILED: {why.splitlines()[-1][:160] if why else ''} | | | | | | | | |")
+    return lines
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     v = result["versions"]
@@ -732,18 +749,8 @@ def markdown(result: dict) -> str:
         f"{len(result.get('load_orders', []))} fresh processes, one per load order, pooled; eager alone, "
         f"{result['protocol'].get('eager_reps', result['protocol']['reps'])} rounds.",
         "",
-        "| runtime | decode ms/token (median) | min-max | step p10-p90 | prefill ms | MB read/token | bound ms | "
-        "achieved GB/s | roofline % | vs eager |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *roofline_table(result["runs"], result["failures"], ms_digits=1),
     ]
-    for name, r in result["runs"].items():
-        sp = f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else "-"
-        lines.append(f"| {name} | {r['decode_ms_per_token']:.1f} | {r['decode_ms_min']:.1f}-{r['decode_ms_max']:.1f}"
-                     f" | {r['step_ms_p10']:.1f}-{r['step_ms_p90']:.1f} | {r['prefill_ms']:.0f} | "
-                     f"{r['bytes_per_token'] / 1e6:.0f} | {r['bound_ms']:.1f} | {r['achieved_gbs']:.1f} | "
-                     f"{r['roofline_pct']:.0f} | {sp} |")
-    for name, why in result["failures"].items():
-        lines.append(f"| {name} | FAILED: {why.splitlines()[-1][:160] if why else ''} | | | | | | | | |")
     for k, o in enumerate(result.get("load_orders", [])):
         ms = ", ".join(f"{n} {o['decode_ms_per_token'][n]:.1f}" for n in o["order"] if n in o["decode_ms_per_token"])
         lines.append(f"{'' if k else chr(10)}Load order {k + 1} (loaded first: {o['order'][0]}), median ms/token: {ms}")
