@@ -44,8 +44,8 @@ from typing import Callable
 
 import numpy as np
 
-from benchmarks.machine import (REPO, cores, cpu_model, git_commit, measure_read_bandwidth, peak_rss_mb, versions,
-                                write_result)
+from benchmarks.machine import (BANDWIDTH_STATISTIC, REPO, bandwidth_label, cores, cpu_model,
+                                git_commit, measure_read_bandwidth, peak_rss_mb, versions, write_result)
 
 SEED = 0
 
@@ -627,7 +627,8 @@ def _eager_for(key: str, eager: dict) -> dict | None:
 def markdown(result: dict) -> str:
     m, v = result["machine"], result["versions"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores ({result['protocol']['threads']} threads), read bandwidth "
-             f"{m['read_bandwidth_gbs']:.1f} GB/s. onnxruntime {v['onnxruntime']}, torch {v['torch']}, "
+             f"{m['read_bandwidth_gbs']:.1f} GB/s ({bandwidth_label(m)}). onnxruntime {v['onnxruntime']}, "
+             f"torch {v['torch']}, "
              f"transformers {v['transformers']}, diffusers {v['diffusers']}; commit {result['git_commit'][:12]}.",
              f"Shape {result['shape']['name']}: {result['shape']['summary']}.", "",
              "| stage | per | ours fp32 ms | ours int4 ms | eager ms | fp32 vs eager | int4 vs eager |",
@@ -733,7 +734,8 @@ def run(args) -> dict:
     vit, movq = cfg.branches[0].encoder, cfg.branches[1].encoder.movq
     result: dict = {
         "date": dt.datetime.now().isoformat(timespec="seconds"), "host": socket.gethostname(),
-        "machine": {"cpu": cpu_model(), "cores": cores(), "read_bandwidth_gbs": bw["best_gbs"]},
+        "machine": {"cpu": cpu_model(), "cores": cores(), "read_bandwidth_gbs": bw[BANDWIDTH_STATISTIC],
+                    "bandwidth_statistic": BANDWIDTH_STATISTIC, "read_bandwidth": bw},
         "versions": versions(), "git_commit": git_commit(), "protocol": dataclasses.asdict(p),
         "shape": {"name": cfg.name, "config": cfg.to_dict(), "summary": (
             f"LLM {cfg.llm.num_layers} layers x {cfg.llm.hidden_size} ({cfg.llm.vocab_rows} vocab rows; code books "
