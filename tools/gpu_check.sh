@@ -5,7 +5,10 @@
 #   bash tools/gpu_check.sh runtime   onnxruntime's CUDA provider: tests/test_gpu_runtime.py -m gpu (device
 #                                     buffers, CUDA graphs, the kernel in the decode loops)
 #   bash tools/gpu_check.sh bench     benchmarks/gpu_decode.py: fp16 / int4 decode against eager, roofline
-#   bash tools/gpu_check.sh all       the three in turn
+#   bash tools/gpu_check.sh demo      ILLUME-nano exported fp16, the demo (understanding, generation, editing)
+#                                     on CUDA with CUDA graphs and the kernel, then on the CPU: the answers and
+#                                     timings side by side
+#   bash tools/gpu_check.sh all       the four in turn
 # Packages the machine lacks come from .device/ (tools/prepare_gpu_carry.sh): onnxruntime-gpu unpacked from
 # its parts into $SITE (kept there for the next call while the machine stays up), wheels installed there.
 # Each step runs under a time limit, so that a hang still returns the other logs. Logs, JUnit XML and the
@@ -56,7 +59,7 @@ if [ "$stage" = kernel ] || [ "$stage" = all ]; then
   run gpu-kernel-tests 480 "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_cuda_kernel.py \
     --junitxml "$OUT/gpu-kernel-tests.xml"
 fi
-if [ "$stage" = runtime ] || [ "$stage" = bench ] || [ "$stage" = all ]; then
+if [ "$stage" = runtime ] || [ "$stage" = bench ] || [ "$stage" = demo ] || [ "$stage" = all ]; then
   # the kernel's cubins where the runtime's GpuSampler() looks for them (else it compiles with NVRTC)
   [ -f illume_edge/runtime/cuda/prebuilt/manifest.json ] \
     || run kernels 120 "$PY" -m illume_edge.runtime.cuda.build --out illume_edge/runtime/cuda/prebuilt
@@ -68,5 +71,12 @@ fi
 if [ "$stage" = bench ] || [ "$stage" = all ]; then
   run gpu-decode 480 "$PY" -m benchmarks.gpu_decode --layers "${LAYERS:-8}" --graph-ab --reps "${REPS:-5}" \
     --out "$OUT/gpu-decode.json"
+fi
+if [ "$stage" = demo ] || [ "$stage" = all ]; then
+  nano=/tmp/illume-nano-fp16
+  [ -f "$nano/manifest.json" ] || run export-nano-fp16 300 "$PY" -m illume_edge.cli export \
+    --checkpoint models/illume-nano --precision fp16 --out "$nano"
+  run demo-cuda 150 "$PY" -m illume_edge.cli demo --engine "$nano" --out /tmp/demo-cuda --device cuda --cuda-graph
+  run demo-cpu 150 "$PY" -m illume_edge.cli demo --engine "$nano" --out /tmp/demo-cpu
 fi
 exit $status

@@ -5,7 +5,7 @@
 #                 of 25 MiB, so that it travels in two calls of at most 64 MiB each (the repository included)
 #   .device/whl/  the export side's pure-Python packages at this venv's versions (transformers, diffusers, and
 #                 importlib_metadata, which diffusers needs)
-# Then it prints the three calls (docs/gpu.md, "Verifying on a lent GPU").
+# Then it prints the four calls (docs/gpu.md, "Verifying on a lent GPU").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -28,9 +28,10 @@ first=$(printf '"%s", ' "${parts[@]:0:2}")
 rest=$(printf '"%s", ' "${parts[@]:2}")
 cat <<MSG
 
-Three calls on the GPU machine, each within the last one's warm period (what a call carried, and the
+Four calls on the GPU machine, each within the last one's warm period (what a call carried, and the
 unpacked onnxruntime in /tmp, stay there while the machine does):
   1. carry [${first%, }]            command: bash tools/gpu_check.sh kernel
   2. carry [${rest}".device/whl"]   command: bash tools/gpu_check.sh runtime
   3. carry nothing more                                    command: bash tools/gpu_check.sh bench
+  4. carry nothing more                                    command: bash tools/gpu_check.sh demo
 MSG
