@@ -182,6 +182,9 @@ def test_quantized_fp16_engine_keeps_fp16_activations_and_cache(engines, quantiz
     cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if "GroupQueryAttention" in llm.ops:
         assert check_cuda_attention("llm", llm, cuda) == cuda
+        inputs, outputs = {i.name for i in model.graph.input}, {o.name for o in model.graph.output}
+        for n in (n for n in model.graph.node if n.op_type == "GroupQueryAttention"):  # the cache, uncast
+            assert {n.input[3], n.input[4]} <= inputs and {n.output[1], n.output[2]} <= outputs, n.name
     tol = {"int4": 0.30, "int8": 0.03}[precision]
     runners = [LLMRunner(e) for e in (fp32, q)]
     assert runners[1].kv_dtype == np.float16
