@@ -46,23 +46,13 @@ from benchmarks.llm_decode import (Rep, add_roofline, export_bench_engine, inter
                                    roofline_table, smoke_shape, streamed_weight_bytes)
 from benchmarks.machine import (BANDWIDTH_STATISTIC, cores, cpu_model, git_commit, measure_read_bandwidth, versions,
                                 write_result)
+from illume_edge.config import illume_plus
 
 CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def illume_plus_3b_shape():
-    from illume_edge.config import illume_plus
-
-    return illume_plus("3b")
-
-
-def illume_plus_7b_shape():
-    from illume_edge.config import illume_plus
-
-    return illume_plus("7b")
-
-
-SHAPES = {"illume-plus-3b": illume_plus_3b_shape, "illume-plus-7b": illume_plus_7b_shape, "smoke": smoke_shape}
+SHAPES = {"illume-plus-3b": lambda: illume_plus("3b"), "illume-plus-7b": lambda: illume_plus("7b"),
+          "smoke": smoke_shape}
 
 
 def with_layers(cfg, layers: int):

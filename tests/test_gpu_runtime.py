@@ -56,8 +56,9 @@ def _greedy(runner: LLMRunner, rows, steps: int, forced=None):
 def test_cuda_decode_equals_cpu_decode(fp16_engine, cuda_provider, cuda_graph):
     """Decode of a batch of unequal rows (right-padded in the cache) with every request buffer in GPU memory
     (the fp16 KV cache appended in place), with and without the decode step replayed as a CUDA graph, over two
-    requests of one shape (the second replays the first's graph on reused buffers): the CPU runner's hidden states within HIDDEN_REL,
-    teacher-forced with the CPU's greedy tokens, and >= 90% of the greedy tokens equal."""
+    requests of one shape (the second replays the first's graph on reused buffers): the CPU runner's hidden
+    states within HIDDEN_REL, teacher-forced with the CPU's greedy tokens, and >= 90% of the greedy tokens
+    equal."""
     gpu = LLMRunner(Engine.load(fp16_engine, SessionOptions(providers=CUDA, device="cuda", cuda_graph=cuda_graph)))
     cpu = LLMRunner(Engine.load(fp16_engine))
     assert gpu.cuda_graph == cuda_graph and gpu.kv_dtype == np.float16

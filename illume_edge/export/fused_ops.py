@@ -172,7 +172,7 @@ def gqa(qkv: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor, seq
     c = past_key.shape[2]  # every slot, masked to each row's own causal window over its valid slots
     key_slot = torch.arange(c, device=qkv.device)
     allowed = (key_slot <= slots[:, :, None]) & (key_slot < ends[:, None, None])  # [B, S, C]
-    bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min).to(qkv.dtype)[:, None]  # [B, 1, S, C]
+    bias = torch.where(allowed, 0.0, torch.finfo(qkv.dtype).min).to(qkv.dtype)[:, None]  # [B, 1, S, C]
     qg = q.view(b, s, num_heads, d).transpose(1, 2).reshape(b, kv_heads, group * s, d)  # [B, kvh, g*S, d]
     scores = torch.matmul(qg, present_key.transpose(2, 3)) * scale  # [B, kvh, g*S, C]
     scores = scores.view(b, num_heads, s, c) + bias  # [B, h, S, C]

@@ -11,7 +11,8 @@ The source's float type stays the activations' type (`ACTIVATIONS`, recorded as
 `source["quantization"]["activations"]`):
 - an fp32 export gives the CPU engine: float32 activations and KV cache. On the 2-core VM (0.5B bench
   shape, int4 block 32, batch 1) it decodes 3-5% faster than the fp16-activation engine (20.9 / 22.2 vs
-  21.6 / 23.4 ms per token in two alternating pairs; docs/gpu.md);
+  21.6 / 23.4 ms per token in two alternating pairs of fresh processes, a scratch script not kept;
+  docs/gpu.md);
 - an fp16 export gives the GPU engine: float16 activations and KV cache, which onnxruntime's CUDA
   GroupQueryAttention requires (it is registered for float16 / bfloat16 only; session.check_cuda_attention)
   and which halves the cache's bytes. This is onnxruntime-genai's int4 CUDA layout too.

@@ -166,7 +166,7 @@ def evaluate(backend, size: EvalSize, wcfg: world.WorldConfig = world.WorldConfi
     mixed = []  # prompts with right and wrong candidates: (the ranking's pick is right, share of right candidates)
     described = []  # best-of-N ranked by the model's own description of each candidate (module docstring)
     for i, prompt in enumerate(prompts):
-        scored, seen_ok = [], []
+        scored, ok, seen_ok = [], [], []  # per candidate: (model score, scene), evaluator's verdict, described
         for c in range(size.candidates):
             image = backend.generate(prompt.text, seed=1000 * i + c)
             scene = evaluator.parse(image, wcfg)
@@ -175,19 +175,20 @@ def evaluate(backend, size: EvalSize, wcfg: world.WorldConfig = world.WorldConfi
             model = evaluator.assessment_from_json(text)
             agree.append((text, evaluator.assess(prompt, scene)))
             scored.append((model.score if model is not None else -1.0, scene))
+            ok.append(evaluator.prompt_satisfied(prompt, scene))
             if model is not None:  # a well-formed assessment ("valid" counts the others)
-                judged.append((model.score, evaluator.prompt_satisfied(prompt, scene)))
+                judged.append((model.score, ok[-1]))
             if size.candidates > 1:  # what the model says it drew, checked against the prompt in code
                 seen = world.parse_description(backend.answer(image, world.DESCRIBE_QUESTION))
                 seen_ok.append(seen is not None and evaluator.prompt_satisfied(prompt, seen))
-        best.append((prompt, scored[int(np.argmax([s for s, _ in scored]))][1]))
+        top = int(np.argmax([s for s, _ in scored]))  # the model's pick: first of equal scores
+        best.append((prompt, scored[top][1]))
         if seen_ok:
             described.append((prompt, scored[seen_ok.index(True) if any(seen_ok) else 0][1]))
-        ok = [evaluator.prompt_satisfied(prompt, scene) for _, scene in scored]
         oracle.append((prompt, scored[ok.index(True)][1] if any(ok) else scored[0][1]))  # a perfect judge's pick
         ties.append(len({s for s, _ in scored}) == 1)
         if len(set(ok)) == 2:  # right and wrong candidates: where the ranking matters
-            mixed.append((ok[int(np.argmax([s for s, _ in scored]))], float(np.mean(ok))))
+            mixed.append((ok[top], float(np.mean(ok))))
         tick()
     edited = []
     for i, e in enumerate(edits):

@@ -278,7 +278,7 @@ class LLMRunner:
         s = tokens.shape[1]
         positions = state.next_pos[:, None] + np.arange(s)[None, :]  # [B, S]
         if self.right_padded:  # each row appends at its own end (its positions are its slots)
-            state.mask[np.arange(state.batch)[:, None], positions] = 1
+            np.put_along_axis(state.mask, positions, 1, axis=1)
         else:  # rows end together
             state.mask[:, state.length:state.length + s] = 1
         for row, toks in zip(state.fed, tokens.tolist()):
