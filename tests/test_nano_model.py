@@ -12,10 +12,11 @@ from illume_edge.manifest import sha256_file
 NANO = Path(__file__).resolve().parents[1] / "models" / "illume-nano"
 BUDGET_BYTES = 12 * 1024 * 1024
 # A regression guard on a small held-out subset (evaluate.SIZES["small"]: 42 questions, 24 prompts x 2
-# samples, 16 edits). The shipped model measured 0.667 / 0.667 / 0.500 / 0.646 there (fp32 runtime, 1
-# thread; the previous checkpoint 0.667 / 0.688 / 0.312 / 0.583); the bars sit one or two misses below that. They are NOT issue 3's targets (0.95 / 0.80 / 0.70 /
-# 0.90), which this model does not reach yet: docs/nano.md has the full-split numbers.
-SMALL_BARS = {"understanding": 0.55, "generation": 0.55, "editing": 0.2, "assessment": 0.45}
+# samples, 16 edits). At the current sampling defaults the shipped model measured 0.667 / 0.792 / 0.688 / 0.771
+# there (fp32 runtime, 1 thread; at the first defaults 0.667 / 0.667 / 0.500 / 0.646); the bars sit about two
+# misses below that. Only understanding and the assessments are below issue 3's targets (0.95 / 0.90) on the
+# full split: docs/nano.md has the numbers.
+SMALL_BARS = {"understanding": 0.6, "generation": 0.7, "editing": 0.55, "assessment": 0.7}
 
 
 def test_checkpoint_files_match_their_checksums():
