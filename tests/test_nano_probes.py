@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from illume_edge.nano import probes, recipe, world
+from illume_edge.nano.sequences import IGNORE
 
 NANO = Path(__file__).resolve().parents[1] / "models" / "illume-nano"
 
@@ -194,7 +195,6 @@ def test_lookup_pairs_in_both_layouts_supervise_only_the_answer():
     from illume_edge.config import preset
     from illume_edge.export.tokenizer_factory import build_tokenizer
     from illume_edge.nano import text_pretrain
-    from illume_edge.nano.sequences import IGNORE
     from illume_edge.nano.text import base_words
     from illume_edge.runtime.prompts import TextTokenizer
 
@@ -221,3 +221,42 @@ def test_text_lookup_phases_parse_and_refuse_bad_kinds():
     for bad, match in (("colour:10", "QA kinds"), ("color", "KINDS:STEPS"), ("color:x", "KINDS:STEPS")):
         with pytest.raises(ValueError, match=match):
             probes.parse_phases(bad)
+
+
+def test_slot_scenes_put_each_objects_words_on_its_cell_tokens():
+    cfg, tok, model = probes._fresh_llm()
+    slots = probes.SlotScenes(cfg, tok)
+    scene = world.Scene((world.Obj(0, 2, "circle", "red"), world.Obj(2, 0, "triangle", "blue")))
+    color, shape = slots.word_grid(scene)
+    color, shape = color.reshape(6, 6), shape.reshape(6, 6)
+    assert (color[0:2, 4:6] == tok.encode(" red")[0]).all() and (shape[0:2, 4:6] == tok.encode(" circle")[0]).all()
+    assert (color[4:6, 0:2] == tok.encode(" blue")[0]).all() and (shape[4:6, 0:2] == tok.encode(" triangle")[0]).all()
+    assert ((color == slots.pad).sum(), (shape == slots.pad).sum()) == (36 - 8, 36 - 8)
+    qa = world.make_qa(scene, np.random.default_rng(0), "color")
+    embed = model.get_input_embeddings()
+    x, y, m = slots.batch(embed, [(scene, qa)])
+    with torch.no_grad():
+        assert torch.allclose(x[0, 4], embed.weight[tok.encode(" red")[0]] + embed.weight[tok.encode(" circle")[0]])
+        assert torch.allclose(x[0, 0], embed.weight[slots.pad])  # an empty cell: the padding embedding alone
+    answer = tok.encode(" " + qa.answer) + [cfg.tokens.im_end]
+    assert y[0][y[0] != IGNORE].tolist() == answer and int(m.sum()) == 36 + len(tok.encode(" " + qa.question)) + len(answer)
+
+
+def test_slot_lookup_trains_from_scratch_and_scores_the_kinds_it_trains():
+    history = probes.slot_lookup(probes.parse_phases("color:2,all:1"), per_kind=2, batch=4, every=2, log=lambda s: None)
+    assert [h["steps"] for h in history] == [2, 3]
+    assert set(history[-1]) >= set(world.QA_KINDS) | {"overall", "loss"}
+    assert all(0.0 <= history[-1][k] <= 1.0 for k in world.QA_KINDS)
+
+
+def test_image_lookup_trains_a_fresh_llm_on_the_checkpoints_vision_tower(monkeypatch):
+    from illume_edge.export import llm
+
+    built, real = [], llm.build_llm
+    monkeypatch.setattr(llm, "build_llm", lambda cfg, **kw: built.append(kw) or real(cfg, **kw))
+    history = probes.image_lookup(NANO, probes.parse_phases("color:1,color+shape:1"), per_kind=2, batch=2,
+                                  log=lambda s: None)
+    assert built[-1] == {"seed": 0}  # after the checkpoint's loader, a fresh LLM replaces its weights
+    assert [(h["steps"], h["kinds"]) for h in history] == [(1, "color"), (2, "color+shape")]
+    assert set(history[-1]) >= {"color", "shape", "overall"} and "count" not in history[-1]
+    assert all(0.0 <= history[-1][k] <= 1.0 for k in ("color", "shape"))

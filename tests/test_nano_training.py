@@ -207,6 +207,28 @@ def test_grounding_dialogues_end_with_a_conjunctive_yes_no_question(nano):
     assert {"yes", "no"} <= set(lasts) and sum(a in ("yes", "no") for a in lasts) >= 0.75 * len(lasts)
 
 
+def test_lookup_phase_asks_single_questions_of_its_kinds(nano, tmp_path):
+    """The optional lookup phase after stage 1 (Schedule.lookup): one question per image, of the schedule's
+    kinds only, laid out as the runtime's single-turn prompt; a kind outside the world's is refused."""
+    from illume_edge.nano import recipe
+
+    cfg, _, tok = nano
+    builder = SequenceBuilder(tok, cfg)
+    sample = recipe.stage_mixtures(recipe.Tasks(builder, W), ("color",))["lookup"]
+    colors = set(world.COLORS)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        ex = sample(rng)
+        assert ex.task == "qa_lookup" and len(ex.inputs) == 1 and not ex.targets
+        answer = [t for t, x in zip(ex.ids, ex.labels) if x != IGNORE]
+        assert answer[-1] == cfg.tokens.im_end and answer.count(cfg.tokens.im_end) == 1  # a single turn
+        assert tok.decode(answer[:-1]).strip() in colors
+    assert recipe.SCHEDULES["full"].lookup == 0 and recipe.SCHEDULES["lookup-first"].lookup > 0
+    with pytest.raises(ValueError, match="lookup_kinds"):
+        recipe.run(tmp_path / "out", tmp_path / "work", recipe.Schedule(lookup=1, lookup_kinds=("colour",)))
+    assert not (tmp_path / "work").exists()  # refused before any stage ran
+
+
 def test_describe_first_schedule_answers_after_the_description(nano):
     """Schedule.answer_style "describe-first" (the "reasoned" schedule): every QA answer of the dialogues is the
     scene's description, ". ", then the answer, and the checkpoint's prompts say so (answer_separator); an

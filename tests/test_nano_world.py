@@ -446,3 +446,15 @@ def test_parse_description_inverts_describe():
     assert world.parse_description("a red circle at the top and a blue square at the top") is None
     assert world.parse_description("a red circle at the top left") == world.Scene((world.Obj(0, 0, "circle", "red"),))
     assert world.parse_description("a red circle at the top") == world.Scene((world.Obj(0, 1, "circle", "red"),))
+
+
+def test_sample_qa_draws_a_question_of_the_asked_kinds_from_the_split():
+    from illume_edge.nano.world import sample_qa
+
+    w = WorldConfig()
+    rng = np.random.default_rng(5)
+    for split in ("train", "heldout"):
+        for _ in range(30):
+            scene, q = sample_qa(rng, w, ("relation", "exist"), split)
+            assert q.kind in ("relation", "exist") and is_heldout(scene, w) == (split == "heldout")
+            assert len(scene.objects) >= 2 or q.kind == "exist"  # a relation needs two objects: redrawn until so

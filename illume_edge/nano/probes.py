@@ -19,6 +19,11 @@
 - ``--text-lookup KINDS:STEPS,...``: the nano LLM trained from scratch on the same questions about the
   scene's *description* in text, no image at all, in phases (`text_lookup`, on the recipe's stage 0
   `text_pretrain`): can this LLM learn the lookup itself, and after how many steps?
+- ``--image-lookup KINDS:STEPS,...`` (with ``--checkpoint``): a fresh LLM and projector on the checkpoint's
+  vision tower, single-turn image questions of each phase's kinds in turn (`image_lookup`);
+- ``--slot-lookup KINDS:STEPS,...``: the same with the scene as the image's 6 x 6 token grid, each object token
+  the sum of its color and shape words' embeddings (`SlotScenes`): one position per object token, in the
+  text's own directions, as an image token behind a projector aligned to the text space would be.
 
 Run: python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint [--continue qa --steps 300
 --chunks 2] [--attention] [--split train]
@@ -27,6 +32,8 @@ Run: python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint
      python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint --linear-probes 1 --split train --per-kind 200
      python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint --continue stage3 --answer-style echo
      python -m illume_edge.nano.probes --text-lookup color:4000,all:1500 [--hidden 256] [--lr 1e-3]
+     python -m illume_edge.nano.probes --slot-lookup color:1000
+     python -m illume_edge.nano.probes --checkpoint models/illume-nano --image-lookup color:250,color:250
 """
 from __future__ import annotations
 
@@ -319,21 +326,15 @@ def restyle(scene: world.Scene, qa: world.QA, style: str) -> world.QA:
     return world.QA(qa.kind, qa.question, f"{m.group(1)} is {answer}")
 
 
-def text_lookup(phases: list[text_pretrain.Phase], lr: float = 1e-3, hidden: int | None = None,
-                per_kind: int = 60, batch: int = 32, every: int = 250, seed: int = 0, log=print,
-                layout: str = "scene-first", heads: int | None = None, kv_heads: int | None = None) -> list[dict]:
-    """The nano LLM (or a variant: `hidden` wide with FFN 3x, `heads` / `kv_heads` attention heads) from
-    scratch on the recipe's text pretraining (`text_pretrain.pretrain_text`: "<description>. <question>" ->
-    answer, `phases` of (kinds, steps) in order).
-    Teacher-forced accuracy on the evaluation's held-out scenes, of every kind the phases train, every
-    `every` steps. Without an image, this asks how many steps the LLM needs to learn to look an object up."""
+def _fresh_llm(hidden: int | None = None, heads: int | None = None, kv_heads: int | None = None, seed: int = 0):
+    """(cfg, tokenizer, a from-scratch nano LLM): nano's, or `hidden` wide with FFN 3x, or with `heads` /
+    `kv_heads` attention heads."""
     from ..config import preset
     from ..export.llm import build_llm
     from ..export.tokenizer_factory import build_tokenizer
     from ..runtime.prompts import TextTokenizer
     from .text import base_words
 
-    text_pretrain.check_phases(phases)
     cfg = preset("illume-nano")
     if hidden is not None:
         wide = dataclasses.replace(cfg.llm, hidden_size=hidden, intermediate_size=3 * hidden)
@@ -344,23 +345,142 @@ def text_lookup(phases: list[text_pretrain.Phase], lr: float = 1e-3, hidden: int
             cfg.llm.num_kv_heads, h))
         cfg = dataclasses.replace(cfg, llm=attn)
     tok = TextTokenizer(build_tokenizer(cfg, base_words(cfg)), cfg)
-    wcfg, im_end = world.WorldConfig(), cfg.tokens.im_end
+    return cfg, tok, build_llm(cfg, seed=seed)
+
+
+def _scored_kinds(phases: list[text_pretrain.Phase], per_kind: int, wcfg: world.WorldConfig) -> QA:
     kinds = {k for ks, _ in phases for k in ks}
-    held = [(s, q) for s, q in questions(per_kind, "heldout", wcfg) if q.kind in kinds]
-    held_ids, held_labels, held_mask = text_pretrain.pad_batch(
-        [text_pretrain.lookup_pair(tok, im_end, s, q, layout) for s, q in held], pad=cfg.tokens.endoftext)
-    model = build_llm(cfg, seed=seed)
+    return [(s, q) for s, q in questions(per_kind, "heldout", wcfg) if q.kind in kinds]
+
+
+def text_lookup(phases: list[text_pretrain.Phase], lr: float = 1e-3, hidden: int | None = None,
+                per_kind: int = 60, batch: int = 32, every: int = 250, seed: int = 0, log=print,
+                layout: str = "scene-first", heads: int | None = None, kv_heads: int | None = None) -> list[dict]:
+    """The nano LLM (or a variant, `_fresh_llm`) from scratch on the recipe's text pretraining
+    (`text_pretrain.pretrain_text`: "<description>. <question>" -> answer, `phases` of (kinds, steps) in order).
+    Teacher-forced accuracy on the evaluation's held-out scenes, of every kind the phases train, every
+    `every` steps. Without an image, this asks how many steps the LLM needs to learn to look an object up."""
+    text_pretrain.check_phases(phases)
+    cfg, tok, model = _fresh_llm(hidden, heads, kv_heads, seed)
+    encode = text_pretrain.text_inputs(tok, cfg.tokens.im_end, layout)
+    return _learning_curve(model, tok, cfg.tokens.im_end, phases, encode, lr, per_kind, batch, every, seed, log)
+
+
+def _learning_curve(model: nn.Module, tok, im_end: int, phases: list[text_pretrain.Phase],
+                    encode: text_pretrain.Encode, lr: float, per_kind: int, batch: int, every: int, seed: int,
+                    log) -> list[dict]:
+    """Stage 0's training loop on `encode`'s batches, scored teacher-forced on the held-out questions of the
+    phases' kinds every `every` steps."""
+    wcfg = world.WorldConfig()
+    held = _scored_kinds(phases, per_kind, wcfg)
     history, t0 = [], time.perf_counter()
 
     def evaluate(step: int, loss: float) -> None:
         with torch.no_grad():
-            logits = model(input_ids=held_ids, attention_mask=held_mask).logits
+            inputs, labels = encode(held)
+            logits = model(**inputs).logits
         history.append({"steps": step, "seconds": round(time.perf_counter() - t0), "loss": round(loss, 4),
-                        **accuracy_by_kind(held, teacher_forced_right(logits, held_labels))})
+                        **accuracy_by_kind(held, teacher_forced_right(logits, labels))})
         log(json.dumps(history[-1]))
 
     text_pretrain.pretrain_text(model, tok, im_end, wcfg, phases, batch=batch, lr=lr, seed=seed + 1,
-                                progress=_Quiet(), every=every, evaluate=evaluate, layout=layout)
+                                progress=_Quiet(), every=every, evaluate=evaluate, encode=encode)
+    return history
+
+
+class SlotScenes:
+    """The scene as the image's 6 x 6 token grid, one input vector per token, then the question in text:
+    a token on an object is the sum of the LLM's own input embeddings of its color and shape words (so the
+    object's attributes sit in *one* position, as in an image token, and in the words' own directions, as a
+    projector aligned to the text space would put them); a token on an empty cell is the embedding of the
+    padding token. Position comes from the token's place in the sequence (RoPE), as for image tokens."""
+
+    def __init__(self, cfg, tok, grid: tuple[int, int] = (6, 6), wcfg: world.WorldConfig = world.WorldConfig()):
+        self.tok, self.grid, self.wcfg = tok, grid, wcfg
+        self.pad, self.im_end = cfg.tokens.endoftext, cfg.tokens.im_end
+        self.word = {w: tok.encode(" " + w) for w in (*world.COLORS, *world.SHAPES)}
+        several = {w: ids for w, ids in self.word.items() if len(ids) != 1}
+        if several:
+            raise ValueError(f"slot scenes need one token per color and shape word, got {several}")
+
+    def word_grid(self, scene: world.Scene) -> tuple[np.ndarray, np.ndarray]:
+        """int64 [rows*cols] color-word ids and shape-word ids, the padding id on empty cells."""
+        rows, cols = self.grid
+        per_r, per_c = rows // self.wcfg.grid, cols // self.wcfg.grid  # tokens per cell side
+        color, shape = np.full((rows, cols), self.pad), np.full((rows, cols), self.pad)
+        for o in scene.objects:
+            cell = np.s_[o.row * per_r:(o.row + 1) * per_r, o.col * per_c:(o.col + 1) * per_c]
+            color[cell], shape[cell] = self.word[o.color][0], self.word[o.shape][0]
+        return color.reshape(-1), shape.reshape(-1)
+
+    def batch(self, embed: nn.Embedding, qas: QA) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded inputs_embeds [B, L, hidden], labels [B, L] (the answer and <|im_end|>) and mask [B, L]."""
+        rows = []
+        for scene, q in qas:
+            prompt, answer = self.tok.encode(" " + q.question), self.tok.encode(" " + q.answer) + [self.im_end]
+            rows.append((*self.word_grid(scene), prompt + answer, [IGNORE] * len(prompt) + answer))
+        n_slots = self.grid[0] * self.grid[1]
+        width = n_slots + max(len(r[2]) for r in rows)
+        embeds = torch.zeros(len(rows), width, embed.embedding_dim)
+        labels = torch.full((len(rows), width), IGNORE)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, (color, shape, ids, lab) in enumerate(rows):
+            color, shape = torch.from_numpy(color), torch.from_numpy(shape)
+            on_object = (shape != self.pad).unsqueeze(-1)
+            embeds[i, :n_slots] = embed(color) + on_object * embed(shape)  # [slots, hidden]
+            embeds[i, n_slots:n_slots + len(ids)] = embed(torch.tensor(ids))
+            labels[i, n_slots:n_slots + len(ids)] = torch.tensor(lab)
+            mask[i, :n_slots + len(ids)] = 1
+        return embeds, labels, mask
+
+
+def slot_lookup(phases: list[text_pretrain.Phase], lr: float = 1e-3, per_kind: int = 60, batch: int = 32,
+                every: int = 250, seed: int = 0, log=print) -> list[dict]:
+    """`text_lookup` with the scene as `SlotScenes` instead of its description: is the lookup slow because
+    the text's attributes sit in separate words (a two-step circuit: bind the color word to the shape word,
+    then match), or because matching the question against the scene is? Same optimizer and schedule as
+    stage 0 (`LLMTrainer.optimizer`, gradients clipped at 1)."""
+    text_pretrain.check_phases(phases)
+    cfg, tok, model = _fresh_llm(seed=seed)
+    slots = SlotScenes(cfg, tok, cfg.level_grid(0, *cfg.anchors[0]))
+    embed = model.get_input_embeddings()
+
+    def encode(pairs):
+        embeds, labels, mask = slots.batch(embed, pairs)
+        return {"inputs_embeds": embeds, "attention_mask": mask}, labels
+    return _learning_curve(model, tok, cfg.tokens.im_end, phases, encode, lr, per_kind, batch, every, seed, log)
+
+
+def image_lookup(checkpoint: str | Path, phases: list[text_pretrain.Phase], lr: float = 1e-3, per_kind: int = 60,
+                 batch: int = 32, seed: int = 0, log=print) -> list[dict]:
+    """A fresh LLM and projector on `checkpoint`'s vision tower (ViT + tokenizer, frozen), trained on
+    single-turn image questions of each phase's kinds in turn (each phase its own call of `LLMTrainer.train`:
+    AdamW, one-cycle schedule, gradients clipped), scored after every phase, teacher-forced on the held-out
+    questions of every kind the phases train. Does the image lookup form when a few kinds are trained alone,
+    and does it survive when more join? (The recipe's stages train every kind and task at once.)"""
+    from ..export.llm import build_llm
+
+    text_pretrain.check_phases(phases)
+    trainer, builder = load_trainer(checkpoint)
+    trainer.llm = build_llm(trainer.cfg, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in trainer.projector.modules():
+            if m is not trainer.projector and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    wcfg = world.WorldConfig()
+    held = _scored_kinds(phases, per_kind, wcfg)
+    history, t0, done = [], time.perf_counter(), 0
+    for i, (kinds, steps) in enumerate(phases):
+        def sample(rng, kinds=kinds):
+            scene, q = world.sample_qa(rng, wcfg, kinds)
+            return builder.understand(world.render(scene, wcfg), q.question, q.answer)
+
+        trainer.train(sample, steps=steps, batch=batch, lr=lr, seed=seed + 100 + i, trainable="all", progress=_Quiet())
+        done += steps
+        history.append({"steps": done, "kinds": "+".join(kinds), "seconds": round(time.perf_counter() - t0),
+                        **accuracy_by_kind(held, answers_right(trainer, builder, held, wcfg))})
+        log(json.dumps(history[-1]))
     return history
 
 
@@ -511,6 +631,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-lookup", dest="text_lookup", default=None, metavar="KINDS:STEPS,...",
                     help="train the LLM from scratch on text only (descriptions + questions), phases in order: "
                          "e.g. color:4000,all:1500 ('all': every kind; kinds joined by '+')")
+    ap.add_argument("--slot-lookup", dest="slot_lookup", default=None, metavar="KINDS:STEPS,...",
+                    help="as --text-lookup, with the scene as 36 grid tokens that each sum their object's color "
+                         "and shape word embeddings (SlotScenes) instead of its description")
+    ap.add_argument("--image-lookup", dest="image_lookup", default=None, metavar="KINDS:STEPS,...",
+                    help="with --checkpoint: a fresh LLM and projector on its vision tower, single-turn image "
+                         "questions of each phase's kinds in turn (image_lookup)")
     ap.add_argument("--hidden", type=int, default=None, help="--text-lookup: the LLM's width (nano: 128)")
     ap.add_argument("--heads", type=int, default=None, help="--text-lookup: attention heads (nano: 4)")
     ap.add_argument("--kv-heads", dest="kv_heads", type=int, default=None,
@@ -521,9 +647,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(recipe.SEED)
+    if args.slot_lookup is not None:
+        slot_lookup(parse_phases(args.slot_lookup), args.lr, args.per_kind)
+        return 0
     if args.text_lookup is not None:
         text_lookup(parse_phases(args.text_lookup), args.lr, args.hidden, args.per_kind, layout=args.layout,
                     heads=args.heads, kv_heads=args.kv_heads)
+        return 0
+    if args.image_lookup is not None:
+        if args.checkpoint is None:
+            ap.error("--image-lookup needs --checkpoint (its vision tower)")
+        image_lookup(args.checkpoint, parse_phases(args.image_lookup), args.lr, args.per_kind)
         return 0
     qas = questions(args.per_kind, args.split, style=args.answer_style)
     if args.scratch:

@@ -59,6 +59,11 @@ class Schedule:
     stage0: int = 0
     stage0_layout: str = "scene-first"  # text_pretrain.LAYOUTS
     stage1: int = 200
+    # after stage 1: single-turn image questions of `lookup_kinds` only (0: off). Trained alone, a fresh LLM
+    # learns to look an object up in the image in a few hundred steps; in the full mixture it does not
+    # (docs/nano.md, "Binding": "One kind at a time")
+    lookup: int = 0
+    lookup_kinds: tuple[str, ...] = ("color", "shape")
     stage2: int = 800
     stage3_curriculum: int = 400
     stage3: int = 1000
@@ -89,8 +94,11 @@ SCHEDULES = {
     # the second seed's stage-3 weights: the scores now separate right and wrong samples over all prompts
     # (0.93 / 0.60) but not the candidates of one prompt, so best-of-4 gains nothing (docs/nano.md)
     "assess-balanced": Schedule(assess_poor_share=0.5),
+    # "full" plus 750 steps of color and shape questions alone after stage 1 (+3 minutes): in a probe
+    # (fresh LLM on the shipped vision tower) they reach 1.00 / 0.98 and stay there when every kind joins
+    "lookup-first": Schedule(lookup=750),
     # A seconds-long run of every stage for tests: same code path, meaningless weights.
-    "smoke": Schedule(vit=2, tokenizer=2, vae=2, unet=2, stage0=1, stage1=1, stage2=1, stage3_curriculum=1, stage3=1,
+    "smoke": Schedule(vit=2, tokenizer=2, vae=2, unet=2, stage0=1, stage1=1, lookup=1, stage2=1, stage3_curriculum=1, stage3=1,
                       stage4=1, self_enhance_prompts=4, vision_batch=4, vae_batch=2, decoder_batch=2, llm_batch=2),
 }
 # Schedule.answer_style -> (PromptTemplates.answer_separator, the QA answers' rewrite for Tasks)
@@ -106,7 +114,7 @@ def stage0_phases(s: Schedule) -> list[text_pretrain.Phase]:
 
 
 # LLM stages 1-3 in order: (Schedule field, what trains, peak learning rate, seed offset)
-LLM_STAGES = (("stage1", "vision_init", 2e-3, 11), ("stage2", "all", 2e-3, 12),
+LLM_STAGES = (("stage1", "vision_init", 2e-3, 11), ("lookup", "all", 1e-3, 16), ("stage2", "all", 2e-3, 12),
               ("stage3_curriculum", "all", 1e-3, 15), ("stage3", "all", 1e-3, 13))
 
 
@@ -181,6 +189,12 @@ class Tasks:
             return self._styled(s, world.scaffold_qa(s, rng, str(rng.choice(world.SCAFFOLD_KINDS))))
         return self._styled(s, world.make_qa(s, rng, str(rng.choice(world.QA_KINDS))))
 
+    def qa_single(self, rng, kinds: tuple[str, ...]) -> Example:
+        """One question of one of `kinds` about one training scene (the lookup phase)."""
+        s, q = world.sample_qa(rng, self.w, kinds)
+        q = self._styled(s, q)
+        return self.b.understand(world.render(s, self.w), q.question, q.answer, task="qa_lookup")
+
     def qa(self, rng) -> Example:
         """A dialogue of 1..MAX_QA_TURNS distinct questions about one training scene: kinds uniform, plus
         the one-attribute scaffolds of exist / relation / position (docs/nano.md: "Why exist and relation sit
@@ -223,11 +237,12 @@ def mixture(parts: list[tuple[float, Callable[[np.random.Generator], Example]]])
     return sample
 
 
-def stage_mixtures(t: Tasks) -> dict[str, Callable]:
+def stage_mixtures(t: Tasks, lookup_kinds: tuple[str, ...] = Schedule.lookup_kinds) -> dict[str, Callable]:
     stage2 = [(0.2, t.caption), (0.35, t.t2i_full), (0.2, t.reconstruct), (0.05, t.t2i_uncond), (0.2, t.qa)]
     stage3 = [(0.35, t.qa), (0.2, t.t2i_geneval), (0.05, t.t2i_full), (0.05, t.t2i_uncond), (0.25, t.edit),
               (0.05, t.reconstruct), (0.05, t.caption)]
-    return {"stage1": mixture([(0.5, t.reconstruct), (0.5, t.caption)]), "stage2": mixture(stage2),
+    return {"stage1": mixture([(0.5, t.reconstruct), (0.5, t.caption)]),
+            "lookup": lambda rng: t.qa_single(rng, lookup_kinds), "stage2": mixture(stage2),
             "stage3": mixture(stage3),
             "stage3_curriculum": mixture([(0.5, t.qa_grounding)] + [(w / 2, f) for w, f in stage3])}
 
@@ -326,6 +341,10 @@ def export_fp32(ckpt: Path, out: Path) -> None:
 
 def run(out: Path, work: Path, schedule: Schedule, threads: int = 2, seed: int = SEED) -> dict:
     """Every stage in order; `seed` (default SEED, the shipped model's) sets every stage's seed."""
+    unknown = sorted(set(schedule.lookup_kinds) - set(world.QA_KINDS))
+    if unknown or not schedule.lookup_kinds:
+        raise ValueError(f"Schedule.lookup_kinds: expected QA kinds among {world.QA_KINDS}, got "
+                         f"{list(schedule.lookup_kinds)}")
     if schedule.answer_style not in ANSWER_STYLES:
         raise ValueError(f"Schedule.answer_style: expected one of {sorted(ANSWER_STYLES)}, "
                          f"got {schedule.answer_style!r}")
@@ -380,9 +399,11 @@ def run(out: Path, work: Path, schedule: Schedule, threads: int = 2, seed: int =
                                 layout=s.stage0_layout)
     done("stage0")
     trainer = LLMTrainer(cfg, mods.llm, mods.projectors["semantic"], tower)
-    mixes = stage_mixtures(Tasks(builder, wcfg, answer_style=restyle))
+    mixes = stage_mixtures(Tasks(builder, wcfg, answer_style=restyle), s.lookup_kinds)
     for name, trainable, lr, offset in LLM_STAGES:
         steps = getattr(s, name)
+        if name == "lookup" and steps == 0:  # an optional phase: off in the shipped schedule
+            continue
         trainer.train(mixes[name], steps=steps, batch=s.llm_batch, lr=lr, seed=_seed(offset, seed),
                       trainable=trainable, progress=stage(name, steps))
         done(name)

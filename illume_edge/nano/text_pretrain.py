@@ -27,6 +27,8 @@ from .sequences import IGNORE
 
 Phase = tuple[tuple[str, ...], int]  # (QA kinds, steps)
 LAYOUTS = ("scene-first", "question-first")
+# (scene, question) pairs -> (the LLM's keyword inputs, labels [B, L]): how a batch of lookups is written
+Encode = Callable[[Sequence[tuple[world.Scene, world.QA]]], tuple[dict[str, torch.Tensor], torch.Tensor]]
 
 
 def lookup_pair(tok: TextTokenizer, im_end: int, scene: world.Scene, qa: world.QA,
@@ -52,6 +54,15 @@ def pad_batch(pairs: Sequence[tuple[list[int], list[int]]], pad: int) -> tuple[t
     return ids, labels, mask
 
 
+def text_inputs(tok: TextTokenizer, im_end: int, layout: str = "scene-first") -> Encode:
+    """Lookups as text (`lookup_pair`), right-padded: input_ids and attention_mask."""
+    def encode(pairs):
+        ids, labels, mask = pad_batch([lookup_pair(tok, im_end, s, q, layout) for s, q in pairs],
+                                      pad=tok.cfg.tokens.endoftext)
+        return {"input_ids": ids, "attention_mask": mask}, labels
+    return encode
+
+
 def check_phases(phases: Sequence[Phase]) -> None:
     for kinds, steps in phases:
         unknown = sorted(set(kinds) - set(world.QA_KINDS))
@@ -64,10 +75,12 @@ def check_phases(phases: Sequence[Phase]) -> None:
 def pretrain_text(llm: nn.Module, tok: TextTokenizer, im_end: int, wcfg: world.WorldConfig,
                   phases: Sequence[Phase], *, batch: int, lr: float, seed: int, progress: Progress,
                   every: int = 0, evaluate: Callable[[int, float], None] | None = None,
-                  layout: str = "scene-first") -> float:
+                  layout: str = "scene-first", encode: Encode | None = None) -> float:
     """Train every parameter of `llm` on text lookups (train-split scenes only). `evaluate(step, loss)` runs
-    every `every` steps and after the last one (the probes' learning curves). Returns the last loss."""
+    every `every` steps and after the last one (the probes' learning curves). `encode` writes the batches
+    (default: `text_inputs` in `layout`; the probes' slot scenes give input embeddings). Returns the last loss."""
     check_phases(phases)
+    encode = encode or text_inputs(tok, im_end, layout)
     total = sum(steps for _, steps in phases)
     if total == 0:
         return float("nan")
@@ -80,18 +93,11 @@ def pretrain_text(llm: nn.Module, tok: TextTokenizer, im_end: int, wcfg: world.W
     llm.set_attn_implementation("sdpa")
     llm.train()
 
-    def pair(kinds: tuple[str, ...]) -> tuple[list[int], list[int]]:
-        while True:
-            scene = world.sample_scene(rng, wcfg, split="train")
-            qa = world.make_qa(scene, rng, str(rng.choice(kinds)))
-            if qa is not None:
-                return lookup_pair(tok, im_end, scene, qa, layout)
-
     step, last = 0, float("nan")
     for kinds, steps in phases:
         for _ in range(steps):
-            ids, labels, mask = pad_batch([pair(kinds) for _ in range(batch)], pad=tok.cfg.tokens.endoftext)
-            loss = llm(input_ids=ids, attention_mask=mask, labels=labels).loss
+            inputs, labels = encode([world.sample_qa(rng, wcfg, kinds) for _ in range(batch)])
+            loss = llm(**inputs, labels=labels).loss
             opt.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(params, 1.0)

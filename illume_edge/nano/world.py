@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -454,6 +455,18 @@ def sample_gen_prompt(rng: np.random.Generator, cfg: WorldConfig = WorldConfig()
         if prompt is not None:
             return prompt, scene
     raise RuntimeError(f"no {category} prompt for {split} scenes in {MAX_SAMPLING_TRIES} draws")
+
+
+def sample_qa(rng: np.random.Generator, cfg: WorldConfig = WorldConfig(), kinds: Sequence[str] = QA_KINDS,
+              split: str = "train") -> tuple[Scene, QA]:
+    """A ``split`` scene and a question about it, its kind drawn from ``kinds`` on each try (a scene that cannot
+    pose the kind drawn, e.g. a relation with one object, is drawn again)."""
+    for _ in range(MAX_SAMPLING_TRIES):
+        scene = sample_scene(rng, cfg, split)
+        qa = make_qa(scene, rng, str(rng.choice(kinds)))
+        if qa is not None:
+            return scene, qa
+    raise RuntimeError(f"no {split} scene posing a question of {list(kinds)} in {MAX_SAMPLING_TRIES} draws")
 
 
 @dataclass(frozen=True)
