@@ -239,7 +239,8 @@ def test_slot_scenes_put_each_objects_words_on_its_cell_tokens():
         assert torch.allclose(x[0, 4], embed.weight[tok.encode(" red")[0]] + embed.weight[tok.encode(" circle")[0]])
         assert torch.allclose(x[0, 0], embed.weight[slots.pad])  # an empty cell: the padding embedding alone
     answer = tok.encode(" " + qa.answer) + [cfg.tokens.im_end]
-    assert y[0][y[0] != IGNORE].tolist() == answer and int(m.sum()) == 36 + len(tok.encode(" " + qa.question)) + len(answer)
+    assert y[0][y[0] != IGNORE].tolist() == answer
+    assert int(m.sum()) == 36 + len(tok.encode(" " + qa.question)) + len(answer)
 
 
 def test_slot_lookup_trains_from_scratch_and_scores_the_kinds_it_trains():

@@ -3,14 +3,17 @@
 The first defaults (generation: temperature 1, CFG 2; editing: temperature 1, CFG 1.5; decoder CFG 1.5) took
 the release's CFG scales, which were set for 3B / 7B models. A model this small samples its own mistakes at
 temperature 1, and editing's unconditional row is the reconstruction of the source, so guidance above 1
-pushes every object away from the source, not only the edited one. This sweep measures each setting with the world's evaluator on *training-split* prompts and
-edits drawn with their own seed (`DEV_SEED`, not the evaluation's): the held-out split stays unseen by the
-choice, and `make eval-nano` then reports the chosen defaults on it.
+pushes every object away from the source, not only the edited one. This sweep measures each setting with the
+world's evaluator on *training-split* prompts and edits drawn with their own seed (`DEV_SEED`, not the
+evaluation's): the held-out split stays unseen by the choice, and `make eval-nano` then reports the chosen
+defaults on it. The committed results (docs/nano.md, "Sampling defaults") came from
 
     python -m illume_edge.nano.sampling_sweep --engine engines/illume-nano --task generate \
-        --temperature 0.2,0.4,0.7,1.0 --cfg 2,2.5 --json benchmarks/results/nano-sampling-sweep-generate.json
+        --temperature 0.2,0.4,0.7,1.0 --cfg 2,2.5 --decoder-cfg 1.5,3 --threads 2 \
+        --json benchmarks/results/nano-sampling-sweep-generate.json
     python -m illume_edge.nano.sampling_sweep --engine engines/illume-nano --task edit \
-        --temperature 0.2,0.4,1.0 --cfg 1,1.2,1.5
+        --temperature 0.2,0.4,1.0 --cfg 1,1.5 --decoder-cfg 1.5,3 --per-kind 40 --samples 1 --threads 2 \
+        --json benchmarks/results/nano-sampling-sweep-edit.json
 
 Every setting decodes the same prompts with the same seeds, so two rows differ only by the setting.
 """
