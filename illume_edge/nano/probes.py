@@ -21,9 +21,9 @@
   `text_pretrain`): can this LLM learn the lookup itself, and after how many steps?
 - ``--image-lookup KINDS:STEPS,...`` (with ``--checkpoint``): a fresh LLM and projector on the checkpoint's
   vision tower, single-turn image questions of each phase's kinds in turn (`image_lookup`);
-- ``--slot-lookup KINDS:STEPS,...``: the same with the scene as the image's 6 x 6 token grid, each object token
-  the sum of its color and shape words' embeddings (`SlotScenes`): one position per object token, in the
-  text's own directions, as an image token behind a projector aligned to the text space would be.
+- ``--slot-lookup KINDS:STEPS,...``: as ``--text-lookup``, with the scene as the image's 6 x 6 token grid, each
+  object token the sum of its color and shape words' embeddings (`SlotScenes`): one position per object
+  token, in the text's own directions, as an image token behind a projector aligned to the text space would be.
 
 Run: python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint [--continue qa --steps 300
 --chunks 2] [--attention] [--split train]
