@@ -403,7 +403,7 @@ def run(out: Path, work: Path, schedule: Schedule, threads: int = 2, seed: int =
     mixes = stage_mixtures(Tasks(builder, wcfg, answer_style=restyle), s.lookup_kinds)
     for name, trainable, lr, offset in LLM_STAGES:
         steps = getattr(s, name)
-        if name == "lookup" and steps == 0:  # an optional phase: off in the shipped schedule
+        if steps == 0:  # a phase this schedule leaves out (the lookup phase in "full")
             continue
         trainer.train(mixes[name], steps=steps, batch=s.llm_batch, lr=lr, seed=_seed(offset, seed),
                       trainable=trainable, progress=stage(name, steps))

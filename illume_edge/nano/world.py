@@ -266,13 +266,16 @@ def describe(scene: Scene) -> str:
 DESCRIBE_QUESTION = "describe the image."
 
 
+_PHRASE_CELLS = {position_phrase(r, c): (r, c) for r in range(len(ROW_NAMES)) for c in range(len(COL_NAMES))}
+# "a|an <color> <shape> <position phrase>", the longest phrase first ("at the top left" before "at the top")
+_OBJECT_PHRASE = re.compile(r"\b(?:a|an) (" + "|".join(COLORS) + r") (" + "|".join(SHAPES) + r") ("
+                            + "|".join(sorted(map(re.escape, _PHRASE_CELLS), key=len, reverse=True)) + r")\b")
+
+
 def parse_description(text: str) -> Scene | None:
     """The scene a `describe` text states ("a red circle at the top left, ... and a green triangle in the
     center"): the inverse of `describe`. None when no object phrase is found or two share a cell."""
-    phrases = {position_phrase(r, c): (r, c) for r in range(len(ROW_NAMES)) for c in range(len(COL_NAMES))}
-    pattern = (r"\b(?:a|an) (" + "|".join(COLORS) + r") (" + "|".join(SHAPES) + r") ("
-               + "|".join(sorted(map(re.escape, phrases), key=len, reverse=True)) + r")\b")
-    objects = [Obj(*phrases[where], shape, color) for color, shape, where in re.findall(pattern, text)]
+    objects = [Obj(*_PHRASE_CELLS[where], shape, color) for color, shape, where in _OBJECT_PHRASE.findall(text)]
     if not objects:
         return None
     try:
