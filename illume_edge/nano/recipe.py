@@ -53,6 +53,8 @@ from .vision_train import SemanticTokenizer, VisionTower, code_purity, num_token
 class Schedule:
     """Steps (and batch sizes) of every stage."""
     vit: int = 200
+    # weight of the ViT's own-position targets (vision_train.pretrain_vit; 0: content targets only)
+    vit_position: float = 0.0
     tokenizer: int = 500
     vae: int = 800
     unet: int = 1600
@@ -97,8 +99,12 @@ SCHEDULES = {
     # "full" plus 750 steps of color and shape questions alone after stage 1 (+3 minutes): in a probe
     # (fresh LLM on the shipped vision tower) they reach 1.00 / 0.98 and stay there when every kind joins
     "lookup-first": Schedule(lookup=750),
+    # "lookup-first" with a ViT that also learns where each token is (400 steps, the position targets
+    # weighted 1): the shipped ViT's features say what a cell holds, not where (docs/nano.md, "Where an
+    # object is")
+    "lookup-where": Schedule(vit=400, vit_position=1.0, lookup=750),
     # A seconds-long run of every stage for tests: same code path, meaningless weights.
-    "smoke": Schedule(vit=2, tokenizer=2, vae=2, unet=2, stage0=1, stage1=1, lookup=1, stage2=1, stage3_curriculum=1,
+    "smoke": Schedule(vit=2, vit_position=1.0, tokenizer=2, vae=2, unet=2, stage0=1, stage1=1, lookup=1, stage2=1, stage3_curriculum=1,
                       stage3=1, stage4=1, self_enhance_prompts=4, vision_batch=4, vae_batch=2, decoder_batch=2,
                       llm_batch=2),
 }
@@ -375,7 +381,7 @@ def run(out: Path, work: Path, schedule: Schedule, threads: int = 2, seed: int =
     s = schedule
     vit = mods.encoders["semantic"].train().requires_grad_(True)
     pretrain_vit(cfg, vit, wcfg, steps=s.vit, batch=s.vision_batch, lr=2e-3, seed=_seed(1, seed),
-                 progress=stage("vit", s.vit))
+                 progress=stage("vit", s.vit), position_weight=s.vit_position)
     done("vit")
     grid = cfg.level_grid(0, *cfg.anchors[0])
     quant = mods.quantizers[0].train().requires_grad_(True)

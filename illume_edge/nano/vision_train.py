@@ -2,8 +2,9 @@
 
 - The ViT is the model family's Qwen2-VL encoder. It stands in for ILLUME+'s pretrained semantic encoder, so it
   is pretrained first on a supervised task of the world: every merged token predicts what its cell holds
-  (empty, or shape x color) and which quarter of that cell it sees. Its features then carry exactly the
-  semantics the LLM must read and write.
+  (empty, or shape x color) and which quarter of that cell it sees; optionally also where the token is (its
+  row and column; `pretrain_vit`'s ``position_weight``). Its features then carry the semantics the LLM must
+  read and write.
 - The tokenizer is DualViTok's semantic half at nano scale: an MLP to the code dimension, a SimVQ quantizer
   (frozen Gaussian table x learned linear map, the release's layout) and a small decoder that reconstructs the
   ViT features from the codes; code c is assigned to token class c (see `train_tokenizer`).
@@ -147,12 +148,24 @@ def _scene_batch(rng: np.random.Generator, wcfg: world.WorldConfig, n: int) -> l
 
 
 def pretrain_vit(cfg: ModelConfig, vit: nn.Module, wcfg: world.WorldConfig, *, steps: int, batch: int,
-                 lr: float, seed: int, progress: Progress) -> nn.Module:
-    """Supervised pretraining on per-token cell classes; returns the linear probe (discarded afterwards)."""
+                 lr: float, seed: int, progress: Progress, position_weight: float = 0.0) -> nn.Module:
+    """Supervised pretraining on per-token cell classes; returns the linear probe (discarded afterwards).
+
+    ``position_weight`` > 0 adds a second linear head: every merged token also predicts its own row and column
+    in the token grid (cross-entropies weighted by ``position_weight``). The ViT's 2-D RoPE is relative, so
+    without this target its features say what a token holds and not where it is (a linear probe reads the
+    cell's row at chance: docs/nano.md, "Where an object is"); a pretrained CLIP-style encoder's features do
+    carry position, and the LLM's position and relation answers need it."""
     enc = cfg.branches[0].encoder
     grid = cfg.level_grid(0, *cfg.anchors[0])
+    rows, cols = grid
     probe = nn.Linear(enc.out_dim, num_token_classes(grid, wcfg))
     params = list(vit.parameters()) + list(probe.parameters())
+    if position_weight > 0:  # built only when used: its initialisation draws from torch's generator
+        where = nn.Linear(enc.out_dim, rows + cols)  # [row logits | column logits] per token
+        params += list(where.parameters())
+    row_ids = torch.arange(rows * cols) // cols  # [T], row-major over the grid
+    col_ids = torch.arange(rows * cols) % cols
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng = np.random.default_rng(seed)
@@ -161,14 +174,23 @@ def pretrain_vit(cfg: ModelConfig, vit: nn.Module, wcfg: world.WorldConfig, *, s
         scenes = _scene_batch(rng, wcfg, batch)
         pv, cos, sin = vit_batch([world.render(s, wcfg) for s in scenes], cfg)
         labels = torch.from_numpy(np.stack([token_classes(s, grid, wcfg) for s in scenes]))
-        logits = probe(vit_forward(vit, enc, pv, cos, sin))
+        feats = vit_forward(vit, enc, pv, cos, sin)  # [B, T, out_dim]
+        logits = probe(feats)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        stats = {"token_acc": (logits.argmax(-1) == labels).float().mean().item()}
+        if position_weight > 0:
+            pos = where(feats)  # [B, T, rows + cols]
+            r, c = pos[..., :rows], pos[..., rows:]
+            b = len(scenes)
+            pos_loss = F.cross_entropy(r.reshape(-1, rows), row_ids.repeat(b)) + \
+                F.cross_entropy(c.reshape(-1, cols), col_ids.repeat(b))
+            loss = loss + position_weight * pos_loss
+            stats["position_acc"] = ((r.argmax(-1) == row_ids) & (c.argmax(-1) == col_ids)).float().mean().item()
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-        acc = (logits.argmax(-1) == labels).float().mean().item()
-        progress.update(step + 1, loss=loss.item(), token_acc=acc)
+        progress.update(step + 1, loss=loss.item(), **stats)
     vit.eval().requires_grad_(False)
     return probe
 
