@@ -261,3 +261,30 @@ def test_image_lookup_trains_a_fresh_llm_on_the_checkpoints_vision_tower(monkeyp
     assert [(h["steps"], h["kinds"]) for h in history] == [(1, "color"), (2, "color+shape")]
     assert set(history[-1]) >= {"color", "shape", "overall"} and "count" not in history[-1]
     assert all(0.0 <= history[-1][k] <= 1.0 for k in ("color", "shape"))
+
+
+class _PlacedTower:
+    """A vision tower whose features are each token's one-hot index (`placed`) or the same vector everywhere."""
+
+    def __init__(self, cfg, placed: bool):
+        self.cfg, self.placed = cfg, placed
+        rows, cols = cfg.level_grid(0, *cfg.anchors[0])
+        self.tokens = rows * cols
+
+    def features(self, images):
+        one = torch.eye(self.tokens) if self.placed else torch.ones(self.tokens, self.tokens)
+        return one.expand(len(images), -1, -1)
+
+
+def test_vit_position_probe_reads_place_only_where_the_features_carry_it(shipped):
+    """A tower that encodes each token's index gives the cell's row and column exactly; one whose features are
+    the same everywhere gives the majority share; the shipped ViT (content targets only) stays near chance."""
+    cfg = shipped[0].cfg
+    placed = probes.vit_position(_PlacedTower(cfg, True), scenes=200)
+    blind = probes.vit_position(_PlacedTower(cfg, False), scenes=200)
+    for part in ("object_tokens", "empty_tokens"):
+        for axis in ("row", "column"):
+            assert placed[part][axis]["accuracy"] == 1.0
+            assert blind[part][axis]["accuracy"] <= blind[part][axis]["majority"] + 1e-9
+    real = probes.vit_position(shipped[0].tower, scenes=100)["object_tokens"]
+    assert all(real[a]["accuracy"] < real[a]["majority"] + 0.15 for a in ("row", "column"))

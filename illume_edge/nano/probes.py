@@ -12,6 +12,8 @@
   (ViT pretrained on factored targets, another LLM RoPE base), scored after every LLM stage;
 - ``--supervise-layer L``: continue on single-turn QA with an auxiliary loss that pulls layer L's attention at
   the answer position onto the asked-about object (`train_with_attention_supervision`);
+- ``--vit-position``: is each token's cell (row, column) linearly readable from the checkpoint's ViT features
+  (`vit_position`)? Not from the shipped ViT's: its 2-D RoPE is relative and its targets never ask where;
 - ``--linear-probes L``: is the asked attribute linearly readable from the answer position's input to layer
   L (the query side), and each object token's shape and color from its layer-L keys (`linear_probes`)?
 - ``--answer-style echo|describe-first``: ``--continue`` on answers in another format, scored in it
@@ -34,6 +36,7 @@ Run: python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint
      python -m illume_edge.nano.probes --text-lookup color:4000,all:1500 [--hidden 256] [--lr 1e-3]
      python -m illume_edge.nano.probes --slot-lookup color:1000
      python -m illume_edge.nano.probes --checkpoint models/illume-nano --image-lookup color:250,color:250
+     python -m illume_edge.nano.probes --checkpoint models/illume-nano --vit-position
 """
 from __future__ import annotations
 
@@ -291,6 +294,30 @@ def linear_probes(trainer: LLMTrainer, builder: SequenceBuilder, qas: QA, layer:
     return {"query": _linear_probe_accuracy(np.array(query), np.array(asked)),
             "key_shape": _linear_probe_accuracy(keys_, np.array(shapes)),
             "key_color": _linear_probe_accuracy(keys_, np.array(colors))}
+
+
+@torch.no_grad()
+def vit_position(tower, scenes: int = 1200, seed: int = 0, wcfg: world.WorldConfig = world.WorldConfig()) -> dict:
+    """Is a token's place in the world's grid linearly readable from the ViT's features? The cell's row and
+    column (of the world's 3 x 3 grid), over the object tokens and the empty tokens of `scenes` training
+    scenes (`_linear_probe_accuracy`; chance is the majority share). The ViT's 2-D RoPE is relative, so its
+    features carry position only if its pretraining asked for it (vision_train.pretrain_vit)."""
+    rng = np.random.default_rng(seed)
+    drawn = [world.sample_scene(rng, wcfg, "train") for _ in range(scenes)]
+    feats = torch.cat([tower.features([world.render(s, wcfg) for s in drawn[i:i + 100]])
+                       for i in range(0, scenes, 100)]).numpy()  # [S, T, out_dim]
+    rows, cols = tower.cfg.level_grid(0, *tower.cfg.anchors[0])
+    per_r, per_c = rows // wcfg.grid, cols // wcfg.grid  # tokens per cell side
+    cell_row = np.repeat(np.arange(rows) // per_r, cols)  # [T], row-major over the token grid
+    cell_col = np.tile(np.arange(cols) // per_c, rows)
+    grid = (rows, cols)
+    occupied = np.stack([_cell_tokens(s.objects, grid, wcfg) for s in drawn])  # [S, T]
+    x = feats.reshape(-1, feats.shape[-1])
+    out = {}
+    for name, mask in (("object_tokens", occupied.reshape(-1)), ("empty_tokens", ~occupied.reshape(-1))):
+        out[name] = {"row": _linear_probe_accuracy(x[mask], np.tile(cell_row, scenes)[mask]),
+                     "column": _linear_probe_accuracy(x[mask], np.tile(cell_col, scenes)[mask])}
+    return out
 
 
 ANSWER_STYLES = ("short", "echo", "describe-first")
@@ -623,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attention", action="store_true")
     ap.add_argument("--linear-probes", dest="linear", type=int, default=None, metavar="LAYER",
                     help="linear probes of the query and key sides of this layer (linear_probes)")
+    ap.add_argument("--vit-position", dest="vit_position", action="store_true",
+                    help="with --checkpoint: can a linear probe read each token's cell from its ViT features?")
     ap.add_argument("--supervise-layer", dest="supervise_layer", type=int, default=None,
                     help="continue on single-turn QA with the attention-supervision loss on this layer")
     ap.add_argument("--supervise-weight", dest="supervise_weight", type=float, default=1.0)
@@ -673,6 +702,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.linear is not None:
         print(json.dumps(linear_probes(trainer, builder, qas, args.linear)))
+        return 0
+    if args.vit_position:
+        print(json.dumps(vit_position(trainer.tower)))
         return 0
     if args.attention:
         for row in attention_on_asked_object(trainer, builder, qas):
