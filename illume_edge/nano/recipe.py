@@ -104,9 +104,9 @@ SCHEDULES = {
     # object is")
     "lookup-where": Schedule(vit=400, vit_position=1.0, lookup=750),
     # A seconds-long run of every stage for tests: same code path, meaningless weights.
-    "smoke": Schedule(vit=2, vit_position=1.0, tokenizer=2, vae=2, unet=2, stage0=1, stage1=1, lookup=1, stage2=1, stage3_curriculum=1,
-                      stage3=1, stage4=1, self_enhance_prompts=4, vision_batch=4, vae_batch=2, decoder_batch=2,
-                      llm_batch=2),
+    "smoke": Schedule(vit=2, vit_position=1.0, tokenizer=2, vae=2, unet=2, stage0=1, stage1=1, lookup=1, stage2=1,
+                      stage3_curriculum=1, stage3=1, stage4=1, self_enhance_prompts=4, vision_batch=4, vae_batch=2,
+                      decoder_batch=2, llm_batch=2),
 }
 # Schedule.answer_style -> (PromptTemplates.answer_separator, the QA answers' rewrite for Tasks)
 ANSWER_STYLES = {"short": ("", None), "describe-first": (". ", world.describe_first)}
