@@ -306,18 +306,16 @@ def vit_position(tower, scenes: int = 1200, seed: int = 0, wcfg: world.WorldConf
     drawn = [world.sample_scene(rng, wcfg, "train") for _ in range(scenes)]
     feats = torch.cat([tower.features([world.render(s, wcfg) for s in drawn[i:i + 100]])
                        for i in range(0, scenes, 100)]).numpy()  # [S, T, out_dim]
-    rows, cols = tower.cfg.level_grid(0, *tower.cfg.anchors[0])
+    grid = tower.cfg.level_grid(0, *tower.cfg.anchors[0])
+    rows, cols = grid
     per_r, per_c = rows // wcfg.grid, cols // wcfg.grid  # tokens per cell side
-    cell_row = np.repeat(np.arange(rows) // per_r, cols)  # [T], row-major over the token grid
-    cell_col = np.tile(np.arange(cols) // per_c, rows)
-    grid = (rows, cols)
-    occupied = np.stack([_cell_tokens(s.objects, grid, wcfg) for s in drawn])  # [S, T]
-    x = feats.reshape(-1, feats.shape[-1])
-    out = {}
-    for name, mask in (("object_tokens", occupied.reshape(-1)), ("empty_tokens", ~occupied.reshape(-1))):
-        out[name] = {"row": _linear_probe_accuracy(x[mask], np.tile(cell_row, scenes)[mask]),
-                     "column": _linear_probe_accuracy(x[mask], np.tile(cell_col, scenes)[mask])}
-    return out
+    cell_row = np.tile(np.repeat(np.arange(rows) // per_r, cols), scenes)  # [S*T], row-major over each token grid
+    cell_col = np.tile(np.tile(np.arange(cols) // per_c, rows), scenes)
+    occupied = np.stack([_cell_tokens(s.objects, grid, wcfg) for s in drawn]).reshape(-1)  # [S*T]
+    x = feats.reshape(-1, feats.shape[-1])  # [S*T, out_dim]
+    return {name: {"row": _linear_probe_accuracy(x[mask], cell_row[mask]),
+                   "column": _linear_probe_accuracy(x[mask], cell_col[mask])}
+            for name, mask in (("object_tokens", occupied), ("empty_tokens", ~occupied))}
 
 
 ANSWER_STYLES = ("short", "echo", "describe-first")

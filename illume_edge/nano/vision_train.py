@@ -164,8 +164,8 @@ def pretrain_vit(cfg: ModelConfig, vit: nn.Module, wcfg: world.WorldConfig, *, s
     if position_weight > 0:  # built only when used: its initialisation draws from torch's generator
         where = nn.Linear(enc.out_dim, rows + cols)  # [row logits | column logits] per token
         params += list(where.parameters())
-    row_ids = torch.arange(rows * cols) // cols  # [T], row-major over the grid
-    col_ids = torch.arange(rows * cols) % cols
+        row_ids = torch.arange(rows * cols).repeat(batch) // cols  # [B*T], row-major over each grid
+        col_ids = torch.arange(rows * cols).repeat(batch) % cols
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng = np.random.default_rng(seed)
@@ -179,12 +179,9 @@ def pretrain_vit(cfg: ModelConfig, vit: nn.Module, wcfg: world.WorldConfig, *, s
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         stats = {"token_acc": (logits.argmax(-1) == labels).float().mean().item()}
         if position_weight > 0:
-            pos = where(feats)  # [B, T, rows + cols]
-            r, c = pos[..., :rows], pos[..., rows:]
-            b = len(scenes)
-            pos_loss = F.cross_entropy(r.reshape(-1, rows), row_ids.repeat(b)) + \
-                F.cross_entropy(c.reshape(-1, cols), col_ids.repeat(b))
-            loss = loss + position_weight * pos_loss
+            pos = where(feats).reshape(-1, rows + cols)  # [B*T, rows + cols]
+            r, c = pos[:, :rows], pos[:, rows:]
+            loss = loss + position_weight * (F.cross_entropy(r, row_ids) + F.cross_entropy(c, col_ids))
             stats["position_acc"] = ((r.argmax(-1) == row_ids) & (c.argmax(-1) == col_ids)).float().mean().item()
         opt.zero_grad()
         loss.backward()
