@@ -8,7 +8,14 @@
 #   bash tools/gpu_check.sh demo      ILLUME-nano exported fp16, the demo (understanding, generation, editing)
 #                                     on CUDA with CUDA graphs and the kernel, then on the CPU: the answers and
 #                                     timings side by side
+#   bash tools/gpu_check.sh prebuild  starts the bench's export + int4 quantization (CPU work, minutes) in the
+#                                     background, in its own process session, into $BENCH_WORK, so that it
+#                                     runs on while this call's other stages and the next call start; the
+#                                     bench stage then waits for it and reuses the engines
 #   bash tools/gpu_check.sh all       the four in turn
+# NANO=DIR uses an ILLUME-nano fp16 engine exported here and carried (else the demo stage exports one there).
+# PACK=FILE at the end writes $OUT's logs, the demo's outputs and the background build's log into one .tar.gz
+# (the device tool brings back at most 8 files from $OUT).
 # Packages the machine lacks come from .device/ (tools/prepare_gpu_carry.sh): onnxruntime-gpu unpacked from
 # its parts into $SITE (kept there for the next call while the machine stays up), wheels installed there.
 # Each step runs under a time limit, so that a hang still returns the other logs. Logs, JUnit XML and the
@@ -22,7 +29,8 @@ PY=${PY:-python3}
 mkdir -p "$OUT" "$SITE"
 status=0
 
-if [ "$stage" != kernel ]; then
+BENCH_WORK=${BENCH_WORK:-/tmp/illume-gpu-bench}
+if [ "$stage" != kernel ] && [ "$stage" != prebuild ]; then
   if [ ! -d "$SITE/onnxruntime" ] && compgen -G ".device/ort/*.part*" >/dev/null; then
     cat .device/ort/*.part* | xz -d | tar -x -C "$SITE" \
       || { echo "onnxruntime-gpu parts incomplete: carry every .device/ort part (tools/prepare_gpu_carry.sh)"; exit 2; }
@@ -55,8 +63,18 @@ run() {  # name, seconds, command...: tee the output to $OUT/<name>.log, remembe
   echo "== $name: exit $rc$([ "$rc" = 124 ] && echo ' (time limit)')"
   [ "$rc" = 0 ] || status=1
 }
+if [ "$stage" = prebuild ]; then
+  if compgen -G ".device/whl/*.whl" >/dev/null; then  # the export side's transformers / diffusers
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" .device/whl/*.whl || exit 2
+  fi
+  mkdir -p "$BENCH_WORK"
+  setsid nohup timeout 900 "$PY" -m benchmarks.gpu_decode --layers "${LAYERS:-8}" --workdir "$BENCH_WORK" \
+    --build-only >"$BENCH_WORK/build.log" 2>&1 </dev/null &
+  echo $! >"$BENCH_WORK/build.pid"
+  echo "== prebuild: started (pid $(cat "$BENCH_WORK/build.pid")), log $BENCH_WORK/build.log"
+fi
 if [ "$stage" = kernel ] || [ "$stage" = all ]; then
-  run gpu-kernel-tests 480 "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_cuda_kernel.py \
+  run gpu-kernel-tests "${KERNEL_LIMIT:-480}" "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_cuda_kernel.py \
     --junitxml "$OUT/gpu-kernel-tests.xml"
 fi
 if [ "$stage" = runtime ] || [ "$stage" = bench ] || [ "$stage" = demo ] || [ "$stage" = all ]; then
@@ -65,18 +83,28 @@ if [ "$stage" = runtime ] || [ "$stage" = bench ] || [ "$stage" = demo ] || [ "$
     || run kernels 120 "$PY" -m illume_edge.runtime.cuda.build --out illume_edge/runtime/cuda/prebuilt
 fi
 if [ "$stage" = runtime ] || [ "$stage" = all ]; then
-  run gpu-runtime-tests 420 "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_gpu_runtime.py \
+  run gpu-runtime-tests "${RUNTIME_LIMIT:-420}" "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_gpu_runtime.py \
     --junitxml "$OUT/gpu-runtime-tests.xml"
 fi
 if [ "$stage" = bench ] || [ "$stage" = all ]; then
-  run gpu-decode 480 "$PY" -m benchmarks.gpu_decode --layers "${LAYERS:-8}" --graph-ab --reps "${REPS:-5}" \
-    --out "$OUT/gpu-decode.json"
+  if [ -f "$BENCH_WORK/build.pid" ]; then  # a prebuild still running: wait for it (its stamp decides reuse)
+    pid=$(cat "$BENCH_WORK/build.pid")
+    for _ in $(seq "${BUILD_WAIT:-300}"); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    echo "== prebuild: $(kill -0 "$pid" 2>/dev/null && echo 'still running' || echo done)"; tail -3 "$BENCH_WORK/build.log"
+  fi
+  run gpu-decode "${BENCH_LIMIT:-480}" "$PY" -m benchmarks.gpu_decode --layers "${LAYERS:-8}" --graph-ab \
+    --reps "${REPS:-5}" --workdir "$BENCH_WORK" --out "$OUT/gpu-decode.json"
 fi
 if [ "$stage" = demo ] || [ "$stage" = all ]; then
-  nano=/tmp/illume-nano-fp16
+  nano=${NANO:-/tmp/illume-nano-fp16}
   [ -f "$nano/manifest.json" ] || run export-nano-fp16 300 "$PY" -m illume_edge.cli export \
     --checkpoint models/illume-nano --precision fp16 --out "$nano"
-  run demo-cuda 150 "$PY" -m illume_edge.cli demo --engine "$nano" --out /tmp/demo-cuda --device cuda --cuda-graph
-  run demo-cpu 150 "$PY" -m illume_edge.cli demo --engine "$nano" --out /tmp/demo-cpu
+  run demo-cuda "${DEMO_LIMIT:-150}" "$PY" -m illume_edge.cli demo --engine "$nano" --out /tmp/demo-cuda --device cuda --cuda-graph
+  run demo-cpu "${DEMO_LIMIT:-150}" "$PY" -m illume_edge.cli demo --engine "$nano" --out /tmp/demo-cpu
+fi
+if [ -n "${PACK:-}" ]; then
+  extra=()
+  for f in /tmp/demo-cuda /tmp/demo-cpu "$BENCH_WORK/build.log"; do [ -e "$f" ] && extra+=("$f"); done
+  tar -czf "$PACK" "$OUT" "${extra[@]}" 2>/dev/null; echo "== packed into $PACK"
 fi
 exit $status
