@@ -214,12 +214,15 @@ def gqa_lengths(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     W) for an attention mask [B, W] of right-padded rows (W = the step's slots, or the cache capacity with
     zeros past each row's end; module docstring). A row with no 1 at all counts as T_b = W. Computed once per
     step, shared by every layer."""
-    # W from the mask's shape (Shape -> Cast in the graph): onnxruntime's CUDA kernel reads total_sequence_length
-    # on the host, and a shape needs no device-to-host copy (none is allowed inside a captured CUDA graph)
+    # Two copies of W, one per memory. total_sequence_length from the mask's shape (Shape -> Cast): onnxruntime's
+    # CUDA kernel reads it on the host, and a shape needs no copy. The W that meets device data comes from the
+    # slot numbers (Range runs on the device and takes its bounds on the host): a host scalar inside a device
+    # op makes onnxruntime insert a host-to-device Memcpy node, and a graph with any Memcpy node cannot be
+    # captured as a CUDA graph (docs/gpu.md, "What a CUDA graph needs").
     width = torch.full((), attention_mask.shape[1], dtype=torch.int64, device=attention_mask.device)
     slots = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)  # [W]: slot + 1
     end = ((attention_mask != 0) * slots).amax(dim=1)  # [B]: T_b, one past the row's last real slot
-    end = torch.where(end > 0, end, width)
+    end = torch.where(end > 0, end, slots[-1])  # slots[-1] = W, on the device
     return (end - 1).to(torch.int32), width.to(torch.int32)
 
 

@@ -429,9 +429,11 @@ class LLMStep(nn.Module):
             mlp = layer.mlp
             branch = mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
             presents += [key, value]
-        # each row's last real position: S - 1, or its own end in a right-padded first prompt (T_b - 1 < S - 1)
-        s = input_ids.shape[1]
-        at = torch.where(seqlens < s, seqlens, s - 1).long()  # [B]
+        # each row's last real position: S - 1, or its own end in a right-padded first prompt (T_b - 1 < S - 1).
+        # S - 1 as the last of the step's slot numbers, on the device (fused_ops.gqa_lengths: no host scalar
+        # may meet device data in a graph captured as a CUDA graph)
+        last_slot = torch.arange(input_ids.shape[1], device=input_ids.device)[-1]  # [] = S - 1
+        at = torch.minimum(seqlens.long(), last_slot)  # [B]
         rows = torch.arange(at.shape[0], device=at.device)
         last, _ = skip_rms_norm(branch[rows, at], residual[rows, at], inner.norm.weight, eps)  # [B, H]
         return (last, *presents)
