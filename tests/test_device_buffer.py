@@ -98,6 +98,8 @@ class EmulatedKernel:
     kernel's numpy emulation row by row from the packed LaunchArgs; `binding` is host memory. So a test covers
     what the image loop hands the kernel (address, stride, rows, params, uniforms, penalties, range)."""
 
+    memory = "cpu"  # it reads the buffers by host address (the real kernel: "cuda")
+
     class Binding:
         def __init__(self):
             self.bufs = []
@@ -210,3 +212,22 @@ def test_device_pick_streams_the_host_samplers_text(tiny_engine, buffers, monkey
     assert all(not any(a <= t < b for a, b in banned) for t in picks["device"])
     assert kernel.launches >= 3 and {(stride, copies) for _, stride, copies in kernel.outputs} == {(1, 1)}
     assert writes and all(w is not None for w in writes)  # every fed token was already in the ids buffer
+
+
+def test_device_pick_refuses_host_buffers_for_the_gpu_kernel(tiny_engine):
+    """The GPU kernel reads the logits and writes the token by address: handed host buffers it would fault
+    (an H100 reported an illegal address when only the llm's buffers were on the GPU). The draw refuses
+    them before any launch, naming both ways out."""
+    from illume_edge.manifest import EngineError
+    from illume_edge.runtime.decode_loops import device_pick
+    from illume_edge.runtime.engine import Engine
+    from illume_edge.runtime.pipeline import Pipeline
+
+    pipe = Pipeline(Engine.load(tiny_engine("tiny-plus")[0]), sampler="host")
+    kernel = EmulatedKernel()
+    kernel.memory = "cuda"  # as the real kernel
+    pipe.pick = device_pick(kernel)
+    with pytest.raises(EngineError, match=r"head_level0.*cuda memory, the logits are on 'cpu'.*--device cuda"
+                                          r".*sampler='host'"):
+        pipe.generate("a red circle", resolution="256x256", seed=0, decoder="vq")
+    assert kernel.launches == 0

@@ -207,3 +207,65 @@ def test_quantizing_an_fp16_engine_refuses_the_cpu_dynamic_schemes(engines, tmp_
     _, fp16 = engines
     with pytest.raises(EngineError, match=r"is fp16: dynamic int8 .*quantize the fp32 export, or drop --vision"):
         quantize_engine(fp16.dir, tmp_path / "x", "int4", vision="int8")
+
+
+def test_the_fused_graph_keeps_host_values_out_of_device_ops(engines):
+    """A shape-derived scalar meeting device data makes onnxruntime's CUDA provider insert a Memcpy node, and a
+    graph with one cannot be captured as a CUDA graph (an H100 refused the fused graph until its W and S - 1
+    came from Range on the device; export/placement.py). The fp16 fused graph has none; a graph that mixes a
+    shape into a Where is caught."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from illume_edge.export.placement import host_values_in_device_ops
+
+    _, fp16 = engines
+    llm = fp16.manifest.component("llm")
+    if "GroupQueryAttention" not in llm.ops:
+        pytest.skip("the portable llm graph (no fused attention)")
+    assert host_values_in_device_ops(onnx.load(str(fp16.dir / llm.path), load_external_data=False)) == []
+
+    x = helper.make_tensor_value_info("x", TensorProto.INT64, ["B", "W"])
+    y = helper.make_tensor_value_info("y", TensorProto.INT64, ["B"])
+    zero = helper.make_tensor("zero", TensorProto.INT64, [], [0])
+    one = helper.make_tensor("one", TensorProto.INT64, [1], [1])
+    nodes = [helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+             helper.make_node("Gather", ["shape", "zero"], ["w"], name="w"),  # host: a shape and a constant
+             helper.make_node("ReduceMax", ["x", "one"], ["m"], name="max", keepdims=0),  # device; axes on host
+             helper.make_node("Greater", ["m", "zero"], ["gt"], name="gt"),
+             helper.make_node("Where", ["gt", "m", "w"], ["y"], name="where")]  # device data meets host W
+    bad = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [zero, one]))
+    assert host_values_in_device_ops(bad) == ["where (Where) input 2: w"]
+
+
+def test_providers_and_where_a_fused_engines_buffers_live(engines, monkeypatch):
+    """TensorRT is chosen only where its library loads (onnxruntime-gpu lists it regardless, and every session
+    then fails over noisily); a fused llm run by a GPU provider keeps its request buffers in GPU memory even
+    when "cpu" was asked (its attention's past and present must be one device buffer), every other session
+    where it was asked."""
+    from illume_edge.runtime import session as session_mod
+    from illume_edge.runtime.session import buffer_device, choose_providers, tensorrt_loadable
+
+    monkeypatch.delenv("ILLUME_EDGE_PROVIDERS", raising=False)
+    trt, cuda, cpu = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+    assert choose_providers(available=[cpu, cuda, trt], tensorrt_present=lambda: False) == [cuda, cpu]
+    assert choose_providers(available=[cpu, cuda, trt], tensorrt_present=lambda: True) == [trt, cuda, cpu]
+    assert choose_providers(available=[cpu]) == [cpu]
+
+    def missing(lib):
+        raise OSError(f"{lib}: cannot open shared object file")
+    assert tensorrt_loadable(missing) is False and tensorrt_loadable(lambda lib: object()) is True
+
+    fp32, fp16 = engines
+    llm, head = fp16.manifest.component("llm"), fp16.manifest.component("head_text")
+    if "GroupQueryAttention" not in llm.ops:
+        pytest.skip("the portable llm graph (no fused attention)")
+    assert buffer_device(llm, "cpu", [cuda, cpu]) == "cuda" and buffer_device(llm, "cpu", [trt, cuda]) == "cuda"
+    assert buffer_device(llm, "cpu", [cpu]) == "cpu" and buffer_device(head, "cpu", [cuda, cpu]) == "cpu"
+    assert buffer_device(llm, "cuda", [cuda, cpu]) == "cuda"
+    # through a session (this onnxruntime has no CUDA provider: it runs on the CPU, but the choice stands)
+    monkeypatch.setattr(session_mod, "choose_providers", lambda requested=None: requested or [cuda, cpu])
+    s = Engine.load(fp16.dir).session("llm")
+    assert s.device == "cuda" and s.device_requested is False
+    s = Engine.load(fp16.dir, session_mod.SessionOptions(device="cuda")).session("llm")
+    assert s.device == "cuda" and s.device_requested is True

@@ -60,8 +60,8 @@ def test_cuda_decode_equals_cpu_decode(fp16_engine, cuda_provider, cuda_graph):
     states within HIDDEN_REL, teacher-forced with the CPU's greedy tokens, and >= 90% of the greedy tokens
     equal."""
     gpu = LLMRunner(Engine.load(fp16_engine, SessionOptions(providers=CUDA, device="cuda", cuda_graph=cuda_graph)))
-    cpu = LLMRunner(Engine.load(fp16_engine))
-    assert gpu.cuda_graph == cuda_graph and gpu.kv_dtype == np.float16
+    cpu = LLMRunner(Engine.load(fp16_engine, SessionOptions(providers=["CPUExecutionProvider"])))  # onnxruntime-gpu: pin it
+    assert gpu.cuda_graph == cuda_graph and gpu.kv_dtype == np.float16 and cpu.session.device == "cpu"
     for rows in ([[5, 6, 7, 8, 9], [10, 11]], [[12, 13, 14], [15, 16, 17, 18]]):
         want_tokens, want_hidden = _greedy(cpu, rows, 12)
         got_tokens, got_hidden = _greedy(gpu, rows, 12, forced=want_tokens)
@@ -108,3 +108,18 @@ def test_cuda_text_loop_with_the_kernel_equals_the_host_sampler(fp16_engine, cud
     want = Pipeline(engine, sampler="host").understand(image, "what is this?", **args)
     got = Pipeline(engine, sampler="device").understand(image, "what is this?", **args)
     assert got.text == want.text
+
+
+@pytest.mark.gpu
+def test_a_fused_engine_on_the_cuda_provider_keeps_its_cache_on_the_gpu_unasked(fp16_engine, cuda_provider):
+    """No device asked for, the CUDA provider chosen: the runtime binds the fused graph's shared KV cache in GPU
+    memory itself (session.buffer_device; bound on the host, onnxruntime's copies break the kernel's shared
+    buffer and the cache comes back wrong), and decode gives the CPU's greedy tokens."""
+    gpu = LLMRunner(Engine.load(fp16_engine, SessionOptions(providers=CUDA)))
+    cpu = LLMRunner(Engine.load(fp16_engine, SessionOptions(providers=["CPUExecutionProvider"])))
+    assert gpu.session.device == "cuda" and not gpu.session.device_requested
+    rows = [[5, 6, 7, 8, 9], [10, 11]]
+    want_tokens, _ = _greedy(cpu, rows, 12)
+    got_tokens, _ = _greedy(gpu, rows, 12, forced=want_tokens)
+    same = sum(a == b for g, w in zip(got_tokens, want_tokens) for a, b in zip(g, w))
+    assert same >= 0.9 * 2 * 12

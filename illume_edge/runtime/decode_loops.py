@@ -51,6 +51,7 @@ def device_pick(sampler) -> Pick:
     from .cuda.kernel import pack_launch
 
     scratch = sampler.binding.alloc(8)  # int64, for engines without static decode steps
+    memory = getattr(sampler, "memory", "cuda")  # where the buffers it takes by address must be
     host = np.zeros(1, np.int64)
 
     def pick(runner: LLMRunner, state: DecodeState, head: str, params: SamplingParams, uniforms: np.ndarray,
@@ -59,6 +60,11 @@ def device_pick(sampler) -> Pick:
         rows, v = logits.shape
         if logits.dtype not in (np.float32, np.float16):
             raise EngineError(f"head_{head}: the sampling kernel reads float32 or float16 logits, got {logits.dtype}")
+        for name, buf in (("logits", logits), ("input ids", runner.step_ids(state))):
+            if buf is not None and buf.device != memory:  # a host address on the GPU: an illegal address
+                raise EngineError(f"head_{head}: the sampling kernel reads and writes {memory} memory, the {name} "
+                                  f"are on {buf.device!r}; load the engine with device='cuda' (--device cuda) "
+                                  f"or sample on the host (sampler='host')")
         la = pack_launch(1, params, uniforms, v=v, range_start=range_start, has_uncond=use_cfg and rows > 1,
                          generated_ids_per_row=state.fed[:1], banned=banned)
         ids = runner.step_ids(state)  # [B, 1]: the token goes to every row (a CFG pair takes the same token)

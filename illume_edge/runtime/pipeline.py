@@ -111,7 +111,9 @@ class Pipeline:
         """`sampler` draws the image and text tokens: "host" (numpy, `decode_loops.host_pick`), "device" (the CUDA
         kernel on the logits in device memory, `decode_loops.device_pick`; needs pycuda or cuda-python),
         "auto": "device" when the engine's sessions bind to a CUDA device (then a missing binding is an error
-        that names both; pass "host" to sample on the host), else "host"."""
+        that names both; pass "host" to sample on the host), else "host" (also where the runtime moved
+        only the llm's buffers to the GPU itself, `session.buffer_device`: the heads' logits stay on the
+        host)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
         self.engine = engine
@@ -120,8 +122,9 @@ class Pipeline:
         self.runner = LLMRunner(engine)
         gen = engine.json_asset("generation_config")
         self.repetition_penalty = float(gen.get("repetition_penalty", self.cfg.defaults.repetition_penalty))
-        if sampler == "auto":
-            sampler = "device" if self.runner.session.device == "cuda" else "host"
+        session = self.runner.session
+        if sampler == "auto":  # the kernel where the caller put every buffer on the GPU
+            sampler = "device" if session.device == "cuda" and session.device_requested else "host"
         self.pick = host_pick
         if sampler == "device":
             from .cuda import GpuSampler

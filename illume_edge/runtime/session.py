@@ -23,6 +23,11 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
               "tensor(int32)": "int32", "tensor(bool)": "bool", "tensor(uint8)": "uint8", "tensor(int8)": "int8"}
 
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+# onnxruntime-gpu lists TensorrtExecutionProvider whether or not TensorRT is installed; without its runtime
+# library every session prints an error and onnxruntime retries without it (seen on an H100 with
+# onnxruntime-gpu 1.31.1, docs/gpu.md). onnxruntime-gpu 1.31 links TensorRT 10.
+TENSORRT_LIBRARIES = ("libnvinfer.so.10",)
 
 
 def default_threads() -> int:
@@ -33,11 +38,28 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def choose_providers(requested: list[str] | None = None) -> list[str]:
-    """TensorRT > CUDA > CPU among the installed providers, unless the caller (or ILLUME_EDGE_PROVIDERS) says."""
-    import onnxruntime as ort
+def tensorrt_loadable(load=None) -> bool:
+    """True if TensorRT's runtime library loads (`load`: ctypes.CDLL, replaceable in tests)."""
+    import ctypes
 
-    available = ort.get_available_providers()
+    load = load or ctypes.CDLL
+    for lib in TENSORRT_LIBRARIES:
+        try:
+            load(lib)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def choose_providers(requested: list[str] | None = None, available: list[str] | None = None,
+                     tensorrt_present=tensorrt_loadable) -> list[str]:
+    """TensorRT > CUDA > CPU among the installed providers (TensorRT only where its library loads), unless the
+    caller (or ILLUME_EDGE_PROVIDERS) says."""
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
     env = os.environ.get("ILLUME_EDGE_PROVIDERS")
     if requested is None and env:
         requested = [p.strip() for p in env.split(",") if p.strip()]
@@ -47,7 +69,28 @@ def choose_providers(requested: list[str] | None = None) -> list[str]:
             raise EngineError(f"execution provider(s) {missing} not available in this onnxruntime "
                               f"(has {available}); install onnxruntime-gpu for CUDA/TensorRT")
         return list(requested)
-    return [p for p in PROVIDER_PREFERENCE if p in available] or ["CPUExecutionProvider"]
+    chosen = [p for p in PROVIDER_PREFERENCE if p in available]
+    if "TensorrtExecutionProvider" in chosen and not tensorrt_present():
+        chosen.remove("TensorrtExecutionProvider")
+    return chosen or ["CPUExecutionProvider"]
+
+
+def shares_kv_buffer(component: Component) -> bool:
+    """A fused llm graph: GroupQueryAttention appends to a KV cache bound as both its past input and its
+    present output (one buffer per layer; llm_runner.py)."""
+    return "GroupQueryAttention" in component.ops and any(
+        t.name.startswith("past_key_values.") for t in component.inputs)
+
+
+def buffer_device(component: Component, requested: str, providers: list[str]) -> str:
+    """Where a session's request buffers live: `requested`, except that a fused llm graph run by a GPU provider
+    keeps them in GPU memory even when "cpu" was asked. Its attention writes the new slots into the very
+    buffer its past came from; bound in host memory, onnxruntime copies past and present through two
+    different device buffers, the kernel no longer sees one shared buffer, and the cache it returns is
+    wrong (an H100 repeated the first token of every answer; docs/gpu.md)."""
+    if requested == "cpu" and providers and providers[0] in GPU_PROVIDERS and shares_kv_buffer(component):
+        return "cuda"
+    return requested
 
 
 # onnxruntime's CUDA provider registers GroupQueryAttention for float16 and bfloat16 only (its
@@ -202,7 +245,9 @@ class Session:
         asked = (opts.providers is not None or bool(os.environ.get("ILLUME_EDGE_PROVIDERS"))
                  or opts.device == "cuda" or _flag(opts.cuda_graph, "ILLUME_EDGE_CUDA_GRAPH"))
         self.providers = check_cuda_attention(name, component, choose_providers(opts.providers), explicit=asked)
-        self.device, self.device_id, self.buffer_owner = opts.device, opts.device_id, opts.buffers
+        self.device = buffer_device(component, opts.device, self.providers)
+        self.device_requested = self.device == opts.device  # False: moved to the GPU by buffer_device
+        self.device_id, self.buffer_owner = opts.device_id, opts.buffers
         self.cuda_graph = name in CUDA_GRAPH_COMPONENTS and _flag(opts.cuda_graph, "ILLUME_EDGE_CUDA_GRAPH")
         self._graph_runs: dict[int, object] = {}  # CUDA graph id -> onnxruntime RunOptions (run_options)
         try:

@@ -278,6 +278,8 @@ class GpuSampler:
     """The kernel behind ``guided_sample``'s interface. ``sample`` takes host arrays (tests, parity);
     ``sample_device`` takes the head's device logits buffer and writes ids into a device int64 buffer."""
 
+    memory = "cuda"  # the logits and token buffers it takes by address (decode_loops.device_pick checks)
+
     def __init__(self, build_dir: Path = DEFAULT_OUT, binding=None):
         self.binding, self.functions, self.choice = load_kernel(build_dir, binding)
         self._bufs: dict[str, tuple[object, int]] = {}  # name -> (device buffer, bytes): kept across launches
