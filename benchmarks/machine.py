@@ -6,6 +6,7 @@ import platform
 import resource
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from importlib import metadata
@@ -71,9 +72,20 @@ def bandwidth_label(machine: dict) -> str:
     return f"median of the passes; best {machine.get('read_bandwidth', {}).get('best_gbs', float('nan')):.1f}"
 
 
+# distribution -> the module whose __version__ says what ran when it is imported: a package on PYTHONPATH
+# (onnxruntime-gpu unpacked beside the machine's own onnxruntime, tools/gpu_check.sh) shadows the installed
+# distribution whose metadata would otherwise be reported
+MODULES = {"numpy": "numpy", "onnx": "onnx", "onnxruntime": "onnxruntime", "torch": "torch",
+           "transformers": "transformers", "diffusers": "diffusers"}
+
+
 def versions() -> dict:
     out = {"python": platform.python_version()}
     for pkg in ("illume-edge", "numpy", "onnx", "onnxruntime", "onnxruntime-genai", "torch", "transformers", "diffusers"):
+        module = sys.modules.get(MODULES.get(pkg, ""))
+        if getattr(module, "__version__", None):
+            out[pkg] = str(module.__version__)
+            continue
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

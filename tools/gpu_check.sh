@@ -13,7 +13,8 @@
 #                                     runs on while this call's other stages and the next call start; the
 #                                     bench stage then waits for it and reuses the engines
 #   bash tools/gpu_check.sh all       the four in turn
-# NANO=DIR uses an ILLUME-nano fp16 engine exported here and carried (else the demo stage exports one there).
+# DEMOS picks the demo runs (default "cuda default cpu"). NANO=DIR uses an ILLUME-nano fp16 engine exported
+# here and carried (else the demo stage exports one there).
 # PACK=FILE at the end writes $OUT's logs, the demo's outputs and the background build's log into one .tar.gz
 # (the device tool brings back at most 8 files from $OUT).
 # Packages the machine lacks come from .device/ (tools/prepare_gpu_carry.sh): onnxruntime-gpu unpacked from
@@ -83,6 +84,9 @@ if [ "$stage" = runtime ] || [ "$stage" = bench ] || [ "$stage" = demo ] || [ "$
     || run kernels 120 "$PY" -m illume_edge.runtime.cuda.build --out illume_edge/runtime/cuda/prebuilt
 fi
 if [ "$stage" = runtime ] || [ "$stage" = all ]; then
+  # the fused graph's placement: no Memcpy node, or it cannot be captured as a CUDA graph
+  [ -f "${NANO:-/tmp/illume-nano-fp16}/llm.onnx" ] && run placement 90 "$PY" tools/ort_placement.py \
+    "${NANO:-/tmp/illume-nano-fp16}/llm.onnx"
   run gpu-runtime-tests "${RUNTIME_LIMIT:-420}" "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_gpu_runtime.py \
     --junitxml "$OUT/gpu-runtime-tests.xml"
 fi
@@ -99,12 +103,18 @@ if [ "$stage" = demo ] || [ "$stage" = all ]; then
   nano=${NANO:-/tmp/illume-nano-fp16}
   [ -f "$nano/manifest.json" ] || run export-nano-fp16 300 "$PY" -m illume_edge.cli export \
     --checkpoint models/illume-nano --precision fp16 --out "$nano"
-  run demo-cuda "${DEMO_LIMIT:-150}" "$PY" -m illume_edge.cli demo --engine "$nano" --out /tmp/demo-cuda --device cuda --cuda-graph
-  run demo-cpu "${DEMO_LIMIT:-150}" "$PY" -m illume_edge.cli demo --engine "$nano" --out /tmp/demo-cpu
+  demos=" ${DEMOS:-cuda default cpu} "
+  [[ $demos == *" cuda "* ]] && run demo-cuda "${DEMO_LIMIT:-150}" "$PY" -m illume_edge.cli demo --engine "$nano" \
+    --out /tmp/demo-cuda --device cuda --cuda-graph
+  # no flags: onnxruntime-gpu's CUDA provider, the fused cache moved to the GPU by the runtime itself
+  [[ $demos == *" default "* ]] && run demo-default "${DEMO_LIMIT:-150}" "$PY" -m illume_edge.cli demo \
+    --engine "$nano" --out /tmp/demo-default
+  [[ $demos == *" cpu "* ]] && ILLUME_EDGE_PROVIDERS=CPUExecutionProvider run demo-cpu "${DEMO_LIMIT:-150}" "$PY" \
+    -m illume_edge.cli demo --engine "$nano" --out /tmp/demo-cpu
 fi
 if [ -n "${PACK:-}" ]; then
   extra=()
-  for f in /tmp/demo-cuda /tmp/demo-cpu "$BENCH_WORK/build.log"; do [ -e "$f" ] && extra+=("$f"); done
+  for f in /tmp/demo-cuda /tmp/demo-default /tmp/demo-cpu "$BENCH_WORK/build.log"; do [ -e "$f" ] && extra+=("$f"); done
   tar -czf "$PACK" "$OUT" "${extra[@]}" 2>/dev/null; echo "== packed into $PACK"
 fi
 exit $status
