@@ -218,7 +218,7 @@ def gqa_lengths(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     # CUDA kernel reads it on the host, and a shape needs no copy. The W that meets device data comes from the
     # slot numbers (Range runs on the device and takes its bounds on the host): a host scalar inside a device
     # op makes onnxruntime insert a host-to-device Memcpy node, and a graph with any Memcpy node cannot be
-    # captured as a CUDA graph (docs/gpu.md, "What a CUDA graph needs").
+    # captured as a CUDA graph (docs/gpu.md, "On an H100", Found 1).
     width = torch.full((), attention_mask.shape[1], dtype=torch.int64, device=attention_mask.device)
     slots = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)  # [W]: slot + 1
     end = ((attention_mask != 0) * slots).amax(dim=1)  # [B]: T_b, one past the row's last real slot

@@ -60,14 +60,14 @@ def device_pick(sampler) -> Pick:
         rows, v = logits.shape
         if logits.dtype not in (np.float32, np.float16):
             raise EngineError(f"head_{head}: the sampling kernel reads float32 or float16 logits, got {logits.dtype}")
-        for name, buf in (("logits", logits), ("input ids", runner.step_ids(state))):
+        ids = runner.step_ids(state)  # [B, 1]: the token goes to every row (a CFG pair takes the same token)
+        for name, buf in (("logits", logits), ("input ids", ids)):
             if buf is not None and buf.device != memory:  # a host address on the GPU: an illegal address
                 raise EngineError(f"head_{head}: the sampling kernel reads and writes {memory} memory, the {name} "
                                   f"are on {buf.device!r}; load the engine with device='cuda' (--device cuda) "
                                   f"or sample on the host (sampler='host')")
         la = pack_launch(1, params, uniforms, v=v, range_start=range_start, has_uncond=use_cfg and rows > 1,
                          generated_ids_per_row=state.fed[:1], banned=banned)
-        ids = runner.step_ids(state)  # [B, 1]: the token goes to every row (a CFG pair takes the same token)
         if ids is None:
             sampler.sample_device(logits.address, str(logits.dtype), v, 0, la, sampler.binding.ptr(scratch), 1)
             sampler.binding.dtoh(host, scratch)
