@@ -106,8 +106,10 @@ def _save(image, out: str) -> None:
 def _pipeline(args):
     from .runtime.pipeline import Pipeline
 
+    from .runtime.provider_options import parse_cli
+
     return Pipeline.load(args.engine, threads=args.threads, device=args.device, sampler=args.sampler,
-                         cuda_graph=args.cuda_graph)
+                         cuda_graph=args.cuda_graph, provider_options=parse_cli(args.provider_option))
 
 
 def cmd_understand(args) -> int:
@@ -245,6 +247,9 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    help="image-token draw: numpy on the host or the CUDA kernel (auto: the kernel with --device cuda)")
     p.add_argument("--cuda-graph", dest="cuda_graph", action="store_true", default=None,
                    help="replay the LLM decode step as a CUDA graph (CUDA provider; fused engines)")
+    p.add_argument("--provider-option", dest="provider_option", action="append", metavar="PROVIDER:KEY=VALUE",
+                   help="an onnxruntime provider option, e.g. CUDAExecutionProvider:cudnn_conv_algo_search=HEURISTIC "
+                        "(repeatable; over the manifest's provider_options and ILLUME_EDGE_PROVIDER_OPTIONS)")
 
 
 def _image_args(p: argparse.ArgumentParser) -> None:

@@ -106,6 +106,9 @@ class Manifest:
     assets: dict[str, Any]  # name -> FileEntry: tokenizer, codebook_level{i}, scheduler, generation_config
     source: dict[str, Any] = field(default_factory=dict)  # where the weights came from (checkpoint paths, preset)
     plans: dict[str, Any] = field(default_factory=dict)  # plan name -> PlanEntry (illume-edge build-engines)
+    # onnxruntime provider options for this engine's sessions, provider -> {option: value}; written by whoever
+    # deploys the folder (not by export), read and checked by the runtime (runtime/provider_options.py)
+    provider_options: dict[str, Any] = field(default_factory=dict)
 
     def model_config(self) -> ModelConfig:
         try:

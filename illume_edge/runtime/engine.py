@@ -1,13 +1,15 @@
 """Open an engine folder: strict manifest, verified files, compatible graphs, lazily created sessions."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 
 from ..config import ModelConfig
-from ..manifest import EngineError, Manifest, read_manifest, verify_engine
+from ..manifest import MANIFEST_NAME, EngineError, Manifest, read_manifest, verify_engine
+from .provider_options import check_provider_options, from_environment, merge
 from .session import Session, SessionOptions
 
 # Highest ONNX opset / IR version each onnxruntime minor release executes (from its release notes).
@@ -56,7 +58,11 @@ class Engine:
     def __init__(self, engine_dir: str | Path, manifest: Manifest, options: SessionOptions):
         self.dir = Path(engine_dir)
         self.manifest = manifest
-        self.options = options
+        # provider options: the manifest's, then the environment's, then the caller's (provider_options.py)
+        where = f"{self.dir / MANIFEST_NAME}: provider_options"
+        merged = merge(check_provider_options(manifest.provider_options, where), from_environment(),
+                       check_provider_options(options.provider_options, "SessionOptions.provider_options"))
+        self.options = dataclasses.replace(options, provider_options=merged)
         self.config: ModelConfig = manifest.model_config()
         self._sessions: dict[str, Session] = {}
         self._codebooks: dict[int, np.ndarray] = {}

@@ -134,12 +134,14 @@ class Pipeline:
     @classmethod
     def load(cls, engine_dir: str | Path, *, providers: list[str] | None = None, threads: int | None = None,
              check_hash: bool = True, device: str = "cpu", sampler: str = "auto",
-             cuda_graph: bool | None = None) -> "Pipeline":
+             cuda_graph: bool | None = None, provider_options: dict | None = None) -> "Pipeline":
         """`device` "cuda" keeps the request's buffers (KV cache, hidden state, logits) in GPU memory (with
         onnxruntime-gpu's CUDA or TensorRT provider); `cuda_graph` replays the decode step as a CUDA graph
-        (SessionOptions.cuda_graph); see `__init__` for `sampler`."""
-        return cls(Engine.load(engine_dir, SessionOptions(providers=providers, threads=threads, device=device,
-                                                          cuda_graph=cuda_graph), check_hash), sampler)
+        (SessionOptions.cuda_graph); `provider_options` go to onnxruntime's providers
+        (runtime/provider_options.py); see `__init__` for `sampler`."""
+        opts = SessionOptions(providers=providers, threads=threads, device=device, cuda_graph=cuda_graph,
+                              provider_options=provider_options)
+        return cls(Engine.load(engine_dir, opts, check_hash), sampler)
 
     # --- parameters ---------------------------------------------------------------------------------------
     def _params(self, task: str, temperature, top_k, top_p, cfg_scale, repetition_penalty) -> SamplingParams:

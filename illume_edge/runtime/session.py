@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from ..manifest import Component, EngineError, TensorSpec
 from .device_buffer import DeviceArray, allocate
+from .provider_options import ENV as PROVIDER_OPTIONS_ENV
+from .provider_options import check_provider_options, provider_list
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
               "bool": np.bool_, "uint8": np.uint8, "int8": np.int8}
@@ -150,6 +152,9 @@ class SessionOptions:
     # static decode step under a graph id, prefills and multi-token runs outside any graph (llm_runner.py).
     # Without the CUDA provider only the runner's side runs (buffer reuse, graph ids; the CPU ignores them).
     cuda_graph: bool | None = None
+    # onnxruntime provider options, provider -> {option: value} (runtime/provider_options.py): over the
+    # engine manifest's `provider_options` and ILLUME_EDGE_PROVIDER_OPTIONS
+    provider_options: dict[str, dict[str, Any]] | None = None
 
 
 # Components whose runs the runtime drives through IO bindings at fixed addresses, so that onnxruntime may
@@ -253,20 +258,20 @@ class Session:
         try:
             self._sess = ort.InferenceSession(path, so, providers=self._provider_list(opts))
         except Exception as e:  # onnxruntime raises its own exception types for load failures
+            given = {p: o for p, o in (opts.provider_options or {}).items() if p in self.providers}
+            fix = (f"check the provider options {given} (manifest provider_options, {PROVIDER_OPTIONS_ENV}, "
+                   f"--provider-option) or re-export the engine" if given else "re-export the engine")
             raise EngineError(f"{name} ({path}): onnxruntime cannot load it: {str(e).splitlines()[0][:300]}; "
-                              f"re-export the engine") from None
+                              f"{fix}") from None
         self.inputs: dict[str, TensorSpec] = {t.name: t for t in component.inputs}
         self.outputs: dict[str, TensorSpec] = {t.name: t for t in component.outputs}
         self._check_contract()
         self.output_names = [o.name for o in self._sess.get_outputs()]
 
     def _provider_list(self, opts: SessionOptions) -> list:
-        """`providers` as onnxruntime takes them: the CUDA provider with its options when this session is
-        captured as CUDA graphs."""
-        if not self.cuda_graph:
-            return self.providers
-        cuda = ("CUDAExecutionProvider", {"device_id": str(opts.device_id), "enable_cuda_graph": "1"})
-        return [cuda if p == "CUDAExecutionProvider" else p for p in self.providers]
+        """`providers` as onnxruntime takes them, with their options (provider_options.provider_list)."""
+        options = check_provider_options(opts.provider_options, "SessionOptions.provider_options")
+        return provider_list(self.providers, options, opts.device_id, self.cuda_graph)
 
     def run_options(self, graph_id: int | None):
         """onnxruntime RunOptions for a run replayed as CUDA graph `graph_id` (>= 1), or kept out of any
