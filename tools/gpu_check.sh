@@ -64,6 +64,9 @@ run() {  # name, seconds, command...: tee the output to $OUT/<name>.log, remembe
   echo "== $name: exit $rc$([ "$rc" = 124 ] && echo ' (time limit)')"
   [ "$rc" = 0 ] || status=1
 }
+# a test still running after 90 s dumps every thread's stack (pytest's faulthandler), so that a slow or hung
+# test says where it is even when the stage's time limit then kills it; --durations=0 times every test
+PYTEST_GPU=(-q -rs -p no:cacheprovider -o faulthandler_timeout=90 --durations=0 -m gpu)
 if [ "$stage" = prebuild ]; then
   if compgen -G ".device/whl/*.whl" >/dev/null; then  # the export side's transformers / diffusers
     "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" .device/whl/*.whl || exit 2
@@ -75,7 +78,7 @@ if [ "$stage" = prebuild ]; then
   echo "== prebuild: started (pid $(cat "$BENCH_WORK/build.pid")), log $BENCH_WORK/build.log"
 fi
 if [ "$stage" = kernel ] || [ "$stage" = all ]; then
-  run gpu-kernel-tests "${KERNEL_LIMIT:-480}" "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_cuda_kernel.py \
+  run gpu-kernel-tests "${KERNEL_LIMIT:-480}" "$PY" -m pytest "${PYTEST_GPU[@]}" tests/test_cuda_kernel.py \
     --junitxml "$OUT/gpu-kernel-tests.xml"
 fi
 if [ "$stage" = runtime ] || [ "$stage" = bench ] || [ "$stage" = demo ] || [ "$stage" = all ]; then
@@ -87,7 +90,7 @@ if [ "$stage" = runtime ] || [ "$stage" = all ]; then
   # the fused graph's placement: no Memcpy node, or it cannot be captured as a CUDA graph
   [ -f "${NANO:-/tmp/illume-nano-fp16}/llm.onnx" ] && run placement 90 "$PY" tools/ort_placement.py \
     "${NANO:-/tmp/illume-nano-fp16}/llm.onnx"
-  run gpu-runtime-tests "${RUNTIME_LIMIT:-420}" "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_gpu_runtime.py \
+  run gpu-runtime-tests "${RUNTIME_LIMIT:-420}" "$PY" -m pytest "${PYTEST_GPU[@]}" tests/test_gpu_runtime.py \
     --junitxml "$OUT/gpu-runtime-tests.xml"
 fi
 if [ "$stage" = bench ] || [ "$stage" = all ]; then
