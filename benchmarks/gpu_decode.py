@@ -13,6 +13,10 @@ steps (EOS ignored):
   code with the buffers as onnxruntime OrtValues on the host and the host sampler.
 - illume-edge int4: the fp16 engine quantized (`quantize_engine`, int4 weights over fp16 activations,
   block `--block-size`), the same way.
+- onnxruntime-genai (the peer a user would otherwise pick; onnxruntime-genai-cuda on a GPU): its model
+  builder on the same weights saved as a HF folder, fp16 and int4 (block `--block-size`, symmetric), its
+  Generator greedy, with its CUDA graph on and (for the A/B) off; int4 on the CPU with `--device cpu`.
+  `--skip-genai` leaves it out; not installed, it is reported as a failure, not hidden.
 - PyTorch eager (transformers) on the same module in fp16 on the device: DynamicCache, logits_to_keep=1.
 Each runtime's per-token time is compared with its weight-read bound: the bytes a step must read (every
 streamed weight once, the KV cache at the mean context) over the device's bandwidth, measured in the same run
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import importlib.util
 import inspect
 import json
 import shutil
@@ -165,6 +170,18 @@ def ours_rep(engine_dir: Path, prompt: list[int], steps: int, device: str, cuda_
     return rep
 
 
+def genai_device_rep(model_dir: Path, variant: Path, ep: str, cuda_graph: bool, prompt: list[int],
+                     steps: int) -> Rep:
+    """onnxruntime-genai's Generator, greedy (llm_decode.genai_rep); on CUDA with its CUDA graph on or off
+    (a linked copy of the model folder whose config says which)."""
+    from benchmarks.llm_decode import genai_cuda_graph, genai_linked_copy, genai_rep
+
+    if ep == "cpu":
+        return genai_rep(model_dir, prompt, steps)
+    genai_linked_copy(model_dir, variant, lambda options: genai_cuda_graph(options, cuda_graph))
+    return genai_rep(variant, prompt, steps)
+
+
 def eager_rep(model, prompt: list[int], steps: int, device: str) -> Rep:
     """transformers eager on the module (on `device`): DynamicCache, logits_to_keep=1, argmax; `.item()`
     synchronizes every step."""
@@ -203,28 +220,67 @@ def build_stamp(cfg, block_size: int) -> dict:
             "git_commit": git_commit()}
 
 
-def build_engines(model, cfg, work: Path, block_size: int, log) -> dict[str, Path]:
-    """fp16 engine (the fused graph) and its int4 copy; kept from an earlier `--build-only` run into the same
-    `--workdir` when its stamp matches (a lent GPU's calls are short: the CPU-bound export can run in one
-    call's background and the timing in the next)."""
+def genai_precisions(ep: str) -> tuple[str, ...]:
+    """onnxruntime-genai's models for its execution provider: fp16 and int4 (over fp16) on CUDA, as ours;
+    int4 on the CPU (its peer in `make bench`; the harness check on the host)."""
+    return ("int4",) if ep == "cpu" else ("fp16", "int4")
+
+
+def build_genai_models(model, cfg, work: Path, block_size: int, ep: str, log) -> dict[str, Path | str]:
+    """onnxruntime-genai's model builder on the same weights (saved as a HF folder): precision -> its model
+    folder, or the error that stopped it (a failing peer is reported, not hidden)."""
+    from benchmarks.llm_decode import build_genai
+    from illume_edge.export.tokenizer_factory import save_tokenizer_files
+
+    hf_dir = work / "hf"
+    model.save_pretrained(hf_dir, safe_serialization=True)
+    save_tokenizer_files(cfg, hf_dir)
+    out: dict[str, Path | str] = {}
+    for prec in genai_precisions(ep):
+        d = work / f"genai-{prec}"
+        shutil.rmtree(d, ignore_errors=True)
+        log(f"onnxruntime-genai {prec}: model builder ({ep})")
+        try:
+            build_genai(hf_dir, d, prec, cores(), work / "genai-cache", block_size, ep=ep)
+            out[prec] = d
+        except Exception as e:
+            out[prec] = f"{type(e).__name__}: {str(e)[-1500:]}"
+            traceback.print_exc()
+    shutil.rmtree(hf_dir, ignore_errors=True)
+    return out
+
+
+def build_engines(model, cfg, work: Path, block_size: int, log, genai_ep: str | None = None
+                  ) -> tuple[dict[str, Path], dict[str, str]]:
+    """fp16 engine (the fused graph) and its int4 copy, and with `genai_ep` onnxruntime-genai's models
+    (`build_genai_models`: precision -> folder or error). Kept from an earlier run into the same `--workdir`
+    (`--build-only`, or `--keep`) when its stamp matches, the genai models too when they were built for the
+    same provider (a lent GPU's calls are short: the CPU-bound export runs in the background while the GPU
+    tests run, and the timing after)."""
     from illume_edge.export.quantize import quantize_engine
 
     stamp_file, stamp = work / "built.json", build_stamp(cfg, block_size)
     engines = {"fp16": work / "engine-fp16", "int4": work / "engine-int4"}
-    if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
+    saved = json.loads(stamp_file.read_text()) if stamp_file.exists() else {}
+    if saved.get("built_from") == stamp:
         log(f"engines reused from {work} ({stamp})")
-        return engines
-    stamp_file.unlink(missing_ok=True)
-    fp16 = work / "engine-fp16"
-    if fp16.exists():
-        shutil.rmtree(fp16)
-    log("export fp16 (fused graph)")
-    export_bench_engine(model, cfg, fp16, "fused", precision="fp16")
-    log(f"quantize int4 over fp16 (block {block_size})")
-    int4 = work / "engine-int4"
-    quantize_engine(fp16, int4, "int4", block_size=block_size, progress=lambda s: None)
-    stamp_file.write_text(json.dumps(stamp, indent=1) + "\n")
-    return engines
+    else:
+        stamp_file.unlink(missing_ok=True)
+        saved = {"built_from": stamp, "genai_ep": None, "genai_models": {}}
+        shutil.rmtree(engines["fp16"], ignore_errors=True)
+        log("export fp16 (fused graph)")
+        export_bench_engine(model, cfg, engines["fp16"], "fused", precision="fp16")
+        log(f"quantize int4 over fp16 (block {block_size})")
+        quantize_engine(engines["fp16"], engines["int4"], "int4", block_size=block_size, progress=lambda s: None)
+    if genai_ep is None:
+        genai = {}
+    elif saved["genai_ep"] == genai_ep:
+        genai = saved["genai_models"]
+    else:
+        genai = {k: str(v) for k, v in build_genai_models(model, cfg, work, block_size, genai_ep, log).items()}
+        saved.update(genai_ep=genai_ep, genai_models=genai)
+    stamp_file.write_text(json.dumps(saved, indent=1) + "\n")
+    return engines, genai
 
 
 def run(args) -> dict:
@@ -265,7 +321,12 @@ def run(args) -> dict:
     log(f"building random {cfg.name} in fp16")
     t0 = time.perf_counter()
     model = build_llm(cfg, seed=0).half().eval()
-    engines = build_engines(model, cfg, work, args.block_size, log)
+    genai_ep = None if args.skip_genai else ("cpu" if args.device == "cpu" else "cuda")
+    if genai_ep and importlib.util.find_spec("onnxruntime_genai") is None:
+        result["failures"]["onnxruntime-genai"] = ("not installed: pip install onnxruntime-genai (on a GPU "
+                                                   "onnxruntime-genai-cuda), or pass --skip-genai")
+        genai_ep = None
+    engines, genai = build_engines(model, cfg, work, args.block_size, log, genai_ep)
     result["build_s"]["export_and_quantize"] = time.perf_counter() - t0
     if args.build_only:
         log(f"built into {work}; time them with the same --workdir")
@@ -283,6 +344,19 @@ def run(args) -> dict:
                 bytes_by_name[name] = {"weight_bytes_per_token": weights,
                                        "device_bytes_loaded": None if before is None else after - before}
             except Exception as e:  # a failing configuration is reported, not hidden
+                result["failures"][name] = f"{type(e).__name__}: {str(e)[-1500:]}"
+                traceback.print_exc()
+    for prec, d in genai.items():
+        for graph in ([True, False] if args.graph_ab and genai_ep == "cuda" else [genai_ep == "cuda"]):
+            name = f"onnxruntime-genai {prec}" + ("" if graph or genai_ep == "cpu" else " (no CUDA graph)")
+            if not Path(d).is_dir():  # the builder's error
+                result["failures"][name] = d
+                continue
+            try:
+                reps[name] = genai_device_rep(Path(d), work / f"genai-{prec}-graph-{int(graph)}", genai_ep, graph,
+                                              prompt, args.steps)
+                bytes_by_name[name] = {"weight_bytes_per_token": streamed_weight_bytes(Path(d) / "model.onnx")["streamed"]}
+            except Exception as e:
                 result["failures"][name] = f"{type(e).__name__}: {str(e)[-1500:]}"
                 traceback.print_exc()
     if not args.skip_eager:
@@ -334,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--graph-ab", dest="graph_ab", action="store_true",
                     help="also time our engines without CUDA graphs")
     ap.add_argument("--skip-eager", action="store_true")
+    ap.add_argument("--skip-genai", action="store_true",
+                    help="no onnxruntime-genai peer (its model builder on the same weights: fp16 and int4 on "
+                         "CUDA with onnxruntime-genai-cuda, int4 on the host)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--build-only", dest="build_only", action="store_true",

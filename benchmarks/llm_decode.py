@@ -384,27 +384,58 @@ def eager_rep(model, prompt: list[int], steps: int, threads: int) -> Rep:
 
 
 def build_genai(hf_dir: Path, out_dir: Path, precision: str, threads: int, cache_dir: Path,
-                block_size: int = 32) -> float:
-    """onnxruntime-genai's model builder (CPU) on the HF folder; set its thread count. int4 is quantized with
-    our settings (symmetric, accuracy level 4, `block_size`), so that both runtimes time the same model.
-    Returns seconds."""
+                block_size: int = 32, ep: str = "cpu") -> float:
+    """onnxruntime-genai's model builder on the HF folder for execution provider `ep` ("cpu": its thread count
+    set; "cuda": onnxruntime-genai-cuda's layout, fp16 activations). int4 is quantized with our settings
+    (symmetric, accuracy level 4, `block_size`), so that both runtimes time the same model. Returns seconds."""
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out_dir),
-           "-p", precision, "-e", "cpu", "-c", str(cache_dir)]
+           "-p", precision, "-e", ep, "-c", str(cache_dir)]
     if precision == "int4":
         cmd += ["--extra_options", f"int4_block_size={block_size}", "int4_accuracy_level=4",
                 f"block_size={block_size}", "accuracy_level=4", "is_symmetric=true"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"model builder failed ({proc.returncode}): {(proc.stderr or proc.stdout)[-1500:]}")
-    cfg_path = out_dir / "genai_config.json"
-    gcfg = json.loads(cfg_path.read_text())
-    model = gcfg["model"]
-    so = model["decoder"].setdefault("session_options", {})
-    so["intra_op_num_threads"] = threads
-    so["inter_op_num_threads"] = 1
-    cfg_path.write_text(json.dumps(gcfg, indent=2))
+    if ep == "cpu":
+        cfg_path = out_dir / "genai_config.json"
+        gcfg = json.loads(cfg_path.read_text())
+        so = gcfg["model"]["decoder"].setdefault("session_options", {})
+        so["intra_op_num_threads"] = threads
+        so["inter_op_num_threads"] = 1
+        cfg_path.write_text(json.dumps(gcfg, indent=2))
     return time.perf_counter() - t0
+
+
+def genai_linked_copy(model_dir: Path, dest: Path, edit) -> None:
+    """A copy of onnxruntime-genai model folder `model_dir` at `dest`, its files linked (not copied), its
+    genai_config.json's decoder session options changed by `edit(options)`."""
+    config_path = model_dir / "genai_config.json"
+    if not config_path.is_file():
+        raise RuntimeError(f"{model_dir}: no genai_config.json (an onnxruntime-genai model folder has one)")
+    config = json.loads(config_path.read_text())
+    try:
+        options = config["model"]["decoder"].setdefault("session_options", {})
+    except (KeyError, AttributeError, TypeError):
+        raise RuntimeError(f"{config_path}: expected model.decoder in the config; rebuild the model") from None
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        if f.name != config_path.name:
+            (dest / f.name).symlink_to(f.resolve())
+    edit(options)
+    (dest / config_path.name).write_text(json.dumps(config, indent=2))
+
+
+def genai_cuda_graph(options: dict, on: bool) -> None:
+    """Turn onnxruntime-genai's CUDA graph on or off in a decoder's session options (its CUDA provider's
+    `enable_cuda_graph`)."""
+    providers = options.setdefault("provider_options", [])
+    cuda = next((p["cuda"] for p in providers if isinstance(p, dict) and "cuda" in p), None)
+    if cuda is None:
+        cuda = {}
+        providers.append({"cuda": cuda})
+    cuda["enable_cuda_graph"] = "1" if on else "0"
 
 
 def genai_rep(model_dir: Path, prompt: list[int], steps: int) -> Rep:
@@ -465,22 +496,8 @@ def genai_profiling_dir(model_dir: Path, dest: Path) -> Path:
     """A copy of onnxruntime-genai model folder `model_dir` at `dest` (its files linked, not copied) whose
     genai_config.json turns onnxruntime's profiler on (the decoder session option `enable_profiling`: a file
     prefix). Returns that prefix; the profile is written when the og.Model is freed."""
-    config_path = model_dir / "genai_config.json"
-    if not config_path.is_file():
-        raise RuntimeError(f"{model_dir}: no genai_config.json (an onnxruntime-genai model folder has one)")
-    config = json.loads(config_path.read_text())
-    try:
-        options = config["model"]["decoder"].setdefault("session_options", {})
-    except (KeyError, AttributeError, TypeError):
-        raise RuntimeError(f"{config_path}: expected model.decoder in the config; rebuild the model") from None
-    shutil.rmtree(dest, ignore_errors=True)
-    dest.mkdir(parents=True)
-    for f in model_dir.iterdir():
-        if f.name != config_path.name:
-            (dest / f.name).symlink_to(f.resolve())
     prefix = dest / "ort-profile"
-    options["enable_profiling"] = str(prefix)
-    (dest / config_path.name).write_text(json.dumps(config, indent=2))
+    genai_linked_copy(model_dir, dest, lambda options: options.__setitem__("enable_profiling", str(prefix)))
     return prefix
 
 

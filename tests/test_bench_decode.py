@@ -2,6 +2,7 @@
 whole flow (export both graphs, quantize, time ours and transformers eager). Timings are not asserted."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -53,6 +54,28 @@ def test_load_orders_rotate_evenly():
     assert sorted(o[0] for o in every) == sorted(names) and all(sorted(o) == sorted(names) for o in every)
     assert llm_decode.load_orders(names, 1) == [names] and llm_decode.load_orders([], 2) == []
 
+
+
+def test_genai_cuda_graph_variants_keep_the_builders_cuda_options(tmp_path):
+    """The GPU bench times onnxruntime-genai with its CUDA graph on and off: a linked copy of the model folder
+    whose CUDA provider options say which, the builder's other options kept, the original untouched."""
+    model = tmp_path / "genai-fp16"
+    model.mkdir()
+    (model / "model.onnx").write_bytes(b"onnx")
+    cuda = {"cuda": {"enable_cuda_graph": "0", "enable_skip_layer_norm_strict_mode": "1"}}
+    config = {"model": {"decoder": {"session_options": {"provider_options": [cuda]}}}}
+    (model / "genai_config.json").write_text(json.dumps(config))
+    for on, flag in ((True, "1"), (False, "0")):
+        dest = tmp_path / f"graph-{flag}"
+        llm_decode.genai_linked_copy(model, dest, lambda o, _on=on: llm_decode.genai_cuda_graph(o, _on))
+        got = json.loads((dest / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+        assert got == {"provider_options": [{"cuda": {"enable_cuda_graph": flag,
+                                                      "enable_skip_layer_norm_strict_mode": "1"}}]}
+        assert (dest / "model.onnx").is_symlink()
+    assert json.loads((model / "genai_config.json").read_text()) == config
+    options: dict = {}  # a config without CUDA provider options gets them
+    llm_decode.genai_cuda_graph(options, True)
+    assert options == {"provider_options": [{"cuda": {"enable_cuda_graph": "1"}}]}
 
 def test_a_timing_process_that_fails_is_reported():
     """A child whose runtime cannot load reports it by name; the pooled summary leaves it out."""
@@ -141,25 +164,34 @@ def test_gpu_decode_harness_runs_on_the_host(tmp_path):
     """benchmarks/gpu_decode.py with --device cpu: the GPU bench's code (fp16 export, int4 over fp16, the
     runtime with OrtValue buffers and graph ids, eager fp16, bandwidth and roofline) on the host, so that the
     first GPU run does not find a harness bug. fp16 engines and eager fp16 start from the same weights: their
-    first greedy tokens agree. The engines are built by a `--build-only` run into a workdir and reused by the
-    timing run (a lent GPU's short calls: the export in one call's background, the timing in the next)."""
+    first greedy tokens agree. Our engines are built by a `--build-only` run into a workdir and reused by the
+    timing run, which adds onnxruntime-genai's model where it is installed (a lent GPU's short calls: the
+    export runs in the background while the GPU tests run)."""
     out, work = tmp_path / "gpu.json", tmp_path / "work"
     base = [sys.executable, "-m", "benchmarks.gpu_decode", "--shape", "smoke", "--device", "cpu", "--workdir",
             str(work)]
-    build = subprocess.run(base + ["--build-only"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    build = subprocess.run(base + ["--build-only", "--skip-genai"], cwd=REPO, capture_output=True, text=True,
+                           timeout=900)
     assert build.returncode == 0, build.stderr[-3000:]
     stamp = json.loads((work / "built.json").read_text())
-    assert stamp["shape"] == "smoke" and stamp["block_size"] == 32 and "| illume-edge" not in build.stdout
+    assert stamp["built_from"]["shape"] == "smoke" and stamp["built_from"]["block_size"] == 32
+    assert "| illume-edge" not in build.stdout
+    assert stamp["genai_ep"] is None and stamp["genai_models"] == {}  # the timing run adds the peer's models
     cmd = base + ["--steps", "4", "--prompt", "12", "--reps", "2", "--graph-ab", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "engines reused" in proc.stderr and "export fp16" not in proc.stderr
     assert not work.exists()  # removed after timing (no --keep)
     result = json.loads(out.read_text())
-    assert not result["failures"], result["failures"]
-    runs = result["runs"]
-    assert set(runs) == {"illume-edge fp16", "illume-edge fp16 (no CUDA graph)", "illume-edge int4",
-                         "illume-edge int4 (no CUDA graph)", "PyTorch eager fp16"}
+    runs, failures = result["runs"], result["failures"]
+    ours = {"illume-edge fp16", "illume-edge fp16 (no CUDA graph)", "illume-edge int4",
+            "illume-edge int4 (no CUDA graph)", "PyTorch eager fp16"}
+    if importlib.util.find_spec("onnxruntime_genai") is None:  # `make test` has no peer; `make bench` has
+        assert set(runs) == ours and list(failures) == ["onnxruntime-genai"], failures
+        assert "not installed" in failures["onnxruntime-genai"]
+    else:  # its int4 model from the same weights, through the same harness
+        assert set(runs) == ours | {"onnxruntime-genai int4"} and not failures, failures
+        assert "onnxruntime-genai int4: model builder (cpu)" in proc.stderr
     for name, r in runs.items():
         assert r["reps"] == 2 and r["steps"] == 4 and 0 < r["decode_ms_min"] <= r["decode_ms_max"], name
         assert 0 < r["roofline_pct"] and r["bytes_per_token"] > r["kv_bytes_per_token"] > 0, name

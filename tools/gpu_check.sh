@@ -4,14 +4,15 @@
 #                                     CFG rows, chi-square, timing (tests/test_cuda_kernel.py -m gpu)
 #   bash tools/gpu_check.sh runtime   onnxruntime's CUDA provider: tests/test_gpu_runtime.py -m gpu (device
 #                                     buffers, CUDA graphs, the kernel in the decode loops)
-#   bash tools/gpu_check.sh bench     benchmarks/gpu_decode.py: fp16 / int4 decode against eager, roofline
+#   bash tools/gpu_check.sh bench     benchmarks/gpu_decode.py: fp16 / int4 decode against eager and
+#                                     onnxruntime-genai-cuda (a second run), roofline
 #   bash tools/gpu_check.sh demo      ILLUME-nano exported fp16, the demo (understanding, generation, editing)
 #                                     on CUDA with CUDA graphs and the kernel, then on the CPU: the answers and
 #                                     timings side by side
-#   bash tools/gpu_check.sh prebuild  starts the bench's export + int4 quantization (CPU work, minutes) in the
-#                                     background, in its own process session, into $BENCH_WORK, so that it
-#                                     runs on while this call's other stages and the next call start; the
-#                                     bench stage then waits for it and reuses the engines
+#   bash tools/gpu_check.sh prebuild  starts the bench's export + int4 quantization and onnxruntime-genai's
+#                                     model builder (CPU work, minutes) in the background, in its own process
+#                                     session, into $BENCH_WORK, so that it runs on while the other stages
+#                                     run; the bench stage then waits for it and reuses the models
 #   bash tools/gpu_check.sh all       the four in turn
 # DEMOS picks the demo runs (default "cuda default cpu"). NANO=DIR uses an ILLUME-nano fp16 engine exported
 # here and carried (else the demo stage exports one there).
@@ -31,7 +32,7 @@ mkdir -p "$OUT" "$SITE"
 status=0
 
 BENCH_WORK=${BENCH_WORK:-/tmp/illume-gpu-bench}
-if [ "$stage" != kernel ] && [ "$stage" != prebuild ]; then
+if [ "$stage" != kernel ]; then  # onnxruntime-gpu and the wheels (onnxruntime-genai-cuda loads onnxruntime's)
   if [ ! -d "$SITE/onnxruntime" ] && compgen -G ".device/ort/*.part*" >/dev/null; then
     cat .device/ort/*.part* | xz -d | tar -x -C "$SITE" \
       || { echo "onnxruntime-gpu parts incomplete: carry every .device/ort part (tools/prepare_gpu_carry.sh)"; exit 2; }
@@ -67,10 +68,12 @@ run() {  # name, seconds, command...: tee the output to $OUT/<name>.log, remembe
 # a test still running after 90 s dumps every thread's stack (pytest's faulthandler), so that a slow or hung
 # test says where it is even when the stage's time limit then kills it; --durations=0 times every test
 PYTEST_GPU=(-q -rs -p no:cacheprovider -o faulthandler_timeout=90 --durations=0 -m gpu)
+nano=${NANO:-/tmp/illume-nano-fp16}
+ensure_nano() {  # ILLUME-nano exported fp16 (carried with NANO=DIR, else exported here: ~30 s)
+  [ -f "$nano/manifest.json" ] || run export-nano-fp16 300 "$PY" -m illume_edge.cli export \
+    --checkpoint models/illume-nano --precision fp16 --out "$nano"
+}
 if [ "$stage" = prebuild ]; then
-  if compgen -G ".device/whl/*.whl" >/dev/null; then  # the export side's transformers / diffusers
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" .device/whl/*.whl || exit 2
-  fi
   mkdir -p "$BENCH_WORK"
   setsid nohup timeout 900 "$PY" -m benchmarks.gpu_decode --layers "${LAYERS:-8}" --workdir "$BENCH_WORK" \
     --build-only >"$BENCH_WORK/build.log" 2>&1 </dev/null &
@@ -88,8 +91,8 @@ if [ "$stage" = runtime ] || [ "$stage" = bench ] || [ "$stage" = demo ] || [ "$
 fi
 if [ "$stage" = runtime ] || [ "$stage" = all ]; then
   # the fused graph's placement: no Memcpy node, or it cannot be captured as a CUDA graph
-  [ -f "${NANO:-/tmp/illume-nano-fp16}/llm.onnx" ] && run placement 90 "$PY" tools/ort_placement.py \
-    "${NANO:-/tmp/illume-nano-fp16}/llm.onnx"
+  ensure_nano
+  run placement 90 "$PY" tools/ort_placement.py "$nano/llm.onnx"
   run gpu-runtime-tests "${RUNTIME_LIMIT:-420}" "$PY" -m pytest "${PYTEST_GPU[@]}" tests/test_gpu_runtime.py \
     --junitxml "$OUT/gpu-runtime-tests.xml"
 fi
@@ -99,13 +102,16 @@ if [ "$stage" = bench ] || [ "$stage" = all ]; then
     for _ in $(seq "${BUILD_WAIT:-300}"); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
     echo "== prebuild: $(kill -0 "$pid" 2>/dev/null && echo 'still running' || echo done)"; tail -3 "$BENCH_WORK/build.log"
   fi
+  # ours and eager first (kept: --keep), then again with onnxruntime-genai-cuda in the same process and
+  # rounds: two onnxruntime copies (the module's and the one genai loads) in one process have not been seen
+  # together on a GPU yet, and a crash there must not take the first table with it
   run gpu-decode "${BENCH_LIMIT:-480}" "$PY" -m benchmarks.gpu_decode --layers "${LAYERS:-8}" --graph-ab \
-    --reps "${REPS:-5}" --workdir "$BENCH_WORK" --out "$OUT/gpu-decode.json"
+    --reps "${REPS:-5}" --workdir "$BENCH_WORK" --skip-genai --keep --out "$OUT/gpu-decode.json"
+  run gpu-decode-genai "${BENCH_LIMIT:-480}" "$PY" -m benchmarks.gpu_decode --layers "${LAYERS:-8}" --graph-ab \
+    --reps "${REPS:-5}" --workdir "$BENCH_WORK" --keep --out "$OUT/gpu-decode-genai.json"
 fi
 if [ "$stage" = demo ] || [ "$stage" = all ]; then
-  nano=${NANO:-/tmp/illume-nano-fp16}
-  [ -f "$nano/manifest.json" ] || run export-nano-fp16 300 "$PY" -m illume_edge.cli export \
-    --checkpoint models/illume-nano --precision fp16 --out "$nano"
+  ensure_nano
   demos=" ${DEMOS:-cuda default cpu} "
   [[ $demos == *" cuda "* ]] && run demo-cuda "${DEMO_LIMIT:-150}" "$PY" -m illume_edge.cli demo --engine "$nano" \
     --out /tmp/demo-cuda --device cuda --cuda-graph
