@@ -182,13 +182,15 @@ def genai_device_rep(model_dir: Path, variant: Path, ep: str, cuda_graph: bool, 
     return genai_rep(variant, prompt, steps)
 
 
-def eager_rep(model, prompt: list[int], steps: int, device: str) -> Rep:
-    """transformers eager on the module (on `device`): DynamicCache, logits_to_keep=1, argmax; `.item()`
-    synchronizes every step."""
+def eager_rep(model, prompt: list[int], steps: int, device: str, text: tuple[int, int]) -> Rep:
+    """transformers eager on the module (on `device`): DynamicCache, logits_to_keep=1, argmax over the text
+    ids [text[0], text[1]) as our text head draws (over the whole vocabulary it picks image codes, and the
+    sequences cannot be compared); `.item()` synchronizes every step."""
     import torch
     from transformers import DynamicCache
 
     ids = torch.tensor([prompt], dtype=torch.int64, device=device)
+    lo, hi = text
     # transformers renamed the cache argument (`cache`; `past_key_values` deprecated): take what this one has
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -196,14 +198,14 @@ def eager_rep(model, prompt: list[int], steps: int, device: str) -> Rep:
     def rep(n: int = steps):
         t0 = time.perf_counter()
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{key: DynamicCache(config=model.config)})
-        tok = int(out.logits[0, -1].argmax().item())
+        tok = int(out.logits[0, -1, lo:hi].argmax().item()) + lo
         t_prefill = time.perf_counter() - t0
         step_s, got = [], [tok]
         for _ in range(n):
             t0 = time.perf_counter()
             out = model(input_ids=torch.tensor([[tok]], device=device), use_cache=True, logits_to_keep=1,
                         **{key: getattr(out, key)})
-            tok = int(out.logits[0, -1].argmax().item())
+            tok = int(out.logits[0, -1, lo:hi].argmax().item()) + lo
             step_s.append(time.perf_counter() - t0)
             got.append(tok)
         return t_prefill, step_s, got, {}
@@ -355,7 +357,8 @@ def run(args) -> dict:
             try:
                 reps[name] = genai_device_rep(Path(d), work / f"genai-{prec}-graph-{int(graph)}", genai_ep, graph,
                                               prompt, args.steps)
-                bytes_by_name[name] = {"weight_bytes_per_token": streamed_weight_bytes(Path(d) / "model.onnx")["streamed"]}
+                weights = streamed_weight_bytes(Path(d) / "model.onnx")["streamed"]
+                bytes_by_name[name] = {"weight_bytes_per_token": weights}
             except Exception as e:
                 result["failures"][name] = f"{type(e).__name__}: {str(e)[-1500:]}"
                 traceback.print_exc()
@@ -363,7 +366,7 @@ def run(args) -> dict:
         from benchmarks.llm_decode import param_bytes
 
         model = model.to(args.device)
-        reps["PyTorch eager fp16"] = eager_rep(model, prompt, args.steps, args.device)
+        reps["PyTorch eager fp16"] = eager_rep(model, prompt, args.steps, args.device, cfg.head_ranges()["text"])
         bytes_by_name["PyTorch eager fp16"] = {"weight_bytes_per_token": param_bytes(model)}
     log(f"timing {len(reps)} runtimes: {args.warmup} warm-up + {args.reps} interleaved rounds")
     for name, r in interleaved(reps, args.warmup, args.reps, log, result["failures"]).items():

@@ -100,7 +100,8 @@ if [ "$stage" = bench ] || [ "$stage" = all ]; then
   if [ -f "$BENCH_WORK/build.pid" ]; then  # a prebuild still running: wait for it (its stamp decides reuse)
     pid=$(cat "$BENCH_WORK/build.pid")
     for _ in $(seq "${BUILD_WAIT:-300}"); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
-    echo "== prebuild: $(kill -0 "$pid" 2>/dev/null && echo 'still running' || echo done)"; tail -3 "$BENCH_WORK/build.log"
+    echo "== prebuild: $(kill -0 "$pid" 2>/dev/null && echo 'still running' || echo done)"
+    tail -3 "$BENCH_WORK/build.log"
   fi
   # ours and eager first (kept: --keep), then again with onnxruntime-genai-cuda in the same process and
   # rounds: two onnxruntime copies (the module's and the one genai loads) in one process have not been seen
