@@ -11,6 +11,10 @@ from illume_edge.runtime.session import SessionOptions
 
 CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 HIDDEN_REL = 2e-2  # fp16 compute: CUDA's GEMMs and flash attention sum in another order than the CPU kernels
+# The image-loop test ran past a 150 s call on an H100 (2026-11-27) with no trace of where. A suspect, not
+# established: onnxruntime's default exhaustive cuDNN algorithm search on every convolution of the VQ decoder
+# and the encoders at their first run. These tests check the sampling, not the convolutions' speed.
+QUICK_CONV_SETUP = {"CUDAExecutionProvider": {"cudnn_conv_algo_search": "HEURISTIC"}}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +64,8 @@ def test_cuda_decode_equals_cpu_decode(fp16_engine, cuda_provider, cuda_graph):
     states within HIDDEN_REL, teacher-forced with the CPU's greedy tokens, and >= 90% of the greedy tokens
     equal."""
     gpu = LLMRunner(Engine.load(fp16_engine, SessionOptions(providers=CUDA, device="cuda", cuda_graph=cuda_graph)))
-    cpu = LLMRunner(Engine.load(fp16_engine, SessionOptions(providers=["CPUExecutionProvider"])))  # onnxruntime-gpu: pin it
+    # the CPU provider pinned: with onnxruntime-gpu installed the default would be CUDA
+    cpu = LLMRunner(Engine.load(fp16_engine, SessionOptions(providers=["CPUExecutionProvider"])))
     assert gpu.cuda_graph == cuda_graph and gpu.kv_dtype == np.float16 and cpu.session.device == "cpu"
     for rows in ([[5, 6, 7, 8, 9], [10, 11]], [[12, 13, 14], [15, 16, 17, 18]]):
         want_tokens, want_hidden = _greedy(cpu, rows, 12)
@@ -87,7 +92,8 @@ def test_cuda_image_loop_with_the_kernel_equals_the_host_sampler(fp16_engine, cu
     differs, docs/gpu.md, so a flip is ~1e-16-likely per draw, and one flip changes every later code)."""
     from illume_edge.runtime.pipeline import Pipeline
 
-    engine = Engine.load(fp16_engine, SessionOptions(providers=CUDA, device="cuda", cuda_graph=True))
+    engine = Engine.load(fp16_engine, SessionOptions(providers=CUDA, device="cuda", cuda_graph=True,
+                                                   provider_options=QUICK_CONV_SETUP))
     args = dict(resolution="256x256", seed=3, cfg=2.0, top_k=64, top_p=0.9, repetition_penalty=1.1,
                 decoder="vq")
     want = Pipeline(engine, sampler="host").generate("a red circle", **args)
@@ -102,7 +108,8 @@ def test_cuda_text_loop_with_the_kernel_equals_the_host_sampler(fp16_engine, cud
     top-p, penalty) into the next step's input ids, under CUDA graphs: the numpy sampler's answer."""
     from illume_edge.runtime.pipeline import Pipeline
 
-    engine = Engine.load(fp16_engine, SessionOptions(providers=CUDA, device="cuda", cuda_graph=True))
+    engine = Engine.load(fp16_engine, SessionOptions(providers=CUDA, device="cuda", cuda_graph=True,
+                                                   provider_options=QUICK_CONV_SETUP))
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     args = dict(max_new_tokens=32, seed=5, temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=1.2)
     want = Pipeline(engine, sampler="host").understand(image, "what is this?", **args)
