@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[export,dev]'
+	$(BIN)/pip install -q -e '.[cpu,export,dev]'
 	touch $@
 
 test: setup
@@ -73,14 +73,20 @@ eval-nano-ablation: | setup
 # weights on every side, results under benchmarks/results/ (docs/performance.md).
 # On a machine with an NVIDIA GPU (and onnxruntime-gpu: `.[gpu]`), `make bench` also runs bench-gpu.
 bench: setup
-	$(BIN)/pip install -q -e '.[bench]'
+	@if $(BIN)/python -c "import importlib.metadata as m; m.version('onnxruntime-gpu')" 2>/dev/null; then \
+	    $(BIN)/pip install -q -e '.[bench-gpu]'; else $(BIN)/pip install -q -e '.[bench]'; fi
 	$(BIN)/python -m benchmarks.llm_decode
 	$(BIN)/python -m benchmarks.stages
 	@if [ -e /dev/nvidia0 ]; then $(MAKE) bench-gpu; fi
 
 # LLM decode on the GPU at the ILLUME+ 3B shape (8 of its layers): fp16 and int4-over-fp16 engines with and
-# without CUDA graphs vs PyTorch eager fp16, against the device's bandwidth roofline (docs/gpu.md).
+# without CUDA graphs vs onnxruntime-genai-cuda and PyTorch eager fp16, against the device's bandwidth
+# roofline (docs/gpu.md). Needs a venv with onnxruntime-gpu in place of onnxruntime.
 bench-gpu: setup
+	@$(BIN)/python -c "import onnxruntime as o, sys; sys.exit(0 if 'CUDAExecutionProvider' in \
+	    o.get_available_providers() else 'bench-gpu: no CUDA provider in this venv: ' \
+	    '$(BIN)/pip uninstall -y onnxruntime onnxruntime-genai, then $(BIN)/pip install -e .[gpu,export,dev]')"
+	$(BIN)/pip install -q -e '.[bench-gpu]'
 	$(BIN)/python -m benchmarks.gpu_decode --graph-ab
 
 # The long protocol (~25 minutes): int8 decode too, both LLM graphs in the decode A/B, prompts up to 1024

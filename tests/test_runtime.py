@@ -508,3 +508,11 @@ def test_stream_text_stops_at_eos_unless_told_to_ignore_it(tiny_engine):
         runner = EndRunner()
         list(stream_text(runner, tok, [1, 2, 3], None, greedy, 0, 8, ignore_eos=ignore))
         assert runner.fed == feeds  # the last of the 8 tokens is never fed back
+
+
+def test_an_environment_without_onnxruntime_is_told_which_extra(tiny_engine, monkeypatch):
+    """Neither onnxruntime flavour is a base dependency (both install the same module): without one, loading
+    an engine names the `cpu` and `gpu` extras rather than failing on an import deep inside."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    with pytest.raises(EngineError, match=r"onnxruntime is not installed.*illume-edge\[cpu\].*illume-edge\[gpu\]"):
+        Engine.load(tiny_engine("tiny-plus")[0])

@@ -17,6 +17,15 @@ _ORT_MAX_OPSET = ((1, 14, 18), (1, 16, 19), (1, 17, 20), (1, 18, 21), (1, 20, 22
 _ORT_MAX_IR = ((1, 14, 8), (1, 15, 9), (1, 16, 9), (1, 17, 10), (1, 22, 11))
 
 
+def require_onnxruntime() -> None:
+    """onnxruntime comes from the `cpu` or the `gpu` extra (pyproject.toml): name both when neither is there."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise EngineError("onnxruntime is not installed: pip install 'illume-edge[cpu]' (onnxruntime), or "
+                          "'illume-edge[gpu]' for CUDA / TensorRT (onnxruntime-gpu; never both)") from None
+
+
 def _ort_version() -> tuple[int, int]:
     import onnxruntime as ort
 
@@ -69,6 +78,7 @@ class Engine:
 
     @classmethod
     def load(cls, engine_dir: str | Path, options: SessionOptions | None = None, check_hash: bool = True) -> "Engine":
+        require_onnxruntime()
         manifest = read_manifest(engine_dir)
         verify_engine(engine_dir, manifest, check_hash=check_hash)
         engine = cls(engine_dir, manifest, options or SessionOptions())
