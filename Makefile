@@ -6,6 +6,8 @@ PRESET  ?= tiny-plus
 CKPT    ?= engines/checkpoints/$(PRESET)
 ENGINE  ?= engines/$(PRESET)
 PYTEST_ARGS ?=
+# onnxruntime's flavour: cpu (onnxruntime) or gpu (onnxruntime-gpu, tensorrt, pycuda); never both in one venv
+ORT_EXTRA   ?= cpu
 NANO_CKPT   := models/illume-nano
 NANO_ENGINE := engines/illume-nano
 
@@ -18,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[cpu,export,dev]'
+	$(BIN)/pip install -q -e '.[$(ORT_EXTRA),export,dev]'
 	touch $@
 
 test: setup
@@ -85,7 +87,7 @@ bench: setup
 bench-gpu: setup
 	@$(BIN)/python -c "import onnxruntime as o, sys; sys.exit(0 if 'CUDAExecutionProvider' in \
 	    o.get_available_providers() else 'bench-gpu: no CUDA provider in this venv: ' \
-	    '$(BIN)/pip uninstall -y onnxruntime onnxruntime-genai, then $(BIN)/pip install -e .[gpu,export,dev]')"
+	    'rm -rf $(VENV) and make setup ORT_EXTRA=gpu (onnxruntime-gpu in place of onnxruntime)')"
 	$(BIN)/pip install -q -e '.[bench-gpu]'
 	$(BIN)/python -m benchmarks.gpu_decode --graph-ab
 
