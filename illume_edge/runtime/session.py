@@ -88,8 +88,8 @@ def buffer_device(component: Component, requested: str, providers: list[str]) ->
     """Where a session's request buffers live: `requested`, except that a fused llm graph run by a GPU provider
     keeps them in GPU memory even when "cpu" was asked. Its attention writes the new slots into the very
     buffer its past came from. Bound in host memory, the cache came back wrong (an H100 repeated the first
-    token of every answer; docs/gpu.md): onnxruntime copies past and present through two device buffers, so
-    the kernel, we think (not traced), no longer sees one shared buffer."""
+    token of every answer; docs/gpu.md): onnxruntime copies past and present through two device buffers,
+    and its CUDA kernel, which compares the two pointers, then takes them for two buffers."""
     if requested == "cpu" and providers and providers[0] in GPU_PROVIDERS and shares_kv_buffer(component):
         return "cuda"
     return requested
