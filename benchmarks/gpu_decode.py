@@ -48,8 +48,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.llm_decode import (Rep, add_roofline, export_bench_engine, interleaved, kv_bytes_per_step,
-                                   roofline_table, smoke_shape, streamed_weight_bytes)
+from benchmarks.llm_decode import (Rep, add_roofline, export_bench_engine, genai_cuda_graph, genai_linked_copy,
+                                   genai_rep, interleaved, kv_bytes_per_step, roofline_table, smoke_shape,
+                                   streamed_weight_bytes)
 from benchmarks.machine import (BANDWIDTH_STATISTIC, cores, cpu_model, git_commit, measure_read_bandwidth, versions,
                                 write_result)
 from illume_edge.config import illume_plus
@@ -170,18 +171,6 @@ def ours_rep(engine_dir: Path, prompt: list[int], steps: int, device: str, cuda_
     return rep
 
 
-def genai_device_rep(model_dir: Path, variant: Path, ep: str, cuda_graph: bool, prompt: list[int],
-                     steps: int) -> Rep:
-    """onnxruntime-genai's Generator, greedy (llm_decode.genai_rep); on CUDA with its CUDA graph on or off
-    (a linked copy of the model folder whose config says which)."""
-    from benchmarks.llm_decode import genai_cuda_graph, genai_linked_copy, genai_rep
-
-    if ep == "cpu":
-        return genai_rep(model_dir, prompt, steps)
-    genai_linked_copy(model_dir, variant, lambda options: genai_cuda_graph(options, cuda_graph))
-    return genai_rep(variant, prompt, steps)
-
-
 def eager_rep(model, prompt: list[int], steps: int, device: str, text: tuple[int, int]) -> Rep:
     """transformers eager on the module (on `device`): DynamicCache, logits_to_keep=1, argmax over the text
     ids [text[0], text[1]) as our text head draws (over the whole vocabulary it picks image codes, and the
@@ -228,7 +217,7 @@ def genai_precisions(ep: str) -> tuple[str, ...]:
     return ("int4",) if ep == "cpu" else ("fp16", "int4")
 
 
-def build_genai_models(model, cfg, work: Path, block_size: int, ep: str, log) -> dict[str, Path | str]:
+def build_genai_models(model, cfg, work: Path, block_size: int, ep: str, log) -> dict[str, str]:
     """onnxruntime-genai's model builder on the same weights (saved as a HF folder): precision -> its model
     folder, or the error that stopped it (a failing peer is reported, not hidden)."""
     from benchmarks.llm_decode import build_genai
@@ -237,14 +226,14 @@ def build_genai_models(model, cfg, work: Path, block_size: int, ep: str, log) ->
     hf_dir = work / "hf"
     model.save_pretrained(hf_dir, safe_serialization=True)
     save_tokenizer_files(cfg, hf_dir)
-    out: dict[str, Path | str] = {}
+    out: dict[str, str] = {}
     for prec in genai_precisions(ep):
         d = work / f"genai-{prec}"
         shutil.rmtree(d, ignore_errors=True)
         log(f"onnxruntime-genai {prec}: model builder ({ep})")
         try:
             build_genai(hf_dir, d, prec, cores(), work / "genai-cache", block_size, ep=ep)
-            out[prec] = d
+            out[prec] = str(d)
         except Exception as e:
             out[prec] = f"{type(e).__name__}: {str(e)[-1500:]}"
             traceback.print_exc()
@@ -279,7 +268,7 @@ def build_engines(model, cfg, work: Path, block_size: int, log, genai_ep: str | 
     elif saved["genai_ep"] == genai_ep:
         genai = saved["genai_models"]
     else:
-        genai = {k: str(v) for k, v in build_genai_models(model, cfg, work, block_size, genai_ep, log).items()}
+        genai = build_genai_models(model, cfg, work, block_size, genai_ep, log)
         saved.update(genai_ep=genai_ep, genai_models=genai)
     stamp_file.write_text(json.dumps(saved, indent=1) + "\n")
     return engines, genai
@@ -348,15 +337,21 @@ def run(args) -> dict:
             except Exception as e:  # a failing configuration is reported, not hidden
                 result["failures"][name] = f"{type(e).__name__}: {str(e)[-1500:]}"
                 traceback.print_exc()
+    # onnxruntime-genai: on CUDA with its CUDA graph on and (for the A/B) off, each a linked copy of the model
+    # folder whose config says which; on the CPU its folder as built
+    graph_modes = ([True, False] if args.graph_ab else [True]) if genai_ep == "cuda" else [None]
     for prec, d in genai.items():
-        for graph in ([True, False] if args.graph_ab and genai_ep == "cuda" else [genai_ep == "cuda"]):
-            name = f"onnxruntime-genai {prec}" + ("" if graph or genai_ep == "cpu" else " (no CUDA graph)")
+        for graph in graph_modes:
+            name = f"onnxruntime-genai {prec}" + (" (no CUDA graph)" if graph is False else "")
             if not Path(d).is_dir():  # the builder's error
                 result["failures"][name] = d
                 continue
             try:
-                reps[name] = genai_device_rep(Path(d), work / f"genai-{prec}-graph-{int(graph)}", genai_ep, graph,
-                                              prompt, args.steps)
+                folder = Path(d)
+                if graph is not None:
+                    folder = work / f"genai-{prec}-graph-{int(graph)}"
+                    genai_linked_copy(Path(d), folder, lambda options, on=graph: genai_cuda_graph(options, on))
+                reps[name] = genai_rep(folder, prompt, args.steps)
                 weights = streamed_weight_bytes(Path(d) / "model.onnx")["streamed"]
                 bytes_by_name[name] = {"weight_bytes_per_token": weights}
             except Exception as e:

@@ -72,17 +72,13 @@ def bandwidth_label(machine: dict) -> str:
     return f"median of the passes; best {machine.get('read_bandwidth', {}).get('best_gbs', float('nan')):.1f}"
 
 
-# distribution -> the module whose __version__ says what ran when it is imported: a package on PYTHONPATH
-# (onnxruntime-gpu unpacked beside the machine's own onnxruntime, tools/gpu_check.sh) shadows the installed
-# distribution whose metadata would otherwise be reported
-MODULES = {"numpy": "numpy", "onnx": "onnx", "onnxruntime": "onnxruntime", "torch": "torch",
-           "transformers": "transformers", "diffusers": "diffusers"}
-
-
 def versions() -> dict:
+    """Each package's version: the imported module's own where it is imported (a package on PYTHONPATH, such as
+    onnxruntime-gpu unpacked beside the machine's onnxruntime by tools/gpu_check.sh, shadows the installed
+    distribution whose metadata would otherwise be reported), else the distribution's."""
     out = {"python": platform.python_version()}
     for pkg in ("illume-edge", "numpy", "onnx", "onnxruntime", "onnxruntime-genai", "torch", "transformers", "diffusers"):
-        module = sys.modules.get(MODULES.get(pkg, ""))
+        module = sys.modules.get(pkg.replace("-", "_"))
         if getattr(module, "__version__", None):
             out[pkg] = str(module.__version__)
             continue

@@ -105,7 +105,6 @@ def _save(image, out: str) -> None:
 
 def _pipeline(args):
     from .runtime.pipeline import Pipeline
-
     from .runtime.provider_options import parse_cli
 
     return Pipeline.load(args.engine, threads=args.threads, device=args.device, sampler=args.sampler,

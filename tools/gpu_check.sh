@@ -69,7 +69,7 @@ run() {  # name, seconds, command...: tee the output to $OUT/<name>.log, remembe
 # test says where it is even when the stage's time limit then kills it; --durations=0 times every test
 PYTEST_GPU=(-q -rs -p no:cacheprovider -o faulthandler_timeout=90 --durations=0 -m gpu)
 nano=${NANO:-/tmp/illume-nano-fp16}
-ensure_nano() {  # ILLUME-nano exported fp16 (carried with NANO=DIR, else exported here: ~30 s)
+ensure_nano() {  # ILLUME-nano exported fp16 (carried with NANO=DIR, else exported here; 30 s on the 2-core VM)
   [ -f "$nano/manifest.json" ] || run export-nano-fp16 300 "$PY" -m illume_edge.cli export \
     --checkpoint models/illume-nano --precision fp16 --out "$nano"
 }

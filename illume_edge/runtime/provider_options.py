@@ -13,9 +13,8 @@ strings (booleans as "1" / "0"). Options of a provider a session does not use ar
 itself rejects an option name its provider does not know, when the session is created.
 
 Two options belong to the runtime and are refused here: `device_id` (`SessionOptions.device_id`, which also
-places the request buffers) and `enable_cuda_graph`
-(`SessionOptions.cuda_graph`, which also makes the runner replay the decode step under graph ids; a graph
-captured without them would replay stale shapes).
+places the request buffers) and `enable_cuda_graph` (`SessionOptions.cuda_graph`, which also makes the runner
+replay the decode step under graph ids; a graph captured without them would replay stale shapes).
 """
 from __future__ import annotations
 
