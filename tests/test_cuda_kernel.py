@@ -285,6 +285,48 @@ def test_gpu_kernel_matches_sampler(gpu_sampler, dtype):
     assert agree / total >= 0.999, (agree, total)
 
 
+def _binding_or_skip(name):
+    try:
+        return {"pycuda": kernel._PyCuda, "cuda-python": kernel._CudaPython}[name]()
+    except ImportError as e:
+        pytest.skip(f"{name} is not installed here: {e}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("binding", ["pycuda", "cuda-python"])
+@pytest.mark.parametrize("source", ["cubin", "nvrtc"])
+def test_gpu_kernel_every_route_draws_the_same_tokens(binding, source, tmp_path):
+    """Each binding (pycuda, cuda-python) with each source of the kernel (a cubin nvcc built, or NVRTC at
+    run time: the fallback for other archs and older drivers) draws the numpy sampler's tokens, fp32 and
+    fp16, guided rows included."""
+    b = _binding_or_skip(binding)
+    if source == "cubin":
+        if NVCC is None:
+            pytest.skip("nvcc not found: no cubin to load")
+        build.compile_cubins(tmp_path, archs=[b.sm])
+    s = kernel.GpuSampler(tmp_path, binding=b)  # with no manifest in tmp_path the kernel comes from NVRTC
+    assert (s.choice.kind, s.binding.name) == (source, binding), s.choice
+    rng = np.random.default_rng(7)
+    agree = total = 0
+    for i in range(300):
+        x, k, p, t = _case(rng, i)
+        u = rng.random(1)
+        params = SamplingParams(temperature=t, top_k=k, top_p=p)
+        for dtype in (np.float32, np.float16):
+            xd = x.astype(dtype)
+            want = sampler.guided_sample(xd.astype(np.float32), None, params, u)
+            total += 1
+            agree += int(s.sample(xd, None, params, u)[0] == want[0])
+    v, start = 98304, 151680
+    cond, uncond = ((rng.standard_normal((4, v)) * 2).astype(np.float32) for _ in range(2))
+    params = SamplingParams(temperature=0.7, top_k=2048, top_p=0.9, cfg_scale=3.0)
+    u = rng.random(4)
+    guided = s.sample(cond, uncond, params, u, range_start=start)
+    total += 4
+    agree += int((guided == sampler.guided_sample(cond, uncond, params, u, range_start=start)).sum())
+    assert agree / total >= 0.999, (agree, total)
+
+
 @pytest.mark.gpu
 def test_gpu_kernel_bans(gpu_sampler):
     """Stage 1b on the device: the kernel's tokens equal the emulation's with ban ranges (text decoding)."""
@@ -391,7 +433,8 @@ def test_gpu_kernel_timing(gpu_sampler, capsys):
     except ImportError:
         pass
     with capsys.disabled():
-        print("\nsampling step, 2 x 98304, top-k 2048, top-p 0.9: " +
+        print(f"\nsampling step, 2 x 98304, top-k 2048, top-p 0.9 ({gpu_sampler.binding.name}, "
+              f"{gpu_sampler.choice.kind} sm_{gpu_sampler.choice.arch}): " +
               ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in res.items()))
     assert res["kernel(host arrays)"] < res["numpy"] * 5
 

@@ -13,8 +13,13 @@
 #                                     model builder (CPU work, minutes) in the background, in its own process
 #                                     session, into $BENCH_WORK, so that it runs on while the other stages
 #                                     run; the bench stage then waits for it and reuses the models
-#   bash tools/gpu_check.sh all       the four in turn
-# DEMOS picks the demo runs (default "cuda default cpu"). NANO=DIR uses an ILLUME-nano fp16 engine exported
+#   bash tools/gpu_check.sh split     where a decode step's time goes: the bench's engines (built here at
+#                                     LAYERS, default 8, unless $BENCH_WORK has them), then
+#                                     tools/gpu_step_split.py (llm run vs the kernel's pick, device busy
+#                                     time, the host's profile)
+#   bash tools/gpu_check.sh all       kernel, runtime, bench and demo in turn
+# BENCH_RUNS picks the bench's runs (default "ours genai": ours and eager, then the same with
+# onnxruntime-genai-cuda in the rounds). DEMOS picks the demo runs (default "cuda default cpu"). NANO=DIR uses an ILLUME-nano fp16 engine exported
 # here and carried (else the demo stage exports one there).
 # PACK=FILE at the end writes $OUT's logs, the demo's outputs and the background build's log into one .tar.gz
 # (the device tool brings back at most 8 files from $OUT).
@@ -41,6 +46,11 @@ if [ "$stage" != kernel ]; then  # onnxruntime-gpu and the wheels (onnxruntime-g
     "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" .device/whl/*.whl || exit 2
   fi
 fi
+# pycuda (tools/build_pycuda_wheel.sh), the kernel's first-choice binding, in every stage where it was carried
+if compgen -G ".device/pycuda/pycuda-*.whl" >/dev/null && [ ! -d "$SITE/pycuda" ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" .device/pycuda/*.whl \
+    || echo "pycuda wheels not installed: the kernel falls back to cuda-python"
+fi
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # onnxruntime's CUDA provider loads libcudart / libcublas / libcudnn by name: the CUDA 13 libraries of the
 # nvidia-* packages that torch brought
@@ -52,8 +62,13 @@ export ILLUME_EDGE_GPU=1 PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   "$PY" - <<'PY'
 import platform, torch, onnxruntime as ort
+try:
+    import pycuda
+    pyc = pycuda.VERSION_TEXT
+except ImportError as e:
+    pyc = f"not importable ({e})"
 print("python", platform.python_version(), "| torch", torch.__version__, "cuda", torch.version.cuda,
-      "| onnxruntime", ort.__version__, ort.get_available_providers())
+      "| onnxruntime", ort.__version__, ort.get_available_providers(), "| pycuda", pyc)
 PY
 } 2>&1 | tee "$OUT/environment-$stage.txt"
 
@@ -84,7 +99,7 @@ if [ "$stage" = kernel ] || [ "$stage" = all ]; then
   run gpu-kernel-tests "${KERNEL_LIMIT:-480}" "$PY" -m pytest "${PYTEST_GPU[@]}" tests/test_cuda_kernel.py \
     --junitxml "$OUT/gpu-kernel-tests.xml"
 fi
-if [ "$stage" = runtime ] || [ "$stage" = bench ] || [ "$stage" = demo ] || [ "$stage" = all ]; then
+if [ "$stage" = runtime ] || [ "$stage" = bench ] || [ "$stage" = demo ] || [ "$stage" = split ] || [ "$stage" = all ]; then
   # the kernel's cubins where the runtime's GpuSampler() looks for them (else it compiles with NVRTC)
   [ -f illume_edge/runtime/cuda/prebuilt/manifest.json ] \
     || run kernels 120 "$PY" -m illume_edge.runtime.cuda.build --out illume_edge/runtime/cuda/prebuilt
@@ -106,10 +121,16 @@ if [ "$stage" = bench ] || [ "$stage" = all ]; then
   # ours and eager first (kept: --keep), then again with onnxruntime-genai-cuda in the same process and
   # rounds: two onnxruntime copies (the module's and the one genai loads) in one process have not been seen
   # together on a GPU yet, and a crash there must not take the first table with it
-  run gpu-decode "${BENCH_LIMIT:-480}" "$PY" -m benchmarks.gpu_decode --layers "${LAYERS:-8}" --graph-ab \
+  runs=" ${BENCH_RUNS:-ours genai} "
+  [[ $runs == *" ours "* ]] && run gpu-decode "${BENCH_LIMIT:-480}" "$PY" -m benchmarks.gpu_decode --layers "${LAYERS:-8}" --graph-ab \
     --reps "${REPS:-5}" --workdir "$BENCH_WORK" --skip-genai --keep --out "$OUT/gpu-decode.json"
-  run gpu-decode-genai "${BENCH_LIMIT:-480}" "$PY" -m benchmarks.gpu_decode --layers "${LAYERS:-8}" --graph-ab \
+  [[ $runs == *" genai "* ]] && run gpu-decode-genai "${BENCH_LIMIT:-480}" "$PY" -m benchmarks.gpu_decode --layers "${LAYERS:-8}" --graph-ab \
     --reps "${REPS:-5}" --workdir "$BENCH_WORK" --keep --out "$OUT/gpu-decode-genai.json"
+fi
+if [ "$stage" = split ]; then
+  [ -f "$BENCH_WORK/built.json" ] || run split-build 300 "$PY" -m benchmarks.gpu_decode --layers "${LAYERS:-8}" \
+    --workdir "$BENCH_WORK" --build-only --skip-genai
+  run step-split "${SPLIT_LIMIT:-180}" "$PY" tools/gpu_step_split.py "$BENCH_WORK"
 fi
 if [ "$stage" = demo ] || [ "$stage" = all ]; then
   ensure_nano

@@ -30,8 +30,11 @@ wheel=$(ls -t .device/dl/onnxruntime_gpu-*.whl | head -1)
 "$PY" tools/pack_onnxruntime_gpu.py "$wheel" --arch "$ARCH" --out .device/ort --part-mib 25
 # the kernel's cubins, built here so that the GPU's device time is not spent on it
 "$PY" -m illume_edge.runtime.cuda.build --out illume_edge/runtime/cuda/prebuilt
+# pycuda, the kernel's first-choice binding, built here against a stub libcuda (the GPU machine has no index)
+bash tools/build_pycuda_wheel.sh || echo "pycuda not built: the GPU machine's kernel tests use cuda-python only"
 parts=(.device/ort/*.part*)
 first=("${parts[@]:0:2}")
+[ -d .device/pycuda ] && first+=(.device/pycuda)
 second=("${parts[@]:2}" .device/whl illume_edge/runtime/cuda/prebuilt)
 # what a call carries: the repository's tracked files and these; at most 64 MiB
 repo=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
@@ -47,9 +50,9 @@ cat <<MSG
 Three calls on the GPU machine, each at once after the last (a machine goes back 30 s after a call, and what
 a call carried or unpacked into /tmp stays while it is up; docs/gpu.md, "Verifying on a lent GPU"):
   1. carry [$(q "${first[@]}" | sed 's/, $//')]
-     command: mkdir -p /tmp/keep && cp ${first[*]} /tmp/keep/ && PACK=\$OUT/call1.tar.gz OUT=/tmp/gc1 KERNEL_LIMIT=200 bash tools/gpu_check.sh kernel
+     command: mkdir -p /tmp/keep && cp ${parts[*]:0:2} /tmp/keep/ && PACK=\$OUT/call1.tar.gz OUT=/tmp/gc1 KERNEL_LIMIT=200 bash tools/gpu_check.sh kernel
   2. carry [$(q "${second[@]}" | sed 's/, $//')]
-     command: cp /tmp/keep/* .device/ort/; export PACK=\$OUT/call2.tar.gz OUT=/tmp/gc2; bash tools/gpu_check.sh prebuild; RUNTIME_LIMIT=300 bash tools/gpu_check.sh runtime; DEMO_LIMIT=60 bash tools/gpu_check.sh demo
+     command: cp /tmp/keep/* .device/ort/; export PACK=\$OUT/call2.tar.gz OUT=/tmp/gc2; bash tools/gpu_check.sh prebuild; RUNTIME_LIMIT=240 bash tools/gpu_check.sh runtime; DEMOS=cuda DEMO_LIMIT=60 bash tools/gpu_check.sh demo
   3. carry nothing
-     command: PACK=\$OUT/call3.tar.gz OUT=/tmp/gc2 BUILD_WAIT=200 BENCH_LIMIT=180 bash tools/gpu_check.sh bench
+     command: PACK=\$OUT/call3.tar.gz OUT=/tmp/gc2 BUILD_WAIT=200 BENCH_LIMIT=180 BENCH_RUNS=genai bash tools/gpu_check.sh bench
 MSG
