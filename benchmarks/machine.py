@@ -72,20 +72,38 @@ def bandwidth_label(machine: dict) -> str:
     return f"median of the passes; best {machine.get('read_bandwidth', {}).get('best_gbs', float('nan')):.1f}"
 
 
+# the runtimes a bench times, imported here to read the version of the module that runs: a package on
+# PYTHONPATH (onnxruntime-gpu unpacked beside the machine's CPU onnxruntime by tools/gpu_check.sh) shadows the
+# installed distribution, whose metadata would otherwise be reported; both import in well under a second
+RUNTIME_MODULES = ("onnxruntime", "onnxruntime_genai")
+# the distributions that provide a module under another name (the GPU builds of the two runtimes)
+FLAVOURS = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
+            "onnxruntime-genai": ("onnxruntime-genai", "onnxruntime-genai-cuda")}
+
+
 def versions() -> dict:
-    """Each package's version: the imported module's own where it is imported (a package on PYTHONPATH, such as
-    onnxruntime-gpu unpacked beside the machine's onnxruntime by tools/gpu_check.sh, shadows the installed
-    distribution whose metadata would otherwise be reported), else the distribution's."""
+    """Each package's version: the imported module's own (the runtimes are imported for it), else the first
+    installed distribution that provides it; "absent" where none does."""
+    import importlib
+
+    for name in RUNTIME_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - absent or broken: the metadata (or "absent") says what is there
+            pass
     out = {"python": platform.python_version()}
     for pkg in ("illume-edge", "numpy", "onnx", "onnxruntime", "onnxruntime-genai", "torch", "transformers", "diffusers"):
         module = sys.modules.get(pkg.replace("-", "_"))
         if getattr(module, "__version__", None):
             out[pkg] = str(module.__version__)
             continue
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "absent"
+        out[pkg] = "absent"
+        for dist in FLAVOURS.get(pkg, (pkg,)):
+            try:
+                out[pkg] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                pass
     return out
 
 

@@ -199,3 +199,28 @@ def test_gpu_decode_harness_runs_on_the_host(tmp_path):
     assert runs["illume-edge fp16"]["tokens"] == runs["illume-edge fp16 (no CUDA graph)"]["tokens"]
     assert runs["illume-edge fp16"]["tokens"][:2] == runs["PyTorch eager fp16"]["tokens"][:2]
     assert result["machine"]["device"] == "cpu" and "| illume-edge int4 |" in proc.stdout
+
+
+def test_versions_report_the_module_that_runs_and_the_gpu_flavours(monkeypatch):
+    """A bench reports the imported runtime's own version (onnxruntime-gpu on PYTHONPATH shadows the machine's
+    CPU wheel, whose metadata said 1.30.0 on the H100 while 1.31.1 ran), and finds the GPU distributions
+    (onnxruntime-genai-cuda) where the module is not importable."""
+    import types
+    from importlib import metadata
+
+    from benchmarks import machine
+
+    shadow = types.ModuleType("onnxruntime")
+    shadow.__version__ = "9.9.9"
+    monkeypatch.setitem(sys.modules, "onnxruntime", shadow)
+    monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # import fails: the metadata decides
+    installed = {"onnxruntime": "1.30.0", "onnxruntime-genai-cuda": "0.18.0"}
+
+    def version(dist):
+        if dist in installed:
+            return installed[dist]
+        raise metadata.PackageNotFoundError(dist)
+
+    monkeypatch.setattr(machine.metadata, "version", version)
+    v = machine.versions()
+    assert v["onnxruntime"] == "9.9.9" and v["onnxruntime-genai"] == "0.18.0" and v["diffusers"] == "absent"
