@@ -442,7 +442,8 @@ def test_gpu_kernel_timing(gpu_sampler, capsys):
 def test_sample_device_reuses_its_argument_buffers(tmp_path):
     """The image loop launches once per sampled token: the eight argument arrays go up in one copy into one
     buffer, which like the workspace is allocated once and reused, and only grown (the old one freed) when a
-    launch needs more. The kernel's pointers are that buffer's base plus each array's offset."""
+    launch needs more; a launch whose arguments are the last one's (greedy text steps) copies nothing. The
+    kernel's pointers are that buffer's base plus each array's offset."""
     (tmp_path / "manifest.json").write_text(__import__("json").dumps(MAN))
     (tmp_path / "sampling.sm_89.cubin").write_bytes(b"CUBIN89")
 
@@ -471,12 +472,13 @@ def test_sample_device_reuses_its_argument_buffers(tmp_path):
     dev = Device()
     sampler = kernel.GpuSampler(tmp_path, dev)
     params = SamplingParams(temperature=1.0, top_k=8, repetition_penalty=1.1)
-    for step in range(3):
-        la = kernel.pack_launch(1, params, [0.5], v=1000, has_uncond=True, generated_ids_per_row=[[1, 2]],
-                                banned=[(3, 9)])
+    for step in range(4):
+        la = kernel.pack_launch(1, params, [0.5 if step < 3 else 0.25], v=1000, has_uncond=True,
+                                generated_ids_per_row=[[1, 2]], banned=[(3, 9)])
         sampler.sample_device(1 << 20, "float32", 1000, 0, la, 1 << 21)
-    assert dev.launches == 3 and dev.freed == [] and len(dev.allocs) == 2  # the arguments + the workspace
-    assert dev.allocs[-1] == kernel.workspace_bytes(1, 1000) and len(dev.copied) == 3  # one copy per launch
+    assert dev.launches == 4 and dev.freed == [] and len(dev.allocs) == 2  # the arguments + the workspace
+    # one copy for the three identical launches, one for the fourth's new uniform
+    assert dev.allocs[-1] == kernel.workspace_bytes(1, 1000) and len(dev.copied) == 2
     assert {dst for dst, _ in dev.copied} == {1}  # every launch's arguments into the first launch's buffer
     # each pointer argument, read back from the copied bytes at its offset, is the array pack_launch made
     host = dev.copied[-1][1]
@@ -491,6 +493,66 @@ def test_sample_device_reuses_its_argument_buffers(tmp_path):
     sampler.sample_device(1 << 20, "float32", 4000, 0, la, 1 << 21)
     assert dev.freed == [1, 2] and dev.allocs[2:] == [kernel.pack_arguments(la)[0].nbytes,
                                                        kernel.workspace_bytes(1, 4000)]  # both grew
+
+
+def test_pycuda_binding_prepares_once_and_does_not_synchronize(tmp_path, monkeypatch):
+    """The pycuda binding, on a fake pycuda: each function is prepared once with the kernel's argument format
+    (pointer, int64, int32 as in sampling.cu's ILLUME_ARGS) and launched by prepared calls, with no context
+    synchronize: the copy back orders after the launch (the H100's host spent 20-30 us a step in pycuda's
+    per-call argument inspection, docs/gpu.md)."""
+    import sys
+    import types
+
+    calls = []
+
+    class Function:
+        def __init__(self, name):
+            self.name = name
+
+        def prepare(self, fmt):
+            calls.append(("prepare", self.name, fmt))
+
+        def prepared_call(self, grid, block, *args):
+            calls.append(("call", self.name, grid, block, args))
+
+    class Context:
+        def push(self):
+            pass
+
+        def pop(self):
+            pass
+
+        @staticmethod
+        def synchronize():
+            calls.append(("synchronize",))
+
+    drv = types.ModuleType("pycuda.driver")
+    drv.init = lambda: None
+    drv.Device = lambda i: types.SimpleNamespace(retain_primary_context=Context, compute_capability=lambda: (8, 9))
+    drv.get_driver_version = lambda: 12040
+    drv.Context = Context
+    drv.module_from_buffer = lambda image: types.SimpleNamespace(get_function=Function)
+    drv.mem_alloc = lambda n: types.SimpleNamespace(n=n, free=lambda: None, __int__=lambda self: 4096)
+    drv.memcpy_htod = lambda dst, arr: calls.append(("htod", arr.nbytes))
+    pkg = types.ModuleType("pycuda")
+    pkg.driver = drv
+    monkeypatch.setitem(sys.modules, "pycuda", pkg)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", drv)
+    monkeypatch.setattr("atexit.register", lambda fn: None)
+    (tmp_path / "manifest.json").write_text(__import__("json").dumps(MAN))
+    (tmp_path / "sampling.sm_89.cubin").write_bytes(b"CUBIN89")
+    b = kernel._PyCuda()
+    b.ptr = lambda buf: 4096  # the fake allocations' address
+    sampler = kernel.GpuSampler(tmp_path, b)
+    la = kernel.pack_launch(1, SamplingParams(temperature=0.0), None, v=1000)
+    for _ in range(3):
+        sampler.sample_device(1 << 20, "float16", 1000, 0, la, 1 << 21, 2, 2)
+    prepared = [c for c in calls if c[0] == "prepare"]
+    assert prepared == [("prepare", "illume_sample_f16", "PqiiPPPPPPPPiqPqiP")]
+    launches = [c for c in calls if c[0] == "call"]
+    assert len(launches) == 3 and launches[0][2:4] == (la.grid, la.block)
+    assert all(type(a) is int for a in launches[0][4]) and launches[0][4][:4] == (1 << 20, 1000, 0, 1000)
+    assert ("synchronize",) not in calls and sum(c[0] == "htod" for c in calls) == 1
 
 
 def test_the_wheel_ships_what_the_kernel_build_writes():
