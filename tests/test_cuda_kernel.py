@@ -82,8 +82,8 @@ def test_missing_binding_is_named(monkeypatch):
 # ---------------------------------------------------------------------------------------------------
 # loader decisions, sizes, packing
 # ---------------------------------------------------------------------------------------------------
-MAN = {"cuda_version": 12040, "cubins": {"87": "sampling.sm_87.cubin", "89": "sampling.sm_89.cubin",
-                                         "90": "sampling.sm_90.cubin"}}
+MAN = {"cuda_version": 12040, "source_sha256": build.source_sha256(),
+       "cubins": {"87": "sampling.sm_87.cubin", "89": "sampling.sm_89.cubin", "90": "sampling.sm_90.cubin"}}
 
 
 @pytest.mark.parametrize("sm,drv,kind,arch", [
@@ -100,6 +100,16 @@ def test_choose_kernel_source(sm, drv, kind, arch, tmp_path):
 
 def test_choose_without_manifest_uses_nvrtc():
     assert kernel.choose_kernel_source(90, 13000, None).kind == "nvrtc"
+
+
+def test_cubins_from_another_source_are_not_loaded():
+    """Cubins built from an older sampling.cu take other launch arguments (the kernel would read the ones it
+    knows and ignore the rest: a silent wrong result), so a manifest without this source's hash goes to
+    NVRTC, saying why."""
+    for stale in ({**MAN, "source_sha256": "0" * 64}, {k: v for k, v in MAN.items() if k != "source_sha256"}):
+        c = kernel.choose_kernel_source(90, 13000, stale)
+        assert c.kind == "nvrtc" and "another sampling.cu" in c.reason and "make kernels" in c.reason
+    assert kernel.choose_kernel_source(90, 13000, MAN).kind == "cubin"
 
 
 class FakeBinding:
@@ -548,7 +558,7 @@ def test_pycuda_binding_prepares_once_and_does_not_synchronize(tmp_path, monkeyp
     for _ in range(3):
         sampler.sample_device(1 << 20, "float16", 1000, 0, la, 1 << 21, 2, 2)
     prepared = [c for c in calls if c[0] == "prepare"]
-    assert prepared == [("prepare", "illume_sample_f16", "PqiiPPPPPPPPiqPqiP")]
+    assert prepared == [("prepare", "illume_sample_f16", "PqiiPPPPPPPPiqPqiPPPqq")]
     launches = [c for c in calls if c[0] == "call"]
     assert len(launches) == 3 and launches[0][2:4] == (la.grid, la.block)
     assert all(type(a) is int for a in launches[0][4]) and launches[0][4][:4] == (1 << 20, 1000, 0, 1000)

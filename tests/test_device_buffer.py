@@ -120,15 +120,17 @@ class EmulatedKernel:
             arr.view(np.uint8)[:] = src[:arr.nbytes]
 
     def __init__(self):
-        self.binding, self.launches, self.outputs = self.Binding(), 0, []
+        self.binding, self.launches, self.outputs, self.advances = self.Binding(), 0, [], []
 
-    def sample_device(self, logits_ptr, dtype, row_stride, col0, la, out_ptr, out_stride=1, out_copies=1):
+    def sample_device(self, logits_ptr, dtype, row_stride, col0, la, out_ptr, out_stride=1, out_copies=1,
+                      advance=None):
         import ctypes
 
         from illume_edge.runtime.cuda import emulation
 
         self.launches += 1
         self.outputs.append((out_ptr, out_stride, out_copies))
+        self.advances.append(advance)
         rows_in = int(max(la.cond_row.max(), la.uncond_row.max())) + 1
         ctype = ctypes.c_float if dtype == "float32" else ctypes.c_uint16
         flat = np.ctypeslib.as_array((ctype * (rows_in * row_stride)).from_address(logits_ptr))
@@ -145,6 +147,14 @@ class EmulatedKernel:
             x = emulation.combined_logits(cond, uncond, cfg, penalty, pen, bans)
             out[r * out_stride:r * out_stride + out_copies] = la.range_start + emulation.sample_row(
                 x, t, int(la.top_k[r]), top_p, float(la.uniforms[r]))
+            if advance is not None and advance.positions and out[r * out_stride] >= 0:  # sampling.cu's advance_step
+                rows = (la.grid[0] - 1) * out_stride + out_copies
+                pos = np.ctypeslib.as_array((ctypes.c_int64 * rows).from_address(advance.positions))
+                mask = np.ctypeslib.as_array((ctypes.c_int64 * (rows * advance.mask_stride))
+                                             .from_address(advance.mask)).reshape(rows, advance.mask_stride)
+                for row in range(r * out_stride, r * out_stride + out_copies):
+                    pos[row] += 1
+                    mask[row, advance.mask_slot if advance.mask_slot >= 0 else pos[row]] = 1
 
 
 @pytest.mark.parametrize("buffers", ["auto", "ortvalue"])
@@ -171,6 +181,10 @@ def test_device_pick_draws_the_host_samplers_tokens(tiny_engine, buffers):
     assert kernel.launches == sum(c.size for c in want.codes)  # one launch per sampled code
     # each token went straight into the next step's input ids, both rows of the CFG pair (static decode)
     assert {(stride, copies) for _, stride, copies in kernel.outputs} == {(2, 2)}
+    # and advanced both rows' positions and mask there where they are device copies (OrtValues), which the
+    # host would write whole every step; numpy buffers are the request's own mask: nothing to advance
+    advanced = sum(a is not None for a in kernel.advances)
+    assert advanced > kernel.launches // 2 if buffers == "ortvalue" else advanced == 0
     scratch = {kernel.binding.ptr(b) for b in kernel.binding.bufs}
     assert not {ptr for ptr, _, _ in kernel.outputs} & scratch
     with pytest.raises(ValueError, match="sampler: expected one of"):
@@ -231,3 +245,48 @@ def test_device_pick_refuses_host_buffers_for_the_gpu_kernel(tiny_engine):
                                           r".*sampler='host'"):
         pipe.generate("a red circle", resolution="256x256", seed=0, decoder="vq")
     assert kernel.launches == 0
+
+
+@pytest.mark.parametrize("right_padded", [True, False])
+def test_the_kernel_advances_the_next_steps_positions_and_mask(tiny_engine, right_padded, monkeypatch):
+    """With its token the kernel advances the next static step's positions and attention mask on the device
+    (sampling.cu's advance_step, here its emulation on OrtValue buffers in host memory): afterwards they hold
+    exactly what the host would have written for the next token, each row at its own position (rows of
+    unequal length), the mask slot each row's new position (right padding) or the one slot all rows share
+    (rows that end together). The step that feeds the token then writes neither (two host-to-device copies a
+    step on a GPU, one of the whole B x capacity mask); a second draw without a feed does not advance them
+    again, and after a prefill, whose run binds its own inputs, there is nothing to advance."""
+    from illume_edge.runtime.decode_loops import device_pick
+    from illume_edge.runtime.device_buffer import DeviceArray
+    from illume_edge.runtime.engine import Engine
+    from illume_edge.runtime.llm_runner import LLMRunner
+    from illume_edge.runtime.sampler import SamplingParams
+    from illume_edge.runtime.session import SessionOptions
+
+    runner = LLMRunner(Engine.load(tiny_engine("tiny-plus")[0], SessionOptions(buffers="ortvalue")))
+    assert runner.static_decode
+    runner.right_padded = right_padded  # the buffers' bookkeeping only: what the graph computes is not checked
+    kernel = EmulatedKernel()
+    pick = device_pick(kernel)
+    text, greedy = runner.cfg.head_ranges()["text"][0], SamplingParams(temperature=0.0)
+    state = runner.prefill([[5, 6, 7, 8], [5, 6]], max_new_tokens=8)
+    step = state.step
+    tok = pick(runner, state, "text", greedy, np.zeros(1), text, False, ())
+    assert kernel.advances[-1] is None  # the prefill's run did not use the step buffers
+    written = []
+    real_write = DeviceArray.write
+    monkeypatch.setattr(DeviceArray, "write", lambda self, v: (written.append(self), real_write(self, v)))
+    for i in range(5):
+        written.clear()
+        runner.feed(state, np.full((2, 1), tok))
+        assert (step.positions in written, step.mask in written) == ((True, True) if i == 0 else (False, False))
+        tok = pick(runner, state, "text", greedy, np.zeros(1), text, False, ())
+        assert kernel.advances[-1] is not None
+        want_mask = state.mask.copy()
+        slots = state.next_pos if right_padded else np.full(2, state.length)
+        want_mask[np.arange(2), slots] = 1
+        np.testing.assert_array_equal(step.positions.host(), state.next_pos[:, None], err_msg=f"step {i}")
+        np.testing.assert_array_equal(step.mask.host(), want_mask, err_msg=f"step {i}")
+    assert state.next_pos.tolist() == [9, 7]  # 4 + 5 and 2 + 5 tokens
+    pick(runner, state, "text", greedy, np.zeros(1), text, False, ())
+    assert kernel.advances[-1] is None  # already advanced for the next token

@@ -46,9 +46,11 @@ def device_pick(sampler) -> Pick:
     `binding`): one launch per step reads the head's [cond; uncond] logits in place on the device
     (`runner.head_logits`), with the same semantics and uniforms as `guided_sample`, and writes the id
     straight into the next decode step's input ids, every row of the batch (`runner.step_ids`, static
-    decode), else into an 8-byte device buffer of the sampler's. Only that id is copied to the host (the
-    grammar, streaming and stop checks need it). `banned` ranges go to the kernel's stage 1b."""
-    from .cuda.kernel import pack_launch
+    decode), and advances those rows' positions and attention mask there (`runner.step_to_advance`), so that
+    the step that feeds the token writes none of its inputs from the host; without static decode the id goes
+    into an 8-byte device buffer of the sampler's. Only that id is copied to the host (the grammar, streaming
+    and stop checks need it). `banned` ranges go to the kernel's stage 1b."""
+    from .cuda.kernel import StepAdvance, pack_launch
 
     scratch = sampler.binding.alloc(8)  # int64, for engines without static decode steps
     memory = getattr(sampler, "memory", "cuda")  # where the buffers it takes by address must be
@@ -71,10 +73,15 @@ def device_pick(sampler) -> Pick:
         if ids is None:
             sampler.sample_device(logits.address, str(logits.dtype), v, 0, la, sampler.binding.ptr(scratch), 1)
             sampler.binding.dtoh(host, scratch)
-        else:
+        else:  # the token into every row's next input id, and (static steps) their positions and mask
+            target = runner.step_to_advance(state)
+            advance = None if target is None else StepAdvance(target[0].address, target[1].address,
+                                                              target[1].shape[1], target[2])
             sampler.sample_device(logits.address, str(logits.dtype), v, 0, la, ids.address, state.batch,
-                                  state.batch)
+                                  state.batch, advance)
             sampler.binding.dtoh(host, ids.address)
+            if advance is not None and host[0] >= 0:
+                runner.step_advanced(state)
         if host[0] < 0:
             raise EngineError(f"head_{head}: the sampling kernel found NaN/+inf or no finite logit in row 0")
         if ids is not None:

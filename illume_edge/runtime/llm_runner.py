@@ -127,6 +127,8 @@ class StepBuffers:
     mask: DeviceArray  # int64 [B, capacity]: the request's mask itself when numpy owns it (`on_host`)
     table: DeviceArray  # float32 [1, hidden]: the image-row table of a decode step (its ids never index it)
     ids_written: int | None = None  # a token a device sampler wrote into `ids` for every row (skip the write)
+    current: bool = False  # positions and mask hold the last run's inputs (it was a static step)
+    advanced: bool = False  # a device sampler advanced positions and mask for the next step (skip both writes)
 
 
 @dataclass
@@ -231,7 +233,7 @@ class LLMRunner:
         key = (batch, capacity)
         kept = self._pool.get(key)
         if kept is not None and (kept.owner is None or kept.owner() is None):
-            kept.step.ids_written = None
+            kept.step.ids_written, kept.step.current, kept.step.advanced = None, False, False
             if kept.step.mask.on_host:  # the request's mask itself: it holds the last request's
                 kept.step.mask.host()[:] = 0
             return kept
@@ -303,10 +305,13 @@ class LLMRunner:
                 binding.bind_inputs({"input_ids": step.ids, "image_embeds": step.table,
                                      "attention_mask": step.mask, "position_ids": step.positions})
             graph = state.graph_id
+            step.current = True
         else:
             binding.bind_inputs({"input_ids": ids, "image_embeds": table, "attention_mask": state.mask[:, :p + s],
                                  "position_ids": positions.astype(np.int64)})
             graph = -1 if state.graph_id is not None else None  # prefills and multi-token runs: no graph
+            if step is not None:
+                step.current = step.advanced = False
         binding.run(self.session.run_options(graph))
         self.runs += 1
         state.kv.advance()
@@ -324,16 +329,33 @@ class LLMRunner:
         """`step_ids(state)` now holds `token` in every row (written on the device)."""
         state.step.ids_written = int(token)
 
+    def step_to_advance(self, state: DecodeState) -> tuple[DeviceArray, DeviceArray, int] | None:
+        """What a device sampler may advance for the next decode step along with its token: (positions [B, 1],
+        mask [B, capacity], the mask slot every row takes, or -1 for each row's new position), when the last run
+        was a static step (the buffers hold its inputs) and the mask is a device copy the host would otherwise
+        rewrite whole; else None. After advancing, call `step_advanced`."""
+        step = state.step
+        if step is None or not step.current or step.advanced or step.mask.on_host:
+            return None  # (advanced: already done for the next token; a second pick must not do it again)
+        return step.positions, step.mask, -1 if self.right_padded else state.length
+
+    @staticmethod
+    def step_advanced(state: DecodeState) -> None:
+        """The device advanced `step_to_advance(state)`'s positions and mask for the next token: the step that
+        feeds it writes neither (StepBuffers.advanced)."""
+        state.step.advanced = True
+
     @staticmethod
     def _write_step(state: DecodeState, ids: np.ndarray, positions: np.ndarray) -> None:
         """This step's ids, positions and (unless it is the request's mask itself) mask into the step buffers."""
         step = state.step
         if step.ids_written is None or not (ids == step.ids_written).all():
             step.ids.write(ids)
-        step.ids_written = None
-        step.positions.write(positions)
-        if not step.mask.on_host:  # an OrtValue is written whole: B x capacity int64 (32 KB at 2 x 2048)
-            step.mask.write(state.mask)
+        if not step.advanced:  # else the device sampler advanced them with its token (any token's are the same)
+            step.positions.write(positions)
+            if not step.mask.on_host:  # an OrtValue is written whole: B x capacity int64 (32 KB at 2 x 2048)
+                step.mask.write(state.mask)
+        step.ids_written, step.advanced = None, False
 
     def _check_ids(self, ids: np.ndarray, table_rows: int) -> None:
         hi = self.cfg.llm.vocab_rows + table_rows

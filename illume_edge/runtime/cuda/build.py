@@ -26,6 +26,14 @@ ENTRY_POINTS = {"float32": "illume_sample_f32", "float16": "illume_sample_f16"}
 DEFINES = (f"-DILLUME_BLOCK={BLOCK}", f"-DILLUME_KMAX={KMAX}")
 
 
+def source_sha256() -> str:
+    """What the cubins are built from: sampling.cu and the defines. A manifest that names another (cubins from
+    an older source, whose arguments may differ) is not loaded: NVRTC compiles the current source instead."""
+    import hashlib
+
+    return hashlib.sha256(SOURCE.read_bytes() + " ".join(DEFINES).encode()).hexdigest()
+
+
 class KernelBuildError(RuntimeError):
     """nvcc/NVRTC failed, or ptxas reported spills."""
 
@@ -127,7 +135,8 @@ def compile_cubins(out_dir: str | os.PathLike = DEFAULT_OUT, archs=ARCHS, nvcc: 
         raise KernelBuildError("nvcc not found (set NVCC or put it on PATH)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {"cuda_version": nvcc_cuda_version(nvcc), "block": BLOCK, "kmax": KMAX, "cubins": {}, "ptxas": []}
+    manifest = {"cuda_version": nvcc_cuda_version(nvcc), "block": BLOCK, "kmax": KMAX,
+                "source_sha256": source_sha256(), "cubins": {}, "ptxas": []}
     for arch in archs:
         name = f"sampling.sm_{arch}.cubin"
         stats = compile_cubin(arch, out / name, nvcc)

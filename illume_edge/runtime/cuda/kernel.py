@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from ..sampler import SamplingParams
-from .build import BLOCK, DEFAULT_OUT, ENTRY_POINTS, KMAX, nvrtc_compile
+from .build import BLOCK, DEFAULT_OUT, ENTRY_POINTS, KMAX, nvrtc_compile, source_sha256
 
 
 class CudaUnavailableError(RuntimeError):
@@ -34,10 +34,14 @@ class KernelChoice:
 
 def choose_kernel_source(sm: int, driver_version: int, manifest: dict | None, build_dir: Path = DEFAULT_OUT
                          ) -> KernelChoice:
-    """A prebuilt cubin when one runs on ``sm`` (same major, built minor <= device minor) and the driver's
-    CUDA version (``cuDriverGetVersion``: 12040 = 12.4) is >= the toolkit that built it; else NVRTC."""
+    """A prebuilt cubin when one runs on ``sm`` (same major, built minor <= device minor), was built from this
+    sampling.cu (its launch arguments are the ones this module passes), and the driver's CUDA version
+    (``cuDriverGetVersion``: 12040 = 12.4) is >= the toolkit that built it; else NVRTC."""
     if not manifest or not manifest.get("cubins"):
         return KernelChoice("nvrtc", sm, reason="no prebuilt cubins")
+    if manifest.get("source_sha256") != source_sha256():
+        return KernelChoice("nvrtc", sm, reason="the cubins were built from another sampling.cu (rebuild them: "
+                                                "make kernels)")
     built = int(manifest.get("cuda_version", 0))
     if driver_version < built:
         return KernelChoice("nvrtc", sm, reason=f"driver CUDA {driver_version} < build CUDA {built}")
@@ -83,6 +87,17 @@ class LaunchArgs:
     v: int
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class StepAdvance:
+    """Where the kernel advances the next decode step's inputs (sampling.cu's advance_step): the int64
+    positions [B, 1] and attention mask [B, mask_stride] device addresses, and the mask slot every row takes
+    (>= 0: rows that end together) or -1 (each row's new position: right padding). positions 0: none."""
+    positions: int
+    mask: int
+    mask_stride: int
+    mask_slot: int
 
 
 ARGUMENT_ARRAYS = ("cond_row", "uncond_row", "params", "top_k", "uniforms", "pen_offsets", "pen_ids", "bans")
@@ -309,10 +324,12 @@ class GpuSampler:
         return buf
 
     def sample_device(self, logits_ptr: int, dtype: str, row_stride: int, col0: int, la: LaunchArgs,
-                      out_ptr: int, out_stride: int = 1, out_copies: int = 1) -> None:
+                      out_ptr: int, out_stride: int = 1, out_copies: int = 1,
+                      advance: StepAdvance | None = None) -> None:
         """One launch: output row r's token id goes to int64 slots ``out_ptr[r * out_stride + c]``, c <
         ``out_copies`` (the next step's input_ids: ``out_copies`` = 2 writes a CFG pair's token into both of its
-        LLM rows)."""
+        LLM rows). With ``advance``, those rows' positions and attention mask are advanced for the next step
+        too (sampling.cu's advance_step)."""
         b = self.binding
         host, offsets = pack_arguments(la)
         arguments = self._buffer("arguments", host.nbytes)
@@ -327,6 +344,8 @@ class GpuSampler:
                 P("uncond_row"), P("params"), P("top_k"), P("uniforms"), P("pen_offsets"), P("pen_ids"),
                 P("bans"), ("i32", la.bans.shape[0]), ("i64", la.range_start), ("ptr", out_ptr),
                 ("i64", out_stride), ("i32", out_copies), ("ptr", b.ptr(ws))]
+        adv = advance or StepAdvance(0, 0, 0, -1)
+        args += [("ptr", adv.positions), ("ptr", adv.mask), ("i64", adv.mask_stride), ("i64", adv.mask_slot)]
         b.launch(self.functions[dtype], la.grid, la.block, args)
 
     def sample(self, cond: np.ndarray, uncond: np.ndarray | None, params: SamplingParams, uniforms, *,

@@ -10,7 +10,8 @@
 //   -> inverse-CDF draw over the kept set in ascending id order with the row's float64 uniform.
 // Writes out_ids[row * out_stride + c] = range_start + index for c in [0, out_copies) (int64: the next step's
 // input_ids buffer, one copy per LLM row that takes the token, e.g. a CFG pair's cond and uncond rows), or -1
-// for a row with a NaN/+inf logit or no finite logit.
+// for a row with a NaN/+inf logit or no finite logit; with `positions`, advances those rows' positions and
+// attention mask for the next step too (advance_step).
 //
 // Self-contained on purpose (no headers): compiles unchanged with nvcc and with NVRTC.
 // Sizes: BLOCK threads per block; the kept set lives in shared memory when it has <= KMAX entries
@@ -132,6 +133,22 @@ struct Shared {
 // The row's token into its out_copies slots (thread 0 only).
 __device__ __forceinline__ void write_id(long long* out, int out_copies, long long id) {
     for (int c = 0; c < out_copies; ++c) out[c] = id;
+}
+
+// The next decode step's inputs, advanced on the device for each LLM row that takes the row's token (thread 0
+// only, after write_id): positions[row] += 1, then mask[row * mask_stride + slot] = 1, where slot is
+// mask_slot when >= 0 (rows that end together: one slot for all) and else the row's new position (right
+// padding: a row's positions are its slots). The host then skips its two writes of them (llm_runner.py,
+// StepBuffers.advanced). positions == nullptr, or a row flagged -1: nothing is advanced.
+__device__ __forceinline__ void advance_step(const long long* out, int out_copies, long long first_row,
+                                             long long* positions, long long* mask, long long mask_stride,
+                                             long long mask_slot) {
+    if (positions == nullptr || out[0] < 0) return;
+    for (int c = 0; c < out_copies; ++c) {
+        const long long row = first_row + c;
+        const long long pos = ++positions[row];
+        mask[row * mask_stride + (mask_slot >= 0 ? mask_slot : pos)] = 1;
+    }
 }
 
 template <typename L>
@@ -361,11 +378,15 @@ __device__ __forceinline__ void sample_row(
     const double* __restrict__ params, const int* __restrict__ top_ks,                                    \
     const double* __restrict__ uniforms, const int* __restrict__ pen_offsets,                             \
     const int* __restrict__ pen_ids, const int* __restrict__ bans, int n_bans, long long range_start,    \
-    long long* __restrict__ out_ids, long long out_stride, int out_copies, float* __restrict__ workspace
+    long long* __restrict__ out_ids, long long out_stride, int out_copies, float* __restrict__ workspace,  \
+    long long* __restrict__ positions, long long* __restrict__ mask, long long mask_stride, long long mask_slot
 
 #define ILLUME_CALL                                                                                        \
     sample_row(logits, row_stride, col0, V, cond_row, uncond_row, params, top_ks, uniforms, pen_offsets,   \
-               pen_ids, bans, n_bans, range_start, out_ids, out_stride, out_copies, workspace, sm)
+               pen_ids, bans, n_bans, range_start, out_ids, out_stride, out_copies, workspace, sm);        \
+    if (threadIdx.x == 0)                                                                                  \
+        advance_step(out_ids + (long long)blockIdx.x * out_stride, out_copies,                             \
+                     (long long)blockIdx.x * out_stride, positions, mask, mask_stride, mask_slot)
 
 // fp32 logits
 extern "C" __global__ void __launch_bounds__(BLOCK) illume_sample_f32(ILLUME_ARGS(float)) {
