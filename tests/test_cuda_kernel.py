@@ -24,6 +24,14 @@ ptxas info    : Compiling entry function 'illume_sample_f32' for 'sm_87'
 ptxas info    : Function properties for illume_sample_f32
     16 bytes stack frame, 24 bytes spill stores, 20 bytes spill loads
 ptxas info    : Used 255 registers, 8 bytes lmem, 34144 bytes smem, 464 bytes cmem[0]
+ptxas info    : Compiling entry function 'illume_greedy_f16' for 'sm_87'
+ptxas info    : Function properties for illume_greedy_f16
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 1 barriers, 1224 bytes smem, 464 bytes cmem[0]
+ptxas info    : Compiling entry function 'illume_greedy_f32' for 'sm_87'
+ptxas info    : Function properties for illume_greedy_f32
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 1 barriers, 1224 bytes smem, 464 bytes cmem[0]
 """
 
 
@@ -31,7 +39,8 @@ ptxas info    : Used 255 registers, 8 bytes lmem, 34144 bytes smem, 464 bytes cm
 # build
 # ---------------------------------------------------------------------------------------------------
 def test_parse_ptxas_captured_text():
-    a, b = build.parse_ptxas(PTXAS_SAMPLE)
+    a, b, g16, g32 = build.parse_ptxas(PTXAS_SAMPLE)
+    assert (g16.function, g16.registers, g16.smem_bytes, g16.spills) == ("illume_greedy_f16", 40, 1224, False)
     assert (a.function, a.arch, a.registers, a.smem_bytes, a.spill_stores, a.spill_loads) == \
         ("illume_sample_f16", "sm_87", 62, 34144, 0, 0)
     assert not a.spills
@@ -47,7 +56,8 @@ def test_nvcc_compiles_without_spills(arch, tmp_path):
     for s in stats:
         assert s.arch == f"sm_{arch}" and not s.spills
         assert s.registers <= 65536 // build.BLOCK  # a full block fits one SM's register file
-        assert s.smem_bytes == kernel.shared_memory_bytes() <= 48 * 1024  # static, no opt-in needed
+        smem = kernel.greedy_shared_memory_bytes() if "greedy" in s.function else kernel.shared_memory_bytes()
+        assert s.smem_bytes == smem <= 48 * 1024  # static, no opt-in needed
     assert (tmp_path / f"s{arch}.cubin").stat().st_size > 0
 
 
@@ -260,6 +270,32 @@ def test_emulation_bans_match_the_masked_sampler():
     assert everything.tolist() == [-1]
 
 
+def test_greedy_by_slices_is_the_samplers_greedy():
+    """The greedy entry points' algorithm (a block per slice, then the slices reduced in id order) picks the
+    numpy sampler's greedy token: ties inside and across slice boundaries (lowest id), slices of only -inf,
+    the penalty, CFG and bans; -1 for NaN/+inf or no finite logit. Slices of 7 to 3000 make many boundaries."""
+    rng = np.random.default_rng(11)
+    for i in range(600):
+        v = int(rng.choice([5, 37, 512, 3001, 9000]))
+        cond = np.round(rng.standard_normal(v) * 2).astype(np.float32)  # many exact ties
+        uncond = np.round(rng.standard_normal(v)).astype(np.float32) if i % 2 else None
+        if i % 5 == 0:
+            cond[: v // 2] = -np.inf  # whole slices of -inf
+        pen = rng.integers(0, v, 20)
+        bans = [(int(a), int(a) + int(rng.integers(0, v // 3 + 1))) for a in rng.integers(0, v, 2)]
+        params = SamplingParams(temperature=0.0, cfg_scale=2.0, repetition_penalty=1.3)
+        x = em.combined_logits(cond, uncond, params.cfg_scale, params.repetition_penalty, pen, bans)
+        want = int(em.emulate_guided_sample(cond[None], None if uncond is None else uncond[None], params, None,
+                                            generated_ids_per_row=[pen], banned=bans)[0])
+        for slice_len in (7, 64, 3000):
+            assert em.greedy_by_slices(x, slice_len) == want, (i, slice_len)
+        if want >= 0:  # the first of the largest combined logits
+            assert want == int(np.flatnonzero(x == x.max())[0])
+    assert em.greedy_by_slices(np.array([1, np.nan, 2], np.float32), 2) == -1
+    assert em.greedy_by_slices(np.full(10, -np.inf, np.float32), 3) == -1
+    assert em.greedy_by_slices(np.array([3, 1, 3, 3], np.float32), 2) == 0
+
+
 def test_emulation_invalid_rows():
     assert em.sample_row(np.full(10, -np.inf, np.float32), 1.0, 0, 1.0, 0.5) == -1
     assert em.sample_row(np.array([0, np.nan], np.float32), 1.0, 0, 1.0, 0.5) == -1
@@ -382,6 +418,42 @@ def test_gpu_kernel_guided_rows(gpu_sampler):
 
 
 @pytest.mark.gpu
+def test_gpu_kernel_greedy_over_many_blocks(gpu_sampler):
+    """The greedy entry points at the text head's width (151,704 logits: 19 slices a row) draw the numpy
+    sampler's greedy tokens: exact ties planted across slice boundaries, CFG pairs, the penalty, bans, slices
+    of only -inf, fp32 and fp16; a NaN row gives -1. Each launch leaves the row counters at zero for the next
+    (a stale counter would make a wrong block the last)."""
+    rng = np.random.default_rng(17)
+    v, start = 151704, 0
+    for step in range(60):
+        rows = 1 + step % 2
+        cond = (rng.standard_normal((rows, v)) * 2).astype(np.float32)
+        uncond = (rng.standard_normal((rows, v)) * 2).astype(np.float32) if step % 3 else None
+        top = float(cond.max()) + 1
+        for r in range(rows):  # the same largest value in three slices: the lowest id must win
+            cond[r, rng.choice(v, 3, replace=False)] = top
+        if step % 4 == 0:
+            cond[:, : build.GREEDY_SLICE * 5] = -np.inf
+        gen = [list(rng.integers(0, v, 300)) for _ in range(rows)]
+        params = SamplingParams(temperature=0.0, cfg_scale=1.0 if uncond is None else 3.0,
+                                repetition_penalty=[1.0, 1.2][step % 2])
+        bans = [(int(a), int(a) + 5000) for a in rng.integers(0, v - 5000, 2)]
+        for dtype in (np.float32, np.float16):
+            c = cond.astype(dtype).astype(np.float32)
+            u = None if uncond is None else uncond.astype(dtype).astype(np.float32)
+            want = em.emulate_guided_sample(c, u, params, None, generated_ids_per_row=gen, banned=bans)
+            got = gpu_sampler.sample(cond.astype(dtype), None if uncond is None else uncond.astype(dtype), params,
+                                     None, generated_ids_per_row=gen, banned=bans)
+            assert got.tolist() == want.tolist(), (step, dtype)
+    bad = (rng.standard_normal((1, v))).astype(np.float32)
+    bad[0, 100000] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        gpu_sampler.sample(bad, None, SamplingParams(temperature=0.0), None)
+    ok = gpu_sampler.sample(cond[:1], None, SamplingParams(temperature=0.0), None)  # after the bad row
+    assert ok.tolist() == [int(np.argmax(cond[0]))]
+
+
+@pytest.mark.gpu
 def test_gpu_kernel_distribution_chi_square(gpu_sampler):
     stats = pytest.importorskip("scipy.stats")
     rng = np.random.default_rng(3)
@@ -442,10 +514,31 @@ def test_gpu_kernel_timing(gpu_sampler, capsys):
             res["torch"] = (time.perf_counter() - t0) / 20
     except ImportError:
         pass
+    # the runtime's path: logits already on the device, the token read back (8 bytes), at the text head's width
+    b, tv = gpu_sampler.binding, 151704
+    logits = (rng.standard_normal((1, tv)) * 2).astype(np.float32)
+    dl, do, tok = b.alloc(logits.nbytes), b.alloc(8), np.zeros(1, np.int64)
+    b.htod(dl, logits)
+    device = {}
+    for name, p, us in (("greedy (many blocks)", SamplingParams(temperature=0.0), None),
+                        ("top-k 2048 / top-p 0.9 (a block a row)", params, [0.5])):
+        la = kernel.pack_launch(1, p, us, v=tv)
+        for i in range(21):
+            if i == 1:
+                t0 = time.perf_counter()
+            gpu_sampler.sample_device(b.ptr(dl), "float32", tv, 0, la, b.ptr(do))
+            b.dtoh(tok, do)
+        device[name] = (time.perf_counter() - t0) / 20
+        if p.temperature == 0:
+            assert tok[0] == int(np.argmax(logits[0]))
+    b.free(dl)
+    b.free(do)
     with capsys.disabled():
         print(f"\nsampling step, 2 x 98304, top-k 2048, top-p 0.9 ({gpu_sampler.binding.name}, "
               f"{gpu_sampler.choice.kind} sm_{gpu_sampler.choice.arch}): " +
               ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in res.items()))
+        print(f"device logits, 1 x {tv}, launch + token read back: " +
+              ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in device.items()))
     assert res["kernel(host arrays)"] < res["numpy"] * 5
 
 
@@ -554,7 +647,7 @@ def test_pycuda_binding_prepares_once_and_does_not_synchronize(tmp_path, monkeyp
     b = kernel._PyCuda()
     b.ptr = lambda buf: 4096  # the fake allocations' address
     sampler = kernel.GpuSampler(tmp_path, b)
-    la = kernel.pack_launch(1, SamplingParams(temperature=0.0), None, v=1000)
+    la = kernel.pack_launch(1, SamplingParams(temperature=0.7), [0.5], v=1000)
     for _ in range(3):
         sampler.sample_device(1 << 20, "float16", 1000, 0, la, 1 << 21, 2, 2)
     prepared = [c for c in calls if c[0] == "prepare"]
@@ -563,6 +656,16 @@ def test_pycuda_binding_prepares_once_and_does_not_synchronize(tmp_path, monkeyp
     assert len(launches) == 3 and launches[0][2:4] == (la.grid, la.block)
     assert all(type(a) is int for a in launches[0][4]) and launches[0][4][:4] == (1 << 20, 1000, 0, 1000)
     assert ("synchronize",) not in calls and sum(c[0] == "htod" for c in calls) == 1
+    # greedy rows: the greedy entry point (same arguments), one block per slice of the row
+    calls.clear()
+    la = kernel.pack_launch(1, SamplingParams(temperature=0.0), None, v=20000)
+    sampler.sample_device(1 << 20, "float32", 20000, 0, la, 1 << 21, 2, 2)
+    assert [c[1:] for c in calls if c[0] == "prepare"] == [("illume_greedy_f32", "PqiiPPPPPPPPiqPqiPPPqq")]
+    (launch,) = [c for c in calls if c[0] == "call"]
+    assert launch[2] == (1, -(-20000 // build.GREEDY_SLICE), 1) == (1, 3, 1)
+    # its arguments, and its zeroed counters and slice results when first allocated
+    assert [c[1] for c in calls if c[0] == "htod"] == [kernel.pack_arguments(la)[0].nbytes,
+                                                       kernel.greedy_workspace_bytes(1, 20000)]
 
 
 def test_the_wheel_ships_what_the_kernel_build_writes():

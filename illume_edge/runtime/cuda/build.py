@@ -22,7 +22,9 @@ DEFAULT_OUT = Path(__file__).with_name("prebuilt")
 ARCHS: tuple[int, ...] = (87, 89, 90)  # Jetson Orin, Ada, Hopper
 BLOCK = 512  # threads per block (ILLUME_BLOCK); the launcher reads it from here
 KMAX = 4096  # kept-set entries held in shared memory (ILLUME_KMAX); larger sets use the global workspace
-ENTRY_POINTS = {"float32": "illume_sample_f32", "float16": "illume_sample_f16"}
+ENTRY_POINTS = {"float32": "illume_sample_f32", "float16": "illume_sample_f16",
+                "greedy_float32": "illume_greedy_f32", "greedy_float16": "illume_greedy_f16"}
+GREEDY_SLICE = BLOCK * 16  # logits per block of the greedy entry points (sampling.cu's GREEDY_SLICE)
 DEFINES = (f"-DILLUME_BLOCK={BLOCK}", f"-DILLUME_KMAX={KMAX}")
 
 

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from ..sampler import SamplingParams
-from .build import BLOCK
+from .build import BLOCK, GREEDY_SLICE
 
 WARP = 32
 NWARPS = BLOCK // WARP
@@ -218,3 +218,24 @@ def emulate_guided_sample(cond: np.ndarray, uncond: np.ndarray | None, params: S
                             params.repetition_penalty, pen, [(a - range_start, b - range_start) for a, b in banned])
         out[r] = sample_row(x, params.temperature, params.top_k, params.top_p, float(us[r]), acc)
     return out
+
+
+def greedy_by_slices(x: np.ndarray, slice_len: int = GREEDY_SLICE) -> int:
+    """The greedy entry points (``illume_greedy_*``) for one row of combined float32 logits: per slice of
+    ``slice_len`` (one block each) the largest value with the lowest index on ties (a slice of only -inf gives
+    its first index, NaN never wins), the NaN/+inf flag and the finite count; then the row's last block
+    reduces the slices in id order. Index within the range, -1 for a bad row (as ``sample_row``)."""
+    x = np.asarray(x, dtype=np.float32)
+    best, best_i, bad, fin = np.float32(-np.inf), 2 ** 31 - 1, False, 0
+    for lo in range(0, x.size, slice_len):
+        s = x[lo:lo + slice_len]
+        bad |= bool(np.isnan(s).any() or np.isposinf(s).any())
+        fin += int((s > -np.inf).sum())
+        ok = ~np.isnan(s)
+        if not ok.any():
+            continue  # the block's (-inf, INT_MAX): never wins
+        v = s[ok].max()
+        i = lo + int(np.flatnonzero(s == v)[0])
+        if v > best or (v == best and i < best_i):
+            best, best_i = v, i
+    return -1 if bad or fin == 0 else best_i

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from ..sampler import SamplingParams
-from .build import BLOCK, DEFAULT_OUT, ENTRY_POINTS, KMAX, nvrtc_compile, source_sha256
+from .build import BLOCK, DEFAULT_OUT, ENTRY_POINTS, GREEDY_SLICE, KMAX, nvrtc_compile, source_sha256
 
 
 class CudaUnavailableError(RuntimeError):
@@ -67,9 +67,20 @@ def shared_memory_bytes(block: int = BLOCK, kmax: int = KMAX) -> int:
     return (n + 7) // 8 * 8
 
 
+def greedy_shared_memory_bytes(block: int = BLOCK) -> int:
+    """Static shared memory of a greedy block (``GreedyShared``): the slice's penalty bitmap and reductions."""
+    nw = block // 32
+    return GREEDY_SLICE // 32 * 4 + nw * 4 + nw * 4 + (nw + 1) * 4 + 4
+
+
 def workspace_bytes(rows: int, v: int) -> int:
     """Global scratch: per output row the combined logits and a kept-set spill area (3 x 4 B x V)."""
     return rows * 3 * 4 * v
+
+
+def greedy_workspace_bytes(rows: int, v: int) -> int:
+    """The greedy entry points' scratch: a counter per row, then 4 words per row and slice of GREEDY_SLICE."""
+    return 4 * (rows + 4 * rows * -(-v // GREEDY_SLICE))
 
 
 @dataclass
@@ -310,15 +321,18 @@ class GpuSampler:
         self._bufs: dict[str, tuple[object, int]] = {}  # name -> (device buffer, bytes): kept across launches
         self._uploaded: bytes | None = None  # the argument bytes the "arguments" buffer holds
 
-    def _buffer(self, name: str, nbytes: int):
+    def _buffer(self, name: str, nbytes: int, zeroed: bool = False):
         """Device buffer `name` of at least `nbytes`, reused by every launch (the image loop launches once
-        per sampled token); grown (the old one freed) when a launch needs more."""
+        per sampled token); grown (the old one freed) when a launch needs more; `zeroed`: filled with zeros
+        when allocated (the greedy entry points' counters, which each launch leaves at zero)."""
         buf, have = self._bufs.get(name, (None, -1))
         if nbytes > have:
             if buf is not None:
                 self.binding.free(buf)
             buf = self.binding.alloc(nbytes)
             self._bufs[name] = buf, max(int(nbytes), 8)
+            if zeroed:
+                self.binding.htod(buf, np.zeros(max(int(nbytes), 8), np.uint8))
             if name == "arguments":
                 self._uploaded = None
         return buf
@@ -338,7 +352,13 @@ class GpuSampler:
             b.htod(arguments, host)  # last one's (greedy text steps without a penalty: every step)
             self._uploaded = raw
         base = b.ptr(arguments)
-        ws = self._buffer("workspace", workspace_bytes(la.grid[0], la.v))
+        rows, fn, grid = la.grid[0], self.functions[dtype], la.grid
+        if (la.params[:, 0] == 0).all():  # greedy rows: the many-block entry point (sampling.cu)
+            slices = -(-la.v // GREEDY_SLICE)
+            fn, grid = self.functions[f"greedy_{dtype}"], (rows, slices, 1)
+            ws = self._buffer("greedy", greedy_workspace_bytes(rows, la.v), zeroed=True)
+        else:
+            ws = self._buffer("workspace", workspace_bytes(rows, la.v))
         P = lambda n: ("ptr", base + offsets[n])  # noqa: E731
         args = [("ptr", logits_ptr), ("i64", row_stride), ("i32", col0), ("i32", la.v), P("cond_row"),
                 P("uncond_row"), P("params"), P("top_k"), P("uniforms"), P("pen_offsets"), P("pen_ids"),
@@ -346,7 +366,7 @@ class GpuSampler:
                 ("i64", out_stride), ("i32", out_copies), ("ptr", b.ptr(ws))]
         adv = advance or StepAdvance(0, 0, 0, -1)
         args += [("ptr", adv.positions), ("ptr", adv.mask), ("i64", adv.mask_stride), ("i64", adv.mask_slot)]
-        b.launch(self.functions[dtype], la.grid, la.block, args)
+        b.launch(fn, grid, la.block, args)
 
     def sample(self, cond: np.ndarray, uncond: np.ndarray | None, params: SamplingParams, uniforms, *,
                range_start: int = 0, generated_ids_per_row=None, banned: Sequence[tuple[int, int]] = ()

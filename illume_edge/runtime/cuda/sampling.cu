@@ -127,6 +127,28 @@ struct Shared {
     int last;
 };
 
+// The block's largest value with the lowest index on ties (warps, then warp 0's lanes in order); every
+// thread gets (bv, bi). fred, ared: NWARPS entries.
+__device__ __forceinline__ void block_argmax(float& bv, int& bi, float* fred, int* ared) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_down_sync(FULL, bv, o);
+        int oi = __shfl_down_sync(FULL, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+    }
+    if (lane == 0) { fred[w] = bv; ared[w] = bi; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int q = 1; q < NWARPS; ++q)
+            if (fred[q] > bv || (fred[q] == bv && ared[q] < bi)) { bv = fred[q]; bi = ared[q]; }
+        fred[0] = bv; ared[0] = bi;
+    }
+    __syncthreads();
+    bv = fred[0]; bi = ared[0];
+    __syncthreads();
+}
+
 // ---------------------------------------------------------------------------------------------------
 // the kernel
 // ---------------------------------------------------------------------------------------------------
@@ -210,25 +232,7 @@ __device__ __forceinline__ void sample_row(
         if (v > __int_as_float(0xff800000)) nfin++;
         if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
     }
-    {
-        const int lane = tid & 31, w = tid >> 5;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_down_sync(FULL, bv, o);
-            int oi = __shfl_down_sync(FULL, bi, o);
-            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
-        }
-        if (lane == 0) { sm.fred[w] = bv; sm.ared[w] = bi; }
-        __syncthreads();
-        if (tid == 0) {
-            for (int q = 1; q < NWARPS; ++q)
-                if (sm.fred[q] > bv || (sm.fred[q] == bv && sm.ared[q] < bi)) { bv = sm.fred[q]; bi = sm.ared[q]; }
-            sm.fred[0] = bv; sm.ared[0] = bi;
-        }
-        __syncthreads();
-        bv = sm.fred[0]; bi = sm.ared[0];
-        __syncthreads();
-    }
+    block_argmax(bv, bi, sm.fred, sm.ared);
     nfin = block_sum(nfin, sm.ired);
     bad = block_sum(bad, sm.ired);
     long long* out = out_ids + (long long)r * out_stride;
@@ -398,4 +402,105 @@ extern "C" __global__ void __launch_bounds__(BLOCK) illume_sample_f32(ILLUME_ARG
 extern "C" __global__ void __launch_bounds__(BLOCK) illume_sample_f16(ILLUME_ARGS(unsigned short)) {
     __shared__ Shared sm;
     ILLUME_CALL;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// greedy over many blocks
+// ---------------------------------------------------------------------------------------------------
+// When every row of a launch is greedy (T == 0; the host picks these entry points), each row's V logits are
+// cut into slices of GREEDY_SLICE, one block each (grid: rows x slices), instead of one block per row: a
+// 151,704-logit text row through one SM took 43 us a step on an H100 (docs/gpu.md). Each block takes its
+// slice through stages 1, 1b and 2 of the module comment element by element (the penalty from a bitmap of
+// the row's penalized ids in the slice, the bans, then the max with the lowest id, the NaN/+inf flag and the
+// finite count), and writes them to the greedy workspace. The last block of the row to finish (a counter per
+// row in that workspace, which it resets to 0 for the next launch) reduces the slices in id order and writes
+// the token, -1 for a bad row, as sample_row does, then advances the step.
+// Greedy workspace (`workspace` here; zeroed once when allocated): int counters[rows], then per row and
+// slice four 4-byte words: max value (float), its index, bad, finite count.
+#define GREEDY_SLICE (BLOCK * 16)
+
+struct GreedyShared {
+    u32 pen[GREEDY_SLICE / 32];  // the row's penalized ids in the slice, one bit each
+    float fred[NWARPS];
+    int ared[NWARPS];
+    int ired[NWARPS + 1];
+    int last;
+};
+
+template <typename L>
+__device__ __forceinline__ void greedy_slice(ILLUME_ARGS(L), GreedyShared& sm) {
+    const int r = blockIdx.x, g = blockIdx.y, G = gridDim.y, tid = threadIdx.x;
+    const int lo = g * GREEDY_SLICE, hi = min(V, lo + GREEDY_SLICE);
+    const float cfg = (float)params[4 * r + 2];
+    const float penalty = (float)params[4 * r + 3];
+    const L* c_row = logits + (long long)cond_row[r] * row_stride + col0;
+    const int ur = uncond_row ? uncond_row[r] : -1;
+    const bool use_cfg = ur >= 0 && cfg != 1.0f;
+    const L* u_row = logits + (long long)(ur < 0 ? 0 : ur) * row_stride + col0;
+    int* counters = (int*)workspace;
+    int* part = (int*)workspace + gridDim.x + 4 * ((long long)r * G + g);
+
+    for (int q = tid; q < GREEDY_SLICE / 32; q += BLOCK) sm.pen[q] = 0u;
+    __syncthreads();
+    const bool pen = pen_offsets && penalty != 1.0f;
+    if (pen) {
+        for (int j = pen_offsets[r] + tid; j < pen_offsets[r + 1]; j += BLOCK) {
+            const long long local = (long long)pen_ids[j] - range_start;
+            if (local >= lo && local < hi) atomicOr(&sm.pen[(local - lo) >> 5], 1u << ((local - lo) & 31));
+        }
+        __syncthreads();
+    }
+    float bv = __int_as_float(0xff800000);  // -inf
+    int bi = 0x7fffffff, nfin = 0, bad = 0;
+    for (int i = lo + tid; i < hi; i += BLOCK) {
+        float c = load_logit(c_row, i);
+        if (pen && ((sm.pen[(i - lo) >> 5] >> ((i - lo) & 31)) & 1u)) c = penalize(c, penalty);
+        float v = use_cfg ? combine(c, load_logit(u_row, i), cfg) : c;
+        for (int q = 0; q < n_bans; ++q) {
+            const long long gid = range_start + i;
+            if (gid >= (long long)bans[2 * q] && gid < (long long)bans[2 * q + 1]) v = __int_as_float(0xff800000);
+        }
+        if (v != v || v == __int_as_float(0x7f800000)) bad = 1;
+        if (v > __int_as_float(0xff800000)) nfin++;
+        if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
+    }
+    block_argmax(bv, bi, sm.fred, sm.ared);
+    nfin = block_sum(nfin, sm.ired);
+    bad = block_sum(bad, sm.ired);
+    if (tid == 0) {
+        part[0] = __float_as_int(bv); part[1] = bi; part[2] = bad; part[3] = nfin;
+        __threadfence();  // the slice's result is visible to the row's last block before the count is
+        sm.last = atomicAdd(&counters[r], 1) == G - 1;
+    }
+    __syncthreads();
+    if (!sm.last || tid != 0) return;
+    __threadfence();
+    const int* row_part = (const int*)workspace + gridDim.x + 4 * (long long)r * G;
+    float best = __int_as_float(0xff800000);
+    int best_i = 0x7fffffff, any_bad = 0, fin = 0;
+    for (int q = 0; q < G; ++q) {  // slices in id order: a later slice wins only with a larger value
+        const float v = __int_as_float(((volatile const int*)row_part)[4 * q]);
+        const int vi = ((volatile const int*)row_part)[4 * q + 1];
+        any_bad |= ((volatile const int*)row_part)[4 * q + 2];
+        fin += ((volatile const int*)row_part)[4 * q + 3];
+        if (v > best || (v == best && vi < best_i)) { best = v; best_i = vi; }
+    }
+    counters[r] = 0;  // for the next launch
+    long long* out = out_ids + (long long)r * out_stride;
+    write_id(out, out_copies, any_bad || fin == 0 ? -1 : range_start + best_i);
+    advance_step(out, out_copies, (long long)r * out_stride, positions, mask, mask_stride, mask_slot);
+}
+
+extern "C" __global__ void __launch_bounds__(BLOCK) illume_greedy_f32(ILLUME_ARGS(float)) {
+    __shared__ GreedyShared sm;
+    greedy_slice(logits, row_stride, col0, V, cond_row, uncond_row, params, top_ks, uniforms, pen_offsets,
+                 pen_ids, bans, n_bans, range_start, out_ids, out_stride, out_copies, workspace, positions, mask,
+                 mask_stride, mask_slot, sm);
+}
+
+extern "C" __global__ void __launch_bounds__(BLOCK) illume_greedy_f16(ILLUME_ARGS(unsigned short)) {
+    __shared__ GreedyShared sm;
+    greedy_slice(logits, row_stride, col0, V, cond_row, uncond_row, params, top_ks, uniforms, pen_offsets,
+                 pen_ids, bans, n_bans, range_start, out_ids, out_stride, out_copies, workspace, positions, mask,
+                 mask_stride, mask_slot, sm);
 }
