@@ -25,7 +25,8 @@ KMAX = 4096  # kept-set entries held in shared memory (ILLUME_KMAX); larger sets
 ENTRY_POINTS = {"float32": "illume_sample_f32", "float16": "illume_sample_f16",
                 "greedy_float32": "illume_greedy_f32", "greedy_float16": "illume_greedy_f16"}
 GREEDY_SLICE = BLOCK * 16  # logits per block of the greedy entry points (sampling.cu's GREEDY_SLICE)
-DEFINES = (f"-DILLUME_BLOCK={BLOCK}", f"-DILLUME_KMAX={KMAX}")
+GREEDY_MAX_ROWS = 1024  # rows a greedy launch may have (sampling.cu's GREEDY_MAX_ROWS: its counters' region)
+DEFINES = (f"-DILLUME_BLOCK={BLOCK}", f"-DILLUME_KMAX={KMAX}", f"-DILLUME_GREEDY_MAX_ROWS={GREEDY_MAX_ROWS}")
 
 
 def source_sha256() -> str:

@@ -14,7 +14,8 @@ from typing import Sequence
 import numpy as np
 
 from ..sampler import SamplingParams
-from .build import BLOCK, DEFAULT_OUT, ENTRY_POINTS, GREEDY_SLICE, KMAX, nvrtc_compile, source_sha256
+from .build import (BLOCK, DEFAULT_OUT, ENTRY_POINTS, GREEDY_MAX_ROWS, GREEDY_SLICE, KMAX, nvrtc_compile,
+                    source_sha256)
 
 
 class CudaUnavailableError(RuntimeError):
@@ -79,8 +80,8 @@ def workspace_bytes(rows: int, v: int) -> int:
 
 
 def greedy_workspace_bytes(rows: int, v: int) -> int:
-    """The greedy entry points' scratch: a counter per row, then 4 words per row and slice of GREEDY_SLICE."""
-    return 4 * (rows + 4 * rows * -(-v // GREEDY_SLICE))
+    """The greedy entry points' scratch: GREEDY_MAX_ROWS counters, then 4 words per row and slice."""
+    return 4 * (GREEDY_MAX_ROWS + 4 * rows * -(-v // GREEDY_SLICE))
 
 
 @dataclass
@@ -353,7 +354,7 @@ class GpuSampler:
             self._uploaded = raw
         base = b.ptr(arguments)
         rows, fn, grid = la.grid[0], self.functions[dtype], la.grid
-        if (la.params[:, 0] == 0).all():  # greedy rows: the many-block entry point (sampling.cu)
+        if (la.params[:, 0] == 0).all() and rows <= GREEDY_MAX_ROWS:  # greedy: the many-block entry point
             slices = -(-la.v // GREEDY_SLICE)
             fn, grid = self.functions[f"greedy_{dtype}"], (rows, slices, 1)
             ws = self._buffer("greedy", greedy_workspace_bytes(rows, la.v), zeroed=True)

@@ -415,9 +415,14 @@ extern "C" __global__ void __launch_bounds__(BLOCK) illume_sample_f16(ILLUME_ARG
 // finite count), and writes them to the greedy workspace. The last block of the row to finish (a counter per
 // row in that workspace, which it resets to 0 for the next launch) reduces the slices in id order and writes
 // the token, -1 for a bad row, as sample_row does, then advances the step.
-// Greedy workspace (`workspace` here; zeroed once when allocated): int counters[rows], then per row and
-// slice four 4-byte words: max value (float), its index, bad, finite count.
+// Greedy workspace (`workspace` here; zeroed once when allocated): int counters[GREEDY_MAX_ROWS], then per
+// row and slice four 4-byte words: max value (float), its index, bad, finite count. The counters' region is
+// fixed, so that a launch with more rows or slices than the last finds zeros there, never old slice results.
 #define GREEDY_SLICE (BLOCK * 16)
+#ifndef ILLUME_GREEDY_MAX_ROWS
+#define ILLUME_GREEDY_MAX_ROWS 1024
+#endif
+#define GREEDY_MAX_ROWS ILLUME_GREEDY_MAX_ROWS
 
 struct GreedyShared {
     u32 pen[GREEDY_SLICE / 32];  // the row's penalized ids in the slice, one bit each
@@ -438,7 +443,7 @@ __device__ __forceinline__ void greedy_slice(ILLUME_ARGS(L), GreedyShared& sm) {
     const bool use_cfg = ur >= 0 && cfg != 1.0f;
     const L* u_row = logits + (long long)(ur < 0 ? 0 : ur) * row_stride + col0;
     int* counters = (int*)workspace;
-    int* part = (int*)workspace + gridDim.x + 4 * ((long long)r * G + g);
+    int* part = (int*)workspace + GREEDY_MAX_ROWS + 4 * ((long long)r * G + g);
 
     for (int q = tid; q < GREEDY_SLICE / 32; q += BLOCK) sm.pen[q] = 0u;
     __syncthreads();
@@ -475,7 +480,7 @@ __device__ __forceinline__ void greedy_slice(ILLUME_ARGS(L), GreedyShared& sm) {
     __syncthreads();
     if (!sm.last || tid != 0) return;
     __threadfence();
-    const int* row_part = (const int*)workspace + gridDim.x + 4 * (long long)r * G;
+    const int* row_part = (const int*)workspace + GREEDY_MAX_ROWS + 4 * (long long)r * G;
     float best = __int_as_float(0xff800000);
     int best_i = 0x7fffffff, any_bad = 0, fin = 0;
     for (int q = 0; q < G; ++q) {  // slices in id order: a later slice wins only with a larger value
