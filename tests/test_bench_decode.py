@@ -214,6 +214,7 @@ def test_versions_report_the_module_that_runs_and_the_gpu_flavours(monkeypatch):
     shadow.__version__ = "9.9.9"
     monkeypatch.setitem(sys.modules, "onnxruntime", shadow)
     monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # import fails: the metadata decides
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # not imported (other tests may have imported it)
     installed = {"onnxruntime": "1.30.0", "onnxruntime-genai-cuda": "0.18.0"}
 
     def version(dist):

@@ -21,7 +21,8 @@ every single-token step of a request binds the same inputs, `StepBuffers` at fix
 shapes (ids and positions [B, 1], the mask over the whole capacity [B, capacity]), rewritten in place between
 steps. Nothing is rebound or re-validated from step to step, and the step is what onnxruntime's CUDA graphs
 need: the same shapes and addresses on every replay. A device sampler can write the next token straight into
-the ids buffer (`StepBuffers.ids`). Prefills and runs of several tokens bind their own inputs, as before.
+the ids buffer (`StepBuffers.ids`) and advance the positions and mask for it (`step_to_advance`), so that the
+step writes none of its inputs from the host. Prefills and runs of several tokens bind their own inputs.
 
 CUDA graphs (`SessionOptions.cuda_graph`, static decode only): the static step runs under a CUDA graph id
 (onnxruntime's `gpu_graph_id`: captured on first use, replayed after), every other run outside any graph
