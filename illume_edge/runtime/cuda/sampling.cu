@@ -149,9 +149,48 @@ __device__ __forceinline__ void block_argmax(float& bv, int& bi, float* fred, in
     __syncthreads();
 }
 
+// Stage 2 for one value at index i: the NaN/+inf flag, the finite count, the max with the lowest index.
+__device__ __forceinline__ void row_stat(float v, int i, float& bv, int& bi, int& nfin, int& bad) {
+    if (v != v || v == __int_as_float(0x7f800000)) bad = 1;
+    if (v > __int_as_float(0xff800000)) nfin++;
+    if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
+}
+
+// The same over the block: every thread gets the block's (bv, bi), finite count and flag.
+__device__ __forceinline__ void block_row_stats(float& bv, int& bi, int& nfin, int& bad, float* fred, int* ared,
+                                                int* ired) {
+    block_argmax(bv, bi, fred, ared);
+    nfin = block_sum(nfin, ired);
+    bad = block_sum(bad, ired);
+}
+
 // ---------------------------------------------------------------------------------------------------
 // the kernel
 // ---------------------------------------------------------------------------------------------------
+// Output row r's inputs: its cond logits row, its uncond row (the cond row's address when it has none), the
+// CFG scale and whether CFG applies, the repetition penalty.
+template <typename L>
+struct RowInputs {
+    const L* cond;
+    const L* uncond;
+    float cfg, penalty;
+    bool use_cfg;
+};
+
+template <typename L>
+__device__ __forceinline__ RowInputs<L> row_inputs(const L* logits, long long row_stride, int col0,
+                                                   const int* cond_row, const int* uncond_row,
+                                                   const double* params, int r) {
+    const int ur = uncond_row ? uncond_row[r] : -1;
+    RowInputs<L> in;
+    in.cfg = (float)params[4 * r + 2];
+    in.penalty = (float)params[4 * r + 3];
+    in.cond = logits + (long long)cond_row[r] * row_stride + col0;
+    in.uncond = logits + (long long)(ur < 0 ? 0 : ur) * row_stride + col0;
+    in.use_cfg = ur >= 0 && in.cfg != 1.0f;
+    return in;
+}
+
 // The row's token into its out_copies slots (thread 0 only).
 __device__ __forceinline__ void write_id(long long* out, int out_copies, long long id) {
     for (int c = 0; c < out_copies; ++c) out[c] = id;
@@ -185,12 +224,10 @@ __device__ __forceinline__ void sample_row(
     const int r = blockIdx.x, tid = threadIdx.x;
     const double temperature = params[4 * r + 0];
     const double top_p = params[4 * r + 1];
-    const float cfg = (float)params[4 * r + 2];
-    const float penalty = (float)params[4 * r + 3];
-    const L* c_row = logits + (long long)cond_row[r] * row_stride + col0;
-    const int ur = uncond_row ? uncond_row[r] : -1;
-    const bool use_cfg = ur >= 0 && cfg != 1.0f;
-    const L* u_row = logits + (long long)(ur < 0 ? 0 : ur) * row_stride + col0;
+    const RowInputs<L> in = row_inputs(logits, row_stride, col0, cond_row, uncond_row, params, r);
+    const float cfg = in.cfg, penalty = in.penalty;
+    const L *c_row = in.cond, *u_row = in.uncond;
+    const bool use_cfg = in.use_cfg;
     float* x = workspace + (long long)r * 3 * V;        // combined logits [V]
     int* g_idx = (int*)(x + V);                         // kept set when it exceeds KMAX: ids [V]
     float* g_val = x + 2 * (long long)V;                // ... and logits [V]
@@ -228,13 +265,9 @@ __device__ __forceinline__ void sample_row(
     int bi = 0x7fffffff, nfin = 0, bad = 0;
     for (int i = tid; i < V; i += BLOCK) {
         float v = x[i];
-        if (v != v || v == __int_as_float(0x7f800000)) bad = 1;
-        if (v > __int_as_float(0xff800000)) nfin++;
-        if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
+        row_stat(v, i, bv, bi, nfin, bad);
     }
-    block_argmax(bv, bi, sm.fred, sm.ared);
-    nfin = block_sum(nfin, sm.ired);
-    bad = block_sum(bad, sm.ired);
+    block_row_stats(bv, bi, nfin, bad, sm.fred, sm.ared, sm.ired);
     long long* out = out_ids + (long long)r * out_stride;
     if (bad || nfin == 0) { if (tid == 0) write_id(out, out_copies, -1); return; }
     if (temperature == 0.0) { if (tid == 0) write_id(out, out_copies, range_start + bi); return; }  // greedy
@@ -436,12 +469,10 @@ template <typename L>
 __device__ __forceinline__ void greedy_slice(ILLUME_ARGS(L), GreedyShared& sm) {
     const int r = blockIdx.x, g = blockIdx.y, G = gridDim.y, tid = threadIdx.x;
     const int lo = g * GREEDY_SLICE, hi = min(V, lo + GREEDY_SLICE);
-    const float cfg = (float)params[4 * r + 2];
-    const float penalty = (float)params[4 * r + 3];
-    const L* c_row = logits + (long long)cond_row[r] * row_stride + col0;
-    const int ur = uncond_row ? uncond_row[r] : -1;
-    const bool use_cfg = ur >= 0 && cfg != 1.0f;
-    const L* u_row = logits + (long long)(ur < 0 ? 0 : ur) * row_stride + col0;
+    const RowInputs<L> in = row_inputs(logits, row_stride, col0, cond_row, uncond_row, params, r);
+    const float cfg = in.cfg, penalty = in.penalty;
+    const L *c_row = in.cond, *u_row = in.uncond;
+    const bool use_cfg = in.use_cfg;
     int* counters = (int*)workspace;
     int* part = (int*)workspace + GREEDY_MAX_ROWS + 4 * ((long long)r * G + g);
 
@@ -465,13 +496,9 @@ __device__ __forceinline__ void greedy_slice(ILLUME_ARGS(L), GreedyShared& sm) {
             const long long gid = range_start + i;
             if (gid >= (long long)bans[2 * q] && gid < (long long)bans[2 * q + 1]) v = __int_as_float(0xff800000);
         }
-        if (v != v || v == __int_as_float(0x7f800000)) bad = 1;
-        if (v > __int_as_float(0xff800000)) nfin++;
-        if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
+        row_stat(v, i, bv, bi, nfin, bad);
     }
-    block_argmax(bv, bi, sm.fred, sm.ared);
-    nfin = block_sum(nfin, sm.ired);
-    bad = block_sum(bad, sm.ired);
+    block_row_stats(bv, bi, nfin, bad, sm.fred, sm.ared, sm.ired);
     if (tid == 0) {
         part[0] = __float_as_int(bv); part[1] = bi; part[2] = bad; part[3] = nfin;
         __threadfence();  // the slice's result is visible to the row's last block before the count is
