@@ -131,9 +131,12 @@ def gpu_identity(device: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # The runtimes
 # ---------------------------------------------------------------------------------------------------------
-def ours_rep(engine_dir: Path, prompt: list[int], steps: int, device: str, cuda_graph: bool) -> Rep:
+def ours_rep(engine_dir: Path, prompt: list[int], steps: int, device: str, cuda_graph: bool,
+             lean_step: bool = True) -> Rep:
     """Our runtime on `engine_dir`: prefill, then greedy steps through the runtime's own `Pick` (the kernel on
-    a GPU, the host sampler on "cpu")."""
+    a GPU, the host sampler on "cpu"). `lean_step` False times the step as it was before the second H100
+    session's changes, for an A/B: the host writes the step's positions and mask, and greedy runs in one
+    block per row (docs/gpu.md)."""
     from illume_edge.runtime.decode_loops import device_pick, host_pick
     from illume_edge.runtime.engine import Engine
     from illume_edge.runtime.llm_runner import LLMRunner
@@ -147,8 +150,12 @@ def ours_rep(engine_dir: Path, prompt: list[int], steps: int, device: str, cuda_
         from illume_edge.runtime.cuda import GpuSampler
 
         opts = SessionOptions(providers=CUDA, device=device, cuda_graph=cuda_graph)
-        pick = device_pick(GpuSampler())
+        sampler = GpuSampler()
+        sampler.many_block_greedy = lean_step
+        pick = device_pick(sampler)
     runner = LLMRunner(Engine.load(engine_dir, opts, check_hash=False))
+    if not lean_step:
+        runner.step_to_advance = lambda state: None  # the host writes positions and mask every step
     cfg = runner.cfg
     text_start = cfg.head_ranges()["text"][0]
     greedy = SamplingParams(temperature=0.0)
@@ -326,11 +333,14 @@ def run(args) -> dict:
     reps, bytes_by_name = {}, {}
     for prec, d in engines.items():
         weights = sum(streamed_weight_bytes(d / f)["streamed"] for f in ("llm.onnx", "head_text.onnx"))
-        for graph in ([True, False] if args.graph_ab else [True]):
-            name = f"illume-edge {prec}" + ("" if graph else " (no CUDA graph)")
+        variants = ([(True, True)] + ([(False, True)] if args.graph_ab else [])  # (CUDA graph, lean step)
+                    + ([(True, False)] if args.step_ab else []))
+        for graph, lean in variants:
+            name = (f"illume-edge {prec}" + ("" if graph else " (no CUDA graph)")
+                    + ("" if lean else " (host-written step, one-block greedy)"))
             before = device_used_bytes(args.device)
             try:
-                reps[name] = ours_rep(d, prompt, args.steps, args.device, graph)
+                reps[name] = ours_rep(d, prompt, args.steps, args.device, graph, lean)
                 after = device_used_bytes(args.device)  # sessions loaded (request buffers come at the first run)
                 bytes_by_name[name] = {"weight_bytes_per_token": weights,
                                        "device_bytes_loaded": None if before is None else after - before}
@@ -405,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-size", dest="block_size", type=int, default=32)
     ap.add_argument("--graph-ab", dest="graph_ab", action="store_true",
                     help="also time our engines without CUDA graphs")
+    ap.add_argument("--step-ab", dest="step_ab", action="store_true",
+                    help="also time ours with the step as before the second H100 session (host-written positions "
+                         "and mask, one-block greedy), CUDA graph on")
     ap.add_argument("--skip-eager", action="store_true")
     ap.add_argument("--skip-genai", action="store_true",
                     help="no onnxruntime-genai peer (its model builder on the same weights: fp16 and int4 on "

@@ -177,15 +177,17 @@ def test_gpu_decode_harness_runs_on_the_host(tmp_path):
     assert stamp["built_from"]["shape"] == "smoke" and stamp["built_from"]["block_size"] == 32
     assert "| illume-edge" not in build.stdout
     assert stamp["genai_ep"] is None and stamp["genai_models"] == {}  # the timing run adds the peer's models
-    cmd = base + ["--steps", "4", "--prompt", "12", "--reps", "2", "--graph-ab", "--out", str(out)]
+    cmd = base + ["--steps", "4", "--prompt", "12", "--reps", "2", "--graph-ab", "--step-ab", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "engines reused" in proc.stderr and "export fp16" not in proc.stderr
     assert not work.exists()  # removed after timing (no --keep)
     result = json.loads(out.read_text())
     runs, failures = result["runs"], result["failures"]
+    before = " (host-written step, one-block greedy)"  # --step-ab: the step as before the second H100 session
     ours = {"illume-edge fp16", "illume-edge fp16 (no CUDA graph)", "illume-edge int4",
-            "illume-edge int4 (no CUDA graph)", "PyTorch eager fp16"}
+            "illume-edge int4 (no CUDA graph)", "illume-edge fp16" + before, "illume-edge int4" + before,
+            "PyTorch eager fp16"}
     if importlib.util.find_spec("onnxruntime_genai") is None:  # `make test` has no peer; `make bench` has
         assert set(runs) == ours and list(failures) == ["onnxruntime-genai"], failures
         assert "not installed" in failures["onnxruntime-genai"]
@@ -197,6 +199,7 @@ def test_gpu_decode_harness_runs_on_the_host(tmp_path):
         assert 0 < r["roofline_pct"] and r["bytes_per_token"] > r["kv_bytes_per_token"] > 0, name
     assert runs["illume-edge int4"]["weight_bytes_per_token"] < 0.5 * runs["illume-edge fp16"]["weight_bytes_per_token"]
     assert runs["illume-edge fp16"]["tokens"] == runs["illume-edge fp16 (no CUDA graph)"]["tokens"]
+    assert runs["illume-edge int4"]["tokens"] == runs["illume-edge int4" + before]["tokens"]
     assert runs["illume-edge fp16"]["tokens"][:2] == runs["PyTorch eager fp16"]["tokens"][:2]
     assert result["machine"]["device"] == "cpu" and "| illume-edge int4 |" in proc.stdout
 

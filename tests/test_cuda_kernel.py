@@ -666,6 +666,11 @@ def test_pycuda_binding_prepares_once_and_does_not_synchronize(tmp_path, monkeyp
     # its arguments, and its zeroed counters and slice results when first allocated
     assert [c[1] for c in calls if c[0] == "htod"] == [kernel.pack_arguments(la)[0].nbytes,
                                                        kernel.greedy_workspace_bytes(1, 20000)]
+    calls.clear()  # the A/B switch (benchmarks/gpu_decode.py --step-ab): greedy in one block a row again
+    sampler.many_block_greedy = False
+    sampler.sample_device(1 << 20, "float32", 20000, 0, la, 1 << 21, 2, 2)
+    assert [c[1] for c in calls if c[0] == "prepare"] == ["illume_sample_f32"]
+    assert [c[2] for c in calls if c[0] == "call"] == [la.grid]
 
 
 def test_the_wheel_ships_what_the_kernel_build_writes():

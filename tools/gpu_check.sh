@@ -19,7 +19,7 @@
 #                                     time, the host's profile)
 #   bash tools/gpu_check.sh all       kernel, runtime, bench and demo in turn
 # BENCH_RUNS picks the bench's runs (default "ours genai": ours and eager, then the same with
-# onnxruntime-genai-cuda in the rounds). DEMOS picks the demo runs (default "cuda default cpu"). NANO=DIR uses an ILLUME-nano fp16 engine exported
+# onnxruntime-genai-cuda in the rounds); BENCH_ARGS adds options to both (e.g. --step-ab). DEMOS picks the demo runs (default "cuda default cpu"). NANO=DIR uses an ILLUME-nano fp16 engine exported
 # here and carried (else the demo stage exports one there).
 # PACK=FILE at the end writes $OUT's logs, the demo's outputs and the background build's log into one .tar.gz
 # (the device tool brings back at most 8 files from $OUT).
@@ -123,9 +123,9 @@ if [ "$stage" = bench ] || [ "$stage" = all ]; then
   # together on a GPU yet, and a crash there must not take the first table with it
   runs=" ${BENCH_RUNS:-ours genai} "
   [[ $runs == *" ours "* ]] && run gpu-decode "${BENCH_LIMIT:-480}" "$PY" -m benchmarks.gpu_decode --layers "${LAYERS:-8}" --graph-ab \
-    --reps "${REPS:-5}" --workdir "$BENCH_WORK" --skip-genai --keep --out "$OUT/gpu-decode.json"
+    --reps "${REPS:-5}" --workdir "$BENCH_WORK" --skip-genai --keep --out "$OUT/gpu-decode.json" ${BENCH_ARGS:-}
   [[ $runs == *" genai "* ]] && run gpu-decode-genai "${BENCH_LIMIT:-480}" "$PY" -m benchmarks.gpu_decode --layers "${LAYERS:-8}" --graph-ab \
-    --reps "${REPS:-5}" --workdir "$BENCH_WORK" --keep --out "$OUT/gpu-decode-genai.json"
+    --reps "${REPS:-5}" --workdir "$BENCH_WORK" --keep --out "$OUT/gpu-decode-genai.json" ${BENCH_ARGS:-}
 fi
 if [ "$stage" = split ]; then
   [ -f "$BENCH_WORK/built.json" ] || run split-build 300 "$PY" -m benchmarks.gpu_decode --layers "${LAYERS:-8}" \

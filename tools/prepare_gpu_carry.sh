@@ -54,5 +54,5 @@ a call carried or unpacked into /tmp stays while it is up; docs/gpu.md, "Verifyi
   2. carry [$(q "${second[@]}" | sed 's/, $//')]
      command: cp /tmp/keep/* .device/ort/; export PACK=\$OUT/call2.tar.gz OUT=/tmp/gc2; bash tools/gpu_check.sh prebuild; RUNTIME_LIMIT=240 bash tools/gpu_check.sh runtime; DEMOS=cuda DEMO_LIMIT=60 bash tools/gpu_check.sh demo
   3. carry nothing
-     command: export PACK=\$OUT/call3.tar.gz OUT=/tmp/gc2; BUILD_WAIT=200 BENCH_LIMIT=180 BENCH_RUNS=genai bash tools/gpu_check.sh bench; SPLIT_LIMIT=120 bash tools/gpu_check.sh split
+     command: export PACK=\$OUT/call3.tar.gz OUT=/tmp/gc2; BUILD_WAIT=200 BENCH_LIMIT=180 BENCH_RUNS=genai BENCH_ARGS=--step-ab bash tools/gpu_check.sh bench; SPLIT_LIMIT=120 bash tools/gpu_check.sh split
 MSG

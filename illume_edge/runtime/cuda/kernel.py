@@ -316,6 +316,7 @@ class GpuSampler:
     ``sample_device`` takes the head's device logits buffer and writes ids into a device int64 buffer."""
 
     memory = "cuda"  # the logits and token buffers it takes by address (decode_loops.device_pick checks)
+    many_block_greedy = True  # greedy launches on the greedy entry points (False: a block a row, for A/B timing)
 
     def __init__(self, build_dir: Path = DEFAULT_OUT, binding=None):
         self.binding, self.functions, self.choice = load_kernel(build_dir, binding)
@@ -354,7 +355,7 @@ class GpuSampler:
             self._uploaded = raw
         base = b.ptr(arguments)
         rows, fn, grid = la.grid[0], self.functions[dtype], la.grid
-        if (la.params[:, 0] == 0).all() and rows <= GREEDY_MAX_ROWS:  # greedy: the many-block entry point
+        if self.many_block_greedy and (la.params[:, 0] == 0).all() and rows <= GREEDY_MAX_ROWS:  # many blocks
             slices = -(-la.v // GREEDY_SLICE)
             fn, grid = self.functions[f"greedy_{dtype}"], (rows, slices, 1)
             ws = self._buffer("greedy", greedy_workspace_bytes(rows, la.v), zeroed=True)
