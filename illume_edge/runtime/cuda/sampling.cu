@@ -1,4 +1,6 @@
-// illume-edge fused sampling kernel: one launch per decode step, one thread block per output row.
+// illume-edge fused sampling kernel: one launch per decode step, one thread block per output row
+// (illume_sample_*), or for launches whose rows are all greedy a block per 8,192-logit slice of a row
+// (illume_greedy_*, at the end of this file).
 //
 // Reproduces illume_edge/runtime/sampler.py (its module docstring is the specification):
 //   repetition penalty on the cond row (HF rule) -> CFG u + s*(c-u) (float32, no FMA contraction)
