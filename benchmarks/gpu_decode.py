@@ -50,7 +50,7 @@ import numpy as np
 
 from benchmarks.llm_decode import (Rep, add_roofline, export_bench_engine, genai_cuda_graph, genai_linked_copy,
                                    genai_rep, interleaved, kv_bytes_per_step, roofline_table, smoke_shape,
-                                   streamed_weight_bytes)
+                                   step_split_lines, streamed_weight_bytes)
 from benchmarks.machine import (BANDWIDTH_STATISTIC, cores, cpu_model, git_commit, measure_read_bandwidth, versions,
                                 write_result)
 from illume_edge.config import illume_plus
@@ -134,7 +134,8 @@ def gpu_identity(device: str) -> dict:
 def ours_rep(engine_dir: Path, prompt: list[int], steps: int, device: str, cuda_graph: bool,
              lean_step: bool = True) -> Rep:
     """Our runtime on `engine_dir`: prefill, then greedy steps through the runtime's own `Pick` (the kernel on
-    a GPU, the host sampler on "cpu"). `lean_step` False times the step as it was before the second H100
+    a GPU, the host sampler on "cpu"), each step's time split into the llm run and the head + draw (`Rep`
+    extras "llm", "head_and_pick"). `lean_step` False times the step as it was before the second H100
     session's changes, for an A/B: the host writes the step's positions and mask, and greedy runs in one
     block per row (docs/gpu.md)."""
     from illume_edge.runtime.decode_loops import device_pick, host_pick
@@ -154,8 +155,7 @@ def ours_rep(engine_dir: Path, prompt: list[int], steps: int, device: str, cuda_
         sampler.many_block_greedy = lean_step
         pick = device_pick(sampler)
     runner = LLMRunner(Engine.load(engine_dir, opts, check_hash=False))
-    if not lean_step:
-        runner.step_to_advance = lambda state: None  # the host writes positions and mask every step
+    runner.device_advance = lean_step
     cfg = runner.cfg
     text_start = cfg.head_ranges()["text"][0]
     greedy = SamplingParams(temperature=0.0)
@@ -166,14 +166,17 @@ def ours_rep(engine_dir: Path, prompt: list[int], steps: int, device: str, cuda_
         state = runner.prefill([prompt], max_new_tokens=n + 1)
         tok = pick(runner, state, "text", greedy, uniforms[0], text_start, False, ())
         t_prefill = time.perf_counter() - t0
-        step_s, out = [], [tok]
+        step_s, out, llm_s = [], [tok], 0.0
         for i in range(n):
             t0 = time.perf_counter()
             runner.feed(state, np.array([[tok]], np.int64))
+            t1 = time.perf_counter()
             tok = pick(runner, state, "text", greedy, uniforms[i + 1], text_start, False, ())  # syncs: 8 bytes back
             step_s.append(time.perf_counter() - t0)
+            llm_s += t1 - t0
             out.append(tok)
-        return t_prefill, step_s, out, {}
+        # the step's two halves, as the CPU bench records them: the llm run, then the head and the draw
+        return t_prefill, step_s, out, {"llm": llm_s, "head_and_pick": sum(step_s) - llm_s}
 
     return rep
 
@@ -398,7 +401,8 @@ def markdown(result: dict) -> str:
              f"({', '.join(v['onnxruntime_providers'])}), torch {v['torch']}; commit {result['git_commit'][:12]}.",
              f"Shape {result['shape']['name']}: batch 1, prompt {p['prompt_tokens']}, {p['decode_steps']} greedy "
              f"steps, {p['warmup']} warm-up + {p['reps']} interleaved rounds.", "",
-             *roofline_table(result["runs"], result["failures"], ms_digits=3)]
+             *roofline_table(result["runs"], result["failures"], ms_digits=3),
+             *step_split_lines(result["runs"], ms_digits=3)]
     return "\n".join(lines)
 
 

@@ -225,6 +225,13 @@ def ours_rep(engine_dir: Path, prompt: list[int], steps: int, threads: int, spin
     return rep
 
 
+def step_split_lines(runs: dict[str, dict], ms_digits: int) -> list[str]:
+    """The markdown line of our runtimes' step split (their `Rep` extras "llm" and "head_and_pick")."""
+    split = [f"{name} {r['llm_ms_per_token']:.{ms_digits}f} + {r['head_and_pick_ms_per_token']:.{ms_digits}f}"
+             for name, r in runs.items() if "llm_ms_per_token" in r]
+    return [f"\nOur step split, `llm` graph + head and greedy pick (ms/token): {'; '.join(split)}"] if split else []
+
+
 def interleaved_runs(reps_by_name: dict[str, Rep], warmup: int, reps: int, log, failures: dict,
                      warmup_steps: int | None = None) -> dict[str, list]:
     """Every runtime's warm-up (`warmup` repetitions, of `warmup_steps` decode steps if given), then
@@ -774,10 +781,7 @@ def markdown(result: dict) -> str:
     for k, o in enumerate(result.get("load_orders", [])):
         ms = ", ".join(f"{n} {o['decode_ms_per_token'][n]:.1f}" for n in o["order"] if n in o["decode_ms_per_token"])
         lines.append(f"{'' if k else chr(10)}Load order {k + 1} (loaded first: {o['order'][0]}), median ms/token: {ms}")
-    split = [f"{name} {r['llm_ms_per_token']:.1f} + {r['head_and_pick_ms_per_token']:.1f}"
-             for name, r in result["runs"].items() if "llm_ms_per_token" in r]
-    if split:
-        lines.append(f"\nOur step split, `llm` graph + head and greedy pick (ms/token): {'; '.join(split)}")
+    lines += step_split_lines(result["runs"], ms_digits=1)
     for prec, p in result.get("profiles", {}).items():
         parts = []
         for graph, g in p["graphs"].items():

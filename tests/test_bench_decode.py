@@ -200,6 +200,10 @@ def test_gpu_decode_harness_runs_on_the_host(tmp_path):
     assert runs["illume-edge int4"]["weight_bytes_per_token"] < 0.5 * runs["illume-edge fp16"]["weight_bytes_per_token"]
     assert runs["illume-edge fp16"]["tokens"] == runs["illume-edge fp16 (no CUDA graph)"]["tokens"]
     assert runs["illume-edge int4"]["tokens"] == runs["illume-edge int4" + before]["tokens"]
+    for name in ours - {"PyTorch eager fp16"}:  # each step split into the llm run and the head + draw
+        r = runs[name]
+        assert 0 < r["llm_ms_per_token"] < r["decode_ms_max"] and r["head_and_pick_ms_per_token"] > 0, name
+    assert "Our step split" in proc.stdout
     assert runs["illume-edge fp16"]["tokens"][:2] == runs["PyTorch eager fp16"]["tokens"][:2]
     assert result["machine"]["device"] == "cpu" and "| illume-edge int4 |" in proc.stdout
 

@@ -489,6 +489,8 @@ def _torch_sample(logits, t, k, p, u):
 
 @pytest.mark.gpu
 def test_gpu_kernel_timing(gpu_sampler, capsys):
+    """Prints the kernel's time against the numpy and a torch sampler (speed goals live in the benches, not in
+    assertions); asserts only that the timed calls drew the same tokens."""
     rng = np.random.default_rng(0)
     rows, v = 2, 98304
     x = (rng.standard_normal((rows, v)) * 2).astype(np.float32)
@@ -539,7 +541,8 @@ def test_gpu_kernel_timing(gpu_sampler, capsys):
               ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in res.items()))
         print(f"device logits, 1 x {tv}, launch + token read back: " +
               ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in device.items()))
-    assert res["kernel(host arrays)"] < res["numpy"] * 5
+    drawn = sampler.guided_sample(x, None, params, u), gpu_sampler.sample(x, None, params, u)
+    assert drawn[0].tolist() == drawn[1].tolist()
 
 
 def test_sample_device_reuses_its_argument_buffers(tmp_path):
@@ -601,7 +604,7 @@ def test_sample_device_reuses_its_argument_buffers(tmp_path):
 def test_pycuda_binding_prepares_once_and_does_not_synchronize(tmp_path, monkeypatch):
     """The pycuda binding, on a fake pycuda: each function is prepared once with the kernel's argument format
     (pointer, int64, int32 as in sampling.cu's ILLUME_ARGS) and launched by prepared calls, with no context
-    synchronize: the copy back orders after the launch (the H100's host spent 20-30 us a step in pycuda's
+    synchronize: the copy back orders after the launch (the H100's host spent ~30 us a step in pycuda's
     per-call argument inspection, docs/gpu.md)."""
     import sys
     import types

@@ -177,6 +177,9 @@ class LLMRunner:
         self.static_decode = self.kv_layout == "shared" and takes_capacity_mask(self.session.component)
         self.right_padded = self.kv_layout == "shared" and takes_right_padding(self.session.component)
         self.cuda_graph = self.static_decode and self.session.cuda_graph
+        # a device sampler may advance the static step's positions and mask with its token (step_to_advance);
+        # False: the host writes them every step (the GPU bench's A/B, benchmarks/gpu_decode.py --step-ab)
+        self.device_advance = True
         self._pool: dict[tuple[int, int], RequestBuffers] = {}  # (batch, capacity) -> buffers (CUDA graphs)
         self.runs = 0  # llm graph runs so far (benchmarks count them)
         llm = self.cfg.llm
@@ -336,7 +339,7 @@ class LLMRunner:
         was a static step (the buffers hold its inputs) and the mask is a device copy the host would otherwise
         rewrite whole; else None. After advancing, call `step_advanced`."""
         step = state.step
-        if step is None or not step.current or step.advanced or step.mask.on_host:
+        if not self.device_advance or step is None or not step.current or step.advanced or step.mask.on_host:
             return None  # (advanced: already done for the next token; a second pick must not do it again)
         return step.positions, step.mask, -1 if self.right_padded else state.length
 

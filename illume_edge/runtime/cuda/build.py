@@ -24,9 +24,10 @@ BLOCK = 512  # threads per block (ILLUME_BLOCK); the launcher reads it from here
 KMAX = 4096  # kept-set entries held in shared memory (ILLUME_KMAX); larger sets use the global workspace
 ENTRY_POINTS = {"float32": "illume_sample_f32", "float16": "illume_sample_f16",
                 "greedy_float32": "illume_greedy_f32", "greedy_float16": "illume_greedy_f16"}
-GREEDY_SLICE = BLOCK * 16  # logits per block of the greedy entry points (sampling.cu's GREEDY_SLICE)
-GREEDY_MAX_ROWS = 1024  # rows a greedy launch may have (sampling.cu's GREEDY_MAX_ROWS: its counters' region)
-DEFINES = (f"-DILLUME_BLOCK={BLOCK}", f"-DILLUME_KMAX={KMAX}", f"-DILLUME_GREEDY_MAX_ROWS={GREEDY_MAX_ROWS}")
+GREEDY_SLICE = BLOCK * 16  # logits per block of the greedy entry points (ILLUME_GREEDY_SLICE)
+GREEDY_MAX_ROWS = 1024  # rows a greedy launch may have (ILLUME_GREEDY_MAX_ROWS: its counters' region)
+DEFINES = (f"-DILLUME_BLOCK={BLOCK}", f"-DILLUME_KMAX={KMAX}", f"-DILLUME_GREEDY_SLICE={GREEDY_SLICE}",
+           f"-DILLUME_GREEDY_MAX_ROWS={GREEDY_MAX_ROWS}")
 
 
 def source_sha256() -> str:

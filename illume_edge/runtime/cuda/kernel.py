@@ -194,7 +194,7 @@ class _PyCuda:
         atexit.register(self.ctx.pop)
         self.sm = dev.compute_capability()[0] * 10 + dev.compute_capability()[1]
         self.driver_version = drv.get_driver_version()
-        self._prepared: dict[int, str] = {}  # id(function) -> the argument format it was prepared with
+        self._prepared: set[int] = set()  # id() of the functions prepared with their argument format
 
     def load(self, image: bytes, names):
         mod = self.drv.module_from_buffer(image)
@@ -219,13 +219,12 @@ class _PyCuda:
 
     def launch(self, fn, grid, block, args):
         # a prepared call packs the arguments by a format fixed once per function (pycuda's plain call
-        # inspects every argument at every launch: 20-30 us a step on the H100's host, docs/gpu.md). No
-        # synchronize: the launch goes on the default stream, and the caller's copy back (dtoh, synchronous,
-        # on the same stream) waits for it.
-        fmt = "".join(PYCUDA_FORMAT[t] for t, _ in args)
-        if self._prepared.get(id(fn)) != fmt:
-            fn.prepare(fmt)
-            self._prepared[id(fn)] = fmt
+        # inspects every argument at every launch: ~30 us a step under cProfile on the H100's host,
+        # docs/gpu.md). No synchronize: the launch goes on the default stream, and the caller's copy back
+        # (dtoh, synchronous, on the same stream) waits for it.
+        if id(fn) not in self._prepared:  # a function's arguments have the same kinds at every launch
+            fn.prepare("".join(PYCUDA_FORMAT[t] for t, _ in args))
+            self._prepared.add(id(fn))
         fn.prepared_call(grid, block, *[int(a) for _, a in args])
 
 

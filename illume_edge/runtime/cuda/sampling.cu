@@ -453,7 +453,10 @@ extern "C" __global__ void __launch_bounds__(BLOCK) illume_sample_f16(ILLUME_ARG
 // Greedy workspace (`workspace` here; zeroed once when allocated): int counters[GREEDY_MAX_ROWS], then per
 // row and slice four 4-byte words: max value (float), its index, bad, finite count. The counters' region is
 // fixed, so that a launch with more rows or slices than the last finds zeros there, never old slice results.
-#define GREEDY_SLICE (BLOCK * 16)
+#ifndef ILLUME_GREEDY_SLICE
+#define ILLUME_GREEDY_SLICE (BLOCK * 16)
+#endif
+#define GREEDY_SLICE ILLUME_GREEDY_SLICE
 #ifndef ILLUME_GREEDY_MAX_ROWS
 #define ILLUME_GREEDY_MAX_ROWS 1024
 #endif
