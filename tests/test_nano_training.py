@@ -388,3 +388,34 @@ def test_assessment_examples_draw_poor_samples_at_the_asked_share():
         assessment_examples(pool[2:], Builder(), W, 0.5)
     with pytest.raises(ValueError, match="assess_poor_share 1.5"):
         assessment_examples(pool, Builder(), W, 1.5)
+
+
+def test_rendered_assessments_are_balanced_exact_and_never_heldout(monkeypatch):
+    """Tasks.assess_rendered: half right, half wrong; the answer is the evaluator's verdict on the scene drawn
+    (which parses back from the image it shows); wrong ones carry the prompt's own scene as the correction;
+    every category and every aspect's "no" occurs; no held-out scene."""
+    from illume_edge.nano import evaluator
+    from illume_edge.nano.recipe import Tasks
+
+    seen = []
+
+    class Builder:  # records what each example was made of
+        def assess(self, image, text, answer, correction, task):
+            seen.append((image, text, answer, correction, task))
+
+    held = []
+    monkeypatch.setattr(world, "is_heldout", lambda s, cfg=W: held.append(s) or False)
+    tasks, rng = Tasks(Builder(), W), np.random.default_rng(3)
+    for _ in range(400):
+        tasks.assess_rendered(rng)
+    verdicts = [evaluator.assessment_from_json(answer) for _, _, answer, _, _ in seen]
+    assert all(v is not None for v in verdicts)
+    good = np.array([v.good for v in verdicts])
+    assert abs(good.mean() - 0.5) < 0.07, good.mean()
+    for (image, text, answer, correction, task), v in zip(seen, verdicts):
+        assert task == "assess_rendered" and (correction is None) == v.good
+        assert evaluator.parse(image, W) in held  # the image's scene was checked against the split
+    no = {a for v in verdicts for a, x in zip(evaluator.ASPECTS, v.verdicts()) if x is False}
+    assert no == set(evaluator.ASPECTS)
+    by_text = {t for _, t, _, _, _ in seen}
+    assert len(by_text) > 100  # prompts vary (the partial categories have few texts)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from illume_edge.nano import evaluator as ev
-from illume_edge.nano.world import (COLORS, EDIT_KINDS, GEN_CATEGORIES, NUMBER_WORDS, QA_KINDS, RELATIONS,
-                                    SCAFFOLD_KINDS, SHAPES, QA, scaffold_qa,
+from illume_edge.nano.world import (COLORS, EDIT_KINDS, GEN_CATEGORIES, NEAR_MISS_KINDS, NUMBER_WORDS, QA_KINDS,
+                                    RELATIONS, SCAFFOLD_KINDS, SHAPES, QA, scaffold_qa,
                                     GenPrompt, Obj, Scene, WorldConfig, describe, describe_first, full_prompt,
                                     gen_prompt_for,
-                                    heldout_scenes, is_heldout, make_edit, make_qa, position_name, qa_pairs,
+                                    heldout_scenes, is_heldout, make_edit, make_qa, near_miss, position_name, qa_pairs,
                                     render, sample_edit, sample_gen_prompt, sample_scene, text_corpus, vocabulary,
                                     words)
 
@@ -338,6 +338,28 @@ def test_edits_change_exactly_what_they_say():
     assert seen == set(EDIT_KINDS)
     crowded = Scene(tuple(Obj(r, 0, "circle", "red") for r in range(3)))  # max_objects, none referable
     assert make_edit(crowded, rng, "add", CFG) is None and make_edit(crowded, rng, "recolor", CFG) is None
+
+
+
+def test_near_misses_change_one_object_once():
+    """world.near_miss: one object recolored, removed, added, moved or reshaped; every kind occurs."""
+    rng = np.random.default_rng(5)
+    seen = set()
+    for _ in range(500):
+        scene = sample_scene(rng, CFG, "train")
+        miss = near_miss(scene, rng, CFG)
+        if miss is None:
+            continue
+        gone, new = set(scene.objects) - set(miss.objects), set(miss.objects) - set(scene.objects)
+        assert len(gone) + len(new) in (1, 2) and len(gone) <= 1 and len(new) <= 1, (scene, miss)
+        if gone and new:
+            ((a,), (b,)) = gone, new
+            changed = [f for f in ("row", "col", "shape", "color") if getattr(a, f) != getattr(b, f)]
+            assert changed in (["color"], ["shape"], ["row"], ["col"], ["row", "col"]), changed
+            seen.add("reshape" if changed == ["shape"] else "recolor" if changed == ["color"] else "move")
+        else:
+            seen.add("remove" if gone else "add")
+    assert seen == set(NEAR_MISS_KINDS)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -519,6 +519,22 @@ def sample_edit(rng: np.random.Generator, cfg: WorldConfig = WorldConfig(), spli
     raise RuntimeError(f"no {kind or 'any'} edit of {split} scenes in {MAX_SAMPLING_TRIES} draws")
 
 
+NEAR_MISS_KINDS = EDIT_KINDS + ("reshape",)
+
+
+def near_miss(scene: Scene, rng: np.random.Generator, cfg: WorldConfig = WorldConfig()) -> Scene | None:
+    """``scene`` with one mistake of the kinds a generator makes: an object recolored, removed, added, moved or
+    drawn as another shape (kind uniform); None where the kind drawn cannot apply."""
+    kind = _pick(rng, NEAR_MISS_KINDS)
+    if kind != "reshape":
+        edit = make_edit(scene, rng, kind, cfg)
+        return None if edit is None else edit.target
+    if not scene.objects:
+        return None
+    o = _pick(rng, scene.objects)
+    return _swap(scene, o, replace(o, shape=_pick(rng, [s for s in SHAPES if s != o.shape])))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Vocabulary
 # ----------------------------------------------------------------------------------------------------
