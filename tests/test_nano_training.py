@@ -419,3 +419,19 @@ def test_rendered_assessments_are_balanced_exact_and_never_heldout(monkeypatch):
     assert no == set(evaluator.ASPECTS)
     by_text = {t for _, t, _, _, _ in seen}
     assert len(by_text) > 100  # prompts vary (the partial categories have few texts)
+
+
+def test_rendered_assessments_fail_clearly_when_no_wrong_image_can_be_drawn(monkeypatch):
+    from illume_edge.nano.recipe import Tasks
+
+    monkeypatch.setattr(world, "near_miss", lambda scene, rng, cfg=W: None)  # nothing but the prompt's own scene
+    monkeypatch.setattr(world, "MAX_SAMPLING_TRIES", 5)
+
+    class Builder:
+        def assess(self, *args, **kwargs):
+            return "a right image"
+
+    tasks, rng = Tasks(Builder(), W), np.random.default_rng(0)
+    with pytest.raises(RuntimeError, match=r"no wrong rendered image for a training prompt in 5 prompts x 8"):
+        for _ in range(20):  # half the draws ask for a right image, which the prompt's own scene gives
+            tasks.assess_rendered(rng)

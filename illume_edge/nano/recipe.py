@@ -141,8 +141,6 @@ GEN_WEIGHTS = {"single_object": 0.5, "two_object": 1.0, "counting": 2.0, "colors
                "color_attr": 2.0}
 MAX_QA_TURNS = 6  # questions per image in a QA dialogue
 SCAFFOLD_SHARE = 0.35  # share of QA turns that are one-attribute exist / relation / position (world.scaffold_qa)
-
-
 RENDERED_TRIES = 8  # Tasks.assess_rendered: near misses drawn per prompt before another prompt
 GROUNDING_TURNS = 4  # one-attribute questions before the conjunctive one in a grounding dialogue
 GROUNDING_KIND_P = (0.6, 0.25, 0.15)  # their kinds, in world.SCAFFOLD_KINDS order (exist, relation, position)
@@ -236,15 +234,15 @@ class Tasks:
             if turns:
                 return self.b.dialogue(im, list(turns.items()), task="qa_grounding")
 
-    def assess_rendered(self, rng, categories: tuple[str, ...] = world.GEN_CATEGORIES + ("full",)) -> Example:
+    def assess_rendered(self, rng) -> Example:
         """An assessment of a *rendered* image for a training prompt, judged by the evaluator. Half the images
         are right (the prompt's own scene, or a near miss that the prompt does not notice, e.g. an extra
         object recolored), half wrong (a near miss that breaks the prompt: world.near_miss). Unlike the
         model's own samples (stage 4's pool, about a quarter poor), these are many, balanced and exact, so
-        "always yes" does not fit them (docs/nano.md, "A judge trained on rendered near misses"). `categories`:
-        the prompts' categories (world.GEN_CATEGORIES and "full"), drawn uniformly."""
+        "always yes" does not fit them (docs/nano.md, "A judge trained on rendered near misses")."""
+        categories = world.GEN_CATEGORIES + ("full",)
         want_good = bool(rng.random() < 0.5)
-        while True:
+        for _ in range(world.MAX_SAMPLING_TRIES):
             prompt, source = world.sample_gen_prompt(rng, self.w, categories[int(rng.integers(len(categories)))],
                                                      "train")
             for _ in range(RENDERED_TRIES):
@@ -257,6 +255,8 @@ class Tasks:
                     correction = None if verdict.good else world.render(source, self.w)
                     return self.b.assess(world.render(scene, self.w), prompt.text,
                                          evaluator.assessment_to_json(verdict), correction, task="assess_rendered")
+        raise RuntimeError(f"no {'right' if want_good else 'wrong'} rendered image for a training prompt in "
+                           f"{world.MAX_SAMPLING_TRIES} prompts x {RENDERED_TRIES} near misses")
 
     def edit(self, rng) -> Example:
         e = world.sample_edit(rng, self.w, "train")
