@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -435,3 +436,27 @@ def test_rendered_assessments_fail_clearly_when_no_wrong_image_can_be_drawn(monk
     with pytest.raises(RuntimeError, match=r"no wrong rendered image for a training prompt in 5 prompts x 8"):
         for _ in range(20):  # half the draws ask for a right image, which the prompt's own scene gives
             tasks.assess_rendered(rng)
+
+
+def test_evidence_opens_every_trained_assessment_when_the_schedule_asks():
+    """Schedule.assess_evidence: rendered assessments and stage 4's own-sample ones open with the evidence of
+    the scene the image shows (the parsed one for own samples); a pool without parsed scenes is refused."""
+    from illume_edge.nano import evaluator
+    from illume_edge.nano.recipe import AssessedSample, Tasks, assessment_examples
+
+    class Builder:
+        def assess(self, image, text, answer, correction, task):
+            return json.loads(answer)
+
+    rng = np.random.default_rng(4)
+    for evidence in (False, True):
+        doc = Tasks(Builder(), W, assess_evidence=evidence).assess_rendered(rng)
+        assert (next(iter(doc)) == evaluator.EVIDENCE_KEY) == evidence
+    prompt, scene = world.sample_gen_prompt(rng, W, "two_object", "train")
+    shown = world.Scene(scene.objects[:1])
+    sample = AssessedSample(prompt, scene, world.render(shown, W), evaluator.assess(prompt, shown), shown)
+    doc = assessment_examples([sample], Builder(), W, evidence=True)(rng)
+    assert doc[evaluator.EVIDENCE_KEY] == evaluator.evidence(prompt, shown)
+    assert evaluator.EVIDENCE_KEY not in assessment_examples([sample], Builder(), W)(rng)
+    with pytest.raises(ValueError, match=r"AssessedSample.shown.*self_assess_pool"):
+        assessment_examples([replace(sample, shown=None)], Builder(), W, evidence=True)

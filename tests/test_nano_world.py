@@ -396,6 +396,27 @@ def test_malformed_assessments_give_none_and_disagree():
     assert ev.assessment_scores([(text, a), ("junk", a)]) == {"valid": 0.5, "agreement": 0.5}
 
 
+
+def test_evidence_states_what_the_image_shows_of_each_shape_the_prompt_names():
+    """evaluator.evidence: the colors of each named shape in the scene (or "none"), in the prompt's order; as the
+    assessment's optional first field it round-trips, and anywhere else it makes the text malformed."""
+    scene = Scene((Obj(0, 0, "circle", "red"), Obj(1, 1, "circle", "blue"), Obj(2, 2, "square", "green")))
+    two = GenPrompt("color_attr", "a green triangle and a red circle",
+                    ((("triangle", "green", 1), ("circle", "red", 1)), None))
+    assert ev.evidence(two, scene) == "triangle: none; circle: red, blue"
+    assert ev.evidence(full_prompt(scene), scene) == "circle: red, blue; square: green"
+    a = ev.assess(two, scene)
+    text = ev.assessment_to_json(a, ev.evidence(two, scene))
+    assert list(json.loads(text)) == [ev.EVIDENCE_KEY, *ev.JSON_KEYS]
+    assert text.startswith('{"shows": "triangle: none; circle: red, blue", "object": "no", ')
+    assert ev.assessment_from_json(text) == a
+    doc = json.loads(text)
+    moved = {k: doc[k] for k in ev.JSON_KEYS[:2]} | {ev.EVIDENCE_KEY: doc[ev.EVIDENCE_KEY]} | \
+        {k: doc[k] for k in ev.JSON_KEYS[2:]}
+    for bad in (json.dumps(moved), text.replace('"shows": "triangle: none; circle: red, blue"', '"shows": 3'),
+                text.replace('"shows"', '"saw"')):
+        assert ev.assessment_from_json(bad) is None, bad
+
 def test_score_aggregates():
     qa = QA("count", "how many objects are there?", "two")
     und = ev.understanding_scores([(qa, "two"), (qa, "three"), (QA("exist", "is there a red circle?", "yes"), "yes")])

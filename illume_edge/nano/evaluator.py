@@ -36,6 +36,7 @@ MAX_COLOR_DISTANCE = 120.0
 MIN_AREA_FRACTION = 0.2
 ASPECTS = ("object", "count", "color", "spatial")
 JSON_KEYS = ASPECTS + ("score", "analysis")
+EVIDENCE_KEY = "shows"  # an assessment's optional first field: evidence()
 _PALETTE = np.array(list(COLORS.values()), dtype=np.float32)
 _NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 
@@ -266,19 +267,36 @@ _WORD = {True: "yes", False: "no", None: "n/a"}
 _VERDICT = {v: k for k, v in _WORD.items()}
 
 
-def assessment_to_json(a: Assessment) -> str:
+def evidence(prompt: GenPrompt, scene: Scene) -> str:
+    """What ``scene`` holds of each shape ``prompt`` names, in the prompt's order, e.g. "circle: red, blue; square:
+    none": the optional first field ("shows") of an assessment. Stating it is a lookup (given the shape, read the
+    colors), and the verdicts can then be read off it (docs/nano.md, "Stating the evidence first")."""
+    shapes = [o.shape for o in prompt.spec] if prompt.category == "full" else [s for s, _, _ in prompt.spec[0]]
+    return "; ".join(f"{s}: " + (", ".join(o.color for o in scene.find(shape=s)) or "none")
+                     for s in dict.fromkeys(shapes))
+
+
+def assessment_to_json(a: Assessment, shows: str | None = None) -> str:
+    """The assessment as JSON; with ``shows`` (``evidence(...)``) that field comes first."""
     doc = {k: _WORD[v] for k, v in zip(ASPECTS, a.verdicts())}
-    return json.dumps({**doc, "score": f"{a.score:.2f}", "analysis": a.analysis})
+    head = {} if shows is None else {EVIDENCE_KEY: shows}
+    return json.dumps({**head, **doc, "score": f"{a.score:.2f}", "analysis": a.analysis})
 
 
 def assessment_from_json(text: str) -> Assessment | None:
     """The Assessment a JSON text states, or None unless it has exactly the keys of ``assessment_to_json``
-    in order, string values, verdicts yes/no/n/a and the score those verdicts give. Never raises."""
+    in order (the evidence field first or not at all), string values, verdicts yes/no/n/a and the score those
+    verdicts give. Never raises."""
     try:
         doc = json.loads(text)
     except (TypeError, ValueError, RecursionError):
         return None
-    if not isinstance(doc, dict) or tuple(doc) != JSON_KEYS or not all(isinstance(v, str) for v in doc.values()):
+    if not isinstance(doc, dict) or not all(isinstance(v, str) for v in doc.values()):
+        return None
+    keys = tuple(doc)
+    if keys[1:] == JSON_KEYS and keys[0] == EVIDENCE_KEY:
+        keys = keys[1:]
+    if keys != JSON_KEYS:
         return None
     if not all(doc[k] in _VERDICT for k in ASPECTS) or not re.fullmatch(r"[01]\.\d\d", doc["score"]):
         return None

@@ -84,6 +84,9 @@ class Schedule:
     # weight of rendered near-miss assessments (Tasks.assess_rendered) in stage 3's mixture, whose other
     # weights sum to 1; so also in stage 4's replay of it and in the ablation (0: off)
     assess_rendered: float = 0.0
+    # every assessment the recipe trains (stage 4's and the rendered ones) opens with its evidence: what the
+    # image shows of each shape the prompt names (evaluator.evidence; docs/nano.md, "Stating the evidence first")
+    assess_evidence: bool = False
 
 
 SCHEDULES = {
@@ -110,10 +113,13 @@ SCHEDULES = {
     # Measured: the judge scores wrong samples 0.50 and right ones 0.83, but agreement 0.710 and GenEval 0.731
     # (docs/nano.md, "A judge trained on rendered near misses")
     "lookup-judge": Schedule(lookup=750, assess_rendered=0.1),
+    # "lookup-judge" with the evidence field in every assessment it trains. Only stage 4 alone has been measured
+    # with it (agreement 0.733); this full run has not been made yet (docs/nano.md, "Stating the evidence first")
+    "lookup-evidence": Schedule(lookup=750, assess_rendered=0.1, assess_evidence=True),
     # A seconds-long run of every stage for tests: same code path, meaningless weights.
     "smoke": Schedule(vit=2, vit_position=1.0, tokenizer=2, vae=2, unet=2, stage0=1, stage1=1, lookup=1, stage2=1,
                       stage3_curriculum=1, stage3=1, stage4=1, self_enhance_prompts=4, vision_batch=4, vae_batch=2,
-                      decoder_batch=2, llm_batch=2, assess_rendered=0.1),
+                      decoder_batch=2, llm_batch=2, assess_rendered=0.1, assess_evidence=True),
 }
 # Schedule.answer_style -> (PromptTemplates.answer_separator, the QA answers' rewrite for Tasks)
 ANSWER_STYLES = {"short": ("", None), "describe-first": (". ", world.describe_first)}
@@ -161,10 +167,13 @@ def distinct_turns(ask: Callable[[], world.QA | None], want: int, tries: int) ->
 
 class Tasks:
     def __init__(self, builder: SequenceBuilder, wcfg: world.WorldConfig,
-                 answer_style: Callable[[world.Scene, world.QA], world.QA] | None = None):
+                 answer_style: Callable[[world.Scene, world.QA], world.QA] | None = None,
+                 assess_evidence: bool = False):
         """`answer_style` rewrites every QA answer of the dialogues (the probes' answer-format experiments,
-        nano.probes.restyle); None keeps the world's answers, as the recipe trains."""
+        nano.probes.restyle); None keeps the world's answers, as the recipe trains. `assess_evidence`: the
+        rendered assessments open with their evidence (Schedule.assess_evidence)."""
         self.b, self.w = builder, wcfg
+        self.assess_evidence = assess_evidence
         self.style = answer_style
         weights = np.array([GEN_WEIGHTS[c] for c in world.GEN_CATEGORIES])
         self.gen_p = weights / weights.sum()
@@ -253,8 +262,10 @@ class Tasks:
                 verdict = evaluator.assess(prompt, scene)
                 if verdict.good == want_good:
                     correction = None if verdict.good else world.render(source, self.w)
+                    shows = evaluator.evidence(prompt, scene) if self.assess_evidence else None
                     return self.b.assess(world.render(scene, self.w), prompt.text,
-                                         evaluator.assessment_to_json(verdict), correction, task="assess_rendered")
+                                         evaluator.assessment_to_json(verdict, shows), correction,
+                                         task="assess_rendered")
         raise RuntimeError(f"no {'right' if want_good else 'wrong'} rendered image for a training prompt in "
                            f"{world.MAX_SAMPLING_TRIES} prompts x {RENDERED_TRIES} near misses")
 
@@ -296,6 +307,7 @@ class AssessedSample:
     source: world.Scene  # the scene the prompt was made from (its rendering is the correction)
     image: np.ndarray  # what the model generated
     assessment: evaluator.Assessment
+    shown: world.Scene | None = None  # the evaluator's parse of `image` (for the evidence field)
 
 
 # The self-assessment pool samples at temperature 1, not at the checkpoint's (lower) default: the paper's data
@@ -318,15 +330,20 @@ def self_assess_pool(engine_dir: Path, wcfg: world.WorldConfig, n: int, seed: in
     for i in range(n):
         prompt, scene = world.sample_gen_prompt(rng, wcfg, categories[i % len(categories)], "train")
         image = pipe.generate(prompt.text, seed=int(rng.integers(1 << 31)), **POOL_SAMPLING).image
-        out.append(AssessedSample(prompt, scene, image, evaluator.assess(prompt, evaluator.parse(image, wcfg))))
+        shown = evaluator.parse(image, wcfg)
+        out.append(AssessedSample(prompt, scene, image, evaluator.assess(prompt, shown), shown))
         progress.update(i + 1, good=float(out[-1].assessment.good))
     return out
 
 
 def assessment_examples(pool: list[AssessedSample], b: SequenceBuilder, wcfg: world.WorldConfig,
-                        poor_share: float | None = None):
+                        poor_share: float | None = None, evidence: bool = False):
     """Good samples: the assessment; poor ones: the assessment, then the corrected image. `poor_share`: draw a
-    poor sample with this probability (None: uniformly from the pool)."""
+    poor sample with this probability (None: uniformly from the pool). `evidence`: the assessment opens with
+    what the image shows (evaluator.evidence of the sample's parsed scene)."""
+    if evidence and any(s.shown is None for s in pool):
+        raise ValueError("assessment_examples(evidence=True): every pool sample needs its parsed scene "
+                         "(AssessedSample.shown); build the pool with self_assess_pool")
     good = [s for s in pool if s.assessment.good]
     poor = [s for s in pool if not s.assessment.good]
     if poor_share is not None and not (0.0 <= poor_share <= 1.0 and good and poor):
@@ -340,7 +357,8 @@ def assessment_examples(pool: list[AssessedSample], b: SequenceBuilder, wcfg: wo
             group = poor if rng.random() < poor_share else good
             s = group[int(rng.integers(len(group)))]
         correction = None if s.assessment.good else world.render(s.source, wcfg)
-        return b.assess(s.image, s.prompt.text, evaluator.assessment_to_json(s.assessment), correction,
+        shows = evaluator.evidence(s.prompt, s.shown) if evidence else None
+        return b.assess(s.image, s.prompt.text, evaluator.assessment_to_json(s.assessment, shows), correction,
                         task="assess")
     return sample
 
@@ -439,7 +457,8 @@ def run(out: Path, work: Path, schedule: Schedule, threads: int = 2, seed: int =
                                 layout=s.stage0_layout)
     done("stage0")
     trainer = LLMTrainer(cfg, mods.llm, mods.projectors["semantic"], tower)
-    mixes = stage_mixtures(Tasks(builder, wcfg, answer_style=restyle), s.lookup_kinds, s.assess_rendered)
+    mixes = stage_mixtures(Tasks(builder, wcfg, answer_style=restyle, assess_evidence=s.assess_evidence),
+                           s.lookup_kinds, s.assess_rendered)
     for name, trainable, lr, offset in LLM_STAGES:
         steps = getattr(s, name)
         if steps == 0:  # a phase this schedule leaves out (the lookup phase in "full")
@@ -459,7 +478,7 @@ def run(out: Path, work: Path, schedule: Schedule, threads: int = 2, seed: int =
     p.note(samples=len(pool), good=good, poor=len(pool) - good)
     done("self_assess")
     stage3_state = copy.deepcopy(mods)
-    assess_data = assessment_examples(pool, builder, wcfg, s.assess_poor_share)
+    assess_data = assessment_examples(pool, builder, wcfg, s.assess_poor_share, s.assess_evidence)
     with_assess = mixture([(0.3, assess_data), (0.7, mixes["stage3"])])
     trainer.train(with_assess, steps=s.stage4, batch=s.llm_batch, lr=5e-4, seed=_seed(14, seed), trainable="all",
                   progress=stage("stage4", s.stage4))
