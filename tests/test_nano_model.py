@@ -104,3 +104,28 @@ def test_heldout_subset_meets_the_reduced_bar_through_the_runtime(nano_engine):
                                                 "chance_when_mixed") if diag[k] is not None)
     if diag["chance_when_mixed"] is not None:  # a mixed prompt has a right and a wrong candidate among N
         assert 1 / n <= diag["chance_when_mixed"] <= 1 - 1 / n
+
+
+def test_assessments_with_evidence_fit_the_runtimes_assess_budget():
+    """Pipeline.assess stops at the closing brace or its max_new_tokens (96): a GenEval prompt's assessment with
+    the evidence field, for any near miss, must close within it (docs/nano.md, "Stating the evidence first")."""
+    import inspect
+
+    import numpy as np
+
+    from illume_edge.export.checkpoint import CheckpointPaths
+    from illume_edge.nano import evaluator, world
+    from illume_edge.runtime.pipeline import Pipeline
+    from illume_edge.runtime.prompts import TextTokenizer
+
+    budget = inspect.signature(Pipeline.assess).parameters["max_new_tokens"].default
+    paths = CheckpointPaths.from_dir(NANO)
+    tok = TextTokenizer.from_file(paths.mllm / "tokenizer.json", preset("illume-nano"))
+    rng, longest = np.random.default_rng(0), 0
+    categories = world.GEN_CATEGORIES
+    for i in range(600):
+        prompt, source = world.sample_gen_prompt(rng, world.WorldConfig(), categories[i % len(categories)])
+        scene = world.near_miss(source, rng) or source
+        text = evaluator.assessment_to_json(evaluator.assess(prompt, scene), evaluator.evidence(prompt, scene))
+        longest = max(longest, len(tok.encode(text)))
+    assert 60 < longest <= budget, (longest, budget)  # 81 tokens with the shipped tokenizer

@@ -394,7 +394,7 @@ def test_assessment_examples_draw_poor_samples_at_the_asked_share():
 def test_rendered_assessments_are_balanced_exact_and_never_heldout(monkeypatch):
     """Tasks.assess_rendered: half right, half wrong; the answer is the evaluator's verdict on the scene drawn
     (which parses back from the image it shows); wrong ones carry the prompt's own scene as the correction;
-    every category and every aspect's "no" occurs; no held-out scene."""
+    every aspect's "no" occurs; prompts vary; no held-out scene."""
     from illume_edge.nano import evaluator
     from illume_edge.nano.recipe import Tasks
 

@@ -340,7 +340,6 @@ def test_edits_change_exactly_what_they_say():
     assert make_edit(crowded, rng, "add", CFG) is None and make_edit(crowded, rng, "recolor", CFG) is None
 
 
-
 def test_near_misses_change_one_object_once():
     """world.near_miss: one object recolored, removed, added, moved or reshaped; every kind occurs."""
     rng = np.random.default_rng(5)
@@ -396,7 +395,6 @@ def test_malformed_assessments_give_none_and_disagree():
     assert ev.assessment_scores([(text, a), ("junk", a)]) == {"valid": 0.5, "agreement": 0.5}
 
 
-
 def test_evidence_states_what_the_image_shows_of_each_shape_the_prompt_names():
     """evaluator.evidence: the colors of each named shape in the scene (or "none"), in the prompt's order; as the
     assessment's optional first field it round-trips, and anywhere else it makes the text malformed."""
@@ -416,6 +414,7 @@ def test_evidence_states_what_the_image_shows_of_each_shape_the_prompt_names():
     for bad in (json.dumps(moved), text.replace('"shows": "triangle: none; circle: red, blue"', '"shows": 3'),
                 text.replace('"shows"', '"saw"')):
         assert ev.assessment_from_json(bad) is None, bad
+
 
 def test_score_aggregates():
     qa = QA("count", "how many objects are there?", "two")
