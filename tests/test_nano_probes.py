@@ -288,3 +288,46 @@ def test_vit_position_probe_reads_place_only_where_the_features_carry_it(shipped
             assert blind[part][axis]["accuracy"] <= blind[part][axis]["majority"] + 1e-9
     real = probes.vit_position(shipped[0].tower, scenes=100)["object_tokens"]
     assert all(real[a]["accuracy"] < real[a]["majority"] + 0.15 for a in ("row", "column"))
+
+
+class _Oracle:
+    """A stand-in for LLMTrainer whose LLM predicts the batch's next label everywhere, except that where the
+    next label is a token of `swap` it predicts `swap`'s value instead (a judge with one blind spot)."""
+
+    def __init__(self, trainer, swap: dict[int, int] | None = None):
+        self.inner, self.swap, self.labels = trainer, swap or {}, None
+        self.llm = self
+
+    def batch(self, examples):
+        b = self.inner.batch(examples)
+        self.labels = b["labels"]
+        return b
+
+    def eval(self):
+        return self
+
+    def __call__(self, inputs_embeds, attention_mask):
+        nxt = torch.cat([self.labels[:, 1:], torch.full_like(self.labels[:, :1], IGNORE)], 1)  # [B, L]
+        for a, b in self.swap.items():
+            nxt = torch.where(nxt == a, torch.full_like(nxt, b), nxt)
+        logits = torch.zeros(*nxt.shape, self.inner.llm.config.vocab_size)
+        logits.scatter_(-1, nxt.clamp(min=0).unsqueeze(-1), 10.0)  # IGNORE rows predict token 0: never scored
+        return type("Out", (), {"logits": logits})()
+
+
+def test_judge_scores_the_verdicts_and_evidence_of_rendered_heldout_pairs(shipped):
+    """probes.judge: a perfect teacher-forced judge scores 1.0 everywhere, with its object margin positive on
+    right images; one that writes "yes" wherever the truth is "no" keeps every right image and its evidence
+    and loses every wrong one, aspect by aspect (so the scored positions are the verdicts'); the real
+    shipped model runs through it."""
+    trainer, builder = shipped
+    yes, no = (builder.tok.encode(w)[0] for w in ("yes", "no"))
+    perfect = probes.judge(_Oracle(trainer), builder, pairs=24, evidence=True)
+    assert perfect["verdicts_right"] == perfect["verdicts_wrong"] == perfect["evidence_right"] == 1.0
+    assert set(perfect["wrong_by_aspect"].values()) == {1.0}
+    assert perfect["object_margin_right"][0] == 10.0
+    blind = probes.judge(_Oracle(trainer, {no: yes}), builder, pairs=24, evidence=True)
+    assert blind["verdicts_right"] == blind["evidence_right"] == 1.0
+    assert blind["verdicts_wrong"] == 0.0 and set(blind["wrong_by_aspect"].values()) == {0.0}
+    real = probes.judge(trainer, builder, pairs=8)
+    assert 0.0 <= real["verdicts_right"] <= 1.0 and "evidence_right" not in real

@@ -433,7 +433,7 @@ def test_rendered_assessments_fail_clearly_when_no_wrong_image_can_be_drawn(monk
             return "a right image"
 
     tasks, rng = Tasks(Builder(), W), np.random.default_rng(0)
-    with pytest.raises(RuntimeError, match=r"no wrong rendered image for a training prompt in 5 prompts x 8"):
+    with pytest.raises(RuntimeError, match=r"no wrong rendered image for a prompt of the train split in 5 prompts x 8"):
         for _ in range(20):  # half the draws ask for a right image, which the prompt's own scene gives
             tasks.assess_rendered(rng)
 

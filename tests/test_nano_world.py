@@ -3,10 +3,12 @@ every text (QA, prompts, edits, self-assessment) true of its scene by constructi
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from illume_edge.config import preset
 from illume_edge.nano import evaluator as ev
 from illume_edge.nano.world import (COLORS, EDIT_KINDS, GEN_CATEGORIES, NEAR_MISS_KINDS, NUMBER_WORDS, QA_KINDS,
                                     RELATIONS, SCAFFOLD_KINDS, SHAPES, QA, scaffold_qa,
@@ -15,8 +17,10 @@ from illume_edge.nano.world import (COLORS, EDIT_KINDS, GEN_CATEGORIES, NEAR_MIS
                                     heldout_scenes, is_heldout, make_edit, make_qa, near_miss, position_name, qa_pairs,
                                     render, sample_edit, sample_gen_prompt, sample_scene, text_corpus, vocabulary,
                                     words)
+from illume_edge.runtime.prompts import TextTokenizer
 
 CFG = WorldConfig()
+NANO = Path(__file__).resolve().parents[1] / "models" / "illume-nano"
 THREE = Scene((Obj(0, 0, "circle", "red"), Obj(1, 1, "square", "blue"), Obj(2, 2, "triangle", "orange")))
 
 
@@ -396,22 +400,30 @@ def test_malformed_assessments_give_none_and_disagree():
 
 
 def test_evidence_states_what_the_image_shows_of_each_shape_the_prompt_names():
-    """evaluator.evidence: the colors of each named shape in the scene (or "none"), in the prompt's order; as the
-    assessment's optional first field it round-trips, and anywhere else it makes the text malformed."""
+    """evaluator.evidence: the colors of each named shape in the scene (or "nothing"), in the prompt's order, one
+    token per word or mark for the nano tokenizer; as the assessment's optional first field
+    it round-trips, and anywhere else it makes the text malformed."""
     scene = Scene((Obj(0, 0, "circle", "red"), Obj(1, 1, "circle", "blue"), Obj(2, 2, "square", "green")))
     two = GenPrompt("color_attr", "a green triangle and a red circle",
                     ((("triangle", "green", 1), ("circle", "red", 1)), None))
-    assert ev.evidence(two, scene) == "triangle: none; circle: red, blue"
+    assert ev.evidence(two, scene) == "triangle: nothing; circle: red, blue"
     assert ev.evidence(full_prompt(scene), scene) == "circle: red, blue; square: green"
+    tok = TextTokenizer.from_file(NANO / "mllm" / "tokenizer.json", preset("illume-nano"))
+    rng = np.random.default_rng(5)
+    for category in GEN_CATEGORIES + ("full",):
+        for _ in range(20):
+            prompt, source = sample_gen_prompt(rng, CFG, category, "train")
+            text = ev.evidence(prompt, near_miss(source, rng, CFG) or source)
+            assert len(tok.encode(text)) == len(words(text)), text  # one token per word or mark
     a = ev.assess(two, scene)
     text = ev.assessment_to_json(a, ev.evidence(two, scene))
     assert list(json.loads(text)) == [ev.EVIDENCE_KEY, *ev.JSON_KEYS]
-    assert text.startswith('{"shows": "triangle: none; circle: red, blue", "object": "no", ')
+    assert text.startswith('{"shows": "triangle: nothing; circle: red, blue", "object": "no", ')
     assert ev.assessment_from_json(text) == a
     doc = json.loads(text)
     moved = {k: doc[k] for k in ev.JSON_KEYS[:2]} | {ev.EVIDENCE_KEY: doc[ev.EVIDENCE_KEY]} | \
         {k: doc[k] for k in ev.JSON_KEYS[2:]}
-    for bad in (json.dumps(moved), text.replace('"shows": "triangle: none; circle: red, blue"', '"shows": 3'),
+    for bad in (json.dumps(moved), text.replace('"shows": "triangle: nothing; circle: red, blue"', '"shows": 3'),
                 text.replace('"shows"', '"saw"')):
         assert ev.assessment_from_json(bad) is None, bad
 

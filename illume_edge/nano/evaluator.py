@@ -269,10 +269,12 @@ _VERDICT = {v: k for k, v in _WORD.items()}
 
 def evidence(prompt: GenPrompt, scene: Scene) -> str:
     """What ``scene`` holds of each shape ``prompt`` names, in the prompt's order, e.g. "circle: red, blue; square:
-    none": the optional first field ("shows") of an assessment. Stating it is a lookup (given the shape, read the
-    colors), and the verdicts can then be read off it (docs/nano.md, "Stating the evidence first")."""
+    nothing": the optional first field ("shows") of an assessment. Stating it is a lookup (given the shape, read
+    the colors), and the verdicts can then be read off it (docs/nano.md, "Stating the evidence first"). Every word
+    is one token of the nano vocabulary ("none" was not: it encoded as "no" "n" "e", its first token the verdict
+    "no")."""
     shapes = [o.shape for o in prompt.spec] if prompt.category == "full" else [s for s, _, _ in prompt.spec[0]]
-    return "; ".join(f"{s}: " + (", ".join(o.color for o in scene.find(shape=s)) or "none")
+    return "; ".join(f"{s}: " + (", ".join(o.color for o in scene.find(shape=s)) or "nothing")
                      for s in dict.fromkeys(shapes))
 
 

@@ -25,7 +25,10 @@
   vision tower, single-turn image questions of each phase's kinds in turn (`image_lookup`);
 - ``--slot-lookup KINDS:STEPS,...``: as ``--text-lookup``, with the scene as the image's 6 x 6 token grid, each
   object token the sum of its color and shape words' embeddings (`SlotScenes`): one position per object
-  token, in the text's own directions, as an image token behind a projector aligned to the text space would be.
+  token, in the text's own directions, as an image token behind a projector aligned to the text space would be;
+- ``--judge PAIRS [--judge-evidence]`` (with ``--checkpoint``): the self-assessment without free-running noise,
+  teacher-forced on rendered held-out prompts, half right images and half near misses (`judge`): are the
+  verdicts right on wrong images, and (with the evidence field) is the evidence?
 
 Run: python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint [--continue qa --steps 300
 --chunks 2] [--attention] [--split train]
@@ -37,6 +40,7 @@ Run: python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint
      python -m illume_edge.nano.probes --slot-lookup color:1000
      python -m illume_edge.nano.probes --checkpoint models/illume-nano --image-lookup color:250,color:250
      python -m illume_edge.nano.probes --checkpoint models/illume-nano --vit-position
+     python -m illume_edge.nano.probes --checkpoint build/nano-evidence/checkpoint --judge 240 --judge-evidence
 """
 from __future__ import annotations
 
@@ -243,6 +247,72 @@ def attention_on_asked_object(trainer: LLMTrainer, builder: SequenceBuilder, qas
     keys = ("image", "asked", "objects", "asked_uniform")
     return [{"layer": layer, "head": head, **{k: round(float(v), 3) for k, v in zip(keys, np.mean(vals, axis=0))}}
             for (layer, head), vals in sorted(rows.items())]
+
+
+def _value_positions(builder: SequenceBuilder, text: str, keys: tuple[str, ...]) -> dict[str, int]:
+    """Per JSON key of `text`: the index, among `text`'s tokens, of its string value's first token. The
+    tokenizer splits at every punctuation mark, so a prefix ending in the value's opening quote encodes to a
+    prefix of the whole text's tokens (checked)."""
+    full = builder.tok.encode(text)
+    out = {}
+    for key in keys:
+        head = text[:text.index(f'"{key}": "') + len(f'"{key}": "')]
+        ids = builder.tok.encode(head)
+        if full[:len(ids)] != ids:
+            raise ValueError(f"assessment {text!r}: the tokens of {head!r} are not a prefix of the whole text's")
+        out[key] = len(ids)
+    return out
+
+
+@torch.no_grad()
+def judge(trainer: LLMTrainer, builder: SequenceBuilder, pairs: int = 240, evidence: bool = False,
+          wcfg: world.WorldConfig = world.WorldConfig(), seed: int = evaluate.EVAL_SEED, batch: int = 16) -> dict:
+    """The judge without free-running noise: held-out prompts with rendered images, half right and half wrong
+    (recipe.rendered_assessment, split "heldout"), each assessment teacher-forced. Per pair, are the four
+    verdicts (each value's first token: yes / no / n of n/a) the argmax at their positions, after the true
+    JSON before them; with `evidence` the JSON opens with the evidence field, and its tokens are scored too.
+    Returns the share of pairs whose verdicts are all right, on right and on wrong images; per aspect on the
+    wrong images that break it; the evidence's share (whole field right); and logit(yes) - logit(no) at the
+    "object" verdict, mean and spread, on right and on wrong images (docs/nano.md, "A judge trained on
+    rendered near misses")."""
+    from . import evaluator
+
+    rng = np.random.default_rng(seed)
+    drawn = [recipe.rendered_assessment(rng, wcfg, want_good=i % 2 == 0, split="heldout") for i in range(pairs)]
+    texts = [evaluator.assessment_to_json(r.verdict, evaluator.evidence(r.prompt, r.scene) if evidence else None)
+             for r in drawn]
+    yes, no = (builder.tok.encode(w)[0] for w in ("yes", "no"))
+    keys = evaluator.ASPECTS + ((evaluator.EVIDENCE_KEY,) if evidence else ())
+    trainer.llm.eval()
+    rows = []
+    for i in range(0, pairs, batch):
+        chunk = list(zip(drawn[i:i + batch], texts[i:i + batch]))
+        exs = [builder.assess(world.render(r.scene, wcfg), r.prompt.text, t) for r, t in chunk]
+        b = trainer.batch(exs)
+        logits = trainer.llm(inputs_embeds=b["inputs_embeds"], attention_mask=b["attention_mask"]).logits
+        for row, ((r, text), ex) in enumerate(zip(chunk, exs)):
+            start = next(i for i, t in enumerate(ex.labels) if t != IGNORE)  # the answer's first token
+            right = logits[row].argmax(-1)[:-1] == b["labels"][row, 1:]  # [L-1]: is token t + 1 predicted at t?
+            at = {k: start + j for k, j in _value_positions(builder, text, keys).items()}
+            verdicts = {k: bool(right[at[k] - 1]) for k in evaluator.ASPECTS}
+            shows = None
+            if evidence:  # every token of the field's value
+                first = at[evaluator.EVIDENCE_KEY]
+                n = len(builder.tok.encode(evaluator.evidence(r.prompt, r.scene)))
+                shows = bool(right[first - 1:first - 1 + n].all())
+            margin = float(logits[row, at["object"] - 1, yes] - logits[row, at["object"] - 1, no])
+            rows.append((r.verdict, verdicts, shows, margin))
+    out: dict = {"pairs": pairs, "evidence": evidence}
+    for name, good in (("right", True), ("wrong", False)):
+        sel = [x for x in rows if x[0].good == good]
+        out[f"verdicts_{name}"] = round(float(np.mean([all(v.values()) for _, v, _, _ in sel])), 3)
+        m = np.array([x[3] for x in sel if x[0].object is not None])
+        out[f"object_margin_{name}"] = [round(float(m.mean()), 2), round(float(m.std()), 2)]
+    out["wrong_by_aspect"] = {a: round(float(np.mean([v[a] for t, v, _, _ in rows if getattr(t, a) is False])), 3)
+                              for a in evaluator.ASPECTS if any(getattr(t, a) is False for t, _, _, _ in rows)}
+    if evidence:
+        out["evidence_right"] = round(float(np.mean([s for _, _, s, _ in rows])), 3)
+    return out
 
 
 def _linear_probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int = 0, steps: int = 500) -> dict:
@@ -670,6 +740,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="--text-lookup: key/value heads (nano: 2)")
     ap.add_argument("--layout", default="scene-first", choices=text_pretrain.LAYOUTS,
                     help="--text-lookup: the description before the question (the recipe's) or after it")
+    ap.add_argument("--judge", type=int, default=None, metavar="PAIRS",
+                    help="with --checkpoint: teacher-forced assessments of this many rendered held-out pairs, "
+                         "half right, half near misses (judge)")
+    ap.add_argument("--judge-evidence", dest="judge_evidence", action="store_true",
+                    help="--judge: the assessments open with the evidence field, which is scored too")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -703,6 +778,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.vit_position:
         print(json.dumps(vit_position(trainer.tower)))
+        return 0
+    if args.judge is not None:
+        print(json.dumps(judge(trainer, builder, args.judge, args.judge_evidence)))
         return 0
     if args.attention:
         for row in attention_on_asked_object(trainer, builder, qas):

@@ -10,13 +10,14 @@ Stages (docs/nano.md has the why of each):
   stage1     visual-embedding init: projector + embeddings + LM head, image reconstruction and captioning
   stage2     image-text alignment both ways: captioning, text-to-image (full captions), reconstruction
   stage3     SFT: question answering, GenEval-style generation, editing (+ replay of stage 2 tasks)
+  judge      rendered near-miss assessments with a replay of stage 3 (off in "full", on in "judge-phase")
   stage4     self-enhancing alignment: the stage-3 model (exported, run by the runtime) generates images for
              training prompts, the evaluator assesses them into JSON; assessments (poor samples: assessment
              then a corrected image) join the SFT data for a last fine-tune. The same fine-tune without the
              assessment data is the ablation (its checkpoint is kept under the work folder, not shipped).
 
 Run: python -m illume_edge.nano.recipe --out models/illume-nano [--work build/nano]
-         [--schedule full|text-pretrain|reasoned|assess-balanced|smoke] [--seed N]
+         [--schedule NAME (one of SCHEDULES; "full" is make nano's)] [--seed N]
 """
 from __future__ import annotations
 
@@ -69,6 +70,11 @@ class Schedule:
     stage2: int = 800
     stage3_curriculum: int = 400
     stage3: int = 1000
+    # after stage 3, before the self-assessment pool: a phase of rendered near-miss assessments
+    # (JUDGE_RENDERED_SHARE of its examples) with a replay of stage 3 (0: off). In stage 3's mixture the rendered
+    # assessments get about 100 steps' worth, and the judge's evidence stays right 0.38 of the time; in a probe,
+    # 1200 steps of them alone made it 0.95 (docs/nano.md, "A judge trained on rendered near misses")
+    judge: int = 0
     stage4: int = 300
     self_enhance_prompts: int = 320
     vision_batch: int = 64
@@ -116,9 +122,11 @@ SCHEDULES = {
     # "lookup-judge" with the evidence field in every assessment it trains. Only stage 4 alone has been measured
     # with it (agreement 0.733); this full run has not been made yet (docs/nano.md, "Stating the evidence first")
     "lookup-evidence": Schedule(lookup=750, assess_rendered=0.1, assess_evidence=True),
+    # "lookup-evidence" plus 800 steps of the judge phase after stage 3 (+6 minutes; docs/nano.md)
+    "judge-phase": Schedule(lookup=750, assess_rendered=0.1, assess_evidence=True, judge=800),
     # A seconds-long run of every stage for tests: same code path, meaningless weights.
     "smoke": Schedule(vit=2, vit_position=1.0, tokenizer=2, vae=2, unet=2, stage0=1, stage1=1, lookup=1, stage2=1,
-                      stage3_curriculum=1, stage3=1, stage4=1, self_enhance_prompts=4, vision_batch=4, vae_batch=2,
+                      stage3_curriculum=1, stage3=1, judge=1, stage4=1, self_enhance_prompts=4, vision_batch=4, vae_batch=2,
                       decoder_batch=2, llm_batch=2, assess_rendered=0.1, assess_evidence=True),
 }
 # Schedule.answer_style -> (PromptTemplates.answer_separator, the QA answers' rewrite for Tasks)
@@ -135,7 +143,8 @@ def stage0_phases(s: Schedule) -> list[text_pretrain.Phase]:
 
 # LLM stages 1-3 in order: (Schedule field, what trains, peak learning rate, seed offset)
 LLM_STAGES = (("stage1", "vision_init", 2e-3, 11), ("lookup", "all", 1e-3, 16), ("stage2", "all", 2e-3, 12),
-              ("stage3_curriculum", "all", 1e-3, 15), ("stage3", "all", 1e-3, 13))
+              ("stage3_curriculum", "all", 1e-3, 15), ("stage3", "all", 1e-3, 13), ("judge", "all", 1e-3, 17))
+JUDGE_RENDERED_SHARE = 0.75  # Schedule.judge: the share of rendered assessments (the rest replays stage 3)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -245,34 +254,48 @@ class Tasks:
 
     def assess_rendered(self, rng) -> Example:
         """An assessment of a *rendered* image for a training prompt, judged by the evaluator. Half the images
-        are right (the prompt's own scene, or a near miss that the prompt does not notice, e.g. an extra
-        object recolored), half wrong (a near miss that breaks the prompt: world.near_miss). Unlike the
-        model's own samples (stage 4's pool, about a quarter poor), these are many, balanced and exact, so
-        "always yes" does not fit them (docs/nano.md, "A judge trained on rendered near misses")."""
-        categories = world.GEN_CATEGORIES + ("full",)
-        want_good = bool(rng.random() < 0.5)
-        for _ in range(world.MAX_SAMPLING_TRIES):
-            prompt, source = world.sample_gen_prompt(rng, self.w, categories[int(rng.integers(len(categories)))],
-                                                     "train")
-            for _ in range(RENDERED_TRIES):
-                keep = want_good and rng.random() < 0.5
-                scene = source if keep else world.near_miss(source, rng, self.w)
-                if scene is None or not scene.objects or world.is_heldout(scene, self.w):
-                    continue
-                verdict = evaluator.assess(prompt, scene)
-                if verdict.good == want_good:
-                    correction = None if verdict.good else world.render(source, self.w)
-                    shows = evaluator.evidence(prompt, scene) if self.assess_evidence else None
-                    return self.b.assess(world.render(scene, self.w), prompt.text,
-                                         evaluator.assessment_to_json(verdict, shows), correction,
-                                         task="assess_rendered")
-        raise RuntimeError(f"no {'right' if want_good else 'wrong'} rendered image for a training prompt in "
-                           f"{world.MAX_SAMPLING_TRIES} prompts x {RENDERED_TRIES} near misses")
+        are right, half wrong (`rendered_assessment`). Unlike the model's own samples (stage 4's pool, about a
+        quarter poor), these are many, balanced and exact, so "always yes" does not fit them (docs/nano.md,
+        "A judge trained on rendered near misses")."""
+        r = rendered_assessment(rng, self.w, want_good=bool(rng.random() < 0.5), split="train")
+        correction = None if r.verdict.good else world.render(r.source, self.w)
+        shows = evaluator.evidence(r.prompt, r.scene) if self.assess_evidence else None
+        return self.b.assess(world.render(r.scene, self.w), r.prompt.text,
+                             evaluator.assessment_to_json(r.verdict, shows), correction, task="assess_rendered")
 
     def edit(self, rng) -> Example:
         e = world.sample_edit(rng, self.w, "train")
         return self.b.edit(world.render(e.source, self.w), e.instruction, world.render(e.target, self.w),
                            task=f"edit_{e.kind}")
+
+
+@dataclass(frozen=True)
+class RenderedAssessment:
+    prompt: world.GenPrompt
+    source: world.Scene  # the scene the prompt was made from (its rendering is the correction)
+    scene: world.Scene  # the scene whose rendering is assessed: `source` or a near miss of it
+    verdict: evaluator.Assessment  # the evaluator's on `scene`
+
+
+def rendered_assessment(rng: np.random.Generator, wcfg: world.WorldConfig, want_good: bool,
+                        split: str = "train") -> RenderedAssessment:
+    """A prompt of `split` and a scene the evaluator judges right (`want_good`) or wrong for it. A right one is
+    the prompt's own scene or a near miss the prompt does not notice (e.g. an extra object recolored); a wrong
+    one a near miss that breaks it (world.near_miss). For "train", scenes of the held-out split are refused.
+    Bounded: a clear error rather than an endless loop when no such scene can be drawn."""
+    categories = world.GEN_CATEGORIES + ("full",)
+    for _ in range(world.MAX_SAMPLING_TRIES):
+        prompt, source = world.sample_gen_prompt(rng, wcfg, categories[int(rng.integers(len(categories)))], split)
+        for _ in range(RENDERED_TRIES):
+            keep = want_good and rng.random() < 0.5
+            scene = source if keep else world.near_miss(source, rng, wcfg)
+            if scene is None or not scene.objects or (split == "train" and world.is_heldout(scene, wcfg)):
+                continue
+            verdict = evaluator.assess(prompt, scene)
+            if verdict.good == want_good:
+                return RenderedAssessment(prompt, source, scene, verdict)
+    raise RuntimeError(f"no {'right' if want_good else 'wrong'} rendered image for a prompt of the {split} split in "
+                       f"{world.MAX_SAMPLING_TRIES} prompts x {RENDERED_TRIES} near misses")
 
 
 def mixture(parts: list[tuple[float, Callable[[np.random.Generator], Example]]]):
@@ -295,6 +318,7 @@ def stage_mixtures(t: Tasks, lookup_kinds: tuple[str, ...] = Schedule.lookup_kin
     return {"stage1": mixture([(0.5, t.reconstruct), (0.5, t.caption)]),
             "lookup": lambda rng: t.qa_single(rng, lookup_kinds), "stage2": mixture(stage2),
             "stage3": mixture(stage3),
+            "judge": mixture([(JUDGE_RENDERED_SHARE, t.assess_rendered), (1 - JUDGE_RENDERED_SHARE, mixture(stage3))]),
             "stage3_curriculum": mixture([(0.5, t.qa_grounding)] + [(w / 2, f) for w, f in stage3])}
 
 
