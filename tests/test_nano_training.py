@@ -422,6 +422,22 @@ def test_rendered_assessments_are_balanced_exact_and_never_heldout(monkeypatch):
     assert len(by_text) > 100  # prompts vary (the partial categories have few texts)
 
 
+def test_judge_phase_mixes_rendered_assessments_with_a_replay_of_stage3():
+    """Schedule.judge's mixture: JUDGE_RENDERED_SHARE rendered assessments, the rest stage 3's own tasks."""
+    from collections import Counter
+
+    from illume_edge.nano import recipe
+
+    class Builder:  # every SequenceBuilder method returns the task it was asked to build
+        def __getattr__(self, name):
+            return lambda *args, task=name, **kwargs: task
+
+    sample, rng = recipe.stage_mixtures(recipe.Tasks(Builder(), W))["judge"], np.random.default_rng(6)
+    tasks = Counter(sample(rng) for _ in range(400))
+    assert abs(tasks["assess_rendered"] / 400 - recipe.JUDGE_RENDERED_SHARE) < 0.06, tasks
+    assert {"qa", "t2i_geneval"} <= set(tasks)  # the replay
+
+
 def test_rendered_assessments_fail_clearly_when_no_wrong_image_can_be_drawn(monkeypatch):
     from illume_edge.nano.recipe import Tasks
 

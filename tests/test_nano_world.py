@@ -400,14 +400,15 @@ def test_malformed_assessments_give_none_and_disagree():
 
 
 def test_evidence_states_what_the_image_shows_of_each_shape_the_prompt_names():
-    """evaluator.evidence: the colors of each named shape in the scene (or "nothing"), in the prompt's order, one
-    token per word or mark for the nano tokenizer; as the assessment's optional first field
-    it round-trips, and anywhere else it makes the text malformed."""
+    """evaluator.evidence: the colors of each named shape in the scene (or "nothing"), in the prompt's order, then
+    whether each colored object asked for is there; one token per word or mark for the nano tokenizer; as the
+    assessment's optional first field it round-trips, and anywhere else it makes the text malformed."""
     scene = Scene((Obj(0, 0, "circle", "red"), Obj(1, 1, "circle", "blue"), Obj(2, 2, "square", "green")))
     two = GenPrompt("color_attr", "a green triangle and a red circle",
                     ((("triangle", "green", 1), ("circle", "red", 1)), None))
-    assert ev.evidence(two, scene) == "triangle: nothing; circle: red, blue"
-    assert ev.evidence(full_prompt(scene), scene) == "circle: red, blue; square: green"
+    assert ev.evidence(two, scene) == "triangle: nothing; circle: red, blue; green triangle: no; red circle: yes"
+    assert ev.evidence(full_prompt(scene), scene) == ("circle: red, blue; square: green; red circle: yes; blue circle: yes; "
+                                                      "green square: yes")
     tok = TextTokenizer.from_file(NANO / "mllm" / "tokenizer.json", preset("illume-nano"))
     rng = np.random.default_rng(5)
     for category in GEN_CATEGORIES + ("full",):
@@ -418,12 +419,13 @@ def test_evidence_states_what_the_image_shows_of_each_shape_the_prompt_names():
     a = ev.assess(two, scene)
     text = ev.assessment_to_json(a, ev.evidence(two, scene))
     assert list(json.loads(text)) == [ev.EVIDENCE_KEY, *ev.JSON_KEYS]
-    assert text.startswith('{"shows": "triangle: nothing; circle: red, blue", "object": "no", ')
+    assert text.startswith('{"shows": "triangle: nothing; circle: red, blue; green triangle: no; red circle: yes", '
+                           '"object": "no", ')
     assert ev.assessment_from_json(text) == a
     doc = json.loads(text)
     moved = {k: doc[k] for k in ev.JSON_KEYS[:2]} | {ev.EVIDENCE_KEY: doc[ev.EVIDENCE_KEY]} | \
         {k: doc[k] for k in ev.JSON_KEYS[2:]}
-    for bad in (json.dumps(moved), text.replace('"shows": "triangle: nothing; circle: red, blue"', '"shows": 3'),
+    for bad in (json.dumps(moved), text.replace(f'"shows": "{doc[ev.EVIDENCE_KEY]}"', '"shows": 3'),
                 text.replace('"shows"', '"saw"')):
         assert ev.assessment_from_json(bad) is None, bad
 

@@ -134,10 +134,11 @@ class TorchBackend:
 
     def assess(self, image, prompt: str) -> str:
         from ..runtime.assessment import complete_object
+        from ..runtime.pipeline import ASSESS_MAX_NEW_TOKENS
 
-        # the runtime's Pipeline.assess budget (96 tokens; it stops at the closing brace, which greedy
-        # decoding reaches identically here)
-        text = self.answer(image, self.cfg.prompts.assess.format(caption=prompt), max_new_tokens=96)
+        # the runtime's Pipeline.assess budget (it stops at the closing brace, which greedy decoding reaches
+        # identically here)
+        text = self.answer(image, self.cfg.prompts.assess.format(caption=prompt), max_new_tokens=ASSESS_MAX_NEW_TOKENS)
         return complete_object(text) or text
 
 

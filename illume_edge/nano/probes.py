@@ -291,7 +291,7 @@ def judge(trainer: LLMTrainer, builder: SequenceBuilder, pairs: int = 240, evide
         b = trainer.batch(exs)
         logits = trainer.llm(inputs_embeds=b["inputs_embeds"], attention_mask=b["attention_mask"]).logits
         for row, ((r, text), ex) in enumerate(zip(chunk, exs)):
-            start = next(i for i, t in enumerate(ex.labels) if t != IGNORE)  # the answer's first token
+            start = next(k for k, t in enumerate(ex.labels) if t != IGNORE)  # the answer's first token
             right = logits[row].argmax(-1)[:-1] == b["labels"][row, 1:]  # [L-1]: is token t + 1 predicted at t?
             at = {k: start + j for k, j in _value_positions(builder, text, keys).items()}
             verdicts = {k: bool(right[at[k] - 1]) for k in evaluator.ASPECTS}

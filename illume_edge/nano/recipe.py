@@ -73,7 +73,8 @@ class Schedule:
     # after stage 3, before the self-assessment pool: a phase of rendered near-miss assessments
     # (JUDGE_RENDERED_SHARE of its examples) with a replay of stage 3 (0: off). In stage 3's mixture the rendered
     # assessments get about 100 steps' worth, and the judge's evidence stays right 0.38 of the time; in a probe,
-    # 1200 steps of them alone made it 0.95 (docs/nano.md, "A judge trained on rendered near misses")
+    # 1200 steps of them alone made it 0.95; 800 steps of the phase made it 0.86 (docs/nano.md, "A judge trained
+    # on rendered near misses")
     judge: int = 0
     stage4: int = 300
     self_enhance_prompts: int = 320
@@ -119,10 +120,13 @@ SCHEDULES = {
     # Measured: the judge scores wrong samples 0.50 and right ones 0.83, but agreement 0.710 and GenEval 0.731
     # (docs/nano.md, "A judge trained on rendered near misses")
     "lookup-judge": Schedule(lookup=750, assess_rendered=0.1),
-    # "lookup-judge" with the evidence field in every assessment it trains. Only stage 4 alone has been measured
-    # with it (agreement 0.733); this full run has not been made yet (docs/nano.md, "Stating the evidence first")
+    # "lookup-judge" with the evidence field in every assessment it trains. Measured with the field's first format
+    # (colors per shape, "none" for an absent one): understanding 0.867, generation 0.806, editing 0.688,
+    # agreement 0.752, the evidence right 0.39 teacher-forced (docs/nano.md)
     "lookup-evidence": Schedule(lookup=750, assess_rendered=0.1, assess_evidence=True),
-    # "lookup-evidence" plus 800 steps of the judge phase after stage 3 (+6 minutes; docs/nano.md)
+    # "lookup-evidence" plus 800 steps of the judge phase after stage 3 (+7 minutes; 40.5 in all). Measured with
+    # the evidence before it said whether each colored object asked for is there: evidence right 0.86, best-of-4
+    # +4.8 points, agreement 0.781, but generation 0.769 and editing 0.662 (docs/nano.md)
     "judge-phase": Schedule(lookup=750, assess_rendered=0.1, assess_evidence=True, judge=800),
     # A seconds-long run of every stage for tests: same code path, meaningless weights.
     "smoke": Schedule(vit=2, vit_position=1.0, tokenizer=2, vae=2, unet=2, stage0=1, stage1=1, lookup=1, stage2=1,

@@ -29,6 +29,9 @@ from .vision import PromptTable, encode_image
 ImageInput = bytes | str | Path | np.ndarray | object  # path, bytes, PIL image or uint8 array
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 DECODERS = ("auto", "diffusion", "vq")
+# Pipeline.assess stops at the answer's closing brace; this only bounds a rambling one. 128: an assessment that
+# opens with the evidence field reaches 123 tokens for a three-object caption (tests/test_nano_model.py)
+ASSESS_MAX_NEW_TOKENS = 128
 
 
 @dataclass
@@ -174,7 +177,8 @@ class Pipeline:
             pass
         return out.result
 
-    def assess(self, image: ImageInput, prompt: str, *, max_new_tokens: int = 96, seed: int = 0) -> AssessResult:
+    def assess(self, image: ImageInput, prompt: str, *, max_new_tokens: int = ASSESS_MAX_NEW_TOKENS,
+               seed: int = 0) -> AssessResult:
         """The model's own judgement of `image` against the generation `prompt` (cfg.prompts.assess), greedy;
         decoding stops as soon as the answer's JSON object is complete."""
         t0 = time.perf_counter()
