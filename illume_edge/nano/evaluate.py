@@ -138,7 +138,8 @@ class TorchBackend:
 
         # the runtime's Pipeline.assess budget (it stops at the closing brace, which greedy decoding reaches
         # identically here)
-        text = self.answer(image, self.cfg.prompts.assess.format(caption=prompt), max_new_tokens=ASSESS_MAX_NEW_TOKENS)
+        text = self.answer(image, self.cfg.prompts.assess.format(caption=prompt),
+                           max_new_tokens=ASSESS_MAX_NEW_TOKENS)
         return complete_object(text) or text
 
 

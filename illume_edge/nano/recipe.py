@@ -130,7 +130,8 @@ SCHEDULES = {
     "judge-phase": Schedule(lookup=750, assess_rendered=0.1, assess_evidence=True, judge=800),
     # A seconds-long run of every stage for tests: same code path, meaningless weights.
     "smoke": Schedule(vit=2, vit_position=1.0, tokenizer=2, vae=2, unet=2, stage0=1, stage1=1, lookup=1, stage2=1,
-                      stage3_curriculum=1, stage3=1, judge=1, stage4=1, self_enhance_prompts=4, vision_batch=4, vae_batch=2,
+                      stage3_curriculum=1, stage3=1, judge=1, stage4=1, self_enhance_prompts=4, vision_batch=4,
+                      vae_batch=2,
                       decoder_batch=2, llm_batch=2, assess_rendered=0.1, assess_evidence=True),
 }
 # Schedule.answer_style -> (PromptTemplates.answer_separator, the QA answers' rewrite for Tasks)
@@ -145,7 +146,7 @@ def stage0_phases(s: Schedule) -> list[text_pretrain.Phase]:
     return [(world.QA_KINDS, s.stage0)]
 
 
-# LLM stages 1-3 in order: (Schedule field, what trains, peak learning rate, seed offset)
+# LLM stages 1-3 and the judge phase in order: (Schedule field, what trains, peak learning rate, seed offset)
 LLM_STAGES = (("stage1", "vision_init", 2e-3, 11), ("lookup", "all", 1e-3, 16), ("stage2", "all", 2e-3, 12),
               ("stage3_curriculum", "all", 1e-3, 15), ("stage3", "all", 1e-3, 13), ("judge", "all", 1e-3, 17))
 JUDGE_RENDERED_SHARE = 0.75  # Schedule.judge: the share of rendered assessments (the rest replays stage 3)
@@ -298,8 +299,8 @@ def rendered_assessment(rng: np.random.Generator, wcfg: world.WorldConfig, want_
             verdict = evaluator.assess(prompt, scene)
             if verdict.good == want_good:
                 return RenderedAssessment(prompt, source, scene, verdict)
-    raise RuntimeError(f"no {'right' if want_good else 'wrong'} rendered image for a prompt of the {split} split in "
-                       f"{world.MAX_SAMPLING_TRIES} prompts x {RENDERED_TRIES} near misses")
+    raise RuntimeError(f"no {'right' if want_good else 'wrong'} rendered image for a prompt of the {split} split "
+                       f"in {world.MAX_SAMPLING_TRIES} prompts x {RENDERED_TRIES} near misses")
 
 
 def mixture(parts: list[tuple[float, Callable[[np.random.Generator], Example]]]):
@@ -322,7 +323,8 @@ def stage_mixtures(t: Tasks, lookup_kinds: tuple[str, ...] = Schedule.lookup_kin
     return {"stage1": mixture([(0.5, t.reconstruct), (0.5, t.caption)]),
             "lookup": lambda rng: t.qa_single(rng, lookup_kinds), "stage2": mixture(stage2),
             "stage3": mixture(stage3),
-            "judge": mixture([(JUDGE_RENDERED_SHARE, t.assess_rendered), (1 - JUDGE_RENDERED_SHARE, mixture(stage3))]),
+            "judge": mixture([(JUDGE_RENDERED_SHARE, t.assess_rendered),
+                              (1 - JUDGE_RENDERED_SHARE, mixture(stage3))]),
             "stage3_curriculum": mixture([(0.5, t.qa_grounding)] + [(w / 2, f) for w, f in stage3])}
 
 
