@@ -318,8 +318,8 @@ class _Oracle:
 def test_judge_scores_the_verdicts_and_evidence_of_rendered_heldout_pairs(shipped):
     """probes.judge: a perfect teacher-forced judge scores 1.0 everywhere, with its object margin positive on
     right images; one that writes "yes" wherever the truth is "no" keeps every right image and its evidence
-    and loses every wrong one, aspect by aspect (so the scored positions are the verdicts'); the real
-    shipped model runs through it."""
+    and loses every wrong one, aspect by aspect (so the scored positions are the verdicts'); the shipped model,
+    which says "yes" to every image, scores as that blind judge does."""
     trainer, builder = shipped
     yes, no = (builder.tok.encode(w)[0] for w in ("yes", "no"))
     perfect = probes.judge(_Oracle(trainer), builder, pairs=24, evidence=True)
@@ -329,5 +329,29 @@ def test_judge_scores_the_verdicts_and_evidence_of_rendered_heldout_pairs(shippe
     blind = probes.judge(_Oracle(trainer, {no: yes}), builder, pairs=24, evidence=True)
     assert blind["verdicts_right"] == blind["evidence_right"] == 1.0
     assert blind["verdicts_wrong"] == 0.0 and set(blind["wrong_by_aspect"].values()) == {0.0}
-    real = probes.judge(trainer, builder, pairs=8)
-    assert 0.0 <= real["verdicts_right"] <= 1.0 and "evidence_right" not in real
+    real = probes.judge(trainer, builder, pairs=8)  # the shipped judge says "yes" to every image (docs/nano.md)
+    assert real["verdicts_right"] == 1.0 and real["verdicts_wrong"] == 0.0 and "evidence_right" not in real
+    assert real["object_margin_right"][0] > 0 and real["object_margin_wrong"][0] > 0
+
+
+def test_continue_on_rendered_assessments_is_scored_by_the_judge(shipped):
+    """--continue rendered --judge: the steps train on rendered assessments (with the evidence field when asked)
+    and every chunk is scored by probes.judge; an unknown mixture is refused."""
+    import copy
+
+    trainer, builder = copy.deepcopy(shipped[0]), shipped[1]
+    drawn, train = [], trainer.train
+
+    def recording_train(sampler, **kwargs):
+        ex = sampler(np.random.default_rng(0))
+        drawn.append((ex.task, builder.tok.decode([t for t in ex.labels if t != IGNORE][:3])))
+        return train(sampler, **kwargs)
+
+    trainer.train = recording_train
+    history = probes.continue_training(trainer, builder, "rendered", steps=1, chunks=1, lr=1e-3, log=lambda s: None,
+                                       score=lambda: probes.judge(trainer, builder, pairs=4, evidence=True),
+                                       assess_evidence=True)
+    assert [h["steps"] for h in history] == [0, 1] and all("evidence_right" in h for h in history)
+    assert drawn[0][0] == "assess_rendered" and '"shows"' in drawn[0][1].replace(" ", ""), drawn
+    with pytest.raises(ValueError, match="--continue: expected one of"):
+        probes.continue_training(trainer, builder, "bogus", 1, 1, 1e-3, score=dict)

@@ -41,6 +41,8 @@ Run: python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint
      python -m illume_edge.nano.probes --checkpoint models/illume-nano --image-lookup color:250,color:250
      python -m illume_edge.nano.probes --checkpoint models/illume-nano --vit-position
      python -m illume_edge.nano.probes --checkpoint build/nano-evidence/checkpoint --judge 240 --judge-evidence
+     python -m illume_edge.nano.probes --checkpoint CKPT --continue rendered --steps 400 --chunks 1 --judge 240 \
+         --judge-evidence
 """
 from __future__ import annotations
 
@@ -279,26 +281,25 @@ def judge(trainer: LLMTrainer, builder: SequenceBuilder, pairs: int = 240, evide
 
     rng = np.random.default_rng(seed)
     drawn = [recipe.rendered_assessment(rng, wcfg, want_good=i % 2 == 0, split="heldout") for i in range(pairs)]
-    texts = [evaluator.assessment_to_json(r.verdict, evaluator.evidence(r.prompt, r.scene) if evidence else None)
-             for r in drawn]
+    shown = [evaluator.evidence(r.prompt, r.scene) if evidence else None for r in drawn]
+    texts = [evaluator.assessment_to_json(r.verdict, s) for r, s in zip(drawn, shown)]
     yes, no = (builder.tok.encode(w)[0] for w in ("yes", "no"))
     keys = evaluator.ASPECTS + ((evaluator.EVIDENCE_KEY,) if evidence else ())
     trainer.llm.eval()
     rows = []
     for i in range(0, pairs, batch):
-        chunk = list(zip(drawn[i:i + batch], texts[i:i + batch]))
-        exs = [builder.assess(world.render(r.scene, wcfg), r.prompt.text, t) for r, t in chunk]
+        chunk = list(zip(drawn[i:i + batch], texts[i:i + batch], shown[i:i + batch]))
+        exs = [builder.assess(world.render(r.scene, wcfg), r.prompt.text, t) for r, t, _ in chunk]
         b = trainer.batch(exs)
         logits = trainer.llm(inputs_embeds=b["inputs_embeds"], attention_mask=b["attention_mask"]).logits
-        for row, ((r, text), ex) in enumerate(zip(chunk, exs)):
+        for row, ((r, text, field), ex) in enumerate(zip(chunk, exs)):
             start = next(k for k, t in enumerate(ex.labels) if t != IGNORE)  # the answer's first token
             right = logits[row].argmax(-1)[:-1] == b["labels"][row, 1:]  # [L-1]: is token t + 1 predicted at t?
             at = {k: start + j for k, j in _value_positions(builder, text, keys).items()}
             verdicts = {k: bool(right[at[k] - 1]) for k in evaluator.ASPECTS}
             shows = None
             if evidence:  # every token of the field's value
-                first = at[evaluator.EVIDENCE_KEY]
-                n = len(builder.tok.encode(evaluator.evidence(r.prompt, r.scene)))
+                first, n = at[evaluator.EVIDENCE_KEY], len(builder.tok.encode(field))
                 shows = bool(right[first - 1:first - 1 + n].all())
             margin = float(logits[row, at["object"] - 1, yes] - logits[row, at["object"] - 1, no])
             rows.append((r.verdict, verdicts, shows, margin))
@@ -593,14 +594,17 @@ def parse_phases(spec: str) -> list[text_pretrain.Phase]:
 
 
 def continue_training(trainer: LLMTrainer, builder: SequenceBuilder, mix: str, steps: int, chunks: int,
-                      lr: float, score, log=print, answer_style: str = "short") -> list[dict]:
+                      lr: float, score, log=print, answer_style: str = "short",
+                      assess_evidence: bool = False) -> list[dict]:
     """Train `chunks` x `steps` more steps on `mix` ("stage3": the SFT mixture; "qa": half QA dialogues, half
-    grounding dialogues), scoring with `score()` before and after every chunk. `answer_style`: the QA
-    dialogues' answers in that format (`restyle`)."""
+    grounding dialogues; "rendered": rendered near-miss assessments alone, with the evidence field if
+    `assess_evidence`), scoring with `score()` before and after every chunk. `answer_style`: the QA dialogues'
+    answers in that format (`restyle`)."""
     style = None if answer_style == "short" else (lambda scene, qa: restyle(scene, qa, answer_style))
-    tasks = recipe.Tasks(builder, world.WorldConfig(), answer_style=style)
+    tasks = recipe.Tasks(builder, world.WorldConfig(), answer_style=style, assess_evidence=assess_evidence)
     samplers = {"stage3": recipe.stage_mixtures(tasks)["stage3"],
-                "qa": recipe.mixture([(0.5, tasks.qa), (0.5, tasks.qa_grounding)])}
+                "qa": recipe.mixture([(0.5, tasks.qa), (0.5, tasks.qa_grounding)]),
+                "rendered": tasks.assess_rendered}
     if mix not in samplers:
         raise ValueError(f"--continue: expected one of {sorted(samplers)}, got {mix!r}")
 
@@ -711,7 +715,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--schedule", default="full", choices=sorted(recipe.SCHEDULES))
     ap.add_argument("--per-kind", dest="per_kind", type=int, default=60)
     ap.add_argument("--split", default="heldout", choices=["heldout", "train"])
-    ap.add_argument("--continue", dest="mix", default=None, help="train further on this mixture: stage3 | qa")
+    ap.add_argument("--continue", dest="mix", default=None,
+                    help="train further on this mixture: stage3 | qa | rendered (scored by --judge if given)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--chunks", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -771,6 +776,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer, builder = load_trainer(args.checkpoint)
 
     def score() -> dict:
+        if args.judge is not None:
+            return judge(trainer, builder, args.judge, args.judge_evidence)
         return accuracy_by_kind(qas, answers_right(trainer, builder, qas))
 
     if args.linear is not None:
@@ -778,9 +785,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.vit_position:
         print(json.dumps(vit_position(trainer.tower)))
-        return 0
-    if args.judge is not None:
-        print(json.dumps(judge(trainer, builder, args.judge, args.judge_evidence)))
         return 0
     if args.attention:
         for row in attention_on_asked_object(trainer, builder, qas):
@@ -796,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(row))
     elif args.mix:
         continue_training(trainer, builder, args.mix, args.steps, args.chunks, args.lr, score,
-                          answer_style=args.answer_style)
+                          answer_style=args.answer_style, assess_evidence=args.judge_evidence)
     elif not args.attention:
         print(json.dumps(score()))
     return 0

@@ -320,11 +320,10 @@ def stage_mixtures(t: Tasks, lookup_kinds: tuple[str, ...] = Schedule.lookup_kin
               (0.05, t.reconstruct), (0.05, t.caption)]
     if assess_rendered:
         stage3.append((assess_rendered, t.assess_rendered))
+    sft = mixture(stage3)
     return {"stage1": mixture([(0.5, t.reconstruct), (0.5, t.caption)]),
-            "lookup": lambda rng: t.qa_single(rng, lookup_kinds), "stage2": mixture(stage2),
-            "stage3": mixture(stage3),
-            "judge": mixture([(JUDGE_RENDERED_SHARE, t.assess_rendered),
-                              (1 - JUDGE_RENDERED_SHARE, mixture(stage3))]),
+            "lookup": lambda rng: t.qa_single(rng, lookup_kinds), "stage2": mixture(stage2), "stage3": sft,
+            "judge": mixture([(JUDGE_RENDERED_SHARE, t.assess_rendered), (1 - JUDGE_RENDERED_SHARE, sft)]),
             "stage3_curriculum": mixture([(0.5, t.qa_grounding)] + [(w / 2, f) for w, f in stage3])}
 
 

@@ -6,7 +6,7 @@ string values, e.g. (the ILLUME-nano format, docs/nano.md)::
     {"object": "yes", "count": "n/a", "color": "no", "spatial": "n/a", "score": "0.50", "analysis": "..."}
 
 A model trained with the evidence field (the recipe's ``Schedule.assess_evidence``) opens it with what the image
-shows, e.g. ``{"shows": "circle: none; square: green", "object": "no", ...}``.
+shows, e.g. ``{"shows": "circle: nothing; square: green", "object": "no", ...}``.
 The runtime needs only two things from it: where the object ends (to stop decoding there) and its score (to
 rank candidates in ``generate(..., best_of=N)``). Anything that is not such an object gives ``None``.
 """
