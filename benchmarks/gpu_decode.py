@@ -132,12 +132,13 @@ def gpu_identity(device: str) -> dict:
 # The runtimes
 # ---------------------------------------------------------------------------------------------------------
 def ours_rep(engine_dir: Path, prompt: list[int], steps: int, device: str, cuda_graph: bool,
-             lean_step: bool = True) -> Rep:
+             one_stream: bool = True) -> Rep:
     """Our runtime on `engine_dir`: prefill, then greedy steps through the runtime's own `Pick` (the kernel on
     a GPU, the host sampler on "cpu"), each step's time split into the llm run and the head + draw (`Rep`
-    extras "llm", "head_and_pick"). `lean_step` False times the step as it was before the second H100
-    session's changes, for an A/B: the host writes the step's positions and mask, and greedy runs in one
-    block per row (docs/gpu.md)."""
+    extras "llm", "head_and_pick"). On a GPU the sessions run on the kernel's stream (as `Pipeline.load`
+    sets them up), so that a step waits for the device once; `one_stream` False times the step as it was
+    before, for an A/B: each session on its own stream, every run synchronized (docs/gpu.md, "One stream for
+    the decode step")."""
     from illume_edge.runtime.decode_loops import device_pick, host_pick
     from illume_edge.runtime.engine import Engine
     from illume_edge.runtime.llm_runner import LLMRunner
@@ -150,12 +151,11 @@ def ours_rep(engine_dir: Path, prompt: list[int], steps: int, device: str, cuda_
     else:
         from illume_edge.runtime.cuda import GpuSampler
 
-        opts = SessionOptions(providers=CUDA, device=device, cuda_graph=cuda_graph)
         sampler = GpuSampler()
-        sampler.many_block_greedy = lean_step
+        opts = SessionOptions(providers=CUDA, device=device, cuda_graph=cuda_graph,
+                              compute_stream=sampler.stream_handle if one_stream else None)
         pick = device_pick(sampler)
     runner = LLMRunner(Engine.load(engine_dir, opts, check_hash=False))
-    runner.device_advance = lean_step
     cfg = runner.cfg
     text_start = cfg.head_ranges()["text"][0]
     greedy = SamplingParams(temperature=0.0)
@@ -336,11 +336,11 @@ def run(args) -> dict:
     reps, bytes_by_name = {}, {}
     for prec, d in engines.items():
         weights = sum(streamed_weight_bytes(d / f)["streamed"] for f in ("llm.onnx", "head_text.onnx"))
-        variants = ([(True, True)] + ([(False, True)] if args.graph_ab else [])  # (CUDA graph, lean step)
+        variants = ([(True, True)] + ([(False, True)] if args.graph_ab else [])  # (CUDA graph, one stream)
                     + ([(True, False)] if args.step_ab else []))
         for graph, lean in variants:
             name = (f"illume-edge {prec}" + ("" if graph else " (no CUDA graph)")
-                    + ("" if lean else " (host-written step, one-block greedy)"))
+                    + ("" if lean else " (runs synchronized, own streams)"))
             before = device_used_bytes(args.device)
             try:
                 reps[name] = ours_rep(d, prompt, args.steps, args.device, graph, lean)
@@ -420,8 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--graph-ab", dest="graph_ab", action="store_true",
                     help="also time our engines without CUDA graphs")
     ap.add_argument("--step-ab", dest="step_ab", action="store_true",
-                    help="also time ours with the step as before the second H100 session (host-written positions "
-                         "and mask, one-block greedy), CUDA graph on")
+                    help="also time ours with the step as before the third H100 session (each session on its own "
+                         "stream, every run synchronized), CUDA graph on")
     ap.add_argument("--skip-eager", action="store_true")
     ap.add_argument("--skip-genai", action="store_true",
                     help="no onnxruntime-genai peer (its model builder on the same weights: fp16 and int4 on "

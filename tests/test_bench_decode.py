@@ -184,7 +184,7 @@ def test_gpu_decode_harness_runs_on_the_host(tmp_path):
     assert not work.exists()  # removed after timing (no --keep)
     result = json.loads(out.read_text())
     runs, failures = result["runs"], result["failures"]
-    before = " (host-written step, one-block greedy)"  # --step-ab: the step as before the second H100 session
+    before = " (runs synchronized, own streams)"  # --step-ab: the step as before the third H100 session
     ours = {"illume-edge fp16", "illume-edge fp16 (no CUDA graph)", "illume-edge int4",
             "illume-edge int4 (no CUDA graph)", "illume-edge fp16" + before, "illume-edge int4" + before,
             "PyTorch eager fp16"}

@@ -568,21 +568,32 @@ def test_sample_device_reuses_its_argument_buffers(tmp_path):
         def ptr(self, buf):
             return 4096 * buf
 
-        def htod(self, dst, arr):
-            self.copied.append((dst, np.asarray(arr).copy()))
+        def make_stream(self):
+            return "stream", 77
 
-        def launch(self, fn, grid, block, args):
+        def htod(self, dst, arr, stream=None):
+            self.copied.append((dst, np.asarray(arr).copy()))
+            self.streams.append(stream)
+
+        def zero(self, dst, nbytes, stream=None):
+            self.streams.append(stream)
+
+        def launch(self, fn, grid, block, args, stream=None):
             self.launches += 1
             self.args.append(args)
+            self.streams.append(stream)
 
     dev = Device()
+    dev.streams = []
     sampler = kernel.GpuSampler(tmp_path, dev)
+    assert sampler.stream_handle == 77
     params = SamplingParams(temperature=1.0, top_k=8, repetition_penalty=1.1)
     for step in range(4):
         la = kernel.pack_launch(1, params, [0.5 if step < 3 else 0.25], v=1000, has_uncond=True,
                                 generated_ids_per_row=[[1, 2]], banned=[(3, 9)])
         sampler.sample_device(1 << 20, "float32", 1000, 0, la, 1 << 21)
     assert dev.launches == 4 and dev.freed == [] and len(dev.allocs) == 2  # the arguments + the workspace
+    assert set(dev.streams) == {"stream"}  # every upload and launch on the sampler's stream
     # one copy for the three identical launches, one for the fourth's new uniform
     assert dev.allocs[-1] == kernel.workspace_bytes(1, 1000) and len(dev.copied) == 2
     assert {dst for dst, _ in dev.copied} == {1}  # every launch's arguments into the first launch's buffer
@@ -601,15 +612,18 @@ def test_sample_device_reuses_its_argument_buffers(tmp_path):
                                                        kernel.workspace_bytes(1, 4000)]  # both grew
 
 
-def test_pycuda_binding_prepares_once_and_does_not_synchronize(tmp_path, monkeypatch):
+def test_pycuda_binding_prepares_once_and_works_on_its_stream(tmp_path, monkeypatch):
     """The pycuda binding, on a fake pycuda: each function is prepared once with the kernel's argument format
-    (pointer, int64, int32 as in sampling.cu's ILLUME_ARGS) and launched by prepared calls, with no context
-    synchronize: the copy back orders after the launch (the H100's host spent ~30 us a step in pycuda's
-    per-call argument inspection, docs/gpu.md)."""
+    (pointer, int64, int32 as in sampling.cu's ILLUME_ARGS) and launched by prepared calls (the H100's host
+    spent ~30 us a step in pycuda's per-call argument inspection, docs/gpu.md), on the sampler's own stream,
+    with no context synchronize; the arguments go up asynchronously from page-locked memory (an upload from
+    pageable memory may wait for the stream's earlier work: the llm and head runs), the greedy counters are
+    zeroed on the stream, and `read` is the one wait: the copy back on the stream, then the stream's
+    synchronize. Without a stream (stream=False) the same calls are the synchronous ones."""
     import sys
     import types
 
-    calls = []
+    calls, pinned = [], []
 
     class Function:
         def __init__(self, name):
@@ -620,6 +634,9 @@ def test_pycuda_binding_prepares_once_and_does_not_synchronize(tmp_path, monkeyp
 
         def prepared_call(self, grid, block, *args):
             calls.append(("call", self.name, grid, block, args))
+
+        def prepared_async_call(self, grid, block, stream, *args):
+            calls.append(("async call", self.name, grid, block, args, stream))
 
     class Context:
         def push(self):
@@ -632,14 +649,40 @@ def test_pycuda_binding_prepares_once_and_does_not_synchronize(tmp_path, monkeyp
         def synchronize():
             calls.append(("synchronize",))
 
+    class Stream:
+        handle = 0x5EED
+
+        def __init__(self, flags=0):
+            assert flags == kernel.STREAM_FLAGS == 1  # non-blocking, as onnxruntime's own streams
+
+        def synchronize(self):
+            calls.append(("stream synchronize",))
+
+    def pagelocked_empty(n, dtype):
+        pinned.append(np.zeros(n, dtype))
+        return pinned[-1]
+
+    def is_pinned(a):
+        return any(np.shares_memory(a, p) for p in pinned)
+
+    def dtoh_async(dst, src, stream):
+        dst.view(np.int64)[0] = 4242  # the token the kernel wrote
+        calls.append(("dtoh async", stream, is_pinned(dst)))
+
     drv = types.ModuleType("pycuda.driver")
     drv.init = lambda: None
     drv.Device = lambda i: types.SimpleNamespace(retain_primary_context=Context, compute_capability=lambda: (8, 9))
     drv.get_driver_version = lambda: 12040
-    drv.Context = Context
+    drv.Context, drv.Stream, drv.pagelocked_empty = Context, Stream, pagelocked_empty
     drv.module_from_buffer = lambda image: types.SimpleNamespace(get_function=Function)
     drv.mem_alloc = lambda n: types.SimpleNamespace(n=n, free=lambda: None, __int__=lambda self: 4096)
     drv.memcpy_htod = lambda dst, arr: calls.append(("htod", arr.nbytes))
+    drv.memcpy_htod_async = lambda dst, arr, stream: calls.append(("htod async", arr.nbytes, stream,
+                                                                    is_pinned(arr)))
+    drv.memset_d8 = lambda dst, value, n: calls.append(("memset", n))
+    drv.memset_d8_async = lambda dst, value, n, stream: calls.append(("memset async", n, stream))
+    drv.memcpy_dtoh = lambda dst, src: calls.append(("dtoh",))
+    drv.memcpy_dtoh_async = dtoh_async
     pkg = types.ModuleType("pycuda")
     pkg.driver = drv
     monkeypatch.setitem(sys.modules, "pycuda", pkg)
@@ -650,30 +693,92 @@ def test_pycuda_binding_prepares_once_and_does_not_synchronize(tmp_path, monkeyp
     b = kernel._PyCuda()
     b.ptr = lambda buf: 4096  # the fake allocations' address
     sampler = kernel.GpuSampler(tmp_path, b)
+    stream = sampler._stream
+    assert isinstance(stream, Stream) and sampler.stream_handle == Stream.handle
     la = kernel.pack_launch(1, SamplingParams(temperature=0.7), [0.5], v=1000)
+    token = np.zeros(1, np.int64)
     for _ in range(3):
         sampler.sample_device(1 << 20, "float16", 1000, 0, la, 1 << 21, 2, 2)
+        sampler.read(token, 1 << 21)
+    assert token[0] == 4242
     prepared = [c for c in calls if c[0] == "prepare"]
     assert prepared == [("prepare", "illume_sample_f16", "PqiiPPPPPPPPiqPqiPPPqq")]
-    launches = [c for c in calls if c[0] == "call"]
-    assert len(launches) == 3 and launches[0][2:4] == (la.grid, la.block)
+    launches = [c for c in calls if c[0] == "async call"]
+    assert len(launches) == 3 and launches[0][2:4] == (la.grid, la.block) and launches[0][5] is stream
     assert all(type(a) is int for a in launches[0][4]) and launches[0][4][:4] == (1 << 20, 1000, 0, 1000)
-    assert ("synchronize",) not in calls and sum(c[0] == "htod" for c in calls) == 1
+    assert not [c for c in calls if c[0] in ("synchronize", "call", "htod", "dtoh", "memset")]
+    (up,) = [c for c in calls if c[0] == "htod async"]  # the arguments, once: the launches repeat them
+    assert up == ("htod async", kernel.pack_arguments(la)[0].nbytes, stream, True)
+    kinds = [c[0] for c in calls if c[0] in ("async call", "dtoh async", "stream synchronize")]
+    assert kinds == ["async call", "dtoh async", "stream synchronize"] * 3
+    assert all(c[1] is stream and c[2] for c in calls if c[0] == "dtoh async")  # into page-locked memory
     # greedy rows: the greedy entry point (same arguments), one block per slice of the row
     calls.clear()
     la = kernel.pack_launch(1, SamplingParams(temperature=0.0), None, v=20000)
     sampler.sample_device(1 << 20, "float32", 20000, 0, la, 1 << 21, 2, 2)
     assert [c[1:] for c in calls if c[0] == "prepare"] == [("illume_greedy_f32", "PqiiPPPPPPPPiqPqiPPPqq")]
-    (launch,) = [c for c in calls if c[0] == "call"]
+    (launch,) = [c for c in calls if c[0] == "async call"]
     assert launch[2] == (1, -(-20000 // build.GREEDY_SLICE), 1) == (1, 3, 1)
-    # its arguments, and its zeroed counters and slice results when first allocated
-    assert [c[1] for c in calls if c[0] == "htod"] == [kernel.pack_arguments(la)[0].nbytes,
-                                                       kernel.greedy_workspace_bytes(1, 20000)]
-    calls.clear()  # the A/B switch (benchmarks/gpu_decode.py --step-ab): greedy in one block a row again
+    # its arguments, and its counters and slice results zeroed on the stream when first allocated
+    assert [c[1] for c in calls if c[0] == "htod async"] == [kernel.pack_arguments(la)[0].nbytes]
+    assert [c[1:] for c in calls if c[0] == "memset async"] == [(kernel.greedy_workspace_bytes(1, 20000), stream)]
+    sampler.read(token, 1 << 21)
+    calls.clear()  # the A/B switch: greedy in one block a row again
     sampler.many_block_greedy = False
     sampler.sample_device(1 << 20, "float32", 20000, 0, la, 1 << 21, 2, 2)
     assert [c[1] for c in calls if c[0] == "prepare"] == ["illume_sample_f32"]
-    assert [c[2] for c in calls if c[0] == "call"] == [la.grid]
+    assert [c[2] for c in calls if c[0] == "async call"] == [la.grid]
+    # without a stream of its own: the synchronous calls, on the legacy default stream
+    calls.clear()
+    plain = kernel.GpuSampler(tmp_path, b, stream=False)
+    assert plain.stream_handle is None
+    plain.sample_device(1 << 20, "float32", 20000, 0, la, 1 << 21, 2, 2)
+    plain.read(token, 1 << 21)
+    assert [c[0] for c in calls if c[0] != "prepare"] == ["htod", "memset", "call", "dtoh"]
+
+
+def test_staging_keeps_in_flight_uploads_intact():
+    """Uploads on a stream read page-locked staging memory until the stream is synchronized: two uploads
+    between synchronizations never share bytes, a buffer outgrown meanwhile is kept (not reused) until then,
+    and after the synchronization the space is reused from the start."""
+    made = []
+
+    def pinned(n):
+        made.append(np.zeros(n, np.uint8))
+        return made[-1]
+
+    st = kernel._Staging(pinned)
+    a = st.up(np.arange(10, dtype=np.int64))  # 80 bytes
+    b = st.up(np.arange(20, dtype=np.int32))  # 80 bytes
+    assert not np.shares_memory(a, b) and a.view(np.int64).tolist() == list(range(10))
+    c = st.up(np.ones(300, np.uint8))  # outgrows the first 256-byte buffer: a new one, the old one kept
+    assert not np.shares_memory(c, a) and a.view(np.int64).tolist() == list(range(10))
+    assert len(st._retired) == 1 and st._retired[0] is made[0]
+    st.synchronized()
+    d = st.up(np.full(4, 7, np.int16))
+    assert np.shares_memory(d, made[-1]) and d.ctypes.data == made[-1].ctypes.data and not st._retired
+
+
+def test_binding_falls_through_to_cuda_python_and_names_both(monkeypatch):
+    """A pycuda that imports but cannot reach a driver (its own error type from cuInit) falls through to
+    cuda-python; when neither works the error names both."""
+    class PyCudaError(Exception):
+        pass
+
+    def broken():
+        raise PyCudaError("cuInit failed: no CUDA-capable device is detected")
+
+    monkeypatch.setattr(kernel, "_PyCuda", broken)
+    monkeypatch.setattr(kernel, "_CudaPython", lambda: "cuda-python binding")
+    assert kernel._binding() == "cuda-python binding"
+
+    def missing():
+        raise ImportError("No module named 'cuda'")
+
+    monkeypatch.setattr(kernel, "_CudaPython", missing)
+    with pytest.raises(kernel.CudaUnavailableError, match="pycuda: PyCudaError: cuInit failed.*cuda-python: "
+                                                          "ImportError"):
+        kernel._binding()
 
 
 def test_the_wheel_ships_what_the_kernel_build_writes():

@@ -119,8 +119,12 @@ class EmulatedKernel:
                 src = np.ctypeslib.as_array((ctypes.c_uint8 * arr.nbytes).from_address(src))
             arr.view(np.uint8)[:] = src[:arr.nbytes]
 
-    def __init__(self):
+    def __init__(self, stream_handle=None):
         self.binding, self.launches, self.outputs, self.advances = self.Binding(), 0, [], []
+        self.stream_handle = stream_handle  # GpuSampler's: the CUDA stream the engine's sessions may share
+
+    def read(self, host, src):
+        self.binding.dtoh(host, src)
 
     def sample_device(self, logits_ptr, dtype, row_stride, col0, la, out_ptr, out_stride=1, out_copies=1,
                       advance=None):
@@ -226,6 +230,105 @@ def test_device_pick_streams_the_host_samplers_text(tiny_engine, buffers, monkey
     assert all(not any(a <= t < b for a, b in banned) for t in picks["device"])
     assert kernel.launches >= 3 and {(stride, copies) for _, stride, copies in kernel.outputs} == {(1, 1)}
     assert writes and all(w is not None for w in writes)  # every fed token was already in the ids buffer
+
+
+def _unsynchronized(run_options) -> bool:
+    if run_options is None:
+        return False
+    try:
+        return run_options.get_run_config_entry("disable_synchronize_execution_providers") == "1"
+    except RuntimeError:  # no such entry
+        return False
+
+
+@pytest.mark.parametrize("session_stream,kernel_stream", [(77, 77), (77, 78), (None, 77)])
+def test_one_stream_lets_the_decode_runs_return_unsynchronized(tiny_engine, monkeypatch, session_stream,
+                                                                kernel_stream):
+    """Where the engine's sessions run on the kernel's stream (SessionOptions.compute_stream = its
+    stream_handle), `device_pick` lets the static decode steps' llm runs and the head runs return without
+    synchronizing the host (the token's read on that stream is the step's one wait); prefills, whose inputs
+    come from the host, stay synchronized. Sessions on another stream, or their own, keep every run
+    synchronized. The tokens are the host sampler's either way. (On the CPU a session never shares a stream;
+    the test makes it one that does, to check the runs' options.)"""
+    from illume_edge.runtime.decode_loops import device_pick
+    from illume_edge.runtime.engine import Engine
+    from illume_edge.runtime.pipeline import Pipeline
+    from illume_edge.runtime.session import Binding, Session, SessionOptions
+
+    monkeypatch.setattr(Session, "shares_stream", property(lambda self: self.compute_stream is not None))
+    engine = Engine.load(tiny_engine("tiny-plus")[0], SessionOptions(buffers="ortvalue",
+                                                                     compute_stream=session_stream))
+    host, dev = Pipeline(engine, sampler="host"), Pipeline(engine)
+    pick = device_pick(EmulatedKernel(stream_handle=kernel_stream))
+    events = []  # ("prefill",), ("pick",), (session, static llm step, unsynchronized) in order
+    dev.pick = lambda *a: events.append(("pick",)) or pick(*a)
+    real_prefill, real_run = dev.runner.prefill, Binding.run
+    dev.runner.prefill = lambda *a, **k: events.append(("prefill",)) or real_prefill(*a, **k)
+
+    def spy(self, run_options=None):
+        step = self.session.name == "llm" and self.feeds["input_ids"].shape[1] == 1 and hasattr(
+            self.feeds["input_ids"], "address")
+        events.append((self.session.name, step, _unsynchronized(run_options)))
+        return real_run(self, run_options)
+
+    monkeypatch.setattr(Binding, "run", spy)
+    args = dict(resolution="256x256", seed=5, cfg=2.0, top_k=64, top_p=0.9, decoder="vq")
+    got = dev.generate("a red circle", **args)
+    text = dev.understand(np.zeros((64, 64, 3), np.uint8), "what is this?", max_new_tokens=8, seed=1)
+    dev_events = list(events)
+    want = host.generate("a red circle", **args)
+    for a, b in zip(got.codes, want.codes):
+        np.testing.assert_array_equal(a, b)
+    assert text.text == host.understand(np.zeros((64, 64, 3), np.uint8), "what is this?", max_new_tokens=8,
+                                        seed=1).text
+    shared = session_stream is not None and session_stream == kernel_stream
+    picked, seen = False, {True: set(), False: set()}
+    for event in dev_events:
+        if event[0] in ("prefill", "pick"):
+            picked = event[0] == "pick" or (picked and event[0] != "prefill")
+            continue
+        name, step, unsync = event
+        if name == "llm" and not step:  # prefills and forced multi-token runs: inputs from the host
+            assert not unsync
+        else:  # after a request's first pick its head runs and static steps are ordered by the kernel
+            assert unsync == (shared and picked), event
+            seen[picked].add(name)
+    assert seen[True] >= {"llm", "head_text", "head_level0"}
+
+
+def test_pipeline_load_puts_the_sessions_on_the_kernels_stream(monkeypatch):
+    """`Pipeline.load(device="cuda")` makes the sampling kernel before the sessions and hands them its
+    stream (SessionOptions.compute_stream) and the pipeline the kernel; "auto" without a usable CUDA binding
+    leaves the decision to the sessions (as before), "device" raises; on the CPU no kernel is made."""
+    from illume_edge.runtime import cuda, engine, pipeline
+
+    made, loaded = [], []
+
+    class Kernel:
+        stream_handle = 0xC0FFEE
+
+        def __init__(self):
+            made.append(self)
+
+    monkeypatch.setattr(cuda, "GpuSampler", Kernel)
+    monkeypatch.setattr(engine.Engine, "load", classmethod(lambda cls, d, opts, check: loaded.append(opts) or d))
+    monkeypatch.setattr(pipeline.Pipeline, "__init__", lambda self, eng, sampler, gpu: setattr(
+        self, "args", (eng, sampler, gpu)))
+    p = pipeline.Pipeline.load("ENGINE", device="cuda")
+    assert loaded[-1].compute_stream == 0xC0FFEE and p.args == ("ENGINE", "auto", made[0])
+    p = pipeline.Pipeline.load("ENGINE", device="cpu")
+    assert loaded[-1].compute_stream is None and p.args[2] is None and len(made) == 1
+    p = pipeline.Pipeline.load("ENGINE", device="cuda", sampler="host")
+    assert loaded[-1].compute_stream is None and p.args[2] is None and len(made) == 1
+
+    def unavailable():
+        raise cuda.CudaUnavailableError("the CUDA sampling kernel needs pycuda or cuda-python")
+
+    monkeypatch.setattr(cuda, "GpuSampler", unavailable)
+    p = pipeline.Pipeline.load("ENGINE", device="cuda")
+    assert loaded[-1].compute_stream is None and p.args[2] is None
+    with pytest.raises(cuda.CudaUnavailableError, match="pycuda or cuda-python"):
+        pipeline.Pipeline.load("ENGINE", device="cuda", sampler="device")
 
 
 def test_device_pick_refuses_host_buffers_for_the_gpu_kernel(tiny_engine):

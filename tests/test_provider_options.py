@@ -27,7 +27,9 @@ def test_values_become_strings_and_bad_options_name_their_source():
              ({CUDA: "HEURISTIC"}, r"src\.CUDAExecutionProvider: expected an object \{option: value\}"),
              ({CUDA: {"gpu_mem_limit": [1]}}, r"src\.CUDAExecutionProvider\.gpu_mem_limit: expected a string"),
              ({CUDA: {"enable_cuda_graph": "1"}}, r"enable_cuda_graph: set by the runtime.*--cuda-graph"),
-             ({TRT: {"device_id": "1"}}, r"device_id: set by the runtime; use SessionOptions\.device_id")]
+             ({TRT: {"device_id": "1"}}, r"device_id: set by the runtime; use SessionOptions\.device_id"),
+             ({CUDA: {"user_compute_stream": "140234"}}, r"user_compute_stream: set by the runtime; use "
+                                                         r"SessionOptions\.compute_stream")]
     for value, message in cases:
         with pytest.raises(EngineError, match=message):
             check_provider_options(value, "src")
@@ -57,6 +59,10 @@ def test_the_runtimes_own_options_go_with_the_callers():
     assert provider_list([TRT, CUDA, CPU], {}, 0, cuda_graph=False) == [
         (TRT, {"device_id": "0"}), (CUDA, {"device_id": "0"}), CPU]
     assert provider_list([CPU], options, 0, cuda_graph=True) == [CPU]  # other providers' options are ignored
+    # the sampling kernel's stream, for both GPU providers (SessionOptions.compute_stream)
+    assert provider_list([TRT, CUDA, CPU], {}, 0, cuda_graph=True, compute_stream=0x7F00AB) == [
+        (TRT, {"device_id": "0", "user_compute_stream": str(0x7F00AB)}),
+        (CUDA, {"device_id": "0", "user_compute_stream": str(0x7F00AB), "enable_cuda_graph": "1"}), CPU]
     assert merge({CUDA: {"a": "1", "b": "1"}}, {CUDA: {"b": "2"}, TRT: {"c": "3"}}, {CUDA: {"a": "4"}}) == {
         CUDA: {"a": "4", "b": "2"}, TRT: {"c": "3"}}
 

@@ -419,6 +419,18 @@ def test_cuda_graph_runs_replay_one_shapes_buffers_under_one_graph_id(tiny_engin
     assert pair.graph_id == 2 and {gid for gid, _, _ in runs4[1:]} == {2}
     with pytest.raises(EngineError, match="use -1"):
         runner.session.run_options(0)
+    # on a stream shared with the sampling kernel a decode step's run may also skip the host's wait
+    from illume_edge.runtime.session import Session
+
+    assert runner.session.run_options(1, synchronize=False) is runner.session.run_options(1)  # not shared
+    monkeypatch.setattr(Session, "shares_stream", property(lambda self: True))
+    ro = runner.session.run_options(1, synchronize=False)
+    assert ro is runner.session.run_options(1, synchronize=False) is not runner.session.run_options(1)
+    assert ro.get_run_config_entry("gpu_graph_id") == "1"
+    assert ro.get_run_config_entry("disable_synchronize_execution_providers") == "1"
+    assert plain.session.run_options(7, synchronize=False).get_run_config_entry(
+        "disable_synchronize_execution_providers") == "1"  # no graphs: the graph id is ignored
+    assert plain.session.run_options(7) is None
 
 
 def test_a_token_written_into_the_step_ids_on_the_device_is_not_written_again(tiny_engine, monkeypatch):

@@ -49,15 +49,22 @@ def device_pick(sampler) -> Pick:
     decode), and advances those rows' positions and attention mask there (`runner.step_to_advance`), so that
     the step that feeds the token writes none of its inputs from the host; without static decode the id goes
     into an 8-byte device buffer of the sampler's. Only that id is copied to the host (the grammar, streaming
-    and stop checks need it). `banned` ranges go to the kernel's stage 1b."""
+    and stop checks need it), and that read is the step's one wait for the device where the engine's sessions
+    run on the sampler's stream (`SessionOptions.compute_stream` = its `stream_handle`): their decode-step and
+    head runs then return unsynchronized (`LLMRunner.order_on_stream`). `banned` ranges go to the kernel's
+    stage 1b."""
     from .cuda.kernel import StepAdvance, pack_launch
 
     scratch = sampler.binding.alloc(8)  # int64, for engines without static decode steps
     memory = getattr(sampler, "memory", "cuda")  # where the buffers it takes by address must be
     host = np.zeros(1, np.int64)
 
+    stream = getattr(sampler, "stream_handle", None)
+
     def pick(runner: LLMRunner, state: DecodeState, head: str, params: SamplingParams, uniforms: np.ndarray,
              range_start: int, use_cfg: bool, banned: Ranges = ()) -> int:
+        if stream is not None and not state.ordered_by_caller:  # from here on the runs need not synchronize
+            runner.order_on_stream(state, stream)
         logits = runner.head_logits(head, state)  # DeviceArray [B, range]
         rows, v = logits.shape
         if logits.dtype not in (np.float32, np.float16):
@@ -72,14 +79,14 @@ def device_pick(sampler) -> Pick:
                          generated_ids_per_row=state.fed[:1], banned=banned)
         if ids is None:
             sampler.sample_device(logits.address, str(logits.dtype), v, 0, la, sampler.binding.ptr(scratch), 1)
-            sampler.binding.dtoh(host, scratch)
+            sampler.read(host, scratch)
         else:  # the token into every row's next input id, and (static steps) their positions and mask
             target = runner.step_to_advance(state)
             advance = None if target is None else StepAdvance(target[0].address, target[1].address,
                                                               target[1].shape[1], target[2])
             sampler.sample_device(logits.address, str(logits.dtype), v, 0, la, ids.address, state.batch,
                                   state.batch, advance)
-            sampler.binding.dtoh(host, ids.address)
+            sampler.read(host, ids.address)
             if advance is not None and host[0] >= 0:
                 runner.step_advanced(state)
         if host[0] < 0:

@@ -155,6 +155,10 @@ class DecodeState:
     step: StepBuffers | None = None  # static decode steps' inputs (LLMRunner.static_decode), else None
     graph_id: int | None = None  # the static step's CUDA graph id (RequestBuffers.graph_id)
     heads: dict[str, tuple[Binding, DeviceArray]] = field(default_factory=dict)  # head -> (binding, logits)
+    # The caller orders everything after this state's decode-step and head runs on the sessions' stream and
+    # waits for that stream before reading anything back (LLMRunner.order_on_stream): those runs return
+    # without synchronizing the host
+    ordered_by_caller: bool = False
 
     @property
     def batch(self) -> int:
@@ -303,7 +307,8 @@ class LLMRunner:
             binding.bind_inputs(dict(zip(self._past_names, past)))
             binding.bind_outputs(dict(zip(self._present_names, present)))
         step, graph = state.step, None
-        if step is not None and s == 1 and p > 0:  # a static decode step: the request's fixed buffers
+        step_run = step is not None and s == 1 and p > 0
+        if step_run:  # a static decode step: the request's fixed buffers
             self._write_step(state, ids, positions)
             if binding.feeds.get("input_ids") is not step.ids:  # first step, or after a prefill / multi-token run
                 binding.bind_inputs({"input_ids": step.ids, "image_embeds": step.table,
@@ -316,7 +321,8 @@ class LLMRunner:
             graph = -1 if state.graph_id is not None else None  # prefills and multi-token runs: no graph
             if step is not None:
                 step.current = step.advanced = False
-        binding.run(self.session.run_options(graph))
+        # a static step's inputs and outputs are all device buffers: it may return before the device is done
+        binding.run(self.session.run_options(graph, synchronize=not (step_run and state.ordered_by_caller)))
         self.runs += 1
         state.kv.advance()
         state.length = p + s
@@ -395,5 +401,14 @@ class LLMRunner:
             binding.bind_outputs({"logits": out})
             state.heads[head] = (binding, out)
         binding, out = state.heads[head]
-        binding.run()
+        binding.run(binding.session.run_options(None, synchronize=not state.ordered_by_caller))
         return out
+
+    def order_on_stream(self, state: DecodeState, stream: int) -> bool:
+        """Let `state`'s decode-step and head runs return before the device finishes them, where the engine's
+        sessions run on CUDA stream `stream` (SessionOptions.compute_stream): for a caller that puts what
+        reads their outputs on that stream and waits for it before the host reads anything (`device_pick`:
+        the kernel, then the token's copy back). Returns whether they now do; False (runs synchronized as
+        before) where the sessions have their own streams."""
+        state.ordered_by_caller = self.session.shares_stream and self.session.compute_stream == int(stream)
+        return state.ordered_by_caller

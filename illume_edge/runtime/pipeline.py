@@ -110,13 +110,14 @@ SAMPLERS = ("auto", "host", "device")
 
 
 class Pipeline:
-    def __init__(self, engine: Engine, sampler: str = "auto"):
+    def __init__(self, engine: Engine, sampler: str = "auto", gpu_sampler=None):
         """`sampler` draws the image and text tokens: "host" (numpy, `decode_loops.host_pick`), "device" (the CUDA
         kernel on the logits in device memory, `decode_loops.device_pick`; needs pycuda or cuda-python),
         "auto": "device" when the engine's sessions bind to a CUDA device (then a missing binding is an error
         that names both; pass "host" to sample on the host), else "host" (also where the runtime moved
         only the llm's buffers to the GPU itself, `session.buffer_device`: the heads' logits stay on the
-        host)."""
+        host). `gpu_sampler`: the `cuda.GpuSampler` to draw with (`load` makes it before the sessions, which
+        then run on its stream), else one is made here."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
         self.engine = engine
@@ -130,9 +131,11 @@ class Pipeline:
             sampler = "device" if session.device == "cuda" and session.device_requested else "host"
         self.pick = host_pick
         if sampler == "device":
-            from .cuda import GpuSampler
+            if gpu_sampler is None:
+                from .cuda import GpuSampler
 
-            self.pick = device_pick(GpuSampler())
+                gpu_sampler = GpuSampler()
+            self.pick = device_pick(gpu_sampler)
 
     @classmethod
     def load(cls, engine_dir: str | Path, *, providers: list[str] | None = None, threads: int | None = None,
@@ -141,10 +144,23 @@ class Pipeline:
         """`device` "cuda" keeps the request's buffers (KV cache, hidden state, logits) in GPU memory (with
         onnxruntime-gpu's CUDA or TensorRT provider); `cuda_graph` replays the decode step as a CUDA graph
         (SessionOptions.cuda_graph); `provider_options` go to onnxruntime's providers
-        (runtime/provider_options.py); see `__init__` for `sampler`."""
+        (runtime/provider_options.py); see `__init__` for `sampler`. With `device` "cuda" the CUDA sampling
+        kernel is made first, and the sessions run on its stream (SessionOptions.compute_stream), so that a
+        decode step waits for the device once (docs/gpu.md, "One stream for the decode step")."""
+        gpu_sampler = None
+        if device == "cuda" and sampler in ("auto", "device"):
+            from .cuda import CudaUnavailableError, GpuSampler
+
+            try:
+                gpu_sampler = GpuSampler()
+            except CudaUnavailableError:
+                if sampler == "device":
+                    raise
+                # "auto": __init__ decides from the sessions, and names what is missing if it needs the kernel
         opts = SessionOptions(providers=providers, threads=threads, device=device, cuda_graph=cuda_graph,
-                              provider_options=provider_options)
-        return cls(Engine.load(engine_dir, opts, check_hash), sampler)
+                              provider_options=provider_options,
+                              compute_stream=None if gpu_sampler is None else gpu_sampler.stream_handle)
+        return cls(Engine.load(engine_dir, opts, check_hash), sampler, gpu_sampler)
 
     # --- parameters ---------------------------------------------------------------------------------------
     def _params(self, task: str, temperature, top_k, top_p, cfg_scale, repetition_penalty) -> SamplingParams:

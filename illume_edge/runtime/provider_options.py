@@ -12,9 +12,11 @@ merged in that order, later sources overriding an option of the same provider. V
 strings (booleans as "1" / "0"). Options of a provider a session does not use are ignored; onnxruntime
 itself rejects an option name its provider does not know, when the session is created.
 
-Two options belong to the runtime and are refused here: `device_id` (`SessionOptions.device_id`, which also
-places the request buffers) and `enable_cuda_graph` (`SessionOptions.cuda_graph`, which also makes the runner
-replay the decode step under graph ids; a graph captured without them would replay stale shapes).
+Three options belong to the runtime and are refused here: `device_id` (`SessionOptions.device_id`, which
+also places the request buffers), `enable_cuda_graph` (`SessionOptions.cuda_graph`, which also makes the
+runner replay the decode step under graph ids; a graph captured without them would replay stale shapes) and
+`user_compute_stream` (`SessionOptions.compute_stream`: the runtime lets runs on it return unsynchronized,
+which is only safe on a stream whose other work the runtime orders itself).
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from ..manifest import EngineError
 
 ENV = "ILLUME_EDGE_PROVIDER_OPTIONS"
 ProviderOptions = dict[str, dict[str, str]]
-RESERVED = {"device_id": "SessionOptions.device_id", "enable_cuda_graph": "SessionOptions.cuda_graph / --cuda-graph"}
+RESERVED = {"device_id": "SessionOptions.device_id", "enable_cuda_graph": "SessionOptions.cuda_graph / --cuda-graph",
+            "user_compute_stream": "SessionOptions.compute_stream (the sampling kernel's stream)"}
 
 
 def _value(v: Any, where: str) -> str:
@@ -91,15 +94,19 @@ def merge(*layers: ProviderOptions) -> ProviderOptions:
     return out
 
 
-def provider_list(providers: list[str], options: ProviderOptions, device_id: int, cuda_graph: bool) -> list:
+def provider_list(providers: list[str], options: ProviderOptions, device_id: int, cuda_graph: bool,
+                  compute_stream: int | None = None) -> list:
     """`providers` as onnxruntime's InferenceSession takes them: (name, options) where there are options. The
-    CUDA and TensorRT providers always get the session's device id, the CUDA provider `enable_cuda_graph`
-    when its session replays CUDA graphs."""
+    CUDA and TensorRT providers always get the session's device id, and `compute_stream` (a CUDA stream
+    handle) as `user_compute_stream` where one is given; the CUDA provider `enable_cuda_graph` when its
+    session replays CUDA graphs."""
     out: list = []
     for p in providers:
         opts = dict(options.get(p, {}))
         if p in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
             opts["device_id"] = str(device_id)
+            if compute_stream is not None:
+                opts["user_compute_stream"] = str(int(compute_stream))
         if p == "CUDAExecutionProvider" and cuda_graph:
             opts["enable_cuda_graph"] = "1"
         out.append((p, opts) if opts else p)

@@ -155,12 +155,20 @@ class SessionOptions:
     # onnxruntime provider options, provider -> {option: value} (runtime/provider_options.py): over the
     # engine manifest's `provider_options` and ILLUME_EDGE_PROVIDER_OPTIONS
     provider_options: dict[str, dict[str, Any]] | None = None
+    # A CUDA stream (its handle) the CUDA and TensorRT providers run on (onnxruntime's user_compute_stream),
+    # made by the CUDA sampling kernel (cuda.GpuSampler.stream), so that the decode step's llm run, head run,
+    # kernel and token read are ordered on one stream and the runs need not synchronize the host
+    # (Session.run_options(synchronize=False), docs/gpu.md "One stream for the decode step"). None: each
+    # provider's own stream, every run synchronized.
+    compute_stream: int | None = None
 
 
 # Components whose runs the runtime drives through IO bindings at fixed addresses, so that onnxruntime may
 # capture and replay them as CUDA graphs: the decode step. (A component run as session.run(dict) must not be
 # captured: its inputs move every run.)
 CUDA_GRAPH_COMPONENTS = ("llm",)
+# Providers that take a caller's CUDA stream (user_compute_stream) and may leave a run's work on it
+GPU_STREAM_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 # Every engine component is its own session, and a decode step alternates the llm and head sessions. With a
@@ -254,7 +262,9 @@ class Session:
         self.device_requested = self.device == opts.device  # False: moved to the GPU by buffer_device
         self.device_id, self.buffer_owner = opts.device_id, opts.buffers
         self.cuda_graph = name in CUDA_GRAPH_COMPONENTS and _flag(opts.cuda_graph, "ILLUME_EDGE_CUDA_GRAPH")
-        self._graph_runs: dict[int, object] = {}  # CUDA graph id -> onnxruntime RunOptions (run_options)
+        self.compute_stream = opts.compute_stream
+        # (CUDA graph id or None, synchronize) -> onnxruntime RunOptions (run_options)
+        self._run_opts: dict[tuple[int | None, bool], object] = {}
         try:
             self._sess = ort.InferenceSession(path, so, providers=self._provider_list(opts))
         except Exception as e:  # onnxruntime raises its own exception types for load failures
@@ -271,23 +281,39 @@ class Session:
     def _provider_list(self, opts: SessionOptions) -> list:
         """`providers` as onnxruntime takes them, with their options (provider_options.provider_list)."""
         options = check_provider_options(opts.provider_options, "SessionOptions.provider_options")
-        return provider_list(self.providers, options, opts.device_id, self.cuda_graph)
+        return provider_list(self.providers, options, opts.device_id, self.cuda_graph, opts.compute_stream)
 
-    def run_options(self, graph_id: int | None):
-        """onnxruntime RunOptions for a run replayed as CUDA graph `graph_id` (>= 1), or kept out of any
-        graph (-1), made once per id (a decode step asks every step); None (plain runs) when this session has
-        no CUDA graphs."""
-        if not self.cuda_graph or graph_id is None:
+    @property
+    def shares_stream(self) -> bool:
+        """Whether a run may return before the device finishes it: the session runs on a caller's stream
+        (SessionOptions.compute_stream) with a GPU provider, so work the caller puts on that stream after
+        the run waits for it."""
+        return self.compute_stream is not None and self.providers[0] in GPU_STREAM_PROVIDERS
+
+    def run_options(self, graph_id: int | None, synchronize: bool = True):
+        """onnxruntime RunOptions, made once per (graph id, synchronize) (a decode step asks every step):
+        `graph_id` replays the run as CUDA graph `graph_id` (>= 1) or keeps it out of any graph (-1), where this
+        session has CUDA graphs (else ignored); `synchronize` False lets the run return without waiting for
+        the device (disable_synchronize_execution_providers), where the session `shares_stream`: for runs
+        whose inputs and outputs all stay in device buffers, read only by work the caller orders on that
+        stream (the decode step, `LLMRunner`). None: a plain run."""
+        graph = graph_id if self.cuda_graph else None
+        sync = synchronize or not self.shares_stream
+        if graph is None and sync:
             return None
-        if graph_id not in self._graph_runs:
+        key = graph, sync
+        if key not in self._run_opts:
             import onnxruntime as ort
 
-            if graph_id == 0 or graph_id < -1:
-                raise EngineError(f"{self.name}: CUDA graph id {graph_id}: use -1 (no graph) or an id >= 1")
+            if graph is not None and (graph == 0 or graph < -1):
+                raise EngineError(f"{self.name}: CUDA graph id {graph}: use -1 (no graph) or an id >= 1")
             ro = ort.RunOptions()
-            ro.add_run_config_entry("gpu_graph_id", str(graph_id))
-            self._graph_runs[graph_id] = ro
-        return self._graph_runs[graph_id]
+            if graph is not None:
+                ro.add_run_config_entry("gpu_graph_id", str(graph))
+            if not sync:
+                ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
+            self._run_opts[key] = ro
+        return self._run_opts[key]
 
     def _check_contract(self) -> None:
         """The graph's own I/O must be what the manifest says (a swapped file would otherwise run)."""

@@ -175,6 +175,45 @@ def pack_launch(rows: int, params: SamplingParams | Sequence[SamplingParams], un
 # bindings (lazy)
 # ----------------------------------------------------------------------------------------------------
 PYCUDA_FORMAT = {"i64": "q", "i32": "i", "ptr": "P"}  # pycuda's prepare() struct codes per argument kind
+# CU_STREAM_NON_BLOCKING, as onnxruntime makes its own streams: the sessions that take this stream then run
+# (and capture CUDA graphs) as they do on theirs, with no implicit ordering against the legacy default
+# stream. What the sampler puts on it (uploads, memsets, launches, reads) goes through the stream itself;
+# the host's synchronous copies into the step's buffers (OrtValue writes) come after a token's read, when
+# nothing is in flight on it.
+STREAM_FLAGS = 1
+
+
+class _Staging:
+    """Page-locked host buffers for a binding's copies on a stream. An upload on a stream from pageable
+    memory may wait for the stream's earlier work (CUDA's API synchronization notes), which is the decode
+    step's llm and head runs: the argument upload goes through a page-locked buffer instead, which must then
+    stay as it is until the copy is done. Uploads between two synchronizations of the stream therefore take
+    fresh space (`up`); `synchronized` frees it all. The token read comes back through `down`."""
+
+    def __init__(self, pinned):
+        self._pinned = pinned  # nbytes -> page-locked uint8 array
+        self._up = pinned(256)
+        self._used = 0  # bytes of `_up` that copies not yet known to be done read from
+        self._retired: list[np.ndarray] = []  # earlier `_up` buffers copies in flight may still read
+        self.down = pinned(64)
+
+    def up(self, arr: np.ndarray) -> np.ndarray:
+        """`arr`'s bytes in page-locked memory no copy in flight reads."""
+        raw = np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
+        n = -(-raw.size // ARGUMENT_ALIGN) * ARGUMENT_ALIGN
+        if self._used + n > self._up.size:
+            if self._used:  # copies in flight read the old buffer: keep it until they are done
+                self._retired.append(self._up)
+            self._up, self._used = self._pinned(max(2 * self._up.size, n)), 0
+        view = self._up[self._used:self._used + raw.size]
+        view[:] = raw
+        self._used += n
+        return view
+
+    def synchronized(self) -> None:
+        """The stream was synchronized: no copy reads the staging memory any more."""
+        self._used = 0
+        self._retired.clear()
 
 
 class _PyCuda:
@@ -195,6 +234,17 @@ class _PyCuda:
         self.sm = dev.compute_capability()[0] * 10 + dev.compute_capability()[1]
         self.driver_version = drv.get_driver_version()
         self._prepared: set[int] = set()  # id() of the functions prepared with their argument format
+        self._staging: _Staging | None = None
+
+    def make_stream(self):
+        """A new stream in the primary context and its handle (STREAM_FLAGS)."""
+        stream = self.drv.Stream(flags=STREAM_FLAGS)
+        return stream, int(stream.handle)
+
+    def _stage(self) -> _Staging:
+        if self._staging is None:
+            self._staging = _Staging(lambda n: self.drv.pagelocked_empty(n, np.uint8))
+        return self._staging
 
     def load(self, image: bytes, names):
         mod = self.drv.module_from_buffer(image)
@@ -204,12 +254,35 @@ class _PyCuda:
     def alloc(self, nbytes):
         return self.drv.mem_alloc(max(int(nbytes), 8))
 
-    def htod(self, dst, arr):
-        if arr.nbytes:
+    def htod(self, dst, arr, stream=None):
+        """Host to device; on `stream`: ordered after its earlier work, the host not waiting for it."""
+        if not arr.nbytes:
+            return
+        if stream is None:
             self.drv.memcpy_htod(dst, np.ascontiguousarray(arr))
+        else:
+            self.drv.memcpy_htod_async(dst, self._stage().up(arr), stream)
 
-    def dtoh(self, arr, src):
-        self.drv.memcpy_dtoh(arr, src)
+    def zero(self, dst, nbytes, stream=None):
+        if stream is None:
+            self.drv.memset_d8(dst, 0, int(nbytes))
+        else:
+            self.drv.memset_d8_async(dst, 0, int(nbytes), stream)
+
+    def dtoh(self, arr, src, stream=None):
+        """Device to host; on `stream`: after its earlier work, the host waiting for it (the one
+        synchronization of a decode step)."""
+        if stream is None:
+            self.drv.memcpy_dtoh(arr, src)
+            return
+        stage = self._stage()
+        if arr.nbytes > stage.down.size:
+            stage.down = self.drv.pagelocked_empty(arr.nbytes, np.uint8)
+        down = stage.down[:arr.nbytes]
+        self.drv.memcpy_dtoh_async(down, src, stream)
+        stream.synchronize()
+        stage.synchronized()
+        arr.view(np.uint8).reshape(-1)[:] = down
 
     def ptr(self, buf):
         return int(buf)
@@ -217,15 +290,18 @@ class _PyCuda:
     def free(self, buf):
         buf.free()
 
-    def launch(self, fn, grid, block, args):
+    def launch(self, fn, grid, block, args, stream=None):
         # a prepared call packs the arguments by a format fixed once per function (pycuda's plain call
         # inspects every argument at every launch: ~30 us a step under cProfile on the H100's host,
-        # docs/gpu.md). No synchronize: the launch goes on the default stream, and the caller's copy back
-        # (dtoh, synchronous, on the same stream) waits for it.
+        # docs/gpu.md). No synchronize: the caller's copy back (dtoh) on the same stream waits for it.
         if id(fn) not in self._prepared:  # a function's arguments have the same kinds at every launch
             fn.prepare("".join(PYCUDA_FORMAT[t] for t, _ in args))
             self._prepared.add(id(fn))
-        fn.prepared_call(grid, block, *[int(a) for _, a in args])
+        values = [int(a) for _, a in args]
+        if stream is None:
+            fn.prepared_call(grid, block, *values)
+        else:
+            fn.prepared_async_call(grid, block, stream, *values)
 
 
 class _CudaPython:
@@ -246,6 +322,7 @@ class _CudaPython:
         minor = self._check(cu.cuDeviceGetAttribute(a.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev))
         self.sm = major * 10 + minor
         self.driver_version = self._check(cu.cuDriverGetVersion())
+        self._staging: _Staging | None = None
 
     @staticmethod
     def _check(res):
@@ -254,6 +331,22 @@ class _CudaPython:
             raise CudaUnavailableError(f"CUDA driver error {err}")
         return rest[0] if len(rest) == 1 else (tuple(rest) or None)
 
+    def make_stream(self):
+        """A new stream in the primary context and its handle (STREAM_FLAGS)."""
+        stream = self._check(self.cu.cuStreamCreate(STREAM_FLAGS))
+        return stream, int(stream)
+
+    def _pinned(self, nbytes: int) -> np.ndarray:
+        import ctypes
+
+        address = int(self._check(self.cu.cuMemHostAlloc(nbytes, 0)))  # freed with the process
+        return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(address))
+
+    def _stage(self) -> _Staging:
+        if self._staging is None:
+            self._staging = _Staging(self._pinned)
+        return self._staging
+
     def load(self, image: bytes, names):
         self._mod = self._check(self.cu.cuModuleLoadData(image))
         return {k: self._check(self.cu.cuModuleGetFunction(self._mod, n.encode())) for k, n in names.items()}
@@ -261,13 +354,34 @@ class _CudaPython:
     def alloc(self, nbytes):
         return self._check(self.cu.cuMemAlloc(max(int(nbytes), 8)))
 
-    def htod(self, dst, arr):
+    def htod(self, dst, arr, stream=None):
         arr = np.ascontiguousarray(arr)
-        if arr.nbytes:
+        if not arr.nbytes:
+            return
+        if stream is None:
             self._check(self.cu.cuMemcpyHtoD(dst, arr.ctypes.data, arr.nbytes))
+        else:
+            up = self._stage().up(arr)
+            self._check(self.cu.cuMemcpyHtoDAsync(dst, up.ctypes.data, up.nbytes, stream))
 
-    def dtoh(self, arr, src):
-        self._check(self.cu.cuMemcpyDtoH(arr.ctypes.data, src, arr.nbytes))
+    def zero(self, dst, nbytes, stream=None):
+        if stream is None:
+            self._check(self.cu.cuMemsetD8(dst, 0, int(nbytes)))
+        else:
+            self._check(self.cu.cuMemsetD8Async(dst, 0, int(nbytes), stream))
+
+    def dtoh(self, arr, src, stream=None):
+        if stream is None:
+            self._check(self.cu.cuMemcpyDtoH(arr.ctypes.data, src, arr.nbytes))
+            return
+        stage = self._stage()
+        if arr.nbytes > stage.down.size:
+            stage.down = self._pinned(arr.nbytes)
+        down = stage.down[:arr.nbytes]
+        self._check(self.cu.cuMemcpyDtoHAsync(down.ctypes.data, src, arr.nbytes, stream))
+        self._check(self.cu.cuStreamSynchronize(stream))
+        stage.synchronized()
+        arr.view(np.uint8).reshape(-1)[:] = down
 
     def ptr(self, buf):
         return int(buf)
@@ -275,26 +389,24 @@ class _CudaPython:
     def free(self, buf):
         self._check(self.cu.cuMemFree(buf))
 
-    def launch(self, fn, grid, block, args):
+    def launch(self, fn, grid, block, args, stream=None):
         import ctypes
         ct = {"i64": ctypes.c_longlong, "i32": ctypes.c_int, "ptr": ctypes.c_void_p}
         vals = tuple(int(a) for _, a in args)
         types = tuple(ct[t] for t, _ in args)
-        # no synchronize: the default stream, whose synchronous copy back (dtoh) waits for the kernel
-        self._check(self.cu.cuLaunchKernel(fn, *grid, *block, 0, 0, (vals, types), 0))
+        # no synchronize: the caller's copy back (dtoh) on the same stream waits for the kernel
+        self._check(self.cu.cuLaunchKernel(fn, *grid, *block, 0, stream or 0, (vals, types), 0))
 
 
 def _binding():
+    """pycuda, else cuda-python; a binding that is missing or cannot reach a driver (pycuda raises its own
+    error types from cuInit) falls through to the next, and CudaUnavailableError names both."""
     errors = []
-    try:
-        import pycuda.driver  # noqa: F401
-        return _PyCuda()
-    except ImportError as e:
-        errors.append(f"pycuda: {e}")
-    try:
-        return _CudaPython()
-    except ImportError as e:
-        errors.append(f"cuda-python: {e}")
+    for name, make in (("pycuda", _PyCuda), ("cuda-python", _CudaPython)):
+        try:
+            return make()
+        except Exception as e:  # ImportError, CudaUnavailableError, pycuda.driver.Error
+            errors.append(f"{name}: {type(e).__name__}: {e}")
     raise CudaUnavailableError("the CUDA sampling kernel needs pycuda or cuda-python (neither is usable: "
                                + "; ".join(errors) + ")")
 
@@ -312,13 +424,22 @@ def load_kernel(build_dir: Path = DEFAULT_OUT, binding=None):
 # ----------------------------------------------------------------------------------------------------
 class GpuSampler:
     """The kernel behind ``guided_sample``'s interface. ``sample`` takes host arrays (tests, parity);
-    ``sample_device`` takes the head's device logits buffer and writes ids into a device int64 buffer."""
+    ``sample_device`` takes the head's device logits buffer and writes ids into a device int64 buffer, and
+    ``read`` brings a token back.
+
+    With ``stream`` (the default) the sampler makes its own CUDA stream and puts its uploads, launches and
+    reads there; ``stream_handle`` is what onnxruntime takes as ``user_compute_stream``
+    (``SessionOptions.compute_stream``), so that the engine's runs, the kernel and the read are ordered on
+    one stream and a decode step synchronizes the host once, in ``read`` (docs/gpu.md, "One stream for the
+    decode step"). Each ``sample_device`` must be followed by a ``read`` before the next one (its uploads
+    are in flight until then; the decode loops always read the token)."""
 
     memory = "cuda"  # the logits and token buffers it takes by address (decode_loops.device_pick checks)
     many_block_greedy = True  # greedy launches on the greedy entry points (False: a block a row, for A/B timing)
 
-    def __init__(self, build_dir: Path = DEFAULT_OUT, binding=None):
+    def __init__(self, build_dir: Path = DEFAULT_OUT, binding=None, stream: bool = True):
         self.binding, self.functions, self.choice = load_kernel(build_dir, binding)
+        self._stream, self.stream_handle = self.binding.make_stream() if stream else (None, None)
         self._bufs: dict[str, tuple[object, int]] = {}  # name -> (device buffer, bytes): kept across launches
         self._uploaded: bytes | None = None  # the argument bytes the "arguments" buffer holds
 
@@ -333,7 +454,7 @@ class GpuSampler:
             buf = self.binding.alloc(nbytes)
             self._bufs[name] = buf, max(int(nbytes), 8)
             if zeroed:
-                self.binding.htod(buf, np.zeros(max(int(nbytes), 8), np.uint8))
+                self.binding.zero(buf, max(int(nbytes), 8), self._stream)
             if name == "arguments":
                 self._uploaded = None
         return buf
@@ -350,7 +471,7 @@ class GpuSampler:
         arguments = self._buffer("arguments", host.nbytes)
         raw = host.tobytes()
         if raw != self._uploaded:  # one copy for the eight argument arrays, none when a launch repeats the
-            b.htod(arguments, host)  # last one's (greedy text steps without a penalty: every step)
+            b.htod(arguments, host, self._stream)  # last one's (greedy text steps without a penalty: every step)
             self._uploaded = raw
         base = b.ptr(arguments)
         rows, fn, grid = la.grid[0], self.functions[dtype], la.grid
@@ -367,7 +488,12 @@ class GpuSampler:
                 ("i64", out_stride), ("i32", out_copies), ("ptr", b.ptr(ws))]
         adv = advance or StepAdvance(0, 0, 0, -1)
         args += [("ptr", adv.positions), ("ptr", adv.mask), ("i64", adv.mask_stride), ("i64", adv.mask_slot)]
-        b.launch(fn, grid, la.block, args)
+        b.launch(fn, grid, la.block, args, self._stream)
+
+    def read(self, host: np.ndarray, src) -> None:
+        """Device buffer or address `src` into `host` after everything on the sampler's stream (the engine's
+        runs too, where they share it): the host waits here."""
+        self.binding.dtoh(host, src, self._stream)
 
     def sample(self, cond: np.ndarray, uncond: np.ndarray | None, params: SamplingParams, uniforms, *,
                range_start: int = 0, generated_ids_per_row=None, banned: Sequence[tuple[int, int]] = ()
@@ -385,9 +511,9 @@ class GpuSampler:
         dl, do = b.alloc(stack.nbytes), b.alloc(rows * 8)
         out = np.empty(rows, dtype=np.int64)
         try:
-            b.htod(dl, stack)
+            b.htod(dl, stack, self._stream)  # on the sampler's stream, before its launch
             self.sample_device(b.ptr(dl), dtype, v, 0, la, b.ptr(do))
-            b.dtoh(out, do)
+            self.read(out, do)
         finally:
             b.free(dl)
             b.free(do)
