@@ -17,8 +17,10 @@ from benchmarks.gpu_decode import ours_rep
 work = Path(sys.argv[1])
 prompt = list(range(1000, 1128))
 for name in sys.argv[2:] or ["fp16", "int4"]:
-    for graph in (True, False):
-        rep = ours_rep(work / f"engine-{name}", prompt, 64, "cuda", graph)
+    # (CUDA graph, the sessions on the kernel's stream): the runtime's step, without graphs, and with every
+    # run synchronized on its own stream (the step before docs/gpu.md's "One stream for the decode step")
+    for graph, one_stream in ((True, True), (False, True), (True, False)):
+        rep = ours_rep(work / f"engine-{name}", prompt, 64, "cuda", graph, one_stream)
         rep(32), rep(32)  # warm-up (CUDA graph capture, cuDNN / cuBLAS set-up)
         _, step_s, _, parts = rep(64)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -27,10 +29,11 @@ for name in sys.argv[2:] or ["fp16", "int4"]:
         ev = [e for e in prof.events() if e.device_type.name == "CUDA"]
         busy = sum(e.time_range.elapsed_us() for e in ev) / 1e3 / 33
         llm, head = (1e3 * parts[k] / len(step_s) for k in ("llm", "head_and_pick"))
-        print(f"{name} {'CUDA graph' if graph else 'no graph'}: step {1e3 * np.median(step_s):.3f} ms (median) = "
+        label = ("CUDA graph" if graph else "no graph") + ("" if one_stream else ", runs synchronized")
+        print(f"{name} {label}: step {1e3 * np.median(step_s):.3f} ms (median) = "
               f"llm run {llm:.3f} + head and draw {head:.3f} (means); device busy {busy:.3f} ms per step "
               f"(1 prefill + 32 steps, {len(ev)} device events)", flush=True)
-        if graph:  # the host's side of a step: 1 prefill + 64 steps, functions by their own time
+        if graph and one_stream:  # the host's side of a step: 1 prefill + 64 steps, functions by their own time
             host = cProfile.Profile()
             host.runcall(rep, 64)
             pstats.Stats(host, stream=sys.stdout).sort_stats("tottime").print_stats(22)

@@ -58,8 +58,7 @@ def device_pick(sampler) -> Pick:
     scratch = sampler.binding.alloc(8)  # int64, for engines without static decode steps
     memory = getattr(sampler, "memory", "cuda")  # where the buffers it takes by address must be
     host = np.zeros(1, np.int64)
-
-    stream = getattr(sampler, "stream_handle", None)
+    stream = getattr(sampler, "stream_handle", None)  # the CUDA stream the engine's sessions may share
 
     def pick(runner: LLMRunner, state: DecodeState, head: str, params: SamplingParams, uniforms: np.ndarray,
              range_start: int, use_cfg: bool, banned: Ranges = ()) -> int:
