@@ -438,6 +438,36 @@ def test_judge_phase_mixes_rendered_assessments_with_a_replay_of_stage3():
     assert {"qa", "t2i_geneval"} <= set(tasks)  # the replay
 
 
+def test_stage4_mixture_adds_edits_to_both_the_fine_tune_and_its_ablation():
+    """Schedule.stage4_edit: stage 4 keeps STAGE4_ASSESS_SHARE of assessments and moves that share of its examples
+    from the stage-3 replay to edits; the ablation trains on the same replay; 0 leaves stage 3's mixture as it is
+    (the recipe's stage 4 before the option); a share that leaves no replay is refused."""
+    from collections import Counter
+
+    from illume_edge.nano import recipe
+
+    sft = recipe.mixture([(0.75, lambda rng: "qa"), (0.25, lambda rng: "edit")])  # stage 3's editing share
+    n = 4000
+
+    def shares(sample, seed=3):
+        rng = np.random.default_rng(seed)
+        c = Counter(sample(rng) for _ in range(n))
+        return {k: v / n for k, v in c.items()}
+
+    for edit_share in (0.0, 0.2):
+        with_assess, replay = recipe.stage4_mixtures(sft, lambda rng: "edit", lambda rng: "assess", edit_share)
+        got = shares(with_assess)
+        want_edit = (1 - recipe.STAGE4_ASSESS_SHARE - edit_share) * 0.25 + edit_share  # the replay's + the added
+        assert abs(got["assess"] - recipe.STAGE4_ASSESS_SHARE) < 0.025, got
+        assert abs(got["edit"] - want_edit) < 0.025, (edit_share, got)
+        ablation = shares(replay)
+        assert "assess" not in ablation and abs(ablation["edit"] - want_edit / 0.7) < 0.03, ablation
+    assert recipe.stage4_mixtures(sft, None, None, 0.0)[1] is sft
+    with pytest.raises(ValueError, match=r"stage4_edit 0.7: expected a share in \[0, 0.7"):
+        recipe.stage4_mixtures(sft, None, None, 0.7)
+    assert recipe.SCHEDULES["judge-edit"].stage4_edit == 0.2 and recipe.SCHEDULES["full"].stage4_edit == 0.0
+
+
 def test_rendered_assessments_fail_clearly_when_no_wrong_image_can_be_drawn(monkeypatch):
     from illume_edge.nano.recipe import Tasks
 
