@@ -385,6 +385,7 @@ def test_assessment_examples_draw_poor_samples_at_the_asked_share():
         draw = assessment_examples(pool, Builder(), W, share)
         got = np.mean([draw(rng) for _ in range(4000)])
         assert abs(got - want) < 0.03, (share, got)
+    assert not any(assessment_examples(pool, Builder(), W, 0.9, corrections=False)(rng) for _ in range(200))
     with pytest.raises(ValueError, match=r"assess_poor_share 0.5: .*pool: 6 good, 0 poor"):
         assessment_examples(pool[2:], Builder(), W, 0.5)
     with pytest.raises(ValueError, match="assess_poor_share 1.5"):

@@ -69,8 +69,9 @@ from .sequences import IGNORE, SequenceBuilder
 QA = list[tuple[world.Scene, world.QA]]
 
 
-def load_trainer(checkpoint: str | Path) -> tuple[LLMTrainer, SequenceBuilder]:
-    """The checkpoint's LLM, projector and vision tower (ViT + tokenizer from its DualViTok file)."""
+def load_modules(checkpoint: str | Path):
+    """(the checkpoint's modules, a trainer on their LLM, projector and vision tower (ViT + tokenizer from its
+    DualViTok file), its sequence builder): training the trainer trains the modules, which export as they are."""
     from ..export.checkpoint import CheckpointPaths, load_checkpoint, read_dualvitok
     from ..runtime.prompts import TextTokenizer
     from .vision_train import SemanticTokenizer, VisionTower
@@ -80,7 +81,13 @@ def load_trainer(checkpoint: str | Path) -> tuple[LLMTrainer, SequenceBuilder]:
     sem = SemanticTokenizer.from_dualvitok(read_dualvitok(paths.dualvitok), mods.quantizers[0], cfg.branches[0].in_dim)
     tower = VisionTower(cfg, mods.encoders["semantic"], sem)
     builder = SequenceBuilder(TextTokenizer.from_file(paths.mllm / "tokenizer.json", cfg), cfg)
-    return LLMTrainer(cfg, mods.llm, mods.projectors["semantic"], tower), builder
+    return mods, LLMTrainer(cfg, mods.llm, mods.projectors["semantic"], tower), builder
+
+
+def load_trainer(checkpoint: str | Path) -> tuple[LLMTrainer, SequenceBuilder]:
+    """The checkpoint's LLM, projector and vision tower (ViT + tokenizer from its DualViTok file)."""
+    _, trainer, builder = load_modules(checkpoint)
+    return trainer, builder
 
 
 def questions(per_kind: int, split: str, wcfg: world.WorldConfig = world.WorldConfig(), style: str = "short") -> QA:

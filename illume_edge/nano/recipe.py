@@ -387,10 +387,11 @@ def self_assess_pool(engine_dir: Path, wcfg: world.WorldConfig, n: int, seed: in
 
 
 def assessment_examples(pool: list[AssessedSample], b: SequenceBuilder, wcfg: world.WorldConfig,
-                        poor_share: float | None = None, evidence: bool = False):
-    """Good samples: the assessment; poor ones: the assessment, then the corrected image. `poor_share`: draw a
-    poor sample with this probability (None: uniformly from the pool). `evidence`: the assessment opens with
-    what the image shows (evaluator.evidence of the sample's parsed scene)."""
+                        poor_share: float | None = None, evidence: bool = False, corrections: bool = True):
+    """Good samples: the assessment; poor ones: the assessment, then the corrected image (`corrections` False:
+    the assessment alone). `poor_share`: draw a poor sample with this probability (None: uniformly from the
+    pool). `evidence`: the assessment opens with what the image shows (evaluator.evidence of the sample's
+    parsed scene)."""
     if evidence and any(s.shown is None for s in pool):
         raise ValueError("assessment_examples(evidence=True): every pool sample needs its parsed scene "
                          "(AssessedSample.shown); build the pool with self_assess_pool")
@@ -406,7 +407,7 @@ def assessment_examples(pool: list[AssessedSample], b: SequenceBuilder, wcfg: wo
         else:
             group = poor if rng.random() < poor_share else good
             s = group[int(rng.integers(len(group)))]
-        correction = None if s.assessment.good else world.render(s.source, wcfg)
+        correction = None if s.assessment.good or not corrections else world.render(s.source, wcfg)
         shows = evaluator.evidence(s.prompt, s.shown) if evidence else None
         return b.assess(s.image, s.prompt.text, evaluator.assessment_to_json(s.assessment, shows), correction,
                         task="assess")

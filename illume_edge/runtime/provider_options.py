@@ -28,6 +28,8 @@ from ..manifest import EngineError
 
 ENV = "ILLUME_EDGE_PROVIDER_OPTIONS"
 ProviderOptions = dict[str, dict[str, str]]
+# The providers that run on a CUDA device: they take the session's device id and a caller's CUDA stream
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 RESERVED = {"device_id": "SessionOptions.device_id", "enable_cuda_graph": "SessionOptions.cuda_graph / --cuda-graph",
             "user_compute_stream": "SessionOptions.compute_stream (the sampling kernel's stream)"}
 
@@ -103,7 +105,7 @@ def provider_list(providers: list[str], options: ProviderOptions, device_id: int
     out: list = []
     for p in providers:
         opts = dict(options.get(p, {}))
-        if p in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+        if p in GPU_PROVIDERS:
             opts["device_id"] = str(device_id)
             if compute_stream is not None:
                 opts["user_compute_stream"] = str(int(compute_stream))

@@ -17,7 +17,7 @@ import numpy as np
 from ..manifest import Component, EngineError, TensorSpec
 from .device_buffer import DeviceArray, allocate
 from .provider_options import ENV as PROVIDER_OPTIONS_ENV
-from .provider_options import check_provider_options, provider_list
+from .provider_options import GPU_PROVIDERS, check_provider_options, provider_list
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
               "bool": np.bool_, "uint8": np.uint8, "int8": np.int8}
@@ -25,7 +25,6 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
               "tensor(int32)": "int32", "tensor(bool)": "bool", "tensor(uint8)": "uint8", "tensor(int8)": "int8"}
 
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 # onnxruntime-gpu lists TensorrtExecutionProvider whether or not TensorRT is installed; without its runtime
 # library every session prints an error and onnxruntime retries without it (seen on an H100 with
 # onnxruntime-gpu 1.31.1, docs/gpu.md). onnxruntime-gpu 1.31 links TensorRT 10.
@@ -156,7 +155,7 @@ class SessionOptions:
     # engine manifest's `provider_options` and ILLUME_EDGE_PROVIDER_OPTIONS
     provider_options: dict[str, dict[str, Any]] | None = None
     # A CUDA stream (its handle) the CUDA and TensorRT providers run on (onnxruntime's user_compute_stream),
-    # made by the CUDA sampling kernel (cuda.GpuSampler.stream), so that the decode step's llm run, head run,
+    # made by the CUDA sampling kernel (cuda.GpuSampler.stream_handle), so that the decode step's llm run, head run,
     # kernel and token read are ordered on one stream and the runs need not synchronize the host
     # (Session.run_options(synchronize=False), docs/gpu.md "One stream for the decode step"). None: each
     # provider's own stream, every run synchronized.
@@ -167,8 +166,6 @@ class SessionOptions:
 # capture and replay them as CUDA graphs: the decode step. (A component run as session.run(dict) must not be
 # captured: its inputs move every run.)
 CUDA_GRAPH_COMPONENTS = ("llm",)
-# Providers that take a caller's CUDA stream (user_compute_stream) and may leave a run's work on it
-GPU_STREAM_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 # Every engine component is its own session, and a decode step alternates the llm and head sessions. With a
@@ -288,7 +285,7 @@ class Session:
         """Whether a run may return before the device finishes it: the session runs on a caller's stream
         (SessionOptions.compute_stream) with a GPU provider, so work the caller puts on that stream after
         the run waits for it."""
-        return self.compute_stream is not None and self.providers[0] in GPU_STREAM_PROVIDERS
+        return self.compute_stream is not None and self.providers[0] in GPU_PROVIDERS
 
     def run_options(self, graph_id: int | None, synchronize: bool = True):
         """onnxruntime RunOptions, made once per (graph id, synchronize) (a decode step asks every step):

@@ -1,0 +1,60 @@
+"""Stage 4 alone from a recipe run's stage-3 weights, in several mixtures, each exported fp32 and evaluated held
+out as `make eval-nano` does (docs/nano.md, "A judge trained on rendered near misses"). The pool is the
+recipe's (its seed and stage-3 engine), and so are the steps, seed and learning rate: "recipe" reproduces the
+run's own stage 4.
+    python tools/nano_stage4_mixtures.py --work build/nano-judge-items-seed2 --seed 20242209 \\
+        --schedule judge-phase recipe no-corrections more-editing
+Mixtures: "recipe" (the schedule's own), "no-corrections" (poor samples without their corrected image),
+"more-editing" (Schedule.stage4_edit 0.2, as --schedule judge-edit). Writes engines/illume-nano-s4-<mixture>
+and benchmarks/results/nano-eval-stage4-<tag>-<mixture>.json."""
+import argparse
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from illume_edge.export.engine import export_engine
+from illume_edge.nano import probes, recipe, world
+
+MIXTURES = {"recipe": {}, "no-corrections": {"corrections": False}, "more-editing": {"stage4_edit": 0.2}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", required=True, help="a recipe run's --work folder (stage3_checkpoint, stage3_engine)")
+    ap.add_argument("--seed", type=int, default=recipe.SEED)
+    ap.add_argument("--schedule", default="judge-phase", choices=sorted(recipe.SCHEDULES))
+    ap.add_argument("--tag", default="seed2")
+    ap.add_argument("mixtures", nargs="+", choices=sorted(MIXTURES))
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    work, wcfg = Path(args.work), world.WorldConfig()
+    base = recipe.SCHEDULES[args.schedule]
+    pool = recipe.self_assess_pool(work / "stage3_engine", wcfg, base.self_enhance_prompts,
+                                   recipe._seed(20, args.seed), probes._Quiet())
+    print(f"pool: {sum(x.assessment.good for x in pool)} good of {len(pool)}", flush=True)
+    for name in args.mixtures:
+        opts = dict(MIXTURES[name])
+        corrections = opts.pop("corrections", True)
+        s = dataclasses.replace(base, **opts)
+        mods, trainer, builder = probes.load_modules(work / "stage3_checkpoint")
+        tasks = recipe.Tasks(builder, wcfg, answer_style=recipe.ANSWER_STYLES[s.answer_style][1],
+                             assess_evidence=s.assess_evidence)
+        sft = recipe.stage_mixtures(tasks, s.lookup_kinds, s.assess_rendered)["stage3"]
+        assess = recipe.assessment_examples(pool, builder, wcfg, s.assess_poor_share, s.assess_evidence, corrections)
+        mix, _ = recipe.stage4_mixtures(sft, tasks.edit, assess, s.stage4_edit)
+        trainer.train(mix, steps=s.stage4, batch=s.llm_batch, lr=5e-4, seed=recipe._seed(14, args.seed),
+                      trainable="all", progress=probes._Quiet())
+        engine = Path(f"engines/illume-nano-s4-{name}")
+        export_engine(mods, engine, work / "stage3_checkpoint" / "mllm" / "tokenizer.json", progress=lambda m: None)
+        out = f"benchmarks/results/nano-eval-stage4-{args.tag}-{name}.json"
+        subprocess.run([sys.executable, "-m", "illume_edge.nano.evaluate", "--engine", str(engine), "--threads", "2",
+                        "--json", out], check=True)
+        print(f"{name}: {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
