@@ -9,8 +9,8 @@ steps (EOS ignored):
 - illume-edge fp16: the fused `llm` graph + `head_text` exported from the module in half precision; KV cache,
   hidden state and logits in device memory (`SessionOptions(device="cuda")`), the decode step replayed as a
   CUDA graph (and, for the A/B, without), the greedy token drawn by the sampling kernel straight into the next
-  step's input ids (`decode_loops.device_pick`; only its 8 bytes come back). `--device cpu` runs the same
-  code with the buffers as onnxruntime OrtValues on the host and the host sampler.
+  step's input ids (`decode_loops.DevicePick`; only its 8 bytes come back, read one step late). `--device cpu`
+  runs the same code with the buffers as onnxruntime OrtValues on the host and the host sampler.
 - illume-edge int4: the fp16 engine quantized (`quantize_engine`, int4 weights over fp16 activations,
   block `--block-size`), the same way.
 - onnxruntime-genai (the peer a user would otherwise pick; onnxruntime-genai-cuda on a GPU): its model
@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 import traceback
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -132,14 +133,17 @@ def gpu_identity(device: str) -> dict:
 # The runtimes
 # ---------------------------------------------------------------------------------------------------------
 def ours_rep(engine_dir: Path, prompt: list[int], steps: int, device: str, cuda_graph: bool,
-             one_stream: bool = True) -> Rep:
+             one_stream: bool = True, late_read: bool = True) -> Rep:
     """Our runtime on `engine_dir`: prefill, then greedy steps through the runtime's own `Pick` (the kernel on
-    a GPU, the host sampler on "cpu"), each step's time split into the llm run and the head + draw (`Rep`
-    extras "llm", "head_and_pick"). On a GPU the sessions run on the kernel's stream (as `Pipeline.load`
-    sets them up), so that a step waits for the device once; `one_stream` False times the step as it was
-    before, for an A/B: each session on its own stream, every run synchronized (docs/gpu.md, "One stream for
-    the decode step")."""
-    from illume_edge.runtime.decode_loops import device_pick, host_pick
+    a GPU, the host sampler on "cpu"). On a GPU the sessions run on the kernel's stream (as `Pipeline.load`
+    sets them up), so that a step waits for the device once, and (`late_read`) the text loop's own iterator
+    (`decode_loops.text_tokens`) reads each token one step late, the next step queued first (docs/gpu.md,
+    "Reading a token one step late"): a step's time is then the time between two tokens. Otherwise each
+    step's time is split into the llm run and the head + draw (`Rep` extras "llm", "head_and_pick"). For
+    the A/B: `late_read` False reads each token before the next step is queued; `one_stream` False as well
+    times the step as it was before "One stream for the decode step": each session on its own stream, every
+    run synchronized."""
+    from illume_edge.runtime.decode_loops import device_pick, host_pick, text_tokens
     from illume_edge.runtime.engine import Engine
     from illume_edge.runtime.llm_runner import LLMRunner
     from illume_edge.runtime.sampler import SamplingParams, Uniforms
@@ -160,6 +164,19 @@ def ours_rep(engine_dir: Path, prompt: list[int], steps: int, device: str, cuda_
     text_start = cfg.head_ranges()["text"][0]
     greedy = SamplingParams(temperature=0.0)
 
+    def rep_late(n: int = steps):
+        uniforms = Uniforms(0, rows=1, steps=n + 1)
+        t0 = time.perf_counter()
+        state = runner.prefill([prompt], max_new_tokens=n + 1)
+        times, out = [], []
+        with closing(text_tokens(runner, state, pick, greedy, uniforms, text_start, (), n + 1)) as tokens:
+            for tok in tokens:
+                t1 = time.perf_counter()
+                times.append(t1 - t0)
+                out.append(tok)
+                t0 = t1
+        return times[0], times[1:], out, {}  # the first token's time is the prefill's, each later one a step
+
     def rep(n: int = steps):
         uniforms = Uniforms(0, rows=1, steps=n + 1)
         t0 = time.perf_counter()
@@ -178,7 +195,7 @@ def ours_rep(engine_dir: Path, prompt: list[int], steps: int, device: str, cuda_
         # the step's two halves, as the CPU bench records them: the llm run, then the head and the draw
         return t_prefill, step_s, out, {"llm": llm_s, "head_and_pick": sum(step_s) - llm_s}
 
-    return rep
+    return rep_late if late_read else rep  # (on "cpu" the host sampler reads every token at once)
 
 
 def eager_rep(model, prompt: list[int], steps: int, device: str, text: tuple[int, int]) -> Rep:
@@ -336,14 +353,15 @@ def run(args) -> dict:
     reps, bytes_by_name = {}, {}
     for prec, d in engines.items():
         weights = sum(streamed_weight_bytes(d / f)["streamed"] for f in ("llm.onnx", "head_text.onnx"))
-        variants = ([(True, True)] + ([(False, True)] if args.graph_ab else [])  # (CUDA graph, one stream)
-                    + ([(True, False)] if args.step_ab else []))
-        for graph, lean in variants:
+        variants = ([(True, True, True)] + ([(False, True, True)] if args.graph_ab else [])
+                    + ([(True, True, False), (True, False, False)] if args.step_ab else []))
+        for graph, lean, late in variants:  # (CUDA graph, one stream, token read one step late)
             name = (f"illume-edge {prec}" + ("" if graph else " (no CUDA graph)")
+                    + ("" if late or not lean else " (token read before the next step)")
                     + ("" if lean else " (runs synchronized, own streams)"))
             before = device_used_bytes(args.device)
             try:
-                reps[name] = ours_rep(d, prompt, args.steps, args.device, graph, lean)
+                reps[name] = ours_rep(d, prompt, args.steps, args.device, graph, lean, late)
                 after = device_used_bytes(args.device)  # sessions loaded (request buffers come at the first run)
                 bytes_by_name[name] = {"weight_bytes_per_token": weights,
                                        "device_bytes_loaded": None if before is None else after - before}
@@ -420,8 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--graph-ab", dest="graph_ab", action="store_true",
                     help="also time our engines without CUDA graphs")
     ap.add_argument("--step-ab", dest="step_ab", action="store_true",
-                    help="also time ours with the step as before the third H100 session (each session on its own "
-                         "stream, every run synchronized), CUDA graph on")
+                    help="also time ours, CUDA graph on, with each token read before the next step is queued, and "
+                         "with the step as before the third H100 session (each session on its own stream, every "
+                         "run synchronized)")
     ap.add_argument("--skip-eager", action="store_true")
     ap.add_argument("--skip-genai", action="store_true",
                     help="no onnxruntime-genai peer (its model builder on the same weights: fp16 and int4 on "

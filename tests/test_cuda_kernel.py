@@ -374,6 +374,34 @@ def test_gpu_kernel_every_route_draws_the_same_tokens(binding, source, tmp_path)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("binding", ["pycuda", "cuda-python"])
+def test_gpu_token_reads_one_step_late(binding, tmp_path):
+    """Each binding: tokens read one step late (`read_async` after each launch, `wait` after the next launch
+    was queued, as the decode loops do with DevicePick) are the numpy sampler's, although every launch writes
+    the same 8-byte buffer and uploads its own uniform: the copy back and the uploads keep stream order."""
+    b = _binding_or_skip(binding)
+    s = kernel.GpuSampler(tmp_path, binding=b)
+    rng = np.random.default_rng(5)
+    v, steps = 5000, 24
+    x = (rng.standard_normal((steps, v)) * 3).astype(np.float32)
+    u = rng.random(steps)
+    params = SamplingParams(temperature=0.9, top_k=64, top_p=0.95)
+    logits, out = b.alloc(x.nbytes), b.alloc(8)
+    b.htod(logits, x)
+    got, ticket = [], None
+    for i in range(steps):
+        la = kernel.pack_launch(1, params, u[i:i + 1], v=v)
+        s.sample_device(b.ptr(logits) + i * v * 4, "float32", v, 0, la, b.ptr(out))
+        following = s.read_async(b.ptr(out))
+        if ticket is not None:
+            got.append(s.wait(ticket))
+        ticket = following
+    got.append(s.wait(ticket))
+    want = [int(sampler.guided_sample(x[i:i + 1], None, params, u[i:i + 1])[0]) for i in range(steps)]
+    assert got == want
+
+
+@pytest.mark.gpu
 def test_gpu_kernel_bans(gpu_sampler):
     """Stage 1b on the device: the kernel's tokens equal the emulation's with ban ranges (text decoding)."""
     rng = np.random.default_rng(31)
@@ -658,6 +686,17 @@ def test_pycuda_binding_prepares_once_and_works_on_its_stream(tmp_path, monkeypa
         def synchronize(self):
             calls.append(("stream synchronize",))
 
+    class Event:
+        def __init__(self, flags=0):
+            assert flags == kernel.EVENT_DISABLE_TIMING
+            calls.append(("event",))
+
+        def record(self, stream):
+            calls.append(("record", stream, self))
+
+        def synchronize(self):
+            calls.append(("event synchronize", self))
+
     def pagelocked_empty(n, dtype):
         pinned.append(np.zeros(n, dtype))
         return pinned[-1]
@@ -673,7 +712,8 @@ def test_pycuda_binding_prepares_once_and_works_on_its_stream(tmp_path, monkeypa
     drv.init = lambda: None
     drv.Device = lambda i: types.SimpleNamespace(retain_primary_context=Context, compute_capability=lambda: (8, 9))
     drv.get_driver_version = lambda: 12040
-    drv.Context, drv.Stream, drv.pagelocked_empty = Context, Stream, pagelocked_empty
+    drv.Context, drv.Stream, drv.pagelocked_empty, drv.Event = Context, Stream, pagelocked_empty, Event
+    drv.event_flags = types.SimpleNamespace(DISABLE_TIMING=kernel.EVENT_DISABLE_TIMING)
     drv.module_from_buffer = lambda image: types.SimpleNamespace(get_function=Function)
     drv.mem_alloc = lambda n: types.SimpleNamespace(n=n, free=lambda: None, __int__=lambda self: 4096)
     drv.memcpy_htod = lambda dst, arr: calls.append(("htod", arr.nbytes))
@@ -681,7 +721,7 @@ def test_pycuda_binding_prepares_once_and_works_on_its_stream(tmp_path, monkeypa
                                                                     is_pinned(arr)))
     drv.memset_d8 = lambda dst, value, n: calls.append(("memset", n))
     drv.memset_d8_async = lambda dst, value, n, stream: calls.append(("memset async", n, stream))
-    drv.memcpy_dtoh = lambda dst, src: calls.append(("dtoh",))
+    drv.memcpy_dtoh = lambda dst, src: calls.append(("dtoh",)) or dst.view(np.int64).fill(77)
     drv.memcpy_dtoh_async = dtoh_async
     pkg = types.ModuleType("pycuda")
     pkg.driver = drv
@@ -728,19 +768,55 @@ def test_pycuda_binding_prepares_once_and_works_on_its_stream(tmp_path, monkeypa
     sampler.sample_device(1 << 20, "float32", 20000, 0, la, 1 << 21, 2, 2)
     assert [c[1] for c in calls if c[0] == "prepare"] == ["illume_sample_f32"]
     assert [c[2] for c in calls if c[0] == "async call"] == [la.grid]
+    sampler.read(token, 1 << 21)
+    # a token read one step late: read_async copies into a page-locked slot on the stream and records an event
+    # behind it; the next step's launch goes in; wait synchronizes on the first read's event only
+    calls.clear()
+    values = iter(range(100, 200))
+
+    def dtoh_counting(dst, src, stream):
+        dst.view(np.int64)[0] = next(values)
+        calls.append(("dtoh async", stream, is_pinned(dst)))
+
+    drv.memcpy_dtoh_async = dtoh_counting
+    la = kernel.pack_launch(1, SamplingParams(temperature=0.7), [0.25], v=1000)
+    first = sampler.read_async(1 << 21)
+    sampler.sample_device(1 << 20, "float16", 1000, 0, la, 1 << 21, 2, 2)
+    second = sampler.read_async(1 << 21)
+    assert sampler.wait(first) == 100
+    third = sampler.read_async(1 << 21)
+    assert (sampler.wait(second), sampler.wait(third)) == (101, 102)
+    events = [c[2] for c in calls if c[0] == "record"]
+    assert [c[0] for c in calls if c[0] != "event"] == [
+        "dtoh async", "record", "htod async", "async call", "dtoh async", "record", "event synchronize",
+        "dtoh async", "record", "event synchronize", "event synchronize"]
+    assert all(c[1] is stream and c[2] for c in calls if c[0] == "dtoh async")  # on the stream, page-locked
+    assert all(c[1] is stream for c in calls if c[0] == "record")
+    waited = [c[1] for c in calls if c[0] == "event synchronize"]
+    assert waited == [events[0], events[1], events[2]] and events[2] is events[0]  # slot 0 free again
+    assert not [c for c in calls if c[0] == "stream synchronize"]
+    with pytest.raises(RuntimeError, match="no token read 1 is queued"):
+        sampler.wait(second)
+    tickets = [sampler.read_async(1 << 21) for _ in range(kernel.READ_SLOTS)]
+    with pytest.raises(RuntimeError, match=f"{kernel.READ_SLOTS} token reads queued.*ticket {tickets[0]}"):
+        sampler.read_async(1 << 21)
+    assert [sampler.wait(t) for t in tickets[::-1]] == [106, 105, 104, 103]  # out of order: each its slot's
     # without a stream of its own: the synchronous calls, on the legacy default stream
     calls.clear()
     plain = kernel.GpuSampler(tmp_path, b, stream=False)
     assert plain.stream_handle is None
     plain.sample_device(1 << 20, "float32", 20000, 0, la, 1 << 21, 2, 2)
     plain.read(token, 1 << 21)
-    assert [c[0] for c in calls if c[0] != "prepare"] == ["htod", "memset", "call", "dtoh"]
+    ticket = plain.read_async(1 << 21)
+    assert plain.wait(ticket) == token[0] == 77
+    assert [c[0] for c in calls if c[0] != "prepare"] == ["htod", "call", "dtoh", "dtoh"]
 
 
 def test_staging_keeps_in_flight_uploads_intact():
-    """Uploads on a stream read page-locked staging memory until the stream is synchronized: two uploads
-    between synchronizations never share bytes, a buffer outgrown meanwhile is kept (not reused) until then,
-    and after the synchronization the space is reused from the start."""
+    """Uploads on a stream read page-locked staging memory until a later token read on the stream is done:
+    uploads not yet released never share bytes; waiting for the read that closed an epoch frees that epoch's
+    chunks (and earlier ones) but not a later epoch's, whose copies may still be in flight; freed chunks are
+    reused by size, so a loop stops allocating; a stream synchronize frees everything."""
     made = []
 
     def pinned(n):
@@ -751,12 +827,23 @@ def test_staging_keeps_in_flight_uploads_intact():
     a = st.up(np.arange(10, dtype=np.int64))  # 80 bytes
     b = st.up(np.arange(20, dtype=np.int32))  # 80 bytes
     assert not np.shares_memory(a, b) and a.view(np.int64).tolist() == list(range(10))
-    c = st.up(np.ones(300, np.uint8))  # outgrows the first 256-byte buffer: a new one, the old one kept
-    assert not np.shares_memory(c, a) and a.view(np.int64).tolist() == list(range(10))
-    assert len(st._retired) == 1 and st._retired[0] is made[0]
-    st.synchronized()
+    assert st.close() == 0  # a token read queued behind a and b
+    c = st.up(np.ones(300, np.uint8))  # the next step's upload, epoch 1: a 512-byte chunk
+    assert c.base is not None and not any(np.shares_memory(c, x) for x in (a, b))
+    assert st.close() == 1
+    st.release(0)  # read 0 waited for: a's and b's chunks are free, c's is not
     d = st.up(np.full(4, 7, np.int16))
-    assert np.shares_memory(d, made[-1]) and d.ctypes.data == made[-1].ctypes.data and not st._retired
+    e = st.up(np.full(4, 9, np.int16))
+    assert {d.ctypes.data, e.ctypes.data} == {a.ctypes.data, b.ctypes.data}  # reused, no new memory
+    assert c.tolist() == [1] * 300  # untouched
+    n = len(made)
+    for step in range(50):  # a decode loop: one upload per step, its read waited for one step late
+        st.up(np.arange(step % 7 + 1, dtype=np.float64))
+        epoch = st.close()
+        st.release(epoch - 1)
+    assert len(made) <= n + 2  # the pool serves the loop
+    st.synchronized()
+    assert not st._busy
 
 
 def test_binding_falls_through_to_cuda_python_and_names_both(monkeypatch):

@@ -122,9 +122,27 @@ class EmulatedKernel:
     def __init__(self, stream_handle=None):
         self.binding, self.launches, self.outputs, self.advances = self.Binding(), 0, [], []
         self.stream_handle = stream_handle  # GpuSampler's: the CUDA stream the engine's sessions may share
+        self.reads: list[int] = []  # read_async's copies, by ticket
+        self.log: list[tuple[str, int]] = []  # ("launch", n), ("read", ticket), ("wait", ticket) in order
+        self.queued: set[int] = set()
 
     def read(self, host, src):
         self.binding.dtoh(host, src)
+
+    def read_async(self, src):
+        """The copy happens now: on a stream it comes before anything queued after it, as here."""
+        host = np.zeros(1, np.int64)
+        self.binding.dtoh(host, src)
+        self.reads.append(int(host[0]))
+        ticket = len(self.reads) - 1
+        self.queued.add(ticket)
+        self.log.append(("read", ticket))
+        return ticket
+
+    def wait(self, ticket):
+        self.queued.remove(ticket)  # each read is waited for once
+        self.log.append(("wait", ticket))
+        return self.reads[ticket]
 
     def sample_device(self, logits_ptr, dtype, row_stride, col0, la, out_ptr, out_stride=1, out_copies=1,
                       advance=None):
@@ -133,6 +151,7 @@ class EmulatedKernel:
         from illume_edge.runtime.cuda import emulation
 
         self.launches += 1
+        self.log.append(("launch", self.launches))
         self.outputs.append((out_ptr, out_stride, out_copies))
         self.advances.append(advance)
         rows_in = int(max(la.cond_row.max(), la.uncond_row.max())) + 1
@@ -230,6 +249,132 @@ def test_device_pick_streams_the_host_samplers_text(tiny_engine, buffers, monkey
     assert all(not any(a <= t < b for a, b in banned) for t in picks["device"])
     assert kernel.launches >= 3 and {(stride, copies) for _, stride, copies in kernel.outputs} == {(1, 1)}
     assert writes and all(w is not None for w in writes)  # every fed token was already in the ids buffer
+
+
+def _late_reads(log) -> int:
+    """Launches queued while an earlier launch's token was still unread (EmulatedKernel.log)."""
+    unread, late = set(), 0
+    for kind, n in log:
+        if kind == "launch":
+            late += bool(unread)
+        elif kind == "read":
+            unread.add(n)
+        else:
+            unread.discard(n)
+    return late
+
+
+@pytest.mark.parametrize("buffers", ["auto", "ortvalue"])
+def test_device_pick_reads_image_tokens_one_step_late(tiny_engine, buffers):
+    """Without a repetition penalty (whose arguments list the tokens fed so far) the image loop queues each
+    code's step and the next code's draw before it reads the code (DevicePick.launch / wait,
+    LLMRunner.feed_written) within every row, and feeds each row's last code with its <end_of_line> from the
+    host. The codes are the host sampler's, the llm runs as many, and no read is left queued."""
+    from illume_edge.runtime.decode_loops import device_pick
+    from illume_edge.runtime.engine import Engine
+    from illume_edge.runtime.pipeline import Pipeline
+    from illume_edge.runtime.session import SessionOptions
+
+    engine = Engine.load(tiny_engine("tiny-plus")[0], SessionOptions(buffers=buffers))
+    host, dev, kernel = Pipeline(engine, sampler="host"), Pipeline(engine), EmulatedKernel()
+    dev.pick = device_pick(kernel)
+    args = dict(resolution="256x256", seed=4, cfg=2.0, top_k=64, top_p=0.9, decoder="vq")
+    runs = host.runner.runs
+    want = host.generate("a red circle", **args)
+    runs, before = host.runner.runs - runs, dev.runner.runs
+    got = dev.generate("a red circle", **args)
+    for lv, (a, b) in enumerate(zip(got.codes, want.codes)):
+        np.testing.assert_array_equal(a, b, err_msg=f"level {lv}")
+    assert dev.runner.runs - before == runs
+    rows = sum(c.shape[0] for c in want.codes)
+    assert _late_reads(kernel.log) == kernel.launches - rows  # every code but a row's last is read late
+    assert not kernel.queued
+
+
+@pytest.mark.parametrize("buffers", ["auto", "ortvalue"])
+def test_device_pick_reads_text_tokens_one_step_late(tiny_engine, buffers):
+    """Without a penalty the text loop queues the step that feeds token t and the draw of t + 1 before it
+    reads t: the answer is the host sampler's, token for token. A consumer that stops early (a stop token)
+    leaves one step queued, which closing the token iterator waits for, and the next request on the same
+    buffers draws the host's tokens again."""
+    from contextlib import closing
+
+    from illume_edge.runtime.decode_loops import device_pick, text_tokens
+    from illume_edge.runtime.engine import Engine
+    from illume_edge.runtime.llm_runner import LLMRunner
+    from illume_edge.runtime.pipeline import Pipeline
+    from illume_edge.runtime.sampler import SamplingParams, Uniforms
+    from illume_edge.runtime.session import SessionOptions
+
+    engine = Engine.load(tiny_engine("tiny-plus")[0], SessionOptions(buffers=buffers))
+    host, dev, kernel = Pipeline(engine, sampler="host"), Pipeline(engine), EmulatedKernel()
+    dev.pick = device_pick(kernel)
+    image = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    for seed in range(2):
+        args = dict(max_new_tokens=16, seed=seed, temperature=1.0, top_k=50, top_p=0.95)
+        assert dev.understand(image, "what is this?", **args).text == host.understand(image, "what is this?",
+                                                                                      **args).text
+    assert _late_reads(kernel.log) > 20 and not kernel.queued
+    runner = LLMRunner(engine)
+    params, text = SamplingParams(temperature=1.0, top_k=50), engine.config.head_ranges()["text"][0]
+
+    def tokens(pick, stop_after):
+        state = runner.prefill([[5, 6, 7, 8]], max_new_tokens=12)
+        with closing(text_tokens(runner, state, pick, params, Uniforms(3, rows=1, steps=12), text, (), 12)) as it:
+            return [t for _, t in zip(range(stop_after), it)], state
+
+    want, _ = tokens(host.pick, 12)
+    got, state = tokens(dev.pick, 5)  # stopped at the fifth token: the sixth's draw was queued
+    assert got == want[:5] and not kernel.queued and len(state.fed[0]) == 5
+    assert state.fed[0] == want[:5]  # the fifth went in, unread when fed, filled in when read
+    got, state = tokens(dev.pick, 12)
+    assert got == want and state.fed[0] == want
+
+
+@pytest.mark.parametrize("bad_launch", [5, 6])
+def test_a_bad_row_read_late_fails_the_request_and_leaves_nothing_queued(tiny_engine, bad_launch):
+    """A row the kernel flags (-1: NaN/+inf or no finite logit) fails the request at its read with the
+    kernel's error, also when the next step was queued behind it (within a row of codes), and the queued
+    draw is waited for, so that the next request starts on an idle device and draws the host's codes."""
+    import ctypes
+
+    from illume_edge.manifest import EngineError
+    from illume_edge.runtime.decode_loops import device_pick
+    from illume_edge.runtime.engine import Engine
+    from illume_edge.runtime.pipeline import Pipeline
+    from illume_edge.runtime.session import SessionOptions
+
+    class Flagging(EmulatedKernel):
+        def sample_device(self, logits_ptr, dtype, row_stride, col0, la, out_ptr, out_stride=1, out_copies=1,
+                          advance=None):
+            super().sample_device(logits_ptr, dtype, row_stride, col0, la, out_ptr, out_stride, out_copies,
+                                  None if self.launches + 1 == bad_launch else advance)
+            if self.launches == bad_launch:
+                np.ctypeslib.as_array((ctypes.c_int64 * out_copies).from_address(out_ptr))[:] = -1
+
+    engine = Engine.load(tiny_engine("tiny-plus")[0], SessionOptions(buffers="ortvalue"))
+    host, dev, kernel = Pipeline(engine, sampler="host"), Pipeline(engine), Flagging()
+    dev.pick = device_pick(kernel)
+    args = dict(resolution="256x256", seed=4, cfg=2.0, top_k=64, decoder="vq")
+    with pytest.raises(EngineError, match="head_level0: the sampling kernel found NaN"):
+        dev.generate("a red circle", **args)
+    assert not kernel.queued and _late_reads(kernel.log) > 0
+    got, want = dev.generate("a red circle", **args), host.generate("a red circle", **args)
+    for a, b in zip(got.codes, want.codes):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_feed_written_needs_an_unread_token(tiny_engine):
+    """`feed_written` feeds the token a device sampler wrote into the step's ids and has not read; with none
+    there (a host sampler, or the token read already) it refuses, naming feed."""
+    from illume_edge.manifest import EngineError
+    from illume_edge.runtime.engine import Engine
+    from illume_edge.runtime.llm_runner import LLMRunner
+
+    runner = LLMRunner(Engine.load(tiny_engine("tiny-plus")[0]))
+    state = runner.prefill([[5, 6, 7]], max_new_tokens=4)
+    with pytest.raises(EngineError, match="feed_written.*has not read.*feed the token with feed"):
+        runner.feed_written(state)
 
 
 def _unsynchronized(run_options) -> bool:

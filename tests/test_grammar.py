@@ -67,6 +67,25 @@ def test_random_walk_is_well_formed(name, hw):
         assert image_token_sequence(cfg, h, w, [a.reshape(-1) for a in parsed]) == seq
 
 
+@pytest.mark.parametrize("name", PRESETS)
+def test_peek_names_each_position_before_its_tokens_are_known(name):
+    """`peek(k)` is the step at position pos + k, fixed by the layout whatever the tokens before it (so a
+    decode loop may queue the next step before it reads a token): the same before the walk as during it,
+    None outside the image."""
+    cfg = CFGS[name]
+    h, w = cfg.anchors[0]
+    rng = np.random.default_rng(0)
+    g = ImageGrammar(cfg, h, w)
+    ahead = [g.peek(k) for k in range(g.length)]
+    assert g.peek(-1) is None and g.peek(g.length) is None and ahead[0] == Forced(cfg.tokens.start_of_image)
+    while not g.done:
+        assert g.peek(0) == g.next() == ahead[g.pos]
+        assert g.peek(1) == (ahead[g.pos + 1] if g.pos + 1 < g.length else None)
+        step = g.next()
+        g.advance(step.token_id if isinstance(step, Forced) else int(rng.integers(step.start, step.stop)))
+    assert g.peek(0) is None
+
+
 def test_release_token_counts():
     cfg = CFGS["illume-plus-3b"]
     assert ImageGrammar(cfg, 256, 256).length == 368  # 9x9 + 16x16

@@ -5,8 +5,9 @@ run's own stage 4.
     python tools/nano_stage4_mixtures.py --work build/nano-judge-items-seed2 --seed 20242209 \\
         --schedule judge-phase recipe no-corrections more-editing
 Mixtures: "recipe" (the schedule's own), "no-corrections" (poor samples without their corrected image),
-"more-editing" (Schedule.stage4_edit 0.2, as --schedule judge-edit). Writes engines/illume-nano-s4-<mixture>
-and benchmarks/results/nano-eval-stage4-<tag>-<mixture>.json."""
+"more-editing" (Schedule.stage4_edit 0.2, as --schedule judge-edit), "edit-<share>" (Schedule.stage4_edit
+<share>, e.g. edit-0.1). Writes engines/illume-nano-s4-<mixture> and
+benchmarks/results/nano-eval-stage4-<tag>-<mixture>.json."""
 import argparse
 import dataclasses
 import subprocess
@@ -21,14 +22,27 @@ from illume_edge.nano import probes, recipe, world
 MIXTURES = {"recipe": {}, "no-corrections": {"corrections": False}, "more-editing": {"stage4_edit": 0.2}}
 
 
+def mixture(name: str) -> dict:
+    """A mixture's Schedule changes (and "corrections"): MIXTURES, or "edit-<share>"."""
+    if name in MIXTURES:
+        return dict(MIXTURES[name])
+    if name.startswith("edit-"):
+        try:
+            return {"stage4_edit": float(name[len("edit-"):])}
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"mixture {name!r}: expected one of {sorted(MIXTURES)} or edit-<share>")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", required=True, help="a recipe run's --work folder (stage3_checkpoint, stage3_engine)")
     ap.add_argument("--seed", type=int, default=recipe.SEED)
     ap.add_argument("--schedule", default="judge-phase", choices=sorted(recipe.SCHEDULES))
     ap.add_argument("--tag", default="seed2")
-    ap.add_argument("mixtures", nargs="+", choices=sorted(MIXTURES))
+    ap.add_argument("mixtures", nargs="+", help=f"{', '.join(sorted(MIXTURES))} or edit-<share>")
     args = ap.parse_args()
+    changes = {name: mixture(name) for name in args.mixtures}  # a bad name fails before the pool is drawn
     torch.set_num_threads(2)
     work, wcfg = Path(args.work), world.WorldConfig()
     base = recipe.SCHEDULES[args.schedule]
@@ -36,7 +50,7 @@ def main() -> int:
                                    recipe._seed(20, args.seed), probes._Quiet())
     print(f"pool: {sum(x.assessment.good for x in pool)} good of {len(pool)}", flush=True)
     for name in args.mixtures:
-        opts = dict(MIXTURES[name])
+        opts = changes[name]
         corrections = opts.pop("corrections", True)
         s = dataclasses.replace(base, **opts)
         mods, trainer, builder = probes.load_modules(work / "stage3_checkpoint")

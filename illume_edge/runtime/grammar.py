@@ -141,6 +141,13 @@ class ImageGrammar:
                                f"({self.length} tokens); nothing comes next")
         return self._expect(self.pos)
 
+    def peek(self, ahead: int = 1) -> Forced | Sample | None:
+        """What comes `ahead` positions after the next one (`peek(0)` is `next()`), None past the end. Every
+        position's kind is fixed by the layout, whatever the tokens before it, so a loop may queue the step at
+        `pos + 1` before it knows the token at `pos`."""
+        pos = self.pos + int(ahead)
+        return self._expect(pos) if 0 <= pos < self.length else None
+
     def advance(self, token_id: int) -> None:
         """Consume ``token_id``; raises :class:`GrammarError` naming the position if it is not allowed."""
         token_id = int(token_id)

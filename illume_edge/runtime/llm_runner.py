@@ -128,6 +128,7 @@ class StepBuffers:
     mask: DeviceArray  # int64 [B, capacity]: the request's mask itself when numpy owns it (`on_host`)
     table: DeviceArray  # float32 [1, hidden]: the image-row table of a decode step (its ids never index it)
     ids_written: int | None = None  # a token a device sampler wrote into `ids` for every row (skip the write)
+    unread: bool = False  # `ids` holds a token the device sampler wrote that the host has not read yet
     current: bool = False  # positions and mask hold the last run's inputs (it was a static step)
     advanced: bool = False  # a device sampler advanced positions and mask for the next step (skip both writes)
 
@@ -241,7 +242,7 @@ class LLMRunner:
         key = (batch, capacity)
         kept = self._pool.get(key)
         if kept is not None and (kept.owner is None or kept.owner() is None):
-            kept.step.ids_written, kept.step.current, kept.step.advanced = None, False, False
+            kept.step.ids_written, kept.step.current, kept.step.advanced, kept.step.unread = None, False, False, False
             if kept.step.mask.on_host:  # the request's mask itself: it holds the last request's
                 kept.step.mask.host()[:] = 0
             return kept
@@ -284,20 +285,43 @@ class LLMRunner:
         else:
             self._append(state, tokens)
 
-    def _append(self, state: DecodeState, tokens: np.ndarray) -> None:
-        s = tokens.shape[1]
+    def feed_written(self, state: DecodeState) -> int:
+        """Append the token a device sampler wrote into `step_ids(state)` and has not read back yet
+        (`ids_unread`), as one static decode step: its run is queued before the host knows the token
+        (docs/gpu.md, "Reading a token one step late"). Returns the token's index in each row of
+        `state.fed`, which holds -1 there until `fill_written` puts the token in."""
+        step = state.step
+        if step is None or not step.unread:
+            raise EngineError("llm: feed_written feeds a token the device sampler wrote into the step's input ids "
+                              "and has not read yet; there is none (feed the token with feed instead)")
+        if state.length + 1 > state.kv.capacity:
+            raise EngineError(f"llm: KV cache full ({state.kv.capacity} positions); raise max_new_tokens")
+        index = len(state.fed[0])
+        self._append(state, None)
+        return index
+
+    @staticmethod
+    def fill_written(state: DecodeState, index: int, token: int) -> None:
+        """The token `feed_written` fed at `index`, read back: into every row of `state.fed`."""
+        for row in state.fed:
+            row[index] = int(token)
+
+    def _append(self, state: DecodeState, tokens: np.ndarray | None) -> None:
+        """Append `tokens` [B, S], or (None) the one token already in the step's ids buffer (feed_written)."""
+        s = 1 if tokens is None else tokens.shape[1]
         positions = state.next_pos[:, None] + np.arange(s)[None, :]  # [B, S]
         if self.right_padded:  # each row appends at its own end (its positions are its slots)
             np.put_along_axis(state.mask, positions, 1, axis=1)
         else:  # rows end together
             state.mask[:, state.length:state.length + s] = 1
-        for row, toks in zip(state.fed, tokens.tolist()):
-            row.extend(toks)
+        for b, row in enumerate(state.fed):
+            row.extend([-1] if tokens is None else tokens[b].tolist())
         state.next_pos = state.next_pos + s
         self._run(state, tokens, positions, self._empty_table)
 
-    def _run(self, state: DecodeState, ids: np.ndarray, positions: np.ndarray, table: np.ndarray) -> None:
-        p, s = state.length, ids.shape[1]
+    def _run(self, state: DecodeState, ids: np.ndarray | None, positions: np.ndarray, table: np.ndarray) -> None:
+        """One llm run on `ids` [B, S] (None: the unread token in the step's ids buffer, a static step)."""
+        p, s = state.length, 1 if ids is None else ids.shape[1]
         binding, first = state.binding, state.binding is None
         if first:
             binding = state.binding = self.session.binding()
@@ -337,7 +361,13 @@ class LLMRunner:
     @staticmethod
     def ids_written(state: DecodeState, token: int) -> None:
         """`step_ids(state)` now holds `token` in every row (written on the device)."""
-        state.step.ids_written = int(token)
+        state.step.ids_written, state.step.unread = int(token), False
+
+    @staticmethod
+    def ids_unread(state: DecodeState) -> None:
+        """A device sampler's launch will write a token into `step_ids(state)` for every row, which the host
+        has not read yet: `feed_written` may feed it (or, once read, `ids_written`)."""
+        state.step.ids_written, state.step.unread = None, True
 
     def step_to_advance(self, state: DecodeState) -> tuple[DeviceArray, DeviceArray, int] | None:
         """What a device sampler may advance for the next decode step along with its token: (positions [B, 1],
@@ -356,16 +386,17 @@ class LLMRunner:
         state.step.advanced = True
 
     @staticmethod
-    def _write_step(state: DecodeState, ids: np.ndarray, positions: np.ndarray) -> None:
-        """This step's ids, positions and (unless it is the request's mask itself) mask into the step buffers."""
+    def _write_step(state: DecodeState, ids: np.ndarray | None, positions: np.ndarray) -> None:
+        """This step's ids (None: the device sampler's unread token is there already), positions and (unless it
+        is the request's mask itself) mask into the step buffers."""
         step = state.step
-        if step.ids_written is None or not (ids == step.ids_written).all():
+        if ids is not None and (step.ids_written is None or not (ids == step.ids_written).all()):
             step.ids.write(ids)
         if not step.advanced:  # else the device sampler advanced them with its token (any token's are the same)
             step.positions.write(positions)
             if not step.mask.on_host:  # an OrtValue is written whole: B x capacity int64 (32 KB at 2 x 2048)
                 step.mask.write(state.mask)
-        step.ids_written, step.advanced = None, False
+        step.ids_written, step.advanced, step.unread = None, False, False
 
     def _check_ids(self, ids: np.ndarray, table_rows: int) -> None:
         hi = self.cfg.llm.vocab_rows + table_rows
@@ -407,7 +438,7 @@ class LLMRunner:
     def order_on_stream(self, state: DecodeState, stream: int) -> bool:
         """Let `state`'s decode-step and head runs return before the device finishes them, where the engine's
         sessions run on CUDA stream `stream` (SessionOptions.compute_stream): for a caller that puts what
-        reads their outputs on that stream and waits for it before the host reads anything (`device_pick`:
+        reads their outputs on that stream and waits for it before the host reads anything (`DevicePick`:
         the kernel, then the token's copy back). Returns whether they now do; False (runs synchronized as
         before) where the sessions have their own streams."""
         state.ordered_by_caller = self.session.shares_stream and self.session.compute_stream == int(stream)

@@ -181,39 +181,60 @@ PYCUDA_FORMAT = {"i64": "q", "i32": "i", "ptr": "P"}  # pycuda's prepare() struc
 # the host's synchronous copies into the step's buffers (OrtValue writes) come after a token's read, when
 # nothing is in flight on it.
 STREAM_FLAGS = 1
+EVENT_DISABLE_TIMING = 2  # CU_EVENT_DISABLE_TIMING: the token reads' events only order, they time nothing
+READ_SLOTS = 4  # token reads that may be queued and not yet waited for (GpuSampler.read_async)
 
 
 class _Staging:
-    """Page-locked host buffers for a binding's copies on a stream. An upload on a stream from pageable
+    """Page-locked host memory for a binding's copies on a stream. An upload on a stream from pageable
     memory may wait for the stream's earlier work (CUDA's API synchronization notes), which is the decode
-    step's llm and head runs: the argument upload goes through a page-locked buffer instead, which must then
-    stay as it is until the copy is done. Uploads between two synchronizations of the stream therefore take
-    fresh space (`up`); `synchronized` frees it all. The token read comes back through `down`."""
+    step's llm and head runs: the argument upload goes through page-locked memory instead, which must then
+    stay as it is until the copy is done. So every upload takes a chunk of its own, tagged with the current
+    *epoch*: the number of the next token read queued on the stream (`close`, called by the binding's
+    `dtoh_async`). Once that read has been waited for, everything queued before it is done: `release(epoch)`
+    returns the chunks of that epoch and earlier, and `synchronized` (the stream was synchronized) returns
+    all. Chunks are pooled by size (powers of two), so a decode loop allocates page-locked memory only in its
+    first steps. The synchronous token read comes back through `down`."""
+
+    MIN_CHUNK = 256  # bytes: one launch's arguments fit (eight small arrays)
 
     def __init__(self, pinned):
         self._pinned = pinned  # nbytes -> page-locked uint8 array
-        self._up = pinned(256)
-        self._used = 0  # bytes of `_up` that copies not yet known to be done read from
-        self._retired: list[np.ndarray] = []  # earlier `_up` buffers copies in flight may still read
+        self._free: dict[int, list[np.ndarray]] = {}  # chunk size -> chunks no copy reads
+        self._busy: list[tuple[int, np.ndarray]] = []  # (epoch, chunk) that copies in flight may read
+        self.epoch = 0
         self.down = pinned(64)
 
     def up(self, arr: np.ndarray) -> np.ndarray:
         """`arr`'s bytes in page-locked memory no copy in flight reads."""
         raw = np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
-        n = -(-raw.size // ARGUMENT_ALIGN) * ARGUMENT_ALIGN
-        if self._used + n > self._up.size:
-            if self._used:  # copies in flight read the old buffer: keep it until they are done
-                self._retired.append(self._up)
-            self._up, self._used = self._pinned(max(2 * self._up.size, n)), 0
-        view = self._up[self._used:self._used + raw.size]
+        size = max(self.MIN_CHUNK, 1 << max(raw.size - 1, 0).bit_length())
+        pool = self._free.get(size)
+        chunk = pool.pop() if pool else self._pinned(size)
+        self._busy.append((self.epoch, chunk))
+        view = chunk[:raw.size]
         view[:] = raw
-        self._used += n
         return view
+
+    def close(self) -> int:
+        """A token read was queued behind the uploads of the current epoch: returns that epoch (what
+        `release` takes once the read is waited for) and starts the next."""
+        self.epoch += 1
+        return self.epoch - 1
+
+    def release(self, epoch: int) -> None:
+        """The read that closed `epoch` is done: so are the copies of that epoch and earlier."""
+        busy = []
+        for e, chunk in self._busy:
+            if e <= epoch:
+                self._free.setdefault(chunk.size, []).append(chunk)
+            else:
+                busy.append((e, chunk))
+        self._busy = busy
 
     def synchronized(self) -> None:
         """The stream was synchronized: no copy reads the staging memory any more."""
-        self._used = 0
-        self._retired.clear()
+        self.release(self.epoch)
 
 
 class _PyCuda:
@@ -241,10 +262,30 @@ class _PyCuda:
         stream = self.drv.Stream(flags=STREAM_FLAGS)
         return stream, int(stream.handle)
 
+    def pinned(self, nbytes: int) -> np.ndarray:
+        """`nbytes` of page-locked host memory (uint8)."""
+        return self.drv.pagelocked_empty(int(nbytes), np.uint8)
+
     def _stage(self) -> _Staging:
         if self._staging is None:
-            self._staging = _Staging(lambda n: self.drv.pagelocked_empty(n, np.uint8))
+            self._staging = _Staging(self.pinned)
         return self._staging
+
+    def make_event(self):
+        """An event for `dtoh_async` / `wait` (no timing: cheaper to record)."""
+        return self.drv.Event(self.drv.event_flags.DISABLE_TIMING)
+
+    def dtoh_async(self, arr, src, stream, event) -> int:
+        """Device to page-locked `arr` on `stream`, after its earlier work, the host not waiting; `event`
+        recorded behind it. Returns the staging epoch the copy closes (`wait` takes it)."""
+        self.drv.memcpy_dtoh_async(arr, src, stream)
+        event.record(stream)
+        return self._stage().close()
+
+    def wait(self, event, epoch: int) -> None:
+        """The host waits for `event` (a `dtoh_async`'s): that copy and everything before it are done."""
+        event.synchronize()
+        self._stage().release(epoch)
 
     def load(self, image: bytes, names):
         mod = self.drv.module_from_buffer(image)
@@ -277,7 +318,7 @@ class _PyCuda:
             return
         stage = self._stage()
         if arr.nbytes > stage.down.size:
-            stage.down = self.drv.pagelocked_empty(arr.nbytes, np.uint8)
+            stage.down = self.pinned(arr.nbytes)
         down = stage.down[:arr.nbytes]
         self.drv.memcpy_dtoh_async(down, src, stream)
         stream.synchronize()
@@ -336,16 +377,34 @@ class _CudaPython:
         stream = self._check(self.cu.cuStreamCreate(STREAM_FLAGS))
         return stream, int(stream)
 
-    def _pinned(self, nbytes: int) -> np.ndarray:
+    def pinned(self, nbytes: int) -> np.ndarray:
+        """`nbytes` of page-locked host memory (uint8), freed with the process."""
         import ctypes
 
-        address = int(self._check(self.cu.cuMemHostAlloc(nbytes, 0)))  # freed with the process
+        nbytes = int(nbytes)
+        address = int(self._check(self.cu.cuMemHostAlloc(nbytes, 0)))
         return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(address))
 
     def _stage(self) -> _Staging:
         if self._staging is None:
-            self._staging = _Staging(self._pinned)
+            self._staging = _Staging(self.pinned)
         return self._staging
+
+    def make_event(self):
+        """An event for `dtoh_async` / `wait` (CU_EVENT_DISABLE_TIMING: cheaper to record)."""
+        return self._check(self.cu.cuEventCreate(EVENT_DISABLE_TIMING))
+
+    def dtoh_async(self, arr, src, stream, event) -> int:
+        """Device to page-locked `arr` on `stream`, after its earlier work, the host not waiting; `event`
+        recorded behind it. Returns the staging epoch the copy closes (`wait` takes it)."""
+        self._check(self.cu.cuMemcpyDtoHAsync(arr.ctypes.data, src, arr.nbytes, stream))
+        self._check(self.cu.cuEventRecord(event, stream))
+        return self._stage().close()
+
+    def wait(self, event, epoch: int) -> None:
+        """The host waits for `event` (a `dtoh_async`'s): that copy and everything before it are done."""
+        self._check(self.cu.cuEventSynchronize(event))
+        self._stage().release(epoch)
 
     def load(self, image: bytes, names):
         self._mod = self._check(self.cu.cuModuleLoadData(image))
@@ -376,7 +435,7 @@ class _CudaPython:
             return
         stage = self._stage()
         if arr.nbytes > stage.down.size:
-            stage.down = self._pinned(arr.nbytes)
+            stage.down = self.pinned(arr.nbytes)
         down = stage.down[:arr.nbytes]
         self._check(self.cu.cuMemcpyDtoHAsync(down.ctypes.data, src, arr.nbytes, stream))
         self._check(self.cu.cuStreamSynchronize(stream))
@@ -431,10 +490,10 @@ class GpuSampler:
     reads there; ``stream_handle`` is what onnxruntime takes as ``user_compute_stream``
     (``SessionOptions.compute_stream``), so that the engine's runs, the kernel and the read are ordered on
     one stream and a decode step synchronizes the host once, in ``read`` (docs/gpu.md, "One stream for the
-    decode step"). Each ``sample_device`` must be followed by a ``read`` before the next one (its uploads
-    are in flight until then; the decode loops always read the token)."""
+    decode step"). ``read_async`` queues a token's read without waiting and ``wait`` takes it later, so that
+    the host can queue the next decode step first (docs/gpu.md, "Reading a token one step late")."""
 
-    memory = "cuda"  # the logits and token buffers it takes by address (decode_loops.device_pick checks)
+    memory = "cuda"  # the logits and token buffers it takes by address (decode_loops.DevicePick checks)
     many_block_greedy = True  # greedy launches on the greedy entry points (False: a block a row, for A/B timing)
 
     def __init__(self, build_dir: Path = DEFAULT_OUT, binding=None, stream: bool = True):
@@ -442,6 +501,9 @@ class GpuSampler:
         self._stream, self.stream_handle = self.binding.make_stream() if stream else (None, None)
         self._bufs: dict[str, tuple[object, int]] = {}  # name -> (device buffer, bytes): kept across launches
         self._uploaded: bytes | None = None  # the argument bytes the "arguments" buffer holds
+        self._issued = 0  # token reads queued so far (read_async's tickets are their numbers)
+        self._queued: dict[int, tuple] = {}  # ticket -> (slot, epoch) or (value,): reads not yet waited for
+        self._slots = self._events = None  # READ_SLOTS page-locked int64 and their events, made on first use
 
     def _buffer(self, name: str, nbytes: int, zeroed: bool = False):
         """Device buffer `name` of at least `nbytes`, reused by every launch (the image loop launches once
@@ -494,6 +556,42 @@ class GpuSampler:
         """Device buffer or address `src` into `host` after everything on the sampler's stream (the engine's
         runs too, where they share it): the host waits here."""
         self.binding.dtoh(host, src, self._stream)
+
+    def read_async(self, src) -> int:
+        """Queue the copy of the int64 at device buffer or address `src` to the host behind everything on the
+        sampler's stream, without waiting; returns a ticket for `wait`. Up to READ_SLOTS reads may be queued.
+        Without a stream of its own the read is synchronous and `wait` only hands its value over."""
+        ticket = self._issued
+        if len(self._queued) >= READ_SLOTS:
+            raise RuntimeError(f"GpuSampler: {READ_SLOTS} token reads queued and not waited for; wait for "
+                               f"ticket {min(self._queued)} first")
+        if self._stream is None:
+            host = np.zeros(1, np.int64)
+            self.binding.dtoh(host, src)
+            self._queued[ticket] = (int(host[0]),)
+        else:
+            if self._slots is None:
+                self._slots = self.binding.pinned(8 * READ_SLOTS).view(np.int64)
+                self._events = [self.binding.make_event() for _ in range(READ_SLOTS)]
+            slot = min(set(range(READ_SLOTS)) - {q[0] for q in self._queued.values()})  # one no queued read uses
+            epoch = self.binding.dtoh_async(self._slots[slot:slot + 1], src, self._stream, self._events[slot])
+            self._queued[ticket] = (slot, epoch)
+        self._issued += 1
+        return ticket
+
+    def wait(self, ticket: int) -> int:
+        """The token of `read_async`'s `ticket`; the host waits for that read (and so for everything queued
+        on the stream before it), not for what was queued after."""
+        try:
+            queued = self._queued.pop(ticket)
+        except KeyError:
+            raise RuntimeError(f"GpuSampler: no token read {ticket} is queued (issued {self._issued}, queued "
+                               f"{sorted(self._queued)})") from None
+        if len(queued) == 1:
+            return queued[0]
+        slot, epoch = queued
+        self.binding.wait(self._events[slot], epoch)
+        return int(self._slots[slot])
 
     def sample(self, cond: np.ndarray, uncond: np.ndarray | None, params: SamplingParams, uniforms, *,
                range_start: int = 0, generated_ids_per_row=None, banned: Sequence[tuple[int, int]] = ()
