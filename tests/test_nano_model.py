@@ -12,11 +12,11 @@ from illume_edge.manifest import sha256_file
 NANO = Path(__file__).resolve().parents[1] / "models" / "illume-nano"
 BUDGET_BYTES = 12 * 1024 * 1024
 # A regression guard on a small held-out subset (evaluate.SIZES["small"]: 42 questions, 24 prompts x 2
-# samples, 16 edits). At the current sampling defaults the shipped model measured 0.667 / 0.792 / 0.688 / 0.771
-# there (fp32 runtime, 1 thread; at the first defaults 0.667 / 0.667 / 0.500 / 0.646); the bars sit about two
-# misses below that. Only understanding and the assessments are below issue 3's targets (0.95 / 0.90) on the
-# full split: docs/nano.md has the numbers.
-SMALL_BARS = {"understanding": 0.6, "generation": 0.7, "editing": 0.55, "assessment": 0.7}
+# samples, 16 edits). The shipped model ("judge-edit") measured 0.857 / 0.750 / 0.750 / 0.938 there (fp32
+# runtime; the previous checkpoint 0.667 / 0.792 / 0.688 / 0.771); the bars sit about two misses below that.
+# Only understanding and, by one sample, generation are below issue 3's targets (0.95 / 0.80) on the full
+# split: docs/nano.md has the numbers.
+SMALL_BARS = {"understanding": 0.8, "generation": 0.7, "editing": 0.62, "assessment": 0.85}
 
 
 def test_checkpoint_files_match_their_checksums():

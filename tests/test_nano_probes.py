@@ -319,7 +319,8 @@ def test_judge_scores_the_verdicts_and_evidence_of_rendered_heldout_pairs(shippe
     """probes.judge: a perfect teacher-forced judge scores 1.0 everywhere, with its object margin positive on
     right images; one that writes "yes" wherever the truth is "no" keeps every right image and its evidence
     and loses every wrong one, aspect by aspect (so the scored positions are the verdicts'); the shipped model,
-    which says "yes" to every image, scores as that blind judge does."""
+    in the format it was trained in (evidence first), keeps right images and rejects most wrong ones (measured
+    on these 8 pairs: verdicts 1.0 / 0.75, evidence 0.875; the previous checkpoint said "yes" to every image)."""
     trainer, builder = shipped
     yes, no = (builder.tok.encode(w)[0] for w in ("yes", "no"))
     perfect = probes.judge(_Oracle(trainer), builder, pairs=24, evidence=True)
@@ -329,9 +330,9 @@ def test_judge_scores_the_verdicts_and_evidence_of_rendered_heldout_pairs(shippe
     blind = probes.judge(_Oracle(trainer, {no: yes}), builder, pairs=24, evidence=True)
     assert blind["verdicts_right"] == blind["evidence_right"] == 1.0
     assert blind["verdicts_wrong"] == 0.0 and set(blind["wrong_by_aspect"].values()) == {0.0}
-    real = probes.judge(trainer, builder, pairs=8)  # the shipped judge says "yes" to every image (docs/nano.md)
-    assert real["verdicts_right"] == 1.0 and real["verdicts_wrong"] == 0.0 and "evidence_right" not in real
-    assert real["object_margin_right"][0] > 0 and real["object_margin_wrong"][0] > 0
+    real = probes.judge(trainer, builder, pairs=8, evidence=True)
+    assert real["verdicts_right"] == 1.0 and real["verdicts_wrong"] >= 0.5 and real["evidence_right"] >= 0.75
+    assert real["object_margin_right"][0] > 0
 
 
 def test_continue_on_rendered_assessments_is_scored_by_the_judge(shipped):

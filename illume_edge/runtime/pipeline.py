@@ -77,6 +77,13 @@ class TextStream:
         text = "".join(self._text)
         self.result = UnderstandResult(text, dict(self.timings.stages), final_answer(text, self._separator))
 
+    def close(self) -> None:
+        """Stop decoding here: a GPU decode step queued ahead of the last read token is waited for
+        (`decode_loops.text_tokens`), so the next request may reuse the buffers."""
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
+
 
 def to_rgb(image: ImageInput) -> np.ndarray:
     """uint8 [H, W, 3] from a path, bytes, a PIL image or an array (validated like a decoded file)."""
@@ -205,6 +212,7 @@ class Pipeline:
             text += piece
             if "}" in piece and (obj := complete_object(text)) is not None:
                 break
+        stream.close()
         timings = dict(stream.timings.stages, total=time.perf_counter() - t0)
         return AssessResult(obj or text, parse_assessment(obj or text), timings)
 
