@@ -36,6 +36,18 @@ def test_checkpoint_fits_the_budget():
     assert total <= BUDGET_BYTES, f"models/illume-nano holds {total / 2**20:.2f} MiB, budget 12 MiB"
 
 
+def test_the_shipped_checkpoint_is_what_make_nano_trains():
+    """recipe.json records the schedule the checkpoint was trained with: make nano's (recipe.DEFAULT_SCHEDULE),
+    with the recipe's default seed, so that `make nano` retrains this checkpoint."""
+    import dataclasses
+
+    from illume_edge.nano import recipe
+
+    got = json.loads((NANO / "recipe.json").read_text())
+    want = json.loads(json.dumps(dataclasses.asdict(recipe.SCHEDULES[recipe.DEFAULT_SCHEDULE])))  # tuples as lists
+    assert got["schedule"] == want and got["seed"] == recipe.SEED
+
+
 def test_checkpoint_config_is_the_preset():
     shipped = ModelConfig.from_dict(json.loads((NANO / "illume_edge.json").read_text()))
     assert shipped == preset("illume-nano")
