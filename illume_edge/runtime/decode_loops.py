@@ -220,24 +220,20 @@ def sample_image_tokens(runner: LLMRunner, rows: list[list[int]], image_embeds: 
             head, lv_params = f"level{step.level}", per_level[step.level]
             if not _chains(pick, runner, state, lv_params):
                 token = pick(runner, state, head, lv_params, uniforms[sampled], step.start, use_cfg)
-                grammar.advance(token)
-                pending.append(token)
-                sampled += 1
-                continue
-            # the rest of the row's codes, each step queued before the last token is read (DevicePick)
-            queued = [pick.launch(runner, state, head, lv_params, uniforms[sampled], step.start, use_cfg)]
-            try:
-                while grammar.peek(1) == step:  # the next position samples the same level: queue it now
-                    index = runner.feed_written(state)
-                    queued.append(pick.launch(runner, state, head, lv_params, uniforms[sampled + 1], step.start,
-                                              use_cfg))
+            else:  # the rest of the row's codes, each step queued before the last token is read (DevicePick)
+                queued = [pick.launch(runner, state, head, lv_params, uniforms[sampled], step.start, use_cfg)]
+                try:
+                    while grammar.peek(1) == step:  # the next position samples the same level: queue it now
+                        index = runner.feed_written(state)
+                        queued.append(pick.launch(runner, state, head, lv_params, uniforms[sampled + 1],
+                                                  step.start, use_cfg))
+                        token = pick.wait(queued.pop(0))
+                        runner.fill_written(state, index, token)
+                        grammar.advance(token)
+                        sampled, calls = sampled + 1, calls + 1
                     token = pick.wait(queued.pop(0))
-                    runner.fill_written(state, index, token)
-                    grammar.advance(token)
-                    sampled, calls = sampled + 1, calls + 1
-                token = pick.wait(queued.pop(0))
-            finally:
-                _drain(pick, queued)  # after an error: the device finishes before the buffers are reused
+                finally:
+                    _drain(pick, queued)  # after an error: the device finishes before the buffers are reused
             grammar.advance(token)
             pending.append(token)
             sampled += 1
