@@ -362,6 +362,33 @@ def test_recipe_smoke_run_writes_every_stage_and_a_strict_checkpoint(tmp_path):
     load_checkpoint(work / "ablation_checkpoint")
 
 
+def test_reproducible_training_gives_the_same_bytes_twice(nano):
+    """Under `recipe.reproducible`, two runs of the tokenizer stage at the recipe's batch end byte-identical.
+    Without it they differ within a few steps: the backward of `table[labels]` (index_put_ with accumulation)
+    adds in thread order."""
+    from illume_edge.nano import recipe
+    from illume_edge.nano.vision_train import train_tokenizer
+
+    cfg, mods, _ = nano
+    grid = cfg.level_grid(0, *cfg.anchors[0])
+
+    def trained() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        quant = copy.deepcopy(mods.quantizers[0]).train().requires_grad_(True)
+        tok = SemanticTokenizer(quant, cfg.branches[0].in_dim, num_token_classes(grid, W))
+        train_tokenizer(cfg, mods.encoders["semantic"], tok, W, steps=8, batch=64, lr=3e-3, seed=1,
+                        progress=Progress("tokenizer", 8, stream=io.StringIO()))
+        return [p.detach().clone() for p in tok.parameters()]
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    with recipe.reproducible(2):
+        assert torch.get_num_threads() == 2 and torch.are_deterministic_algorithms_enabled()
+        first, second = trained(), trained()
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, deterministic)
+    differing = [i for i, (a, b) in enumerate(zip(first, second)) if not torch.equal(a, b)]
+    assert not differing, f"parameters {differing} of {len(first)} differ between two runs of one seed"
+
+
 def test_assessment_examples_draw_poor_samples_at_the_asked_share():
     """Stage 4's self-assessment data: uniformly from the pool by default (a quarter poor in the shipped run),
     or poor samples at `assess_poor_share` ("assess-balanced": 0.5). Poor ones carry the corrected image."""

@@ -14,8 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 from illume_edge.export.engine import export_engine
 from illume_edge.nano import probes, recipe, world
 
@@ -43,7 +41,12 @@ def main() -> int:
     ap.add_argument("mixtures", nargs="+", help=f"{', '.join(sorted(MIXTURES))} or edit-<share>")
     args = ap.parse_args()
     changes = {name: mixture(name) for name in args.mixtures}  # a bad name fails before the pool is drawn
-    torch.set_num_threads(2)
+    with recipe.reproducible(2):
+        return fine_tune_each(args, changes)
+
+
+def fine_tune_each(args: argparse.Namespace, changes: dict[str, dict]) -> int:
+    """Stage 4 of each mixture on the run's stage-3 weights and its pool; each evaluated on the held-out split."""
     work, wcfg = Path(args.work), world.WorldConfig()
     base = recipe.SCHEDULES[args.schedule]
     pool = recipe.self_assess_pool(work / "stage3_engine", wcfg, base.self_enhance_prompts,

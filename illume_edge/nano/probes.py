@@ -759,7 +759,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="--judge: the assessments open with the evidence field, which is scored too")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    with recipe.reproducible(args.threads):
+        return _probe(ap, args)
+
+
+def _probe(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     torch.manual_seed(recipe.SEED)
     if args.slot_lookup is not None:
         slot_lookup(parse_phases(args.slot_lookup), args.lr, args.per_kind)

@@ -28,6 +28,7 @@ import json
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -456,8 +457,30 @@ def export_fp32(ckpt: Path, out: Path) -> None:
     export_engine(mods, out, ckpt / "mllm" / "tokenizer.json", progress=lambda s: None)
 
 
+@contextmanager
+def reproducible(threads: int):
+    """Training whose bytes depend only on the seeds (on one kind of CPU): a fixed thread count, since
+    reductions are split by it, and torch's deterministic kernels. Without the second, an indexed read's
+    backward (`table[labels]` in the tokenizer stage: index_put_ with accumulation) adds in thread order, and
+    two runs of one seed drifted apart from the tokenizer's first steps into different models (docs/nano.md,
+    "Reproducing the checkpoint"). Both settings are restored on exit."""
+    was_threads, was_deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(was_threads)
+
+
 def run(out: Path, work: Path, schedule: Schedule, threads: int = 2, seed: int = SEED) -> dict:
     """Every stage in order; `seed` (default SEED, the shipped model's) sets every stage's seed."""
+    with reproducible(threads):
+        return _run(out, work, schedule, threads, seed)
+
+
+def _run(out: Path, work: Path, schedule: Schedule, threads: int, seed: int) -> dict:
     unknown = sorted(set(schedule.lookup_kinds) - set(world.QA_KINDS))
     if unknown or not schedule.lookup_kinds:
         raise ValueError(f"Schedule.lookup_kinds: expected QA kinds among {world.QA_KINDS}, got "
@@ -465,7 +488,6 @@ def run(out: Path, work: Path, schedule: Schedule, threads: int = 2, seed: int =
     if schedule.answer_style not in ANSWER_STYLES:
         raise ValueError(f"Schedule.answer_style: expected one of {sorted(ANSWER_STYLES)}, "
                          f"got {schedule.answer_style!r}")
-    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     t_start = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
