@@ -497,7 +497,7 @@ def test_stage4_mixture_adds_edits_to_both_the_fine_tune_and_its_ablation():
     # "judge-edit-light" is "judge-edit" but for the share; make nano runs the shipped checkpoint's schedule
     light = recipe.SCHEDULES["judge-edit-light"]
     assert light.stage4_edit == 0.1 and replace(light, stage4_edit=0.2) == recipe.SCHEDULES["judge-edit"]
-    assert recipe.SCHEDULES[recipe.DEFAULT_SCHEDULE] == recipe.SCHEDULES["judge-edit"]
+    assert recipe.SCHEDULES[recipe.DEFAULT_SCHEDULE] == light
 
 
 def test_rendered_assessments_fail_clearly_when_no_wrong_image_can_be_drawn(monkeypatch):

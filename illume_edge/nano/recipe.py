@@ -17,7 +17,7 @@ Stages (docs/nano.md has the why of each):
              assessment data is the ablation (its checkpoint is kept under the work folder, not shipped).
 
 Run: python -m illume_edge.nano.recipe --out models/illume-nano [--work build/nano]
-         [--schedule NAME (one of SCHEDULES; DEFAULT_SCHEDULE, "judge-edit", is make nano's)] [--seed N]
+         [--schedule NAME (one of SCHEDULES; DEFAULT_SCHEDULE, "judge-edit-light", is make nano's)] [--seed N]
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ class Schedule:
     stage4_edit: float = 0.0
 
 
-DEFAULT_SCHEDULE = "judge-edit"  # make nano's, and the shipped checkpoint's (models/illume-nano/recipe.json)
+DEFAULT_SCHEDULE = "judge-edit-light"  # make nano's, and the shipped checkpoint's (models/illume-nano/recipe.json)
 STAGE4_ASSESS_SHARE = 0.3  # of stage 4's examples: the model's own samples, assessed; the rest its replay
 
 SCHEDULES = {
@@ -137,14 +137,14 @@ SCHEDULES = {
     # the evidence before it said whether each colored object asked for is there: evidence right 0.86, best-of-4
     # +4.8 points, agreement 0.781, but generation 0.769 and editing 0.662 (docs/nano.md)
     "judge-phase": Schedule(lookup=750, assess_rendered=0.1, assess_evidence=True, judge=800),
-    # "judge-phase" with 0.2 more editing in stage 4 and its ablation: make nano's (DEFAULT_SCHEDULE). Measured
-    # (the shipped checkpoint): understanding 0.857, generation 0.798, best-of-4 +6.0, editing 0.850,
-    # agreement 0.904; as stage 4 alone on the second seed's weights: 0.838 / 0.812 / +2.1 / 0.762 / 0.933
-    # (docs/nano.md)
+    # "judge-phase" with 0.2 more editing in stage 4 and its ablation. Measured, first seed: before training was
+    # deterministic (the previous shipped checkpoint) understanding 0.857, generation 0.798, best-of-4 +6.0,
+    # editing 0.850, agreement 0.904; deterministic (recipe.reproducible) 0.757 / 0.883 / +0.8 / 0.762 / 0.885
+    # (docs/nano.md, "Reproducing a run")
     "judge-edit": Schedule(lookup=750, assess_rendered=0.1, assess_evidence=True, judge=800, stage4_edit=0.2),
-    # "judge-edit" with 0.1 editing in stage 4. Measured only as stage 4 alone: seed 1 understanding 0.881,
-    # generation 0.815, best-of-4 +6.0, editing 0.838, agreement 0.919; seed 2 0.876 / 0.825 / +4.2 / 0.738 /
-    # 0.915 (docs/nano.md, "Half the edits")
+    # "judge-edit" with 0.1 editing in stage 4: make nano's (DEFAULT_SCHEDULE). Measured, first seed,
+    # deterministic (the shipped checkpoint): understanding 0.819, generation 0.831, best-of-4 +5.2, editing
+    # 0.713, agreement 0.865 (docs/nano.md, "Reproducing a run")
     "judge-edit-light": Schedule(lookup=750, assess_rendered=0.1, assess_evidence=True, judge=800,
                                  stage4_edit=0.1),
     # A seconds-long run of every stage for tests: same code path, meaningless weights.
@@ -463,7 +463,7 @@ def reproducible(threads: int):
     reductions are split by it, and torch's deterministic kernels. Without the second, an indexed read's
     backward (`table[labels]` in the tokenizer stage: index_put_ with accumulation) adds in thread order, and
     two runs of one seed drifted apart from the tokenizer's first steps into different models (docs/nano.md,
-    "Reproducing the checkpoint"). Both settings are restored on exit."""
+    "Reproducing a run"). Both settings are restored on exit."""
     was_threads, was_deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
