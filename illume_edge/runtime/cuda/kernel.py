@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -481,6 +481,14 @@ def load_kernel(build_dir: Path = DEFAULT_OUT, binding=None):
 # ----------------------------------------------------------------------------------------------------
 # the sampler
 # ----------------------------------------------------------------------------------------------------
+class _QueuedRead(NamedTuple):
+    """A token read not yet waited for: page-locked `slot` and the binding's `epoch` for its event, or, on a
+    sampler without its own stream (read at once), the token `value` itself."""
+    slot: int = -1
+    epoch: int = 0
+    value: int | None = None
+
+
 class GpuSampler:
     """The kernel behind ``guided_sample``'s interface. ``sample`` takes host arrays (tests, parity);
     ``sample_device`` takes the head's device logits buffer and writes ids into a device int64 buffer, and
@@ -502,7 +510,7 @@ class GpuSampler:
         self._bufs: dict[str, tuple[object, int]] = {}  # name -> (device buffer, bytes): kept across launches
         self._uploaded: bytes | None = None  # the argument bytes the "arguments" buffer holds
         self._issued = 0  # token reads queued so far (read_async's tickets are their numbers)
-        self._queued: dict[int, tuple] = {}  # ticket -> (slot, epoch) or (value,): reads not yet waited for
+        self._queued: dict[int, _QueuedRead] = {}  # ticket -> the read, for reads not yet waited for
         self._slots = self._events = None  # READ_SLOTS page-locked int64 and their events, made on first use
 
     def _buffer(self, name: str, nbytes: int, zeroed: bool = False):
@@ -568,14 +576,14 @@ class GpuSampler:
         if self._stream is None:
             host = np.zeros(1, np.int64)
             self.binding.dtoh(host, src)
-            self._queued[ticket] = (int(host[0]),)
+            self._queued[ticket] = _QueuedRead(value=int(host[0]))
         else:
             if self._slots is None:
                 self._slots = self.binding.pinned(8 * READ_SLOTS).view(np.int64)
                 self._events = [self.binding.make_event() for _ in range(READ_SLOTS)]
-            slot = min(set(range(READ_SLOTS)) - {q[0] for q in self._queued.values()})  # one no queued read uses
+            slot = min(set(range(READ_SLOTS)) - {q.slot for q in self._queued.values()})  # one no queued read uses
             epoch = self.binding.dtoh_async(self._slots[slot:slot + 1], src, self._stream, self._events[slot])
-            self._queued[ticket] = (slot, epoch)
+            self._queued[ticket] = _QueuedRead(slot, epoch)
         self._issued += 1
         return ticket
 
@@ -587,11 +595,10 @@ class GpuSampler:
         except KeyError:
             raise RuntimeError(f"GpuSampler: no token read {ticket} is queued (issued {self._issued}, queued "
                                f"{sorted(self._queued)})") from None
-        if len(queued) == 1:
-            return queued[0]
-        slot, epoch = queued
-        self.binding.wait(self._events[slot], epoch)
-        return int(self._slots[slot])
+        if queued.value is not None:
+            return queued.value
+        self.binding.wait(self._events[queued.slot], queued.epoch)
+        return int(self._slots[queued.slot])
 
     def sample(self, cond: np.ndarray, uncond: np.ndarray | None, params: SamplingParams, uniforms, *,
                range_start: int = 0, generated_ids_per_row=None, banned: Sequence[tuple[int, int]] = ()
