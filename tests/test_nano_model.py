@@ -37,16 +37,18 @@ def test_checkpoint_fits_the_budget():
 
 
 def test_the_shipped_checkpoint_was_trained_with_make_nanos_schedule():
-    """recipe.json records the schedule the checkpoint was trained with: make nano's (recipe.DEFAULT_SCHEDULE),
-    with the recipe's default seed (a retrain is another sample of that recipe, not these bytes: CPU training
-    is not deterministic, docs/nano.md "Half the edits")."""
+    """recipe.json records how the checkpoint was trained: make nano's schedule (recipe.DEFAULT_SCHEDULE), the
+    recipe's default seed and thread count. Training is deterministic for a thread count (recipe.reproducible),
+    so `make nano` on this machine class rewrites these bytes (docs/nano.md, "Reproducing a run")."""
     import dataclasses
+    import inspect
 
     from illume_edge.nano import recipe
 
     got = json.loads((NANO / "recipe.json").read_text())
     want = json.loads(json.dumps(dataclasses.asdict(recipe.SCHEDULES[recipe.DEFAULT_SCHEDULE])))  # tuples as lists
     assert got["schedule"] == want and got["seed"] == recipe.SEED
+    assert got["threads"] == inspect.signature(recipe.run).parameters["threads"].default
 
 
 def test_checkpoint_config_is_the_preset():
