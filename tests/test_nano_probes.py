@@ -146,6 +146,9 @@ def test_restyled_answers_restate_the_asked_object_or_describe_first():
     describe = qa("describe", "describe the image.", world.describe(scene))
     assert probes.restyle(scene, describe, "describe-first") == describe
     assert probes.restyle(scene, color, "short") == color
+    above = qa("relation", "is the red circle above the blue square?", "yes")
+    assert probes.restyle(scene, above, "positions-first").answer == "top left, bottom right. yes"
+    assert probes.restyle(scene, color, "positions-first") == color
     with pytest.raises(ValueError, match="answer-style"):
         probes.restyle(scene, color, "verbose")
     with pytest.raises(ValueError, match="does not match"):
@@ -257,6 +260,9 @@ def test_image_lookup_trains_a_fresh_llm_on_the_checkpoints_vision_tower(monkeyp
     monkeypatch.setattr(llm, "build_llm", lambda cfg, **kw: built.append(kw) or real(cfg, **kw))
     history = probes.image_lookup(NANO, probes.parse_phases("color:1,color+shape:1"), per_kind=2, batch=2,
                                   log=lambda s: None)
+    styled = probes.image_lookup(NANO, probes.parse_phases("relation:1"), per_kind=2, batch=2, log=lambda s: None,
+                                 answer_style="positions-first")
+    assert [(h["steps"], h["kinds"]) for h in styled] == [(1, "relation")] and 0 <= styled[0]["relation"] <= 1
     assert built[-1] == {"seed": 0}  # after the checkpoint's loader, a fresh LLM replaces its weights
     assert [(h["steps"], h["kinds"]) for h in history] == [(1, "color"), (2, "color+shape")]
     assert set(history[-1]) >= {"color", "shape", "overall"} and "count" not in history[-1]

@@ -268,6 +268,35 @@ def test_lookup_phase_asks_single_questions_of_its_kinds(nano, tmp_path):
     assert not (tmp_path / "work").exists()  # refused before any stage ran
 
 
+def test_later_lookup_phases_each_ask_their_own_kinds_under_their_own_stage_and_seed(nano, tmp_path):
+    """Schedule.lookup_then: after the first lookup phase, one phase per (kinds, steps), named for its kinds in
+    the log and the timings, each with its own seed; an unknown or empty kind list is refused by position."""
+    from illume_edge.nano import recipe
+
+    cfg, _, tok = nano
+    tasks = recipe.Tasks(SequenceBuilder(tok, cfg), W)
+    phases = recipe.lookup_then_phases(tasks, ((("exist",), 3), (("position", "count"), 5)))
+    assert [(name, steps, offset) for name, _, steps, offset in phases] == [
+        ("lookup_exist", 3, recipe.LOOKUP_THEN_SEED), ("lookup_position+count", 5, recipe.LOOKUP_THEN_SEED + 1)]
+    used = {offset for *_, offset in recipe.LLM_STAGES} | {1, 2, 3, 4, 10, 14, 20}
+    assert not used & {offset for *_, offset in phases}  # no other stage's seed
+    positions = {world.position_name(r, c) for r in range(3) for c in range(3)}
+    rng = np.random.default_rng(0)
+    for (_, sample, _, _), answers in zip(phases, ({"yes", "no"}, positions | {str(n) for n in range(4)}
+                                                    | set(world.NUMBER_WORDS))):
+        seen = set()
+        for _ in range(30):
+            ex = sample(rng)
+            assert ex.task == "qa_lookup" and len(ex.inputs) == 1
+            seen.add(tok.decode([t for t, x in zip(ex.ids, ex.labels) if x != IGNORE][:-1]).strip())
+        assert seen <= answers and len(seen) > 1
+    assert recipe.SCHEDULES["judge-lookups"].lookup_then
+    for bad in (((("colour",), 1),), (((), 1),)):
+        with pytest.raises(ValueError, match=r"lookup_then\[0\]"):
+            recipe.run(tmp_path / "out", tmp_path / "work", recipe.Schedule(lookup_then=bad))
+    assert not (tmp_path / "work").exists()
+
+
 def test_describe_first_schedule_answers_after_the_description(nano):
     """Schedule.answer_style "describe-first" (the "reasoned" schedule): every QA answer of the dialogues is the
     scene's description, ". ", then the answer, and the checkpoint's prompts say so (answer_separator); an
@@ -350,8 +379,9 @@ def test_recipe_smoke_run_writes_every_stage_and_a_strict_checkpoint(tmp_path):
 
     out, work = tmp_path / "out", tmp_path / "work"
     summary = recipe.run(out, work, recipe.SCHEDULES["smoke"], threads=2)
-    stages = ["vit", "tokenizer", "vae", "unet", "stage0"] + [name for name, *_ in recipe.LLM_STAGES] + [
-        "self_assess", "stage4", "stage4_ablation"]
+    llm = [name for name, *_ in recipe.LLM_STAGES]
+    llm[llm.index("lookup") + 1:llm.index("lookup") + 1] = ["lookup_exist"]  # the smoke schedule's lookup_then
+    stages = ["vit", "tokenizer", "vae", "unet", "stage0"] + llm + ["self_assess", "stage4", "stage4_ablation"]
     assert list(summary["stage_seconds"]) == stages
     logged = {json.loads(line)["stage"] for line in (out / "train_log.jsonl").read_text().splitlines()}
     assert set(stages) - {"self_assess"} <= logged

@@ -4,6 +4,7 @@ tokenizer for the evidence's tokens), fast."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from illume_edge.nano import evaluator as ev
 from illume_edge.nano.world import (COLORS, EDIT_KINDS, GEN_CATEGORIES, NEAR_MISS_KINDS, NUMBER_WORDS, QA_KINDS,
                                     RELATIONS, SCAFFOLD_KINDS, SHAPES, QA, scaffold_qa,
                                     GenPrompt, Obj, Scene, WorldConfig, describe, describe_first, full_prompt,
+                                    named_object, positions_first,
                                     gen_prompt_for,
                                     heldout_scenes, is_heldout, make_edit, make_qa, near_miss, position_name, qa_pairs,
                                     render, sample_edit, sample_gen_prompt, sample_scene, text_corpus, vocabulary,
@@ -184,6 +186,36 @@ def test_describe_first_answers_end_with_the_answer_after_the_only_separator():
             assert final_answer(styled.answer, ". ") == qa.answer and ev.answer_correct(qa, final_answer(
                 styled.answer, ". "))
     assert kinds == set(QA_KINDS) - {"describe"}
+
+
+def test_positions_first_states_both_places_then_the_same_answer():
+    """A relation answer in the positions-first style is "<place of a>, <place of b>. <answer>": the objects the
+    question names (conjunctive or scaffold names alike), then the world's answer after the only separator.
+    Other kinds are left as they are."""
+    from illume_edge.runtime.prompts import final_answer
+
+    rng = np.random.default_rng(4)
+    n = 0
+    for scene in scenes(400, seed=9):
+        for qa in [make_qa(scene, rng, k) for k in QA_KINDS] + [scaffold_qa(scene, rng, "relation")]:
+            if qa is None:
+                continue
+            styled = positions_first(scene, qa)
+            if qa.kind != "relation":
+                assert styled == qa
+                continue
+            n += 1
+            names = re.fullmatch(r"is (the .+?) (?:to the left of|to the right of|above|below) (the .+)\?", qa.question)
+            a, b = (named_object(scene, names.group(i)) for i in (1, 2))
+            assert styled.answer == f"{position_name(a.row, a.col)}, {position_name(b.row, b.col)}. {qa.answer}"
+            assert final_answer(styled.answer, ". ") == qa.answer and styled.question == qa.question
+    assert n > 300
+    with pytest.raises(ValueError, match="does not match"):
+        positions_first(THREE, QA("relation", "is the red circle near the blue square?", "yes"))
+    with pytest.raises(ValueError, match="names 0 objects"):
+        named_object(THREE, "the green circle")
+    with pytest.raises(ValueError, match="expected 'the <color> <shape>'"):
+        named_object(THREE, "a red circle")
 
 
 def test_exist_and_relation_answers_are_balanced_and_true():

@@ -396,7 +396,7 @@ def vit_position(tower, scenes: int = 1200, seed: int = 0, wcfg: world.WorldConf
             for name, mask in (("object_tokens", occupied), ("empty_tokens", ~occupied))}
 
 
-ANSWER_STYLES = ("short", "echo", "describe-first")
+ANSWER_STYLES = ("short", "echo", "describe-first", "positions-first")
 # the world's question templates that name one object (world.make_qa / scaffold_qa) -> the phrase naming it
 _NAMED = {"color": r"what color is (the \w+)\?", "shape": r"what shape is (the \w+ object)\?",
           "position": r"where is (the [\w ]+)\?"}
@@ -409,11 +409,15 @@ def restyle(scene: world.Scene, qa: world.QA, style: str) -> world.QA:
       sits right before the answer ("the triangle is red", "the red object is a circle", "the red circle is at
       the top left"); other kinds stay short;
     - "describe-first": the scene's description, ". ", then the short answer, for every kind but describe
-      (the model writes what it sees, then answers from its own text)."""
+      (the model writes what it sees, then answers from its own text);
+    - "positions-first": relation answers after the two objects' positions ("top left, bottom. yes"),
+      other kinds short (world.positions_first)."""
     if style not in ANSWER_STYLES:
         raise ValueError(f"--answer-style: expected one of {ANSWER_STYLES}, got {style!r}")
     if style == "describe-first":
         return world.describe_first(scene, qa)
+    if style == "positions-first":
+        return world.positions_first(scene, qa)
     if style != "echo" or qa.kind not in _NAMED:
         return qa
     m = re.fullmatch(_NAMED[qa.kind], qa.question)
@@ -555,7 +559,7 @@ def slot_lookup(phases: list[text_pretrain.Phase], lr: float = 1e-3, per_kind: i
 
 
 def image_lookup(checkpoint: str | Path, phases: list[text_pretrain.Phase], lr: float = 1e-3, per_kind: int = 60,
-                 batch: int = 32, seed: int = 0, log=print) -> list[dict]:
+                 batch: int = 32, seed: int = 0, log=print, answer_style: str = "short") -> list[dict]:
     """A fresh LLM and projector on `checkpoint`'s vision tower (ViT + tokenizer, frozen), trained on
     single-turn image questions of each phase's kinds in turn (each phase its own call of `LLMTrainer.train`:
     AdamW, one-cycle schedule, gradients clipped), scored after every phase, teacher-forced on the held-out
@@ -572,11 +576,12 @@ def image_lookup(checkpoint: str | Path, phases: list[text_pretrain.Phase], lr: 
             if m is not trainer.projector and hasattr(m, "reset_parameters"):
                 m.reset_parameters()
     wcfg = world.WorldConfig()
-    held = _scored_kinds(phases, per_kind, wcfg)
+    held = [(s, restyle(s, q, answer_style)) for s, q in _scored_kinds(phases, per_kind, wcfg)]
     history, t0, done = [], time.perf_counter(), 0
     for i, (kinds, steps) in enumerate(phases):
         def sample(rng, kinds=kinds):
             scene, q = world.sample_qa(rng, wcfg, kinds)
+            q = restyle(scene, q, answer_style)
             return builder.understand(world.render(scene, wcfg), q.question, q.answer)
 
         trainer.train(sample, steps=steps, batch=batch, lr=lr, seed=seed + 100 + i, trainable="all", progress=_Quiet())
@@ -775,7 +780,8 @@ def _probe(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.image_lookup is not None:
         if args.checkpoint is None:
             ap.error("--image-lookup needs --checkpoint (its vision tower)")
-        image_lookup(args.checkpoint, parse_phases(args.image_lookup), args.lr, args.per_kind)
+        image_lookup(args.checkpoint, parse_phases(args.image_lookup), args.lr, args.per_kind,
+                     answer_style=args.answer_style)
         return 0
     qas = questions(args.per_kind, args.split, style=args.answer_style)
     if args.scratch:

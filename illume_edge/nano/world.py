@@ -256,6 +256,39 @@ def describe_first(scene: Scene, qa: QA) -> QA:
     return QA(qa.kind, qa.question, f"{describe(scene)}. {qa.answer}")
 
 
+def named_object(scene: Scene, name: str) -> Obj:
+    """The one object of `scene` that `name` refers to, as the questions name objects: "the red circle",
+    "the circle" (the only circle), "the red object" (the only red one)."""
+    words = name.split()
+    if len(words) == 3 and words[0] == "the":
+        found = scene.find(shape=None if words[2] == "object" else words[2], color=words[1])
+    elif len(words) == 2 and words[0] == "the":
+        found = scene.find(shape=words[1])
+    else:
+        raise ValueError(f"named_object: expected 'the <color> <shape>', 'the <shape>' or 'the <color> object', "
+                         f"got {name!r}")
+    if len(found) != 1:
+        raise ValueError(f"named_object: {name!r} names {len(found)} objects of scene {scene.key()!r}, expected 1")
+    return found[0]
+
+
+_RELATION_QUESTION = re.compile(r"is (the .+?) (%s) (the .+)\?" % "|".join(re.escape(p) for p, _ in RELATIONS.values()))
+
+
+def positions_first(scene: Scene, qa: QA) -> QA:
+    """A relation question answered after the two objects' positions: "is the red circle above the blue
+    square?" -> "top left, bottom. yes" (PromptTemplates.answer_separator ". "). The model writes where each
+    object is, the skill of the position questions, then compares its own two words. Other kinds as they are."""
+    if qa.kind != "relation":
+        return qa
+    m = _RELATION_QUESTION.fullmatch(qa.question)
+    if m is None:
+        raise ValueError(f"positions_first: relation question {qa.question!r} does not match "
+                         f"{_RELATION_QUESTION.pattern!r}")
+    a, b = named_object(scene, m.group(1)), named_object(scene, m.group(3))
+    return QA(qa.kind, qa.question, f"{position_name(a.row, a.col)}, {position_name(b.row, b.col)}. {qa.answer}")
+
+
 def describe(scene: Scene) -> str:
     """"a red circle at the top left, a blue square in the center and a green triangle at the bottom right"."""
     if not scene.objects:
