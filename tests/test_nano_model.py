@@ -51,7 +51,8 @@ def test_the_shipped_checkpoint_was_trained_with_make_nanos_schedule():
     default = json.loads(json.dumps(dataclasses.asdict(recipe.Schedule())))
     later = {k: default[k] for k in set(want) - set(got["schedule"])}
     assert got["schedule"] | later == want and got["seed"] == recipe.SEED
-    assert later == {"lookup_then": []}  # the fields added since: extend this when one more is
+    assert later == {"lookup_then": [], "gen_phase": 0, "stage4_gen": 0.0}  # the fields added since: extend
+    # this when one more is
     assert got["threads"] == inspect.signature(recipe.run).parameters["threads"].default
 
 

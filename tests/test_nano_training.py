@@ -496,6 +496,31 @@ def test_judge_phase_mixes_rendered_assessments_with_a_replay_of_stage3():
     assert {"qa", "t2i_geneval"} <= set(tasks)  # the replay
 
 
+def test_generation_phase_mixes_geneval_prompts_with_a_replay_of_stage3():
+    """Schedule.gen_phase's mixture: GEN_PHASE_SHARE GenEval-style text-to-image, the rest stage 3's own tasks; it
+    runs after stage 3's mixture and before the judge phase, with a seed of its own."""
+    from collections import Counter
+
+    from illume_edge.nano import recipe
+
+    class Builder:  # every SequenceBuilder method returns the task it was asked to build
+        def __getattr__(self, name):
+            return lambda *args, task=name, **kwargs: task
+
+    sample, rng = recipe.stage_mixtures(recipe.Tasks(Builder(), W))["gen_phase"], np.random.default_rng(7)
+    tasks = Counter(sample(rng) for _ in range(600))
+    geneval_in_replay = 0.2 / 1.0  # stage 3's own share of t2i_geneval (no rendered assessments here)
+    want = recipe.GEN_PHASE_SHARE + (1 - recipe.GEN_PHASE_SHARE) * geneval_in_replay
+    assert abs(tasks["t2i_geneval"] / 600 - want) < 0.06, tasks
+    assert {"qa", "t2i_uncond"} <= set(tasks) and any(t.startswith("edit_") for t in tasks)  # the replay, with
+    # the unconditional rows CFG needs
+    names = [name for name, *_ in recipe.LLM_STAGES]
+    assert names.index("stage3") + 1 == names.index("gen_phase") == names.index("judge") - 1
+    offsets = [offset for *_, offset in recipe.LLM_STAGES]
+    assert len(set(offsets)) == len(offsets)
+    assert recipe.Schedule().gen_phase == 0 and recipe.SCHEDULES["judge-lookups-gen"].gen_phase > 0
+
+
 def test_stage4_mixture_adds_edits_to_both_the_fine_tune_and_its_ablation():
     """Schedule.stage4_edit: stage 4 keeps STAGE4_ASSESS_SHARE of assessments and moves that share of its examples
     from the stage-3 replay to edits; the ablation trains on the same replay; 0 leaves stage 3's mixture as it is
@@ -528,6 +553,35 @@ def test_stage4_mixture_adds_edits_to_both_the_fine_tune_and_its_ablation():
     light = recipe.SCHEDULES["judge-edit-light"]
     assert light.stage4_edit == 0.1 and replace(light, stage4_edit=0.2) == recipe.SCHEDULES["judge-edit"]
     assert recipe.SCHEDULES[recipe.DEFAULT_SCHEDULE] == light
+
+
+def test_stage4_mixture_adds_geneval_prompts_beside_the_edits():
+    """Schedule.stage4_gen: that share of stage 4's examples moves from the stage-3 replay to GenEval-style
+    text-to-image, in the fine-tune and in its ablation alike; with the edits it must leave some replay; without
+    it the mixture draws what it drew before (the shipped schedules' runs stay reproducible)."""
+    from collections import Counter
+
+    from illume_edge.nano import recipe
+
+    sft = recipe.mixture([(0.8, lambda rng: "qa"), (0.2, lambda rng: "gen")])  # stage 3's generation share
+    gen, edit, assess = (lambda rng: "gen"), (lambda rng: "edit"), (lambda rng: "assess")
+    n = 4000
+    with_assess, replay = recipe.stage4_mixtures(sft, edit, assess, 0.1, gen, 0.2)
+    rng = np.random.default_rng(5)
+    got = Counter(with_assess(rng) for _ in range(n))
+    want_gen = (1 - recipe.STAGE4_ASSESS_SHARE - 0.1 - 0.2) * 0.2 + 0.2
+    assert abs(got["gen"] / n - want_gen) < 0.025 and abs(got["edit"] / n - 0.1) < 0.02, got
+    rng = np.random.default_rng(5)
+    ablation = Counter(replay(rng) for _ in range(n))
+    assert "assess" not in ablation and abs(ablation["gen"] / n - want_gen / 0.7) < 0.03, ablation
+    before, _ = recipe.stage4_mixtures(sft, edit, assess, 0.1)
+    after, _ = recipe.stage4_mixtures(sft, edit, assess, 0.1, gen, 0.0)
+    r1, r2 = np.random.default_rng(9), np.random.default_rng(9)
+    assert [before(r1) for _ in range(300)] == [after(r2) for _ in range(300)]
+    with pytest.raises(ValueError, match=r"stage4_edit \+ stage4_gen = 0.7: expected less than 0.7"):
+        recipe.stage4_mixtures(sft, edit, assess, 0.3, gen, 0.4)
+    with pytest.raises(ValueError, match=r"stage4_gen -0.1: expected a share in \[0, 0.7"):
+        recipe.stage4_mixtures(sft, edit, assess, 0.0, gen, -0.1)
 
 
 def test_rendered_assessments_fail_clearly_when_no_wrong_image_can_be_drawn(monkeypatch):

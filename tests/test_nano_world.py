@@ -479,6 +479,20 @@ def test_score_aggregates():
     assert ev.editing_scores([(edit, edit.target), (edit, THREE)]) == {"remove": 0.5, "overall": 0.5}
 
 
+def test_generation_failures_say_which_aspect_of_a_prompt_broke():
+    """A position prompt fails by a missing shape ("object") or a misplaced pair ("spatial", which a missing
+    shape fails too); aspects a category does not test are absent, and so are "full" prompts."""
+    above = _prompt(THREE, "position", "a circle above a square")
+    one = Scene(THREE.objects[:1])  # the circle alone
+    flipped = Scene((Obj(2, 0, "circle", "red"), Obj(0, 1, "square", "blue")))
+    fails = ev.generation_failures([(above, THREE), (above, one), (above, flipped), (above, flipped),
+                                    (full_prompt(THREE), one)])
+    assert fails == {"position": {"object": 0.25, "spatial": 0.75}}  # "full" prompts left out
+    colors = _prompt(THREE, "colors", "a red circle")
+    assert ev.generation_failures([(colors, THREE), (colors, Scene(THREE.objects[1:]))]) == {
+        "colors": {"object": 0.5, "color": 0.5}}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Vocabulary and invalid inputs
 # ----------------------------------------------------------------------------------------------------

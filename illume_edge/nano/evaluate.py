@@ -13,7 +13,8 @@ generated and edited images parsed back into scenes), never from logits:
   ("describe the image."), its words are parsed back into a scene (`world.parse_description`) and checked
   against the prompt in code; the first candidate so judged right wins (else the first). The perception is
   the model's, the comparison is not, so this is not the paper's self-assessment: it measures what the
-  model's own reading of its images could give a ranker;
+  model's own reading of its images could give a ranker; "single_failures" says which aspect of the prompts
+  the single samples broke (`evaluator.generation_failures`: a named shape missing, the pair misplaced, ...);
 - editing: accuracy per edit kind and overall (output parsed == target scene);
 - self-assessment: agreement of the model's verdicts (object / count / color / spatial) with the evaluator's
   on the model's own generations; "valid" is the share of answers that are a well-formed assessment.
@@ -203,6 +204,7 @@ def evaluate(backend, size: EvalSize, wcfg: world.WorldConfig = world.WorldConfi
         "backend": backend.name,
         "understanding": evaluator.understanding_scores(answers),
         "generation_single": single_mean,
+        "generation_single_failures": evaluator.generation_failures(x for s in per_sample for x in s),
         f"generation_best_of_{size.candidates}": evaluator.generation_scores(best),
         "editing": evaluator.editing_scores(edited),
         "self_assessment": evaluator.assessment_scores(agree),

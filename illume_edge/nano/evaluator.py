@@ -347,6 +347,21 @@ def generation_scores(results: Iterable[tuple[GenPrompt, Scene]]) -> dict[str, f
                        overall_over=GEN_CATEGORIES)
 
 
+def generation_failures(results: Iterable[tuple[GenPrompt, Scene]]) -> dict[str, dict[str, float]]:
+    """(prompt, parsed generated scene) pairs -> per GenEval category, the share of samples whose check_prompt
+    verdict on each aspect the category tests is False. "object": a shape the prompt names is missing (e.g. one
+    object drawn for a two-object position prompt); "spatial": the pair is not in place, a missing shape included,
+    so spatial - object is the share drawn both and misplaced them."""
+    fails: dict[str, dict[str, list[bool]]] = {}
+    for p, s in results:
+        if p.category == "full":
+            continue
+        for aspect, verdict in check_prompt(p, s).items():
+            if verdict is not None:
+                fails.setdefault(p.category, {}).setdefault(aspect, []).append(verdict is False)
+    return {c: {a: float(np.mean(v)) for a, v in by.items()} for c, by in sorted(fails.items())}
+
+
 def editing_scores(results: Iterable[tuple[Edit, Scene]]) -> dict[str, float]:
     """(edit, parsed edited scene) pairs -> accuracy per edit kind and overall (over all edits)."""
     return accuracy_by((e.kind, edit_correct(e, s)) for e, s in results)
