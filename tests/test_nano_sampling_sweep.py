@@ -56,7 +56,11 @@ def test_scores_reach_one_for_the_truth_and_zero_for_blank_images(task):
     assert {kw["cfg"] for _, _, kw in good.calls} == {2.0} and {kw["decoder_cfg"] for _, _, kw in good.calls} == {3.0}
     assert [seed for _, seed, _ in good.calls] == [10 * i + s for i in range(len(items)) for s in range(2)]
     blank = FakePipe(items, task, right=False)
-    assert sampling_sweep.score_setting(blank, task, items, setting)["overall"] == 0.0
+    scores = sampling_sweep.score_setting(blank, task, items, setting)
+    assert scores["overall"] == 0.0
+    if task == "generate":  # a blank image has none of the prompt's shapes
+        assert set(scores["failures"]) == set(world.GEN_CATEGORIES)
+        assert all(by["object"] == 1.0 for by in scores["failures"].values())
 
 
 def test_sweep_rows_and_table_mark_the_best_setting():
