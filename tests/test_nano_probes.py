@@ -2,6 +2,7 @@
 greedy runtime's, the attention rows are well-formed shares, and a from-scratch variant runs every stage."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -246,6 +247,60 @@ def test_slot_scenes_put_each_objects_words_on_its_cell_tokens():
     assert int(m.sum()) == 36 + len(tok.encode(" " + qa.question)) + len(answer)
 
 
+def test_placed_slot_scenes_add_each_cells_row_and_column_words():
+    cfg, tok, model = probes._fresh_llm()
+    slots = probes.SlotScenes(cfg, tok, placed=True)
+    scene = world.Scene((world.Obj(0, 2, "circle", "red"),))
+    qa = world.make_qa(scene, np.random.default_rng(0), "color")
+    embed = model.get_input_embeddings()
+    x, _, _ = slots.batch(embed, [(scene, qa)])
+    word = {w: embed.weight[tok.encode(" " + w)[0]] for w in ("red", "circle", "top", "right", "bottom", "left")}
+    with torch.no_grad():
+        assert torch.allclose(x[0, 4], word["red"] + word["circle"] + word["top"] + word["right"])
+        # token (5, 1): an empty token of the bottom-left cell
+        assert torch.allclose(x[0, 5 * 6 + 1], embed.weight[slots.pad] + word["bottom"] + word["left"])
+    unplaced, _, _ = probes.SlotScenes(cfg, tok).batch(embed, [(scene, qa)])
+    assert torch.allclose(unplaced[0, 4], word["red"] + word["circle"])
+
+
+def test_fresh_llm_variants_change_only_what_they_name():
+    base, _, model = probes._fresh_llm()
+    deep, _, deep_model = probes._fresh_llm(layers=6)
+    assert (deep.llm.num_layers, len(deep_model.model.layers)) == (6, 6)
+    assert len(model.model.layers) == base.llm.num_layers
+    assert dataclasses.replace(deep.llm, num_layers=base.llm.num_layers) == base.llm
+    wide = probes._variant_config(base, hidden=64, heads=2)
+    assert (wide.llm.hidden_size, wide.llm.intermediate_size, wide.llm.num_heads, wide.llm.num_kv_heads) == (
+        64, 192, 2, min(base.llm.num_kv_heads, 2))
+
+
+def test_slot_lookup_trains_in_an_answer_style():
+    history = probes.slot_lookup(probes.parse_phases("relation:1"), per_kind=2, batch=2, every=1, log=lambda s: None,
+                                 placed=True, answer_style="positions-first", layers=2)
+    assert [h["steps"] for h in history] == [1] and 0.0 <= history[0]["relation"] <= 1.0
+    assert all(0.0 <= history[0][k] <= 1.0 for k in ("relation_positions", "relation_final"))
+
+
+def test_final_word_right_splits_the_answer_before_its_last_word():
+    # rows: [prompt, prompt, w1, w2, last, end]; labels IGNORE on the prompt
+    labels = torch.tensor([[IGNORE, IGNORE, 5, 6, 7, 1]] * 3)
+    predicted = torch.tensor([[0, 5, 6, 7, 1],    # position t predicts token t+1: all right
+                              [0, 5, 9, 7, 1],    # a word before the last one wrong
+                              [0, 5, 6, 8, 1]])   # the last word wrong
+    logits = torch.nn.functional.one_hot(predicted, 10).float()
+    logits = torch.cat([logits, torch.zeros(3, 1, 10)], 1)  # [B, L, V]: the last position predicts nothing
+    assert probes.final_word_right(logits, labels) == [(True, True), (False, True), (True, False)]
+    assert probes.teacher_forced_right(logits, labels) == [True, False, False]
+    scene = world.Scene((world.Obj(0, 0, "circle", "red"),))
+    qas = [(scene, world.QA("relation", "q", "a")), (scene, world.QA("color", "q", "a")),
+           (scene, world.QA("relation", "q", "a"))]
+    assert probes.relation_parts(qas, [(True, False), (False, False), (False, True)]) == {
+        "relation_positions": 0.5, "relation_final": 0.5}
+    assert probes.relation_parts(qas[1:2], [(True, True)]) == {}
+    with pytest.raises(ValueError, match="row 0 has 1 supervised tokens"):
+        probes.final_word_right(logits[:1], torch.tensor([[IGNORE] * 5 + [1]]))
+
+
 def test_slot_lookup_trains_from_scratch_and_scores_the_kinds_it_trains():
     history = probes.slot_lookup(probes.parse_phases("color:2,all:1"), per_kind=2, batch=4, every=2, log=lambda s: None)
     assert [h["steps"] for h in history] == [2, 3]
@@ -257,13 +312,17 @@ def test_image_lookup_trains_a_fresh_llm_on_the_checkpoints_vision_tower(monkeyp
     from illume_edge.export import llm
 
     built, real = [], llm.build_llm
-    monkeypatch.setattr(llm, "build_llm", lambda cfg, **kw: built.append(kw) or real(cfg, **kw))
+    monkeypatch.setattr(llm, "build_llm", lambda cfg, **kw: built.append((cfg.llm.num_layers, kw)) or real(cfg, **kw))
     history = probes.image_lookup(NANO, probes.parse_phases("color:1,color+shape:1"), per_kind=2, batch=2,
                                   log=lambda s: None)
     styled = probes.image_lookup(NANO, probes.parse_phases("relation:1"), per_kind=2, batch=2, log=lambda s: None,
                                  answer_style="positions-first")
     assert [(h["steps"], h["kinds"]) for h in styled] == [(1, "relation")] and 0 <= styled[0]["relation"] <= 1
-    assert built[-1] == {"seed": 0}  # after the checkpoint's loader, a fresh LLM replaces its weights
+    assert all(0.0 <= styled[0][k] <= 1.0 for k in ("relation_positions", "relation_final"))
+    assert built[-1] == (4, {"seed": 0})  # after the checkpoint's loader, a fresh LLM replaces its weights
+    deep = probes.image_lookup(NANO, probes.parse_phases("color:1"), per_kind=2, batch=2, log=lambda s: None,
+                               layers=2)
+    assert deep[0]["kinds"] == "color" and built[-1] == (2, {"seed": 0})
     assert [(h["steps"], h["kinds"]) for h in history] == [(1, "color"), (2, "color+shape")]
     assert set(history[-1]) >= {"color", "shape", "overall"} and "count" not in history[-1]
     assert all(0.0 <= history[-1][k] <= 1.0 for k in ("color", "shape"))

@@ -26,6 +26,10 @@
 - ``--slot-lookup KINDS:STEPS,...``: as ``--text-lookup``, with the scene as the image's 6 x 6 token grid, each
   object token the sum of its color and shape words' embeddings (`SlotScenes`): one position per object
   token, in the text's own directions, as an image token behind a projector aligned to the text space would be;
+  ``--slot-placed`` adds each cell's row and column words to its tokens (features that carry their place);
+- ``--layers N``: the fresh LLM of ``--text-lookup`` / ``--slot-lookup`` / ``--image-lookup`` N layers deep;
+- ``--answer-style positions-first`` with ``--slot-lookup`` / ``--image-lookup``: also scores the relation
+  answers' two parts apart (`relation_parts`): the positions, and the yes / no after the true positions;
 - ``--judge PAIRS [--judge-evidence]`` (with ``--checkpoint``): the self-assessment without free-running noise,
   teacher-forced on rendered held-out prompts, half right images and half near misses (`judge`): are the
   verdicts right on wrong images, and (with the evidence field) is the evidence?
@@ -38,6 +42,8 @@ Run: python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint
      python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint --continue stage3 --answer-style echo
      python -m illume_edge.nano.probes --text-lookup color:4000,all:1500 [--hidden 256] [--lr 1e-3]
      python -m illume_edge.nano.probes --slot-lookup color:1000
+     python -m illume_edge.nano.probes --slot-lookup relation:2000 --per-kind 100 [--layers 8] [--slot-placed] \
+         [--answer-style positions-first]
      python -m illume_edge.nano.probes --checkpoint models/illume-nano --image-lookup color:250,color:250
      python -m illume_edge.nano.probes --checkpoint models/illume-nano --vit-position
      python -m illume_edge.nano.probes --checkpoint build/nano-evidence/checkpoint --judge 240 --judge-evidence
@@ -64,24 +70,10 @@ from ..config import PROMPT_LAYOUTS
 from ..runtime.prompts import IMAGE_MARKER
 from . import evaluate, recipe, text_pretrain, world
 from .llm_train import LLMTrainer
+from .recipe import load_modules
 from .sequences import IGNORE, SequenceBuilder
 
 QA = list[tuple[world.Scene, world.QA]]
-
-
-def load_modules(checkpoint: str | Path):
-    """(the checkpoint's modules, a trainer on their LLM, projector and vision tower (ViT + tokenizer from its
-    DualViTok file), its sequence builder): training the trainer trains the modules, which export as they are."""
-    from ..export.checkpoint import CheckpointPaths, load_checkpoint, read_dualvitok
-    from ..runtime.prompts import TextTokenizer
-    from .vision_train import SemanticTokenizer, VisionTower
-
-    mods = load_checkpoint(checkpoint)
-    cfg, paths = mods.cfg, CheckpointPaths.from_dir(checkpoint)
-    sem = SemanticTokenizer.from_dualvitok(read_dualvitok(paths.dualvitok), mods.quantizers[0], cfg.branches[0].in_dim)
-    tower = VisionTower(cfg, mods.encoders["semantic"], sem)
-    builder = SequenceBuilder(TextTokenizer.from_file(paths.mllm / "tokenizer.json", cfg), cfg)
-    return mods, LLMTrainer(cfg, mods.llm, mods.projectors["semantic"], tower), builder
 
 
 def load_trainer(checkpoint: str | Path) -> tuple[LLMTrainer, SequenceBuilder]:
@@ -109,8 +101,10 @@ def questions(per_kind: int, split: str, wcfg: world.WorldConfig = world.WorldCo
 
 @torch.no_grad()
 def answers_right(trainer: LLMTrainer, builder: SequenceBuilder, qas: QA,
-                  wcfg: world.WorldConfig = world.WorldConfig(), batch: int = 32) -> list[bool]:
-    """Per question: is every answer token (and the closing <|im_end|>) the argmax at its position?"""
+                  wcfg: world.WorldConfig = world.WorldConfig(), batch: int = 32,
+                  parts: list[tuple[bool, bool]] | None = None) -> list[bool]:
+    """Per question: is every answer token (and the closing <|im_end|>) the argmax at its position? With
+    `parts`, also appends each question's `final_word_right` to it."""
     trainer.llm.eval()
     out: list[bool] = []
     for i in range(0, len(qas), batch):
@@ -118,6 +112,8 @@ def answers_right(trainer: LLMTrainer, builder: SequenceBuilder, qas: QA,
         b = trainer.batch([builder.understand(world.render(s, wcfg), q.question, q.answer) for s, q in chunk])
         logits = trainer.llm(inputs_embeds=b["inputs_embeds"], attention_mask=b["attention_mask"]).logits
         out += teacher_forced_right(logits, b["labels"])
+        if parts is not None:
+            parts += final_word_right(logits, b["labels"])
     return out
 
 
@@ -125,6 +121,33 @@ def teacher_forced_right(logits: torch.Tensor, labels: torch.Tensor) -> list[boo
     """Per row of logits [B, L, V] and labels [B, L]: is every supervised token the argmax at its position?"""
     target = labels[:, 1:]  # [B, L-1]: token t+1 is predicted at position t
     return ((logits[:, :-1].argmax(-1) == target) | (target == IGNORE)).all(-1).tolist()
+
+
+def final_word_right(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple[bool, bool]]:
+    """Per row of logits [B, L, V] and labels [B, L], teacher-forced: (every supervised token before the
+    answer's last word right, that last word right). The last word is the token before the closing
+    <|im_end|>: the "yes" / "no" of a positions-first relation answer, predicted after the *true* positions."""
+    target = labels[:, 1:]  # [B, L-1]: token t+1 is predicted at position t
+    ok = logits[:, :-1].argmax(-1) == target
+    out = []
+    for r in range(len(target)):
+        supervised = (target[r] != IGNORE).nonzero().flatten().tolist()
+        if len(supervised) < 2:
+            raise ValueError(f"final_word_right: row {r} has {len(supervised)} supervised tokens, expected an "
+                             f"answer word and <|im_end|> at least")
+        *before, last, _ = supervised
+        out.append((bool(ok[r, before].all()), bool(ok[r, last])))
+    return out
+
+
+def relation_parts(qas: QA, parts: list[tuple[bool, bool]]) -> dict[str, float]:
+    """The relation questions' share with every token before the yes / no right (`relation_positions`: the two
+    positions and the separator) and with the yes / no right after the true positions (`relation_final`)."""
+    rows = [p for (_, q), p in zip(qas, parts) if q.kind == "relation"]
+    if not rows:
+        return {}
+    return {"relation_positions": round(float(np.mean([a for a, _ in rows])), 3),
+            "relation_final": round(float(np.mean([b for _, b in rows])), 3)}
 
 
 def accuracy_by_kind(qas: QA, right: list[bool]) -> dict[str, float]:
@@ -433,24 +456,32 @@ def restyle(scene: world.Scene, qa: world.QA, style: str) -> world.QA:
     return world.QA(qa.kind, qa.question, f"{m.group(1)} is {answer}")
 
 
-def _fresh_llm(hidden: int | None = None, heads: int | None = None, kv_heads: int | None = None, seed: int = 0):
-    """(cfg, tokenizer, a from-scratch nano LLM): nano's, or `hidden` wide with FFN 3x, or with `heads` /
-    `kv_heads` attention heads."""
+def _variant_config(cfg, hidden: int | None = None, heads: int | None = None, kv_heads: int | None = None,
+                    layers: int | None = None):
+    """`cfg` with its LLM `hidden` wide (FFN 3x), with `heads` / `kv_heads` attention heads, or `layers` deep."""
+    if hidden is not None:
+        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, hidden_size=hidden,
+                                                               intermediate_size=3 * hidden))
+    if heads is not None or kv_heads is not None:
+        h = heads or cfg.llm.num_heads
+        attn = dataclasses.replace(cfg.llm, num_heads=h, num_kv_heads=kv_heads or min(
+            cfg.llm.num_kv_heads, h))
+        cfg = dataclasses.replace(cfg, llm=attn)
+    if layers is not None:
+        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, num_layers=layers))
+    return cfg
+
+
+def _fresh_llm(hidden: int | None = None, heads: int | None = None, kv_heads: int | None = None, seed: int = 0,
+               layers: int | None = None):
+    """(cfg, tokenizer, a from-scratch nano LLM): nano's, or a variant (`_variant_config`)."""
     from ..config import preset
     from ..export.llm import build_llm
     from ..export.tokenizer_factory import build_tokenizer
     from ..runtime.prompts import TextTokenizer
     from .text import base_words
 
-    cfg = preset("illume-nano")
-    if hidden is not None:
-        wide = dataclasses.replace(cfg.llm, hidden_size=hidden, intermediate_size=3 * hidden)
-        cfg = dataclasses.replace(cfg, llm=wide)
-    if heads is not None or kv_heads is not None:
-        h = heads or cfg.llm.num_heads
-        attn = dataclasses.replace(cfg.llm, num_heads=h, num_kv_heads=kv_heads or min(
-            cfg.llm.num_kv_heads, h))
-        cfg = dataclasses.replace(cfg, llm=attn)
+    cfg = _variant_config(preset("illume-nano"), hidden, heads, kv_heads, layers)
     tok = TextTokenizer(build_tokenizer(cfg, base_words(cfg)), cfg)
     return cfg, tok, build_llm(cfg, seed=seed)
 
@@ -462,22 +493,23 @@ def _scored_kinds(phases: list[text_pretrain.Phase], per_kind: int, wcfg: world.
 
 def text_lookup(phases: list[text_pretrain.Phase], lr: float = 1e-3, hidden: int | None = None,
                 per_kind: int = 60, batch: int = 32, every: int = 250, seed: int = 0, log=print,
-                layout: str = "scene-first", heads: int | None = None, kv_heads: int | None = None) -> list[dict]:
+                layout: str = "scene-first", heads: int | None = None, kv_heads: int | None = None,
+                layers: int | None = None) -> list[dict]:
     """The nano LLM (or a variant, `_fresh_llm`) from scratch on the recipe's text pretraining
     (`text_pretrain.pretrain_text`: "<description>. <question>" -> answer, `phases` of (kinds, steps) in order).
     Teacher-forced accuracy on the evaluation's held-out scenes, of every kind the phases train, every
     `every` steps. Without an image, this asks how many steps the LLM needs to learn to look an object up."""
     text_pretrain.check_phases(phases)
-    cfg, tok, model = _fresh_llm(hidden, heads, kv_heads, seed)
+    cfg, tok, model = _fresh_llm(hidden, heads, kv_heads, seed, layers)
     encode = text_pretrain.text_inputs(tok, cfg.tokens.im_end, layout)
     return _learning_curve(model, tok, cfg.tokens.im_end, phases, encode, lr, per_kind, batch, every, seed, log)
 
 
 def _learning_curve(model: nn.Module, tok, im_end: int, phases: list[text_pretrain.Phase],
                     encode: text_pretrain.Encode, lr: float, per_kind: int, batch: int, every: int, seed: int,
-                    log) -> list[dict]:
+                    log, split_relation: bool = False) -> list[dict]:
     """Stage 0's training loop on `encode`'s batches, scored teacher-forced on the held-out questions of the
-    phases' kinds every `every` steps."""
+    phases' kinds every `every` steps (with `split_relation`, also `relation_parts`)."""
     wcfg = world.WorldConfig()
     held = _scored_kinds(phases, per_kind, wcfg)
     history, t0 = [], time.perf_counter()
@@ -488,6 +520,8 @@ def _learning_curve(model: nn.Module, tok, im_end: int, phases: list[text_pretra
             logits = model(**inputs).logits
         history.append({"steps": step, "seconds": round(time.perf_counter() - t0), "loss": round(loss, 4),
                         **accuracy_by_kind(held, teacher_forced_right(logits, labels))})
+        if split_relation:
+            history[-1].update(relation_parts(held, final_word_right(logits, labels)))
         log(json.dumps(history[-1]))
 
     text_pretrain.pretrain_text(model, tok, im_end, wcfg, phases, batch=batch, lr=lr, seed=seed + 1,
@@ -500,12 +534,16 @@ class SlotScenes:
     a token on an object is the sum of the LLM's own input embeddings of its color and shape words (so the
     object's attributes sit in *one* position, as in an image token, and in the words' own directions, as a
     projector aligned to the text space would put them); a token on an empty cell is the embedding of the
-    padding token. Position comes from the token's place in the sequence (RoPE), as for image tokens."""
+    padding token. Position comes from the token's place in the sequence (RoPE), as for image tokens; with
+    `placed`, every token also adds the embeddings of its cell's row and column words ("top", "left"), as the
+    features of a ViT with absolute position embeddings would carry its place."""
 
-    def __init__(self, cfg, tok, grid: tuple[int, int] = (6, 6), wcfg: world.WorldConfig = world.WorldConfig()):
-        self.tok, self.grid, self.wcfg = tok, grid, wcfg
+    def __init__(self, cfg, tok, grid: tuple[int, int] = (6, 6), wcfg: world.WorldConfig = world.WorldConfig(),
+                 placed: bool = False):
+        self.tok, self.grid, self.wcfg, self.placed = tok, grid, wcfg, placed
         self.pad, self.im_end = cfg.tokens.endoftext, cfg.tokens.im_end
-        self.word = {w: tok.encode(" " + w) for w in (*world.COLORS, *world.SHAPES)}
+        self.word = {w: tok.encode(" " + w) for w in (*world.COLORS, *world.SHAPES, *world.ROW_NAMES,
+                                                         *world.COL_NAMES)}
         several = {w: ids for w, ids in self.word.items() if len(ids) != 1}
         if several:
             raise ValueError(f"slot scenes need one token per color and shape word, got {several}")
@@ -519,6 +557,15 @@ class SlotScenes:
             cell = np.s_[o.row * per_r:(o.row + 1) * per_r, o.col * per_c:(o.col + 1) * per_c]
             color[cell], shape[cell] = self.word[o.color][0], self.word[o.shape][0]
         return color.reshape(-1), shape.reshape(-1)
+
+    def place_grid(self) -> tuple[np.ndarray, np.ndarray]:
+        """int64 [rows*cols] the row-name and column-name word ids of each token's cell."""
+        rows, cols = self.grid
+        cell_r = np.arange(rows) * self.wcfg.grid // rows  # token row -> cell row
+        cell_c = np.arange(cols) * self.wcfg.grid // cols
+        row = np.array([self.word[world.ROW_NAMES[r]][0] for r in cell_r])
+        col = np.array([self.word[world.COL_NAMES[c]][0] for c in cell_c])
+        return np.repeat(row, cols), np.tile(col, rows)  # [rows*cols] each, row-major
 
     def batch(self, embed: nn.Embedding, qas: QA) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded inputs_embeds [B, L, hidden], labels [B, L] (the answer and <|im_end|>) and mask [B, L]."""
@@ -535,6 +582,9 @@ class SlotScenes:
             color, shape = torch.from_numpy(color), torch.from_numpy(shape)
             on_object = (shape != self.pad).unsqueeze(-1)
             embeds[i, :n_slots] = embed(color) + on_object * embed(shape)  # [slots, hidden]
+            if self.placed:
+                row, col = (torch.from_numpy(g) for g in self.place_grid())
+                embeds[i, :n_slots] += embed(row) + embed(col)
             embeds[i, n_slots:n_slots + len(ids)] = embed(torch.tensor(ids))
             labels[i, n_slots:n_slots + len(ids)] = torch.tensor(lab)
             mask[i, :n_slots + len(ids)] = 1
@@ -542,24 +592,27 @@ class SlotScenes:
 
 
 def slot_lookup(phases: list[text_pretrain.Phase], lr: float = 1e-3, per_kind: int = 60, batch: int = 32,
-                every: int = 250, seed: int = 0, log=print) -> list[dict]:
+                every: int = 250, seed: int = 0, log=print, layers: int | None = None,
+                placed: bool = False, answer_style: str = "short") -> list[dict]:
     """`text_lookup` with the scene as `SlotScenes` instead of its description: is the lookup slow because
     the text's attributes sit in separate words (a two-step circuit: bind the color word to the shape word,
     then match), or because matching the question against the scene is? Same optimizer and schedule as
     stage 0 (`LLMTrainer.optimizer`, gradients clipped at 1)."""
     text_pretrain.check_phases(phases)
-    cfg, tok, model = _fresh_llm(seed=seed)
-    slots = SlotScenes(cfg, tok, cfg.level_grid(0, *cfg.anchors[0]))
+    cfg, tok, model = _fresh_llm(seed=seed, layers=layers)
+    slots = SlotScenes(cfg, tok, cfg.level_grid(0, *cfg.anchors[0]), placed=placed)
     embed = model.get_input_embeddings()
 
     def encode(pairs):
-        embeds, labels, mask = slots.batch(embed, pairs)
+        embeds, labels, mask = slots.batch(embed, [(s, restyle(s, q, answer_style)) for s, q in pairs])
         return {"inputs_embeds": embeds, "attention_mask": mask}, labels
-    return _learning_curve(model, tok, cfg.tokens.im_end, phases, encode, lr, per_kind, batch, every, seed, log)
+    return _learning_curve(model, tok, cfg.tokens.im_end, phases, encode, lr, per_kind, batch, every, seed, log,
+                           split_relation=answer_style == "positions-first")
 
 
 def image_lookup(checkpoint: str | Path, phases: list[text_pretrain.Phase], lr: float = 1e-3, per_kind: int = 60,
-                 batch: int = 32, seed: int = 0, log=print, answer_style: str = "short") -> list[dict]:
+                 batch: int = 32, seed: int = 0, log=print, answer_style: str = "short",
+                 layers: int | None = None) -> list[dict]:
     """A fresh LLM and projector on `checkpoint`'s vision tower (ViT + tokenizer, frozen), trained on
     single-turn image questions of each phase's kinds in turn (each phase its own call of `LLMTrainer.train`:
     AdamW, one-cycle schedule, gradients clipped), scored after every phase, teacher-forced on the held-out
@@ -569,6 +622,7 @@ def image_lookup(checkpoint: str | Path, phases: list[text_pretrain.Phase], lr: 
 
     text_pretrain.check_phases(phases)
     trainer, builder = load_trainer(checkpoint)
+    trainer.cfg = _variant_config(trainer.cfg, layers=layers)
     trainer.llm = build_llm(trainer.cfg, seed=seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -586,8 +640,11 @@ def image_lookup(checkpoint: str | Path, phases: list[text_pretrain.Phase], lr: 
 
         trainer.train(sample, steps=steps, batch=batch, lr=lr, seed=seed + 100 + i, trainable="all", progress=_Quiet())
         done += steps
+        parts: list[tuple[bool, bool]] = []
         history.append({"steps": done, "kinds": "+".join(kinds), "seconds": round(time.perf_counter() - t0),
-                        **accuracy_by_kind(held, answers_right(trainer, builder, held, wcfg))})
+                        **accuracy_by_kind(held, answers_right(trainer, builder, held, wcfg, parts=parts))})
+        if answer_style == "positions-first":
+            history[-1].update(relation_parts(held, parts))
         log(json.dumps(history[-1]))
     return history
 
@@ -753,6 +810,10 @@ def main(argv: list[str] | None = None) -> int:
                          "questions of each phase's kinds in turn (image_lookup)")
     ap.add_argument("--hidden", type=int, default=None, help="--text-lookup: the LLM's width (nano: 128)")
     ap.add_argument("--heads", type=int, default=None, help="--text-lookup: attention heads (nano: 4)")
+    ap.add_argument("--slot-placed", dest="slot_placed", action="store_true",
+                    help="--slot-lookup: each slot also carries its cell's row and column words")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="--text-lookup / --slot-lookup / --image-lookup: the fresh LLM's depth (nano: 4)")
     ap.add_argument("--kv-heads", dest="kv_heads", type=int, default=None,
                     help="--text-lookup: key/value heads (nano: 2)")
     ap.add_argument("--layout", default="scene-first", choices=text_pretrain.LAYOUTS,
@@ -771,17 +832,18 @@ def main(argv: list[str] | None = None) -> int:
 def _probe(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     torch.manual_seed(recipe.SEED)
     if args.slot_lookup is not None:
-        slot_lookup(parse_phases(args.slot_lookup), args.lr, args.per_kind)
+        slot_lookup(parse_phases(args.slot_lookup), args.lr, args.per_kind, layers=args.layers,
+                    placed=args.slot_placed, answer_style=args.answer_style)
         return 0
     if args.text_lookup is not None:
         text_lookup(parse_phases(args.text_lookup), args.lr, args.hidden, args.per_kind, layout=args.layout,
-                    heads=args.heads, kv_heads=args.kv_heads)
+                    heads=args.heads, kv_heads=args.kv_heads, layers=args.layers)
         return 0
     if args.image_lookup is not None:
         if args.checkpoint is None:
             ap.error("--image-lookup needs --checkpoint (its vision tower)")
         image_lookup(args.checkpoint, parse_phases(args.image_lookup), args.lr, args.per_kind,
-                     answer_style=args.answer_style)
+                     answer_style=args.answer_style, layers=args.layers)
         return 0
     qas = questions(args.per_kind, args.split, style=args.answer_style)
     if args.scratch:
