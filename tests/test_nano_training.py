@@ -5,6 +5,7 @@ import copy
 import io
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -301,7 +302,6 @@ def test_describe_first_schedule_answers_after_the_description(nano):
     """Schedule.answer_style "describe-first" (the "reasoned" schedule): every QA answer of the dialogues is the
     scene's description, ". ", then the answer, and the checkpoint's prompts say so (answer_separator); an
     unknown style is refused before anything trains."""
-    from pathlib import Path
 
     from illume_edge.nano import recipe
 
@@ -371,14 +371,22 @@ def test_stage0_runs_its_phases_in_order_with_one_schedule(nano, monkeypatch):
                                         progress=quiet)
 
 
-def test_recipe_smoke_run_writes_every_stage_and_a_strict_checkpoint(tmp_path):
-    """`recipe.run` end to end on the smoke schedule (every stage, stage 0 included, ~30 s): the checkpoint
-    loads strictly, its checksums cover every file, and every stage is timed and logged."""
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """(out, work, summary) of `recipe.run` on the smoke schedule (every stage, stage 0 included, ~30 s)."""
+    from illume_edge.nano import recipe
+
+    root = tmp_path_factory.mktemp("smoke")
+    out, work = root / "out", root / "work"
+    return out, work, recipe.run(out, work, recipe.SCHEDULES["smoke"], threads=2)
+
+
+def test_recipe_smoke_run_writes_every_stage_and_a_strict_checkpoint(smoke_run):
+    """The checkpoint loads strictly, its checksums cover every file, and every stage is timed and logged."""
     from illume_edge.export.checkpoint import load_checkpoint
     from illume_edge.nano import recipe
 
-    out, work = tmp_path / "out", tmp_path / "work"
-    summary = recipe.run(out, work, recipe.SCHEDULES["smoke"], threads=2)
+    out, work, summary = smoke_run
     llm = [name for name, *_ in recipe.LLM_STAGES]
     llm[llm.index("lookup") + 1:llm.index("lookup") + 1] = ["lookup_exist"]  # the smoke schedule's lookup_then
     stages = ["vit", "tokenizer", "vae", "unet", "stage0"] + llm + ["self_assess", "stage4", "stage4_ablation"]
@@ -390,6 +398,51 @@ def test_recipe_smoke_run_writes_every_stage_and_a_strict_checkpoint(tmp_path):
     assert listed == {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {recipe.CHECKSUMS}
     load_checkpoint(out)
     load_checkpoint(work / "ablation_checkpoint")
+
+
+def _weight_bytes(root: Path) -> dict[str, bytes]:
+    """Every file of a checkpoint folder but its run record (recipe.json, the log, the checksums)."""
+    skip = {"recipe.json", "train_log.jsonl", "SHA256SUMS"}
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name not in skip}
+
+
+def test_stage4_alone_on_saved_stage3_weights_writes_the_runs_weights_again(smoke_run, tmp_path):
+    """`run_stage4` with the run's own schedule rewrites the run's checkpoint and ablation byte for byte; a
+    stage-4 field may change (and changes the weights), a field of an earlier stage may not."""
+    from illume_edge.nano import recipe
+
+    out, work, _ = smoke_run
+    smoke = recipe.SCHEDULES["smoke"]
+    again = recipe.run_stage4(tmp_path / "out", tmp_path / "work", work, smoke, threads=2)
+    assert list(again["stage_seconds"]) == ["self_assess", "stage4", "stage4_ablation"]
+    assert again["stage3_from"] == str(work)
+    assert _weight_bytes(tmp_path / "out") == _weight_bytes(out)
+    assert _weight_bytes(tmp_path / "work" / "ablation_checkpoint") == _weight_bytes(work / "ablation_checkpoint")
+
+    more_gen = replace(smoke, stage4_gen=0.5)
+    recipe.run_stage4(tmp_path / "gen", tmp_path / "work-gen", work, more_gen, threads=2)
+    assert _weight_bytes(tmp_path / "gen") != _weight_bytes(out)
+
+    with pytest.raises(ValueError, match=r"before stage 4 in \['stage3'\]"):
+        recipe.run_stage4(tmp_path / "bad", tmp_path / "w", work, replace(smoke, stage3=2))
+    with pytest.raises(ValueError, match="pass --seed"):
+        recipe.run_stage4(tmp_path / "bad", tmp_path / "w", work, smoke, seed=recipe.SEED + 1)
+    with pytest.raises(FileNotFoundError, match="stage3_checkpoint is missing"):
+        recipe.run_stage4(tmp_path / "bad", tmp_path / "w", tmp_path / "nowhere", smoke)
+
+
+def test_stage4_settings_change_only_stage4_fields_with_their_types():
+    from illume_edge.nano import recipe
+
+    base = recipe.SCHEDULES["judge-edit-light"]
+    s = recipe.stage4_overrides(base, ["stage4_gen=0.1", "stage4=200", "assess_poor_share=none"])
+    assert (s.stage4_gen, s.stage4, s.assess_poor_share) == (0.1, 200, None)
+    assert replace(s, stage4_gen=base.stage4_gen, stage4=base.stage4) == base
+    assert recipe.stage4_overrides(base, ["assess_poor_share=0.5"]).assess_poor_share == 0.5
+    for bad, match in (("stage3=10", "FIELD one of"), ("stage4_gen", "FIELD=VALUE"), ("stage4=1.5", "not of type int")):
+        with pytest.raises(ValueError, match=match):
+            recipe.stage4_overrides(base, [bad])
 
 
 def test_reproducible_training_gives_the_same_bytes_twice(nano):

@@ -7,7 +7,8 @@ run's own stage 4.
 Mixtures: "recipe" (the schedule's own), "no-corrections" (poor samples without their corrected image),
 "more-editing" (Schedule.stage4_edit 0.2, as --schedule judge-edit), "edit-<share>" (Schedule.stage4_edit
 <share>, e.g. edit-0.1). Writes engines/illume-nano-s4-<mixture> and
-benchmarks/results/nano-eval-stage4-<tag>-<mixture>.json."""
+benchmarks/results/nano-eval-stage4-<tag>-<mixture>.json. (One schedule's stage 4 with its ablation, written
+as a checkpoint: `python -m illume_edge.nano.recipe --stage3-from WORK --schedule NAME`.)"""
 import argparse
 import dataclasses
 import subprocess
@@ -56,12 +57,12 @@ def fine_tune_each(args: argparse.Namespace, changes: dict[str, dict]) -> int:
         opts = changes[name]
         corrections = opts.pop("corrections", True)
         s = dataclasses.replace(base, **opts)
-        mods, trainer, builder = probes.load_modules(work / "stage3_checkpoint")
+        mods, trainer, builder = recipe.load_modules(work / "stage3_checkpoint")
         tasks = recipe.Tasks(builder, wcfg, answer_style=recipe.ANSWER_STYLES[s.answer_style][1],
                              assess_evidence=s.assess_evidence)
         sft = recipe.stage_mixtures(tasks, s.lookup_kinds, s.assess_rendered)["stage3"]
         assess = recipe.assessment_examples(pool, builder, wcfg, s.assess_poor_share, s.assess_evidence, corrections)
-        mix, _ = recipe.stage4_mixtures(sft, tasks.edit, assess, s.stage4_edit)
+        mix, _ = recipe.stage4_mixtures(sft, tasks.edit, assess, s.stage4_edit, tasks.t2i_geneval, s.stage4_gen)
         trainer.train(mix, steps=s.stage4, batch=s.llm_batch, lr=5e-4, seed=recipe._seed(14, args.seed),
                       trainable="all", progress=probes._Quiet())
         engine = Path(f"engines/illume-nano-s4-{name}")

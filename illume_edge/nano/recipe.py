@@ -18,6 +18,9 @@ Stages (docs/nano.md has the why of each):
 
 Run: python -m illume_edge.nano.recipe --out models/illume-nano [--work build/nano]
          [--schedule NAME (one of SCHEDULES; DEFAULT_SCHEDULE, "judge-edit-light", is make nano's)] [--seed N]
+     Stage 4 alone, on the stage-3 weights of an earlier run (a schedule that differs in STAGE4_FIELDS only):
+     python -m illume_edge.nano.recipe --stage3-from build/nano --schedule NAME --out OUT --work WORK
+         [--stage4-set FIELD=VALUE ...]
 """
 from __future__ import annotations
 
@@ -497,6 +500,19 @@ def _seed(offset: int, base: int = SEED) -> int:
     return base + offset
 
 
+def load_modules(checkpoint: str | Path) -> tuple[IllumeModules, LLMTrainer, SequenceBuilder]:
+    """(the checkpoint's modules, a trainer on their LLM, projector and vision tower (ViT + tokenizer from its
+    DualViTok file), its sequence builder): training the trainer trains the modules, which export as they are."""
+    from ..export.checkpoint import CheckpointPaths, load_checkpoint, read_dualvitok
+
+    mods = load_checkpoint(checkpoint)
+    cfg, paths = mods.cfg, CheckpointPaths.from_dir(checkpoint)
+    sem = SemanticTokenizer.from_dualvitok(read_dualvitok(paths.dualvitok), mods.quantizers[0], cfg.branches[0].in_dim)
+    tower = VisionTower(cfg, mods.encoders["semantic"], sem)
+    builder = SequenceBuilder(TextTokenizer.from_file(paths.mllm / "tokenizer.json", cfg), cfg)
+    return mods, LLMTrainer(cfg, mods.llm, mods.projectors["semantic"], tower), builder
+
+
 def dualvitok_extra(tokenizer: SemanticTokenizer, vit: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The tokenizer's own training parts, stored under the release's ignored prefixes."""
     out = {f"semantic_encoder.vit.{k}": v for k, v in vit.state_dict().items()}
@@ -541,6 +557,20 @@ def reproducible(threads: int):
         torch.set_num_threads(was_threads)
 
 
+class StageClock:
+    """Seconds per stage (`times`, in the order the stages start) and each stage's progress bar, logged to `log`."""
+
+    def __init__(self, log: Path):
+        self.log, self.times = log, {}
+
+    def stage(self, name: str, total: int) -> Progress:
+        self.times[name] = time.perf_counter()
+        return Progress(name, total, self.log)
+
+    def done(self, name: str) -> None:
+        self.times[name] = round(time.perf_counter() - self.times[name], 1)
+
+
 def run(out: Path, work: Path, schedule: Schedule, threads: int = 2, seed: int = SEED) -> dict:
     """Every stage in order; `seed` (default SEED, the shipped model's) sets every stage's seed."""
     with reproducible(threads):
@@ -568,14 +598,8 @@ def _run(out: Path, work: Path, schedule: Schedule, threads: int, seed: int) -> 
     tok = TextTokenizer(build_tokenizer(cfg, words), cfg)
     builder = SequenceBuilder(tok, cfg)
     mods = build_modules(cfg)
-    times: dict[str, float] = {}
-
-    def stage(name: str, total: int) -> Progress:
-        times[name] = time.perf_counter()
-        return Progress(name, total, log)
-
-    def done(name: str) -> None:
-        times[name] = round(time.perf_counter() - times[name], 1)
+    clock = StageClock(log)
+    stage, done, times = clock.stage, clock.done, clock.times
 
     s = schedule
     vit = mods.encoders["semantic"].train().requires_grad_(True)
@@ -623,34 +647,133 @@ def _run(out: Path, work: Path, schedule: Schedule, threads: int, seed: int) -> 
     stage3_ckpt, stage3_engine = work / "stage3_checkpoint", work / "stage3_engine"
     p = stage("self_assess", s.self_enhance_prompts)
     save(mods, stage3_ckpt, words, extra, torch.float32)
+    (work / STAGE3_RECORD).write_text(json.dumps({"seed": seed, "schedule": dataclasses.asdict(s)}, indent=2) + "\n")
     export_fp32(stage3_ckpt, stage3_engine)
-    pool = self_assess_pool(stage3_engine, wcfg, s.self_enhance_prompts, _seed(20, seed), p)
+    result = _stage4(mods, trainer, tasks, mixes["stage3"], builder, wcfg, s, seed, stage3_engine, p, stage, done)
+    save(result.ablation, work / "ablation_checkpoint", words, extra, torch.float16)
+    return _finish(mods, out, log, words, extra, s, seed, threads, times, t_start, result)
+
+
+# Schedule fields that act in stage 4 and after; `run_stage4` may change them, not the others
+STAGE4_FIELDS = ("self_enhance_prompts", "stage4", "assess_poor_share", "stage4_edit", "stage4_gen")
+STAGE3_RECORD = "stage3_run.json"  # in the work folder, beside stage3_checkpoint: the seed and schedule it came from
+
+
+@dataclass
+class Stage4Result:
+    good: int  # good samples in the self-assessment pool
+    samples: int
+    ablation: IllumeModules  # the stage-3 weights fine-tuned without the assessment data
+
+
+def _stage4(mods: IllumeModules, trainer: LLMTrainer, tasks: Tasks, stage3_mix: Callable, builder: SequenceBuilder,
+            wcfg: world.WorldConfig, s: Schedule, seed: int, stage3_engine: Path, pool_progress: Progress,
+            stage: Callable[[str, int], Progress], done: Callable[[str], None]) -> Stage4Result:
+    """Self-enhancing alignment on the stage-3 weights in `mods` (exported to `stage3_engine`): the pool of
+    the model's own samples, assessed (its progress already started as "self_assess"), then stage 4 trains
+    `trainer` (on `mods`) with the assessment data and the ablation trains a copy of the stage-3 weights on the
+    same replay without it."""
+    pool = self_assess_pool(stage3_engine, wcfg, s.self_enhance_prompts, _seed(20, seed), pool_progress)
     good = sum(x.assessment.good for x in pool)
-    p.note(samples=len(pool), good=good, poor=len(pool) - good)
+    pool_progress.note(samples=len(pool), good=good, poor=len(pool) - good)
     done("self_assess")
     stage3_state = copy.deepcopy(mods)
     assess_data = assessment_examples(pool, builder, wcfg, s.assess_poor_share, s.assess_evidence)
-    with_assess, replay = stage4_mixtures(mixes["stage3"], tasks.edit, assess_data, s.stage4_edit, tasks.t2i_geneval,
+    with_assess, replay = stage4_mixtures(stage3_mix, tasks.edit, assess_data, s.stage4_edit, tasks.t2i_geneval,
                                           s.stage4_gen)
     trainer.train(with_assess, steps=s.stage4, batch=s.llm_batch, lr=5e-4, seed=_seed(14, seed), trainable="all",
                   progress=stage("stage4", s.stage4))
     done("stage4")
 
-    ablation = LLMTrainer(cfg, stage3_state.llm, stage3_state.projectors["semantic"], tower)
+    ablation = LLMTrainer(trainer.cfg, stage3_state.llm, stage3_state.projectors["semantic"], trainer.tower)
     ablation.train(replay, steps=s.stage4, batch=s.llm_batch, lr=5e-4, seed=_seed(14, seed), trainable="all",
                    progress=stage("stage4_ablation", s.stage4))
     done("stage4_ablation")
-    save(stage3_state, work / "ablation_checkpoint", words, extra, torch.float16)
+    return Stage4Result(good, len(pool), stage3_state)
 
+
+def _finish(mods: IllumeModules, out: Path, log: Path, words: list[str], extra: dict, s: Schedule, seed: int,
+            threads: int, times: dict, t_start: float, result: Stage4Result, **more) -> dict:
+    """Write the checkpoint, its training log, recipe.json (the summary, returned) and its checksums."""
     mods.generation_config = {"repetition_penalty": 1.0}
     save(mods, out, words, extra, torch.float16)
     shutil.copyfile(log, out / "train_log.jsonl")
     summary = {"schedule": dataclasses.asdict(s), "seed": seed, "threads": threads, "stage_seconds": times,
                "total_seconds": round(time.perf_counter() - t_start, 1), "torch": torch.__version__,
-               "self_assess_pool": {"samples": len(pool), "good": good}}
+               "self_assess_pool": {"samples": result.samples, "good": result.good}, **more}
     (out / "recipe.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_checksums(out)
     return summary
+
+
+def stage4_overrides(schedule: Schedule, settings: list[str]) -> Schedule:
+    """`schedule` with "FIELD=VALUE" settings of STAGE4_FIELDS (`--stage4-set`; "none" for assess_poor_share's
+    None), each VALUE of its field's type."""
+    types = {"self_enhance_prompts": int, "stage4": int, "assess_poor_share": float, "stage4_edit": float,
+             "stage4_gen": float}
+    changes = {}
+    for item in settings:
+        field, sep, value = item.partition("=")
+        if not sep or field not in types:
+            raise ValueError(f"--stage4-set {item!r}: expected FIELD=VALUE with FIELD one of {list(STAGE4_FIELDS)}")
+        try:
+            changes[field] = None if field == "assess_poor_share" and value == "none" else types[field](value)
+        except ValueError:
+            raise ValueError(f"--stage4-set {item!r}: {value!r} is not of type {types[field].__name__}") from None
+    return dataclasses.replace(schedule, **changes)
+
+
+def run_stage4(out: Path, work: Path, stage3_from: Path, schedule: Schedule, threads: int = 2,
+               seed: int = SEED) -> dict:
+    """Stage 4 and its ablation alone, on the stage-3 weights an earlier run left in `stage3_from` (its work
+    folder: stage3_checkpoint, stage3_engine, stage3_run.json), with that run's seed and with `schedule`, which
+    may differ from that run's only in STAGE4_FIELDS. With the run's own schedule it writes the run's weights
+    again, byte for byte: the same code as `run`'s stage 4, on the same seeds."""
+    with reproducible(threads):
+        return _run_stage4(out, work, Path(stage3_from), schedule, threads, seed)
+
+
+def _run_stage4(out: Path, work: Path, stage3_from: Path, schedule: Schedule, threads: int, seed: int) -> dict:
+    ckpt, engine, recorded = (stage3_from / n for n in ("stage3_checkpoint", "stage3_engine", STAGE3_RECORD))
+    for path in (ckpt, engine):
+        if not path.is_dir():
+            raise FileNotFoundError(f"run_stage4: {path} is missing; stage 4 needs the stage-3 weights and engine "
+                                    f"of an earlier run: python -m illume_edge.nano.recipe --work {stage3_from} ...")
+    if recorded.is_file():
+        record = json.loads(recorded.read_text())
+        if record["seed"] != seed:
+            raise ValueError(f"run_stage4: {recorded} says the run's seed was {record['seed']}, got {seed}; "
+                             f"pass --seed {record['seed']}")
+        before = record["schedule"]
+        mine = json.loads(json.dumps(dataclasses.asdict(schedule)))  # tuples as lists, as the file has them
+        differ = sorted(k for k in set(before) | set(mine)
+                        if k not in STAGE4_FIELDS and before.get(k) != mine.get(k))
+        if differ:
+            raise ValueError(f"run_stage4: the schedule differs from {recorded}'s before stage 4 in {differ} "
+                             f"(expected only {list(STAGE4_FIELDS)} to change); give the schedule that run used")
+    else:
+        print(f"run_stage4: {recorded} not found (a run before it was written); the seed and the schedule's "
+              f"stages before stage 4 are not checked against it", file=sys.stderr)
+    torch.manual_seed(seed)
+    t_start = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "train_log.jsonl"
+    log.write_text("")
+    mods, trainer, builder = load_modules(ckpt)
+    extra = dualvitok_extra(trainer.tower.tokenizer, trainer.tower.vit)
+    wcfg, s = world.WorldConfig(), schedule
+    _, restyle = ANSWER_STYLES[s.answer_style]
+    tasks = Tasks(builder, wcfg, answer_style=restyle, assess_evidence=s.assess_evidence)
+    clock = StageClock(log)
+    stage, done, times = clock.stage, clock.done, clock.times
+
+    mix = stage_mixtures(tasks, s.lookup_kinds, s.assess_rendered)["stage3"]
+    p = stage("self_assess", s.self_enhance_prompts)
+    result = _stage4(mods, trainer, tasks, mix, builder, wcfg, s, seed, engine, p, stage, done)
+    words = base_words(mods.cfg)
+    save(result.ablation, work / "ablation_checkpoint", words, extra, torch.float16)
+    return _finish(mods, out, log, words, extra, s, seed, threads, times, t_start, result,
+                   stage3_from=str(stage3_from))
 
 
 CHECKSUMS = "SHA256SUMS"
@@ -670,8 +793,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=sorted(SCHEDULES))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=SEED, help="base of every stage's seed (another run of the recipe)")
+    ap.add_argument("--stage3-from", dest="stage3_from", default=None, metavar="WORK",
+                    help="run stage 4 and its ablation only, on the stage-3 weights an earlier run left in its work "
+                         "folder WORK; the schedule may differ from that run's in " + ", ".join(STAGE4_FIELDS))
+    ap.add_argument("--stage4-set", dest="stage4_set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="with --stage3-from: change a stage-4 field of the schedule (e.g. stage4_gen=0.1)")
     args = ap.parse_args(argv)
-    summary = run(Path(args.out), Path(args.work), SCHEDULES[args.schedule], args.threads, args.seed)
+    if args.stage4_set and args.stage3_from is None:
+        ap.error("--stage4-set needs --stage3-from (a whole run takes a named schedule)")
+    if args.stage3_from is not None:
+        schedule = stage4_overrides(SCHEDULES[args.schedule], args.stage4_set)
+        summary = run_stage4(Path(args.out), Path(args.work), Path(args.stage3_from), schedule, args.threads,
+                             args.seed)
+    else:
+        summary = run(Path(args.out), Path(args.work), SCHEDULES[args.schedule], args.threads, args.seed)
     print(json.dumps(summary["stage_seconds"]), f"total {summary['total_seconds']} s", file=sys.stderr)
     return 0
 
