@@ -14,7 +14,7 @@ from illume_edge.config import preset
 from illume_edge.nano import evaluator as ev
 from illume_edge.nano.world import (COLORS, EDIT_KINDS, GEN_CATEGORIES, NEAR_MISS_KINDS, NUMBER_WORDS, QA_KINDS,
                                     RELATIONS, SCAFFOLD_KINDS, SHAPES, QA, scaffold_qa,
-                                    GenPrompt, Obj, Scene, WorldConfig, describe, describe_first, full_prompt,
+                                    Edit, GenPrompt, Obj, Scene, WorldConfig, describe, describe_first, full_prompt,
                                     named_object, positions_first,
                                     gen_prompt_for,
                                     heldout_scenes, is_heldout, make_edit, make_qa, near_miss, position_name, qa_pairs,
@@ -491,6 +491,21 @@ def test_generation_failures_say_which_aspect_of_a_prompt_broke():
     colors = _prompt(THREE, "colors", "a red circle")
     assert ev.generation_failures([(colors, THREE), (colors, Scene(THREE.objects[1:]))]) == {
         "colors": {"object": 0.5, "color": 0.5}}
+
+
+def test_editing_failures_tell_an_unchanged_output_from_a_wrong_object_edited():
+    """Recoloring the circle of THREE: the source back is "unchanged" (and so "missed"); the square recolored in
+    its place is "missed" and "collateral"; the circle recolored and the triangle lost is "collateral" only."""
+    recolor = Edit("recolor", "make the red circle green", THREE,
+                   Scene((Obj(0, 0, "circle", "green"), *THREE.objects[1:])))
+    wrong_object = Scene((THREE.objects[0], Obj(1, 1, "square", "green"), THREE.objects[2]))
+    lost_one = Scene(recolor.target.objects[:2])
+    fails = ev.editing_failures([(recolor, recolor.target), (recolor, THREE), (recolor, wrong_object),
+                                 (recolor, lost_one)])
+    assert fails == {"recolor": {"unchanged": 0.25, "missed": 0.5, "collateral": 0.5}}
+    remove = make_edit(THREE, np.random.default_rng(0), "remove", CFG)
+    assert ev.editing_failures([(remove, THREE), (remove, remove.target)]) == {
+        "remove": {"unchanged": 0.5, "missed": 0.5, "collateral": 0.0}}
 
 
 # ----------------------------------------------------------------------------------------------------

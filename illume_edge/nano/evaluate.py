@@ -15,7 +15,9 @@ generated and edited images parsed back into scenes), never from logits:
   the model's, the comparison is not, so this is not the paper's self-assessment: it measures what the
   model's own reading of its images could give a ranker; "single_failures" says which aspect of the prompts
   the single samples broke (`evaluator.generation_failures`: a named shape missing, the pair misplaced, ...);
-- editing: accuracy per edit kind and overall (output parsed == target scene);
+- editing: accuracy per edit kind and overall (output parsed == target scene); "editing_failures" per kind
+  the share of outputs that are the source unchanged, that miss the edit, or that change an object the edit
+  leaves alone (`evaluator.editing_failures`);
 - self-assessment: agreement of the model's verdicts (object / count / color / spatial) with the evaluator's
   on the model's own generations; "valid" is the share of answers that are a well-formed assessment.
 
@@ -207,6 +209,7 @@ def evaluate(backend, size: EvalSize, wcfg: world.WorldConfig = world.WorldConfi
         "generation_single_failures": evaluator.generation_failures(x for s in per_sample for x in s),
         f"generation_best_of_{size.candidates}": evaluator.generation_scores(best),
         "editing": evaluator.editing_scores(edited),
+        "editing_failures": evaluator.editing_failures(edited),
         "self_assessment": evaluator.assessment_scores(agree),
         f"best_of_{size.candidates}_diagnostics": best_of_diagnostics(judged, ties, oracle, mixed, len(prompts)),
         f"generation_best_of_{size.candidates}_self_described": evaluator.generation_scores(described)

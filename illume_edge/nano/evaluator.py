@@ -367,6 +367,23 @@ def editing_scores(results: Iterable[tuple[Edit, Scene]]) -> dict[str, float]:
     return accuracy_by((e.kind, edit_correct(e, s)) for e, s in results)
 
 
+def editing_failures(results: Iterable[tuple[Edit, Scene]]) -> dict[str, dict[str, float]]:
+    """(edit, parsed edited scene) pairs -> per edit kind, the share of edits whose output
+    "unchanged": is the source scene itself; "missed": lacks what the edit makes (the recolored, moved or added
+    object) or still holds what it takes away (the removed object, the old color or place); "collateral": lost or
+    changed an object the edit leaves alone. An output can miss and be collateral at once (the wrong object
+    recolored); an unchanged one misses."""
+    fails: dict[str, dict[str, list[bool]]] = {}
+    for e, out in results:
+        src, tgt, got = set(e.source.objects), set(e.target.objects), set(out.objects)
+        made, taken, kept = tgt - src, src - tgt, src & tgt
+        by = fails.setdefault(e.kind, {"unchanged": [], "missed": [], "collateral": []})
+        by["unchanged"].append(out == e.source)
+        by["missed"].append(bool(made - got or taken & got))
+        by["collateral"].append(bool(kept - got))
+    return {k: {a: float(np.mean(v)) for a, v in by.items()} for k, by in sorted(fails.items())}
+
+
 def assessment_scores(results: Iterable[tuple[str, Assessment]]) -> dict[str, float]:
     """(model's assessment text, evaluator's Assessment) -> "valid" (parsable rate) and "agreement"."""
     parsed = [(assessment_from_json(text), truth) for text, truth in results]

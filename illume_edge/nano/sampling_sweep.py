@@ -60,7 +60,7 @@ def dev_tasks(task: str, per_kind: int, wcfg: world.WorldConfig = world.WorldCon
 def score_setting(pipe, task: str, items: list, setting: Setting, samples: int = 1,
                   wcfg: world.WorldConfig = world.WorldConfig()) -> dict[str, float]:
     """The evaluator's scores of `setting` on `items` (`dev_tasks`; GenEval categories or edit kinds, and
-    overall; for generation also "failures", `evaluator.generation_failures`); item i's sample s uses seed
+    overall; and "failures", `evaluator.generation_failures` / `editing_failures`); item i's sample s uses seed
     10 * i + s, the same for every setting."""
     kw = dict(temperature=setting.temperature, cfg=setting.cfg, decoder_cfg=setting.decoder_cfg)
     if task == "generate":
@@ -69,7 +69,7 @@ def score_setting(pipe, task: str, items: list, setting: Setting, samples: int =
         return evaluator.generation_scores(out) | {"failures": evaluator.generation_failures(out)}
     out = [(e, evaluator.parse(pipe.edit(world.render(e.source, wcfg), e.instruction, seed=10 * i + s, **kw).image,
                                wcfg)) for i, e in enumerate(items) for s in range(samples)]
-    return evaluator.editing_scores(out)
+    return evaluator.editing_scores(out) | {"failures": evaluator.editing_failures(out)}
 
 
 def sweep(pipe, task: str, settings: list[Setting], per_kind: int, samples: int = 1, log=None) -> list[dict]:
