@@ -421,3 +421,26 @@ def test_continue_on_rendered_assessments_is_scored_by_the_judge(shipped):
     assert drawn[0][0] == "assess_rendered" and '"shows"' in drawn[0][1].replace(" ", ""), drawn
     with pytest.raises(ValueError, match="--continue: expected one of"):
         probes.continue_training(trainer, builder, "bogus", 1, 1, 1e-3, score=dict)
+
+
+def test_extra_phase_specs_parse_and_refuse_bad_ones():
+    assert probes.parse_extra_phase("edit=0.3,geneval=0.3:300") == ({"edit": 0.3, "geneval": 0.3}, 300)
+    assert probes.parse_extra_phase("edit=1:5") == ({"edit": 1.0}, 5)
+    for bad in ("edit=0.3", "edit=0.3:0", "caption=0.3:10", "edit=0.7,geneval=0.5:10", "edit=0:10", "edit:10",
+                "edit=x:10"):
+        with pytest.raises(ValueError, match="TASK=SHARE"):
+            probes.parse_extra_phase(bad)
+
+
+def test_extra_phase_saves_a_work_folder_that_stage4_takes(tmp_path):
+    """The phase trains the checkpoint's LLM (its weights change, its vision tower does not) and writes the
+    stage-3 checkpoint and engine that `recipe.run_stage4` reads."""
+    from illume_edge.export.checkpoint import load_checkpoint
+
+    probes.extra_phase(NANO, tmp_path, {"edit": 0.5}, steps=1, schedule="judge-edit-light")
+    before, after = load_checkpoint(NANO), load_checkpoint(tmp_path / "stage3_checkpoint")
+    assert (tmp_path / "stage3_engine" / "manifest.json").is_file()
+    changed = [k for k, v in after.llm.state_dict().items() if not torch.equal(v, before.llm.state_dict()[k].float())]
+    assert changed
+    vit_before, vit_after = before.encoders["semantic"].state_dict(), after.encoders["semantic"].state_dict()
+    assert all(torch.equal(vit_after[k], v.float()) for k, v in vit_before.items())

@@ -30,6 +30,9 @@
 - ``--layers N``: the fresh LLM of ``--text-lookup`` / ``--slot-lookup`` / ``--image-lookup`` N layers deep;
 - ``--answer-style positions-first`` with ``--slot-lookup`` / ``--image-lookup``: also scores the relation
   answers' two parts apart (`relation_parts`): the positions, and the yes / no after the true positions;
+- ``--extra-phase TASK=SHARE,...:STEPS --save-work WORK`` (with ``--checkpoint``): the weights trained further on
+  edits / GenEval-style prompts with the stage-3 replay, saved as a work folder that ``recipe --stage3-from``
+  takes (`extra_phase`): does a phase before stage 4 give back what a schedule lost?
 - ``--judge PAIRS [--judge-evidence]`` (with ``--checkpoint``): the self-assessment without free-running noise,
   teacher-forced on rendered held-out prompts, half right images and half near misses (`judge`): are the
   verdicts right on wrong images, and (with the evidence field) is the evidence?
@@ -46,6 +49,8 @@ Run: python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint
          [--answer-style positions-first]
      python -m illume_edge.nano.probes --checkpoint models/illume-nano --image-lookup color:250,color:250
      python -m illume_edge.nano.probes --checkpoint models/illume-nano --vit-position
+     python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint --schedule judge-edit-light \
+         --extra-phase edit=0.3,geneval=0.3:300 --save-work build/phase
      python -m illume_edge.nano.probes --checkpoint build/nano-evidence/checkpoint --judge 240 --judge-evidence
      python -m illume_edge.nano.probes --checkpoint CKPT --continue rendered --steps 400 --chunks 1 --judge 240 \
          --judge-evidence
@@ -71,6 +76,7 @@ from ..runtime.prompts import IMAGE_MARKER
 from . import evaluate, recipe, text_pretrain, world
 from .llm_train import LLMTrainer
 from .recipe import load_modules
+from .text import base_words
 from .sequences import IGNORE, SequenceBuilder
 
 QA = list[tuple[world.Scene, world.QA]]
@@ -686,6 +692,46 @@ def continue_training(trainer: LLMTrainer, builder: SequenceBuilder, mix: str, s
     return history
 
 
+EXTRA_PHASE_TASKS = ("edit", "geneval")  # --extra-phase: Tasks.edit, Tasks.t2i_geneval
+EXTRA_PHASE_SEED = 777
+
+
+def parse_extra_phase(spec: str) -> tuple[dict[str, float], int]:
+    """"edit=0.3,geneval=0.3:300" -> ({"edit": 0.3, "geneval": 0.3}, 300)."""
+    shares, sep, steps = spec.rpartition(":")
+    try:
+        parts = {k: float(v) for k, v in (item.split("=") for item in shares.split(","))}
+        steps_n = int(steps)
+    except ValueError:
+        parts, steps_n = {}, 0
+    if not sep or not parts or steps_n <= 0 or set(parts) - set(EXTRA_PHASE_TASKS) or not (
+            0 < sum(parts.values()) <= 1 and min(parts.values()) > 0):
+        raise ValueError(f"--extra-phase {spec!r}: expected TASK=SHARE[,TASK=SHARE]:STEPS with TASK one of "
+                         f"{list(EXTRA_PHASE_TASKS)}, shares > 0 summing to at most 1, STEPS > 0")
+    return parts, steps_n
+
+
+def extra_phase(checkpoint: str | Path, work: Path, shares: dict[str, float], steps: int, lr: float = 1e-3,
+                schedule: str = recipe.DEFAULT_SCHEDULE, seed: int = EXTRA_PHASE_SEED) -> None:
+    """`checkpoint`'s weights trained `steps` more on `shares` of edits / GenEval-style prompts and the
+    schedule's stage-3 mixture for the rest (a phase the recipe could add after stage 3), saved as `work`'s
+    stage3_checkpoint and stage3_engine: `recipe --stage3-from work` then runs stage 4 on them, and the engine
+    is the phase's result alone."""
+    s = recipe.SCHEDULES[schedule]
+    mods, trainer, builder = load_modules(checkpoint)
+    tasks = recipe.Tasks(builder, world.WorldConfig(), answer_style=recipe.ANSWER_STYLES[s.answer_style][1],
+                         assess_evidence=s.assess_evidence)
+    sft = recipe.stage_mixtures(tasks, s.lookup_kinds, s.assess_rendered)["stage3"]
+    samplers = {"edit": tasks.edit, "geneval": tasks.t2i_geneval}
+    rest = 1.0 - sum(shares.values())
+    parts = [(w, samplers[k]) for k, w in shares.items()] + ([(rest, sft)] if rest > 0 else [])
+    trainer.train(recipe.mixture(parts), steps=steps, batch=s.llm_batch, lr=lr, seed=seed, trainable="all",
+                  progress=_Quiet())
+    extra = recipe.dualvitok_extra(trainer.tower.tokenizer, trainer.tower.vit)
+    recipe.save(mods, work / "stage3_checkpoint", base_words(mods.cfg), extra, torch.float32)
+    recipe.export_fp32(work / "stage3_checkpoint", work / "stage3_engine")
+
+
 def pretrain_vit_factored(cfg, vit: nn.Module, wcfg: world.WorldConfig, steps: int, batch: int, lr: float,
                           seed: int) -> None:
     """The recipe's ViT pretraining (vision_train.pretrain_vit) with one linear probe per factor of the token
@@ -810,6 +856,12 @@ def main(argv: list[str] | None = None) -> int:
                          "questions of each phase's kinds in turn (image_lookup)")
     ap.add_argument("--hidden", type=int, default=None, help="--text-lookup: the LLM's width (nano: 128)")
     ap.add_argument("--heads", type=int, default=None, help="--text-lookup: attention heads (nano: 4)")
+    ap.add_argument("--extra-phase", dest="extra_phase", default=None, metavar="TASK=SHARE,...:STEPS",
+                    help="with --checkpoint and --save-work: train its weights on edits / geneval prompts (the "
+                         "rest the schedule's stage-3 mixture) and save them as a work folder for "
+                         "recipe --stage3-from (extra_phase); give the --schedule of the run, whose stage-3 "
+                         "mixture is replayed")
+    ap.add_argument("--save-work", dest="save_work", default=None, metavar="WORK")
     ap.add_argument("--slot-placed", dest="slot_placed", action="store_true",
                     help="--slot-lookup: each slot also carries its cell's row and column words")
     ap.add_argument("--layers", type=int, default=None,
@@ -838,6 +890,13 @@ def _probe(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.text_lookup is not None:
         text_lookup(parse_phases(args.text_lookup), args.lr, args.hidden, args.per_kind, layout=args.layout,
                     heads=args.heads, kv_heads=args.kv_heads, layers=args.layers)
+        return 0
+    if args.extra_phase is not None:
+        if args.checkpoint is None or args.save_work is None:
+            ap.error("--extra-phase needs --checkpoint and --save-work")
+        shares, steps = parse_extra_phase(args.extra_phase)
+        with recipe.reproducible(args.threads):
+            extra_phase(args.checkpoint, Path(args.save_work), shares, steps, args.lr, args.schedule)
         return 0
     if args.image_lookup is not None:
         if args.checkpoint is None:

@@ -752,8 +752,8 @@ def _run_stage4(out: Path, work: Path, stage3_from: Path, schedule: Schedule, th
             raise ValueError(f"run_stage4: the schedule differs from {recorded}'s before stage 4 in {differ} "
                              f"(expected only {list(STAGE4_FIELDS)} to change); give the schedule that run used")
     else:
-        print(f"run_stage4: {recorded} not found (a run before it was written); the seed and the schedule's "
-              f"stages before stage 4 are not checked against it", file=sys.stderr)
+        print(f"run_stage4: {recorded} not found (runs before it was written, and `probes --extra-phase`, leave "
+              f"none); the seed and the schedule's stages before stage 4 are not checked", file=sys.stderr)
     torch.manual_seed(seed)
     t_start = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
