@@ -51,7 +51,7 @@ def fine_tune_each(args: argparse.Namespace, changes: dict[str, dict]) -> int:
     work, wcfg = Path(args.work), world.WorldConfig()
     base = recipe.SCHEDULES[args.schedule]
     pool = recipe.self_assess_pool(work / "stage3_engine", wcfg, base.self_enhance_prompts,
-                                   recipe._seed(20, args.seed), probes._Quiet())
+                                   recipe._seed("self_assess", args.seed), probes._Quiet())
     print(f"pool: {sum(x.assessment.good for x in pool)} good of {len(pool)}", flush=True)
     for name in args.mixtures:
         opts = changes[name]
@@ -63,7 +63,7 @@ def fine_tune_each(args: argparse.Namespace, changes: dict[str, dict]) -> int:
         sft = recipe.stage_mixtures(tasks, s.lookup_kinds, s.assess_rendered)["stage3"]
         assess = recipe.assessment_examples(pool, builder, wcfg, s.assess_poor_share, s.assess_evidence, corrections)
         mix, _ = recipe.stage4_mixtures(sft, tasks.edit, assess, s.stage4_edit, tasks.t2i_geneval, s.stage4_gen)
-        trainer.train(mix, steps=s.stage4, batch=s.llm_batch, lr=5e-4, seed=recipe._seed(14, args.seed),
+        trainer.train(mix, steps=s.stage4, batch=s.llm_batch, lr=5e-4, seed=recipe._seed("stage4", args.seed),
                       trainable="all", progress=probes._Quiet())
         engine = Path(f"engines/illume-nano-s4-{name}")
         export_engine(mods, engine, work / "stage3_checkpoint" / "mllm" / "tokenizer.json", progress=lambda m: None)

@@ -798,7 +798,7 @@ def from_scratch(vit_targets: str, rope_theta: float | None, schedule: "recipe.S
     train_tokenizer(cfg, vit, sem, wcfg, steps=s.tokenizer, batch=s.vision_batch, lr=3e-3, seed=recipe._seed(2),
                     progress=quiet)
     text_pretrain.pretrain_text(mods.llm, builder.tok, cfg.tokens.im_end, wcfg, recipe.stage0_phases(s),
-                                batch=s.llm_batch, lr=recipe.STAGE0_LR, seed=recipe._seed(10), progress=quiet)
+                                batch=s.llm_batch, lr=recipe.STAGE0_LR, seed=recipe._seed("stage0"), progress=quiet)
     trainer = LLMTrainer(cfg, mods.llm, mods.projectors["semantic"], VisionTower(cfg, vit, sem))
     mixes = recipe.stage_mixtures(recipe.Tasks(builder, wcfg))
     history = []

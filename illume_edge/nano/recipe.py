@@ -496,8 +496,13 @@ def assessment_examples(pool: list[AssessedSample], b: SequenceBuilder, wcfg: wo
 # ----------------------------------------------------------------------------------------------------
 # The recipe
 # ----------------------------------------------------------------------------------------------------
-def _seed(offset: int, base: int = SEED) -> int:
-    return base + offset
+# seed offsets of the stages outside LLM_STAGES (each stage's seed is SEED + its offset; no two stages share one)
+SEED_OFFSETS = {"vit": 1, "tokenizer": 2, "vae": 3, "unet": 4, "stage0": 10, "stage4": 14, "self_assess": 20}
+
+
+def _seed(offset: int | str, base: int = SEED) -> int:
+    """`base` + `offset`, or + SEED_OFFSETS[`offset`] for a stage's name."""
+    return base + (SEED_OFFSETS[offset] if isinstance(offset, str) else offset)
 
 
 def load_modules(checkpoint: str | Path) -> tuple[IllumeModules, LLMTrainer, SequenceBuilder]:
@@ -603,29 +608,29 @@ def _run(out: Path, work: Path, schedule: Schedule, threads: int, seed: int) -> 
 
     s = schedule
     vit = mods.encoders["semantic"].train().requires_grad_(True)
-    pretrain_vit(cfg, vit, wcfg, steps=s.vit, batch=s.vision_batch, lr=2e-3, seed=_seed(1, seed),
+    pretrain_vit(cfg, vit, wcfg, steps=s.vit, batch=s.vision_batch, lr=2e-3, seed=_seed("vit", seed),
                  progress=stage("vit", s.vit), position_weight=s.vit_position)
     done("vit")
     grid = cfg.level_grid(0, *cfg.anchors[0])
     quant = mods.quantizers[0].train().requires_grad_(True)
     sem_tok = SemanticTokenizer(quant, cfg.branches[0].in_dim, num_token_classes(grid, wcfg))
     p = stage("tokenizer", s.tokenizer)
-    train_tokenizer(cfg, vit, sem_tok, wcfg, steps=s.tokenizer, batch=s.vision_batch, lr=3e-3, seed=_seed(2, seed),
-                    progress=p)
+    train_tokenizer(cfg, vit, sem_tok, wcfg, steps=s.tokenizer, batch=s.vision_batch, lr=3e-3,
+                    seed=_seed("tokenizer", seed), progress=p)
     tower = VisionTower(cfg, vit, sem_tok)
     p.note(code_purity=round(code_purity(tower, wcfg), 4))
     done("tokenizer")
 
     train_vae(mods.vae.train().requires_grad_(True), wcfg, steps=s.vae, batch=s.vae_batch, lr=2e-3,
-              seed=_seed(3, seed), progress=stage("vae", s.vae))
+              seed=_seed("vae", seed), progress=stage("vae", s.vae))
     done("vae")
     train_unet(cfg, mods.unet.train().requires_grad_(True), mods.vae, tower, wcfg, mods.scheduler_config,
-               steps=s.unet, batch=s.decoder_batch, lr=2e-3, seed=_seed(4, seed), progress=stage("unet", s.unet))
+               steps=s.unet, batch=s.decoder_batch, lr=2e-3, seed=_seed("unet", seed), progress=stage("unet", s.unet))
     done("unet")
 
     phases = stage0_phases(s)
     text_pretrain.pretrain_text(mods.llm, tok, cfg.tokens.im_end, wcfg, phases, batch=s.llm_batch, lr=STAGE0_LR,
-                                seed=_seed(10, seed), progress=stage("stage0", sum(n for _, n in phases)),
+                                seed=_seed("stage0", seed), progress=stage("stage0", sum(n for _, n in phases)),
                                 layout=s.stage0_layout)
     done("stage0")
     trainer = LLMTrainer(cfg, mods.llm, mods.projectors["semantic"], tower)
@@ -673,7 +678,7 @@ def _stage4(mods: IllumeModules, trainer: LLMTrainer, tasks: Tasks, stage3_mix: 
     the model's own samples, assessed (its progress already started as "self_assess"), then stage 4 trains
     `trainer` (on `mods`) with the assessment data and the ablation trains a copy of the stage-3 weights on the
     same replay without it."""
-    pool = self_assess_pool(stage3_engine, wcfg, s.self_enhance_prompts, _seed(20, seed), pool_progress)
+    pool = self_assess_pool(stage3_engine, wcfg, s.self_enhance_prompts, _seed("self_assess", seed), pool_progress)
     good = sum(x.assessment.good for x in pool)
     pool_progress.note(samples=len(pool), good=good, poor=len(pool) - good)
     done("self_assess")
@@ -681,12 +686,12 @@ def _stage4(mods: IllumeModules, trainer: LLMTrainer, tasks: Tasks, stage3_mix: 
     assess_data = assessment_examples(pool, builder, wcfg, s.assess_poor_share, s.assess_evidence)
     with_assess, replay = stage4_mixtures(stage3_mix, tasks.edit, assess_data, s.stage4_edit, tasks.t2i_geneval,
                                           s.stage4_gen)
-    trainer.train(with_assess, steps=s.stage4, batch=s.llm_batch, lr=5e-4, seed=_seed(14, seed), trainable="all",
+    trainer.train(with_assess, steps=s.stage4, batch=s.llm_batch, lr=5e-4, seed=_seed("stage4", seed), trainable="all",
                   progress=stage("stage4", s.stage4))
     done("stage4")
 
     ablation = LLMTrainer(trainer.cfg, stage3_state.llm, stage3_state.projectors["semantic"], trainer.tower)
-    ablation.train(replay, steps=s.stage4, batch=s.llm_batch, lr=5e-4, seed=_seed(14, seed), trainable="all",
+    ablation.train(replay, steps=s.stage4, batch=s.llm_batch, lr=5e-4, seed=_seed("stage4", seed), trainable="all",
                    progress=stage("stage4_ablation", s.stage4))
     done("stage4_ablation")
     return Stage4Result(good, len(pool), stage3_state)
