@@ -58,8 +58,7 @@ def fine_tune_each(args: argparse.Namespace, changes: dict[str, dict]) -> int:
         corrections = opts.pop("corrections", True)
         s = dataclasses.replace(base, **opts)
         mods, trainer, builder = recipe.load_modules(work / "stage3_checkpoint")
-        tasks = recipe.Tasks(builder, wcfg, answer_style=recipe.ANSWER_STYLES[s.answer_style][1],
-                             assess_evidence=s.assess_evidence)
+        tasks = recipe.Tasks.for_schedule(builder, wcfg, s)
         sft = recipe.stage_mixtures(tasks, s.lookup_kinds, s.assess_rendered)["stage3"]
         assess = recipe.assessment_examples(pool, builder, wcfg, s.assess_poor_share, s.assess_evidence, corrections)
         mix, _ = recipe.stage4_mixtures(sft, tasks.edit, assess, s.stage4_edit, tasks.t2i_geneval, s.stage4_gen)

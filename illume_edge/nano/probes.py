@@ -719,8 +719,7 @@ def extra_phase(checkpoint: str | Path, work: Path, shares: dict[str, float], st
     is the phase's result alone."""
     s = recipe.SCHEDULES[schedule]
     mods, trainer, builder = load_modules(checkpoint)
-    tasks = recipe.Tasks(builder, world.WorldConfig(), answer_style=recipe.ANSWER_STYLES[s.answer_style][1],
-                         assess_evidence=s.assess_evidence)
+    tasks = recipe.Tasks.for_schedule(builder, world.WorldConfig(), s)
     sft = recipe.stage_mixtures(tasks, s.lookup_kinds, s.assess_rendered)["stage3"]
     samplers = {"edit": tasks.edit, "geneval": tasks.t2i_geneval}
     rest = 1.0 - sum(shares.values())

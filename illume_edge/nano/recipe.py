@@ -264,6 +264,11 @@ class Tasks:
         weights = np.array([GEN_WEIGHTS[c] for c in world.GEN_CATEGORIES])
         self.gen_p = weights / weights.sum()
 
+    @classmethod
+    def for_schedule(cls, builder: SequenceBuilder, wcfg: world.WorldConfig, s: Schedule) -> Tasks:
+        """The tasks as schedule `s` trains them: its answer style and its assessments' evidence field."""
+        return cls(builder, wcfg, answer_style=ANSWER_STYLES[s.answer_style][1], assess_evidence=s.assess_evidence)
+
     def _scene(self, rng):
         s = world.sample_scene(rng, self.w, split="train")
         return s, world.render(s, self.w)
@@ -596,7 +601,7 @@ def _run(out: Path, work: Path, schedule: Schedule, threads: int, seed: int) -> 
     log = work / "train_log.jsonl"
     log.write_text("")
     cfg: ModelConfig = preset("illume-nano")
-    separator, restyle = ANSWER_STYLES[schedule.answer_style]
+    separator = ANSWER_STYLES[schedule.answer_style][0]
     cfg = dataclasses.replace(cfg, prompts=dataclasses.replace(cfg.prompts, answer_separator=separator))
     wcfg = world.WorldConfig()
     words = base_words(cfg)
@@ -634,7 +639,7 @@ def _run(out: Path, work: Path, schedule: Schedule, threads: int, seed: int) -> 
                                 layout=s.stage0_layout)
     done("stage0")
     trainer = LLMTrainer(cfg, mods.llm, mods.projectors["semantic"], tower)
-    tasks = Tasks(builder, wcfg, answer_style=restyle, assess_evidence=s.assess_evidence)
+    tasks = Tasks.for_schedule(builder, wcfg, s)
     mixes = stage_mixtures(tasks, s.lookup_kinds, s.assess_rendered)
     for name, trainable, lr, offset in LLM_STAGES:
         phases = [(name, mixes[name], getattr(s, name), offset)]
@@ -660,7 +665,8 @@ def _run(out: Path, work: Path, schedule: Schedule, threads: int, seed: int) -> 
 
 
 # Schedule fields that act in stage 4 and after; `run_stage4` may change them, not the others
-STAGE4_FIELDS = ("self_enhance_prompts", "stage4", "assess_poor_share", "stage4_edit", "stage4_gen")
+STAGE4_FIELDS = {"self_enhance_prompts": int, "stage4": int, "assess_poor_share": float, "stage4_edit": float,
+                 "stage4_gen": float}  # field -> the type --stage4-set reads its value as
 STAGE3_RECORD = "stage3_run.json"  # in the work folder, beside stage3_checkpoint: the seed and schedule it came from
 
 
@@ -714,17 +720,16 @@ def _finish(mods: IllumeModules, out: Path, log: Path, words: list[str], extra: 
 def stage4_overrides(schedule: Schedule, settings: list[str]) -> Schedule:
     """`schedule` with "FIELD=VALUE" settings of STAGE4_FIELDS (`--stage4-set`; "none" for assess_poor_share's
     None), each VALUE of its field's type."""
-    types = {"self_enhance_prompts": int, "stage4": int, "assess_poor_share": float, "stage4_edit": float,
-             "stage4_gen": float}
     changes = {}
     for item in settings:
         field, sep, value = item.partition("=")
-        if not sep or field not in types:
+        if not sep or field not in STAGE4_FIELDS:
             raise ValueError(f"--stage4-set {item!r}: expected FIELD=VALUE with FIELD one of {list(STAGE4_FIELDS)}")
         try:
-            changes[field] = None if field == "assess_poor_share" and value == "none" else types[field](value)
+            kind = STAGE4_FIELDS[field]
+            changes[field] = None if field == "assess_poor_share" and value == "none" else kind(value)
         except ValueError:
-            raise ValueError(f"--stage4-set {item!r}: {value!r} is not of type {types[field].__name__}") from None
+            raise ValueError(f"--stage4-set {item!r}: {value!r} is not of type {kind.__name__}") from None
     return dataclasses.replace(schedule, **changes)
 
 
@@ -767,8 +772,7 @@ def _run_stage4(out: Path, work: Path, stage3_from: Path, schedule: Schedule, th
     mods, trainer, builder = load_modules(ckpt)
     extra = dualvitok_extra(trainer.tower.tokenizer, trainer.tower.vit)
     wcfg, s = world.WorldConfig(), schedule
-    _, restyle = ANSWER_STYLES[s.answer_style]
-    tasks = Tasks(builder, wcfg, answer_style=restyle, assess_evidence=s.assess_evidence)
+    tasks = Tasks.for_schedule(builder, wcfg, s)
     clock = StageClock(log)
     stage, done, times = clock.stage, clock.done, clock.times
 
