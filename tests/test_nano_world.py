@@ -429,7 +429,29 @@ def test_malformed_assessments_give_none_and_disagree():
     assert not ev.assessment_agreement(None, a)
     assert not ev.assessment_agreement(ev.Assessment(True, False, False, None, "x"), a)
     assert ev.assessment_agreement(ev.Assessment(True, None, False, None, "other words"), a)
-    assert ev.assessment_scores([(text, a), ("junk", a)]) == {"valid": 0.5, "agreement": 0.5}
+    scores = ev.assessment_scores([(text, a), ("junk", a)])
+    assert (scores["valid"], scores["agreement"]) == (0.5, 0.5)
+    assert scores["by_aspect"]["color"] == {"agree": 1.0, "missed": 0.0, "false_alarm": 0.0}  # junk not counted
+
+
+def test_agreement_by_aspect_says_which_way_each_verdict_goes_wrong():
+    truth = ev.Assessment(True, None, False, True, "x")  # object right, no count asked, color wrong, spatial right
+    said = [ev.Assessment(True, None, True, True, "x"),    # passes the wrong color
+            ev.Assessment(True, None, False, False, "x"),  # sees the color fault, invents a spatial one
+            ev.Assessment(True, True, False, True, "x")]   # a count verdict where none applies
+    scores = ev.assessment_scores([(ev.assessment_to_json(m), truth) for m in said])
+    by = scores["by_aspect"]
+    assert scores["agreement"] == 0.0 and by["object"]["agree"] == 1.0
+    assert by["color"] == {"agree": 2 / 3, "missed": 1 / 3, "false_alarm": 0.0}
+    assert by["spatial"] == {"agree": 2 / 3, "missed": 0.0, "false_alarm": 1 / 3}
+    assert by["count"] == {"agree": 2 / 3, "missed": 0.0, "false_alarm": 0.0}  # an n/a confusion is neither
+    assert ev.assessment_scores([]) == {} and "by_aspect" not in ev.assessment_scores([("junk", truth)])
+    from illume_edge.nano.evaluate import results_table
+
+    base = {"backend": "b", "understanding": {}, "generation_single": {}, "generation_best_of_4": {}, "editing": {},
+            "seconds": 1.0}
+    table = results_table([{**base, "self_assessment": scores}, {**base, "self_assessment": {"agreement": 0.5}}])
+    assert "|   color verdict agrees / passes a fault | 0.667 / 0.333 | - |" in table  # older results: no breakdown
 
 
 def test_evidence_states_what_the_image_shows_of_each_shape_the_prompt_names():

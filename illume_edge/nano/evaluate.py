@@ -19,7 +19,8 @@ generated and edited images parsed back into scenes), never from logits:
   the share of outputs that are the source unchanged, that miss the edit, or that change an object the edit
   leaves alone (`evaluator.editing_failures`);
 - self-assessment: agreement of the model's verdicts (object / count / color / spatial) with the evaluator's
-  on the model's own generations; "valid" is the share of answers that are a well-formed assessment.
+  on the model's own generations, and per aspect how often its verdict agrees and how often it passes a
+  fault the evaluator finds; "valid" is the share of answers that are a well-formed assessment.
 
 Backends: "runtime" (an engine folder, onnxruntime) or "torch" (the checkpoint through the export side's
 reference pipeline, the parity oracle), on the same prompts and seeds.
@@ -311,6 +312,9 @@ def results_table(results: list[dict]) -> str:
     for k in world.EDIT_KINDS:
         add(f"  {k}", lambda r, k=k: r["editing"].get(k))
     add("self-assessment agreement", lambda r: r["self_assessment"].get("agreement"))
+    for a in evaluator.ASPECTS:  # where the verdicts part (not in results written before the breakdown)
+        add(f"  {a} verdict agrees / passes a fault", lambda r, a=a: _pair(
+            r["self_assessment"].get("by_aspect", {}).get(a, {}), "agree", "missed"))
     add("self-assessment valid JSON", lambda r: r["self_assessment"].get("valid"))
     add("eval seconds", lambda r: r["seconds"])
     head = "| metric | " + " | ".join(f"{r['backend']}: {Path(r.get('source', '')).name}" for r in results) + " |"

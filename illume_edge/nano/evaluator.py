@@ -384,10 +384,23 @@ def editing_failures(results: Iterable[tuple[Edit, Scene]]) -> dict[str, dict[st
     return {k: {a: float(np.mean(v)) for a, v in by.items()} for k, by in sorted(fails.items())}
 
 
-def assessment_scores(results: Iterable[tuple[str, Assessment]]) -> dict[str, float]:
-    """(model's assessment text, evaluator's Assessment) -> "valid" (parsable rate) and "agreement"."""
+def assessment_scores(results: Iterable[tuple[str, Assessment]]) -> dict:
+    """(model's assessment text, evaluator's Assessment) -> "valid" (parsable rate), "agreement" (all four
+    verdicts agree) and "by_aspect": per aspect, over the valid assessments, "agree" (the verdicts match, "n/a"
+    included), "missed" (the evaluator says no, the model yes or n/a: a fault passed) and "false_alarm" (the
+    evaluator says yes or n/a, the model no), each a share of the valid assessments, so that agree + missed +
+    false_alarm + the n/a confusions = 1."""
     parsed = [(assessment_from_json(text), truth) for text, truth in results]
     if not parsed:
         return {}
-    return {"valid": float(np.mean([m is not None for m, _ in parsed])),
-            "agreement": float(np.mean([assessment_agreement(m, t) for m, t in parsed]))}
+    out: dict = {"valid": float(np.mean([m is not None for m, _ in parsed])),
+                 "agreement": float(np.mean([assessment_agreement(m, t) for m, t in parsed]))}
+    valid = [(m, t) for m, t in parsed if m is not None]
+    if valid:
+        out["by_aspect"] = {a: {"agree": float(np.mean([getattr(m, a) == getattr(t, a) for m, t in valid])),
+                                "missed": float(np.mean([getattr(t, a) is False and getattr(m, a) is not False
+                                                         for m, t in valid])),
+                                "false_alarm": float(np.mean([getattr(t, a) is not False and getattr(m, a) is False
+                                                              for m, t in valid]))}
+                            for a in ASPECTS}
+    return out
