@@ -51,7 +51,8 @@ def test_the_shipped_checkpoint_was_trained_with_make_nanos_schedule():
     default = json.loads(json.dumps(dataclasses.asdict(recipe.Schedule())))
     later = {k: default[k] for k in set(want) - set(got["schedule"])}
     assert got["schedule"] | later == want and got["seed"] == recipe.SEED
-    assert later == {"lookup_then": [], "gen_phase": 0, "stage4_gen": 0.0}  # the fields added since: extend
+    assert later == {"lookup_then": [], "gen_phase": 0, "stage4_gen": 0.0, "compare": 0,
+                     "evidence_axis": False}  # the fields added since: extend
     # this when one more is
     assert got["threads"] == inspect.signature(recipe.run).parameters["threads"].default
 
@@ -147,6 +148,8 @@ def test_assessments_with_evidence_fit_the_runtimes_assess_budget():
     for i in range(1400):
         prompt, source = world.sample_gen_prompt(rng, world.WorldConfig(), categories[i % len(categories)])
         scene = world.near_miss(source, rng) or source
-        text = evaluator.assessment_to_json(evaluator.assess(prompt, scene), evaluator.evidence(prompt, scene))
-        longest = max(longest, len(tok.encode(text)))
+        for axis in (False, True):  # Schedule.evidence_axis: places instead of colors for position prompts
+            text = evaluator.assessment_to_json(evaluator.assess(prompt, scene),
+                                                evaluator.evidence(prompt, scene, axis=axis))
+            longest = max(longest, len(tok.encode(text)))
     assert 100 < longest <= budget, (longest, budget)  # 123 tokens with the shipped tokenizer (full captions)

@@ -150,6 +150,10 @@ def test_restyled_answers_restate_the_asked_object_or_describe_first():
     above = qa("relation", "is the red circle above the blue square?", "yes")
     assert probes.restyle(scene, above, "positions-first").answer == "top left, bottom right. yes"
     assert probes.restyle(scene, color, "positions-first") == color
+    assert probes.restyle(scene, above, "winner-first").answer == "the red circle. yes"
+    below = qa("relation", "is the red circle below the blue square?", "no")
+    assert probes.restyle(scene, below, "winner-first").answer == "the blue square. no"
+    assert probes.restyle(scene, color, "winner-first") == color
     with pytest.raises(ValueError, match="answer-style"):
         probes.restyle(scene, color, "verbose")
     with pytest.raises(ValueError, match="does not match"):
@@ -278,7 +282,7 @@ def test_slot_lookup_trains_in_an_answer_style():
     history = probes.slot_lookup(probes.parse_phases("relation:1"), per_kind=2, batch=2, every=1, log=lambda s: None,
                                  placed=True, answer_style="positions-first", layers=2)
     assert [h["steps"] for h in history] == [1] and 0.0 <= history[0]["relation"] <= 1.0
-    assert all(0.0 <= history[0][k] <= 1.0 for k in ("relation_positions", "relation_final"))
+    assert all(0.0 <= history[0][k] <= 1.0 for k in ("relation_reasoning", "relation_final"))
 
 
 def test_final_word_right_splits_the_answer_before_its_last_word():
@@ -295,7 +299,7 @@ def test_final_word_right_splits_the_answer_before_its_last_word():
     qas = [(scene, world.QA("relation", "q", "a")), (scene, world.QA("color", "q", "a")),
            (scene, world.QA("relation", "q", "a"))]
     assert probes.relation_parts(qas, [(True, False), (False, False), (False, True)]) == {
-        "relation_positions": 0.5, "relation_final": 0.5}
+        "relation_reasoning": 0.5, "relation_final": 0.5}
     assert probes.relation_parts(qas[1:2], [(True, True)]) == {}
     with pytest.raises(ValueError, match="row 0 has 1 supervised tokens"):
         probes.final_word_right(logits[:1], torch.tensor([[IGNORE] * 5 + [1]]))
@@ -318,7 +322,7 @@ def test_image_lookup_trains_a_fresh_llm_on_the_checkpoints_vision_tower(monkeyp
     styled = probes.image_lookup(NANO, probes.parse_phases("relation:1"), per_kind=2, batch=2, log=lambda s: None,
                                  answer_style="positions-first")
     assert [(h["steps"], h["kinds"]) for h in styled] == [(1, "relation")] and 0 <= styled[0]["relation"] <= 1
-    assert all(0.0 <= styled[0][k] <= 1.0 for k in ("relation_positions", "relation_final"))
+    assert all(0.0 <= styled[0][k] <= 1.0 for k in ("relation_reasoning", "relation_final"))
     assert built[-1] == (4, {"seed": 0})  # after the checkpoint's loader, a fresh LLM replaces its weights
     deep = probes.image_lookup(NANO, probes.parse_phases("color:1"), per_kind=2, batch=2, log=lambda s: None,
                                layers=2)
@@ -395,6 +399,8 @@ def test_judge_scores_the_verdicts_and_evidence_of_rendered_heldout_pairs(shippe
     blind = probes.judge(_Oracle(trainer, {no: yes}), builder, pairs=24, evidence=True)
     assert blind["verdicts_right"] == blind["evidence_right"] == 1.0
     assert blind["verdicts_wrong"] == 0.0 and set(blind["wrong_by_aspect"].values()) == {0.0}
+    placed = probes.judge(_Oracle(trainer), builder, pairs=48, evidence=True, evidence_axis=True)
+    assert placed["evidence_right"] == 1.0 and placed["wrong_by_aspect"].get("spatial") == 1.0  # the axis form scored
     real = probes.judge(trainer, builder, pairs=8, evidence=True)
     assert real["verdicts_right"] == 1.0 and real["verdicts_wrong"] >= 0.5 and real["evidence_right"] >= 0.75
     assert real["object_margin_right"][0] > 0

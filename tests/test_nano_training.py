@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from illume_edge.nano.text import base_words
 from illume_edge.nano.vision_train import (SemanticTokenizer, VisionTower, num_token_classes, pretrain_vit,
                                            token_classes, vit_batch, vit_forward)
 from illume_edge.runtime.image_prep import preprocess_image, vit_inputs
-from illume_edge.runtime.prompts import IMAGE_MARKER, TextTokenizer, edit_prompts, generate_prompts
+from illume_edge.runtime.prompts import IMAGE_MARKER, TextTokenizer, edit_prompts, generate_prompts, understand_prompt
 
 W = world.WorldConfig()
 
@@ -330,6 +331,56 @@ def test_describe_first_schedule_answers_after_the_description(nano):
     assert all(r.count(". ") == 1 and r.split(". ")[1] for r in described)
     with pytest.raises(ValueError, match="answer_style"):
         recipe.run(Path("unused"), Path("unused"), recipe.Schedule(answer_style="chatty"))
+
+
+def test_answer_after_supervises_only_the_answer_after_the_given_reasoning(nano):
+    """SequenceBuilder.answer_after: the runtime's understanding prompt without an image, the reply tokenized whole
+    (as the model writes it), and only the answer and <|im_end|> supervised; a `given` that is not a token prefix
+    of the reply is refused."""
+    cfg, _, tok = nano
+    b = SequenceBuilder(tok, cfg)
+    ex = b.answer_after("is the red circle above the blue square?", "top, bottom.", "yes")
+    prompt = understand_prompt(tok, cfg, "is the red circle above the blue square?", n_images=0).ids()
+    assert ex.ids == prompt + tok.encode("top, bottom. yes") + [cfg.tokens.im_end]
+    assert IMAGE_MARKER not in ex.ids and not ex.inputs and not ex.targets
+    assert [i for i, x in zip(ex.ids, ex.labels) if x != IGNORE] == tok.encode("top, bottom. yes")[-1:] + [
+        cfg.tokens.im_end]
+    with pytest.raises(ValueError, match="expected an answer after 'top, bottom.'"):
+        b.answer_after("q?", "top, bottom.", " ")
+
+
+def test_axis_first_schedule_answers_relation_after_both_places_and_learns_the_comparison_in_text(nano):
+    """Schedule "judge-axis": relation answers in the dialogues are "<place>, <place>. <yes/no>" (the checkpoint's
+    separator ". "), other kinds short; Tasks.compare is a relation question in text whose supervised yes / no
+    is the world's answer for the two places it is handed; compare without the axis-first style is refused
+    before anything trains."""
+    from illume_edge.nano import recipe
+
+    cfg, _, tok = nano
+    s = recipe.SCHEDULES["judge-axis"]
+    assert (s.answer_style, s.compare > 0, s.evidence_axis) == ("axis-first", True, True)
+    assert recipe.ANSWER_STYLES["axis-first"] == (". ", world.axis_first)
+    tasks = recipe.Tasks.for_schedule(SequenceBuilder(tok, cfg), W, s)
+    rng = np.random.default_rng(3)
+    order = {"above": world.ROW_NAMES, "below": world.ROW_NAMES[::-1], "to the left of": world.COL_NAMES,
+             "to the right of": world.COL_NAMES[::-1]}
+    for _ in range(40):
+        ex = tasks.compare(rng)
+        assert ex.task == "compare" and not ex.inputs
+        text = tok.decode(ex.ids)
+        question = text.split("user\n")[1].split("\n")[0].strip()
+        places = text.rsplit("assistant\n", 1)[1]
+        supervised = tok.decode([i for i, x in zip(ex.ids, ex.labels) if x != IGNORE][:-1]).strip()
+        relation = next(p for p in order if f" {p} " in question)
+        a, b = places.split(". ")[0].split(", ")
+        assert supervised == ("yes" if order[relation].index(a.strip()) < order[relation].index(b.strip()) else "no")
+    relations = [tasks.qa_single(rng, ("relation",)) for _ in range(10)]
+    for ex in relations:
+        reply = tok.decode([i for i, x in zip(ex.ids, ex.labels) if x != IGNORE][:-1]).strip()
+        assert re.fullmatch(r"(top|middle|bottom|left|center|right), (top|middle|bottom|left|center|right)\. (yes|no)",
+                            reply), reply
+    with pytest.raises(ValueError, match="answer_style='axis-first'"):
+        recipe.run(Path("unused"), Path("unused"), recipe.Schedule(compare=10))
 
 
 def test_stage0_pairs_supervise_only_the_answer(nano):
@@ -657,6 +708,7 @@ def test_evidence_opens_every_trained_assessment_when_the_schedule_asks():
     """Schedule.assess_evidence: rendered assessments and stage 4's own-sample ones open with the evidence of
     the scene the image shows (the parsed one for own samples); a pool without parsed scenes is refused."""
     from illume_edge.nano import evaluator
+    from illume_edge.nano import recipe
     from illume_edge.nano.recipe import AssessedSample, Tasks, assessment_examples
 
     class Builder:
@@ -675,3 +727,10 @@ def test_evidence_opens_every_trained_assessment_when_the_schedule_asks():
     assert evaluator.EVIDENCE_KEY not in assessment_examples([sample], Builder(), W)(rng)
     with pytest.raises(ValueError, match=r"AssessedSample.shown.*self_assess_pool"):
         assessment_examples([replace(sample, shown=None)], Builder(), W, evidence=True)
+    placed, scene = world.sample_gen_prompt(rng, W, "position", "train")
+    sample = AssessedSample(placed, scene, world.render(scene, W), evaluator.assess(placed, scene), scene)
+    doc = assessment_examples([sample], Builder(), W, evidence=True, evidence_axis=True)(rng)
+    assert doc[evaluator.EVIDENCE_KEY] == evaluator.evidence(placed, scene, axis=True) != \
+        evaluator.evidence(placed, scene)
+    axis_tasks = Tasks.for_schedule(Builder(), W, replace(recipe.SCHEDULES["judge-edit-light"], evidence_axis=True))
+    assert axis_tasks.evidence_axis and axis_tasks.assess_evidence

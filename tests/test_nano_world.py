@@ -12,10 +12,11 @@ import pytest
 
 from illume_edge.config import preset
 from illume_edge.nano import evaluator as ev
-from illume_edge.nano.world import (COLORS, EDIT_KINDS, GEN_CATEGORIES, NEAR_MISS_KINDS, NUMBER_WORDS, QA_KINDS,
-                                    RELATIONS, SCAFFOLD_KINDS, SHAPES, QA, scaffold_qa,
+from illume_edge.nano.world import (COL_NAMES, COLORS, EDIT_KINDS, GEN_CATEGORIES, NEAR_MISS_KINDS, NUMBER_WORDS,
+                                    QA_KINDS,
+                                    RELATIONS, ROW_NAMES, SCAFFOLD_KINDS, SHAPES, QA, scaffold_qa,
                                     Edit, GenPrompt, Obj, Scene, WorldConfig, describe, describe_first, full_prompt,
-                                    named_object, positions_first,
+                                    named_object, positions_first, winner_first, axis_first, axis_name,
                                     gen_prompt_for,
                                     heldout_scenes, is_heldout, make_edit, make_qa, near_miss, position_name, qa_pairs,
                                     render, sample_edit, sample_gen_prompt, sample_scene, text_corpus, vocabulary,
@@ -188,36 +189,75 @@ def test_describe_first_answers_end_with_the_answer_after_the_only_separator():
     assert kinds == set(QA_KINDS) - {"describe"}
 
 
-def test_positions_first_states_both_places_then_the_same_answer():
-    """A relation answer in the positions-first style is "<place of a>, <place of b>. <answer>": the objects the
-    question names (conjunctive or scaffold names alike), then the world's answer after the only separator.
-    Other kinds are left as they are."""
+_RELATION_QA = re.compile(r"is (the .+?) (to the left of|to the right of|above|below) (the .+)\?")
+
+
+def styled_relations(style, seed: int) -> list[tuple[Scene, Obj, str, Obj, str, str]]:
+    """Every relation question (conjunctive and scaffold names alike) of 400 scenes restyled by `style`, as
+    (scene, first object, relation phrase, second object, styled answer, world's answer); the other kinds must come back
+    unchanged, and every styled answer must keep the question and hold the world's answer after its only ". "."""
     from illume_edge.runtime.prompts import final_answer
 
-    rng = np.random.default_rng(4)
-    n = 0
-    for scene in scenes(400, seed=9):
+    rng, out = np.random.default_rng(seed), []
+    for scene in scenes(400, seed=seed + 5):
         for qa in [make_qa(scene, rng, k) for k in QA_KINDS] + [scaffold_qa(scene, rng, "relation")]:
             if qa is None:
                 continue
-            styled = positions_first(scene, qa)
+            styled = style(scene, qa)
             if qa.kind != "relation":
                 assert styled == qa
                 continue
-            n += 1
-            names = re.fullmatch(r"is (the .+?) (?:to the left of|to the right of|above|below) (the .+)\?", qa.question)
-            a, b = (named_object(scene, names.group(i)) for i in (1, 2))
-            assert styled.answer == f"{position_name(a.row, a.col)}, {position_name(b.row, b.col)}. {qa.answer}"
-            assert final_answer(styled.answer, ". ") == qa.answer and styled.question == qa.question
-    assert n > 300
+            assert styled.question == qa.question and styled.answer.count(". ") == 1
+            assert final_answer(styled.answer, ". ") == qa.answer
+            m = _RELATION_QA.fullmatch(qa.question)
+            out.append((scene, named_object(scene, m.group(1)), m.group(2), named_object(scene, m.group(3)),
+                        styled.answer, qa.answer))
+    assert len(out) > 300
+    return out
+
+
+def test_winner_first_names_the_object_further_the_asked_way_then_the_same_answer():
+    """A relation answer in the winner-first style is "<the object further along the asked direction>. <answer>":
+    the first object named when the relation holds, the second when it does not (they always differ along the
+    axis)."""
+    further = {"to the left of": lambda o: -o.col, "to the right of": lambda o: o.col,
+               "above": lambda o: -o.row, "below": lambda o: o.row}
+    for scene, a, phrase, b, styled, answer in styled_relations(winner_first, seed=5):
+        key = further[phrase]
+        assert key(a) != key(b)
+        named, said = styled.split(". ")
+        assert named_object(scene, named) == (a if key(a) > key(b) else b) and said == answer
+    with pytest.raises(ValueError, match="does not match"):
+        winner_first(THREE, QA("relation", "is the red circle near the blue square?", "yes"))
+    with pytest.raises(ValueError, match="names 0 objects"):
+        winner_first(THREE, QA("relation", "is the green circle above the red circle?", "yes"))
+
+
+def test_axis_first_states_both_places_along_the_asked_axis_then_the_same_answer():
+    """A relation answer in the axis-first style is "<a's place on the axis>, <b's>. <answer>": row names for above /
+    below, column names for left / right; the answer follows from the two words alone."""
+    order = {"above": ROW_NAMES, "below": ROW_NAMES[::-1], "to the left of": COL_NAMES,
+             "to the right of": COL_NAMES[::-1]}
+    for _, a, phrase, b, styled, answer in styled_relations(axis_first, seed=7):
+        places, said = styled.split(". ")
+        wa, wb = places.split(", ")
+        rows = phrase in ("above", "below")
+        assert (wa, wb) == tuple(ROW_NAMES[o.row] if rows else COL_NAMES[o.col] for o in (a, b))
+        assert said == ("yes" if order[phrase].index(wa) < order[phrase].index(wb) else "no") == answer
+    with pytest.raises(ValueError, match="does not match"):
+        axis_first(THREE, QA("relation", "is the red circle near the blue square?", "yes"))
+
+
+def test_positions_first_states_both_places_then_the_same_answer():
+    """A relation answer in the positions-first style is "<place of a>, <place of b>. <answer>"."""
+    for _, a, _, b, styled, answer in styled_relations(positions_first, seed=4):
+        assert styled == f"{position_name(a.row, a.col)}, {position_name(b.row, b.col)}. {answer}"
     with pytest.raises(ValueError, match="does not match"):
         positions_first(THREE, QA("relation", "is the red circle near the blue square?", "yes"))
     with pytest.raises(ValueError, match="names 0 objects"):
         named_object(THREE, "the green circle")
     with pytest.raises(ValueError, match="expected 'the <color> <shape>'"):
         named_object(THREE, "a red circle")
-
-
 def test_exist_and_relation_answers_are_balanced_and_true():
     rng = np.random.default_rng(3)
     answers = {"exist": [], "relation": []}
@@ -452,6 +492,37 @@ def test_agreement_by_aspect_says_which_way_each_verdict_goes_wrong():
             "seconds": 1.0}
     table = results_table([{**base, "self_assessment": scores}, {**base, "self_assessment": {"agreement": 0.5}}])
     assert "|   color verdict agrees / passes a fault | 0.667 / 0.333 | - |" in table  # older results: no breakdown
+
+
+def test_evidence_axis_gives_places_along_the_relations_axis_for_position_prompts():
+    """evaluator.evidence(axis=True): for a position prompt, where each object of each named shape lies along the
+    relation's axis (rows for above / below, columns for left / right), in the prompt's order; other prompts
+    keep their colors. The spatial verdict follows from those words: some place of the first shape lies the
+    asked way of some place of the second. One token per word for the nano tokenizer."""
+    scene = Scene((Obj(0, 0, "circle", "red"), Obj(2, 1, "circle", "blue"), Obj(1, 2, "square", "green")))
+    above = GenPrompt("position", "a circle above a square", ((("circle", None, 1), ("square", None, 1)), "above"))
+    left = GenPrompt("position", "a square to the left of a circle",
+                     ((("square", None, 1), ("circle", None, 1)), "left"))
+    assert ev.evidence(above, scene, axis=True) == "circle: top, bottom; square: middle"
+    assert ev.evidence(left, scene, axis=True) == "square: right; circle: left, center"
+    assert ev.evidence(above, scene) == "circle: red, blue; square: green"
+    two = GenPrompt("two_object", "a circle and a square", ((("circle", None, 1), ("square", None, 1)), None))
+    assert ev.evidence(two, scene, axis=True) == ev.evidence(two, scene)
+    assert ev.evidence(full_prompt(scene), scene, axis=True) == ev.evidence(full_prompt(scene), scene)
+    order = {"above": ROW_NAMES, "below": ROW_NAMES[::-1], "left": COL_NAMES, "right": COL_NAMES[::-1]}
+    tok = TextTokenizer.from_file(NANO / "mllm" / "tokenizer.json", preset("illume-nano"))
+    rng = np.random.default_rng(6)
+    for _ in range(300):
+        prompt, source = sample_gen_prompt(rng, CFG, "position", "train")
+        scene = near_miss(source, rng, CFG) or source
+        text = ev.evidence(prompt, scene, axis=True)
+        assert len(tok.encode(text)) == len(words(text)), text
+        relation = prompt.spec[1]
+        first, second = ([order[relation].index(w) for w in part.split(": ")[1].split(", ") if w != "nothing"]
+                         for part in text.split("; "))
+        assert any(a < b for a in first for b in second) == ev.check_prompt(prompt, scene)["spatial"]
+    with pytest.raises(ValueError, match="expected a relation"):
+        axis_name(Obj(0, 0, "circle", "red"), "near")
 
 
 def test_evidence_states_what_the_image_shows_of_each_shape_the_prompt_names():

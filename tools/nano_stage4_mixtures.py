@@ -60,7 +60,8 @@ def fine_tune_each(args: argparse.Namespace, changes: dict[str, dict]) -> int:
         mods, trainer, builder = recipe.load_modules(work / "stage3_checkpoint")
         tasks = recipe.Tasks.for_schedule(builder, wcfg, s)
         sft = recipe.stage_mixtures(tasks, s.lookup_kinds, s.assess_rendered)["stage3"]
-        assess = recipe.assessment_examples(pool, builder, wcfg, s.assess_poor_share, s.assess_evidence, corrections)
+        assess = recipe.assessment_examples(pool, builder, wcfg, s.assess_poor_share, s.assess_evidence, corrections,
+                                            evidence_axis=s.evidence_axis)
         mix, _ = recipe.stage4_mixtures(sft, tasks.edit, assess, s.stage4_edit, tasks.t2i_geneval, s.stage4_gen)
         trainer.train(mix, steps=s.stage4, batch=s.llm_batch, lr=5e-4, seed=recipe._seed("stage4", args.seed),
                       trainable="all", progress=probes._Quiet())

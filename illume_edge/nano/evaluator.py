@@ -29,7 +29,7 @@ from typing import Iterable
 import numpy as np
 
 from .world import (COLORS, GEN_CATEGORIES, RELATIONS, SHAPES, QA, Edit, GenPrompt, Obj, Scene, WorldConfig,
-                    amount, describe, position_phrase)
+                    amount, axis_name, describe, position_phrase)
 
 MIN_SATURATION = 50.0
 MAX_COLOR_DISTANCE = 120.0
@@ -267,7 +267,7 @@ _WORD = {True: "yes", False: "no", None: "n/a"}
 _VERDICT = {v: k for k, v in _WORD.items()}
 
 
-def evidence(prompt: GenPrompt, scene: Scene) -> str:
+def evidence(prompt: GenPrompt, scene: Scene, axis: bool = False) -> str:
     """What ``scene`` holds of what ``prompt`` names, e.g. "circle: red, blue; square: nothing; green square: no":
     the optional first field ("shows") of an assessment. First the colors of each shape the prompt names, in the
     prompt's order ("nothing" where it is absent); then, for each colored object the prompt asks for, whether
@@ -275,10 +275,17 @@ def evidence(prompt: GenPrompt, scene: Scene) -> str:
     the circle?", "is there a green square?"), and the verdicts can then be read off the text before them
     (docs/nano.md, "Stating the evidence first"). Without the second part the color verdict had to compare the
     prompt's color word with the stated one, and stayed at 0.55-0.60 on wrong images. Every word is one token
-    of the nano vocabulary ("none" was not: it encoded as "no" "n" "e", its first token the verdict "no")."""
+    of the nano vocabulary ("none" was not: it encoded as "no" "n" "e", its first token the verdict "no").
+
+    With ``axis``, a prompt that places its objects ("a circle above a square") gets, instead of each shape's
+    colors, where each object of that shape lies along the relation's axis (world.axis_name), e.g. "circle:
+    top; square: middle, bottom": the spatial verdict then compares words of its own evidence, the comparison
+    the axis-first relation answers teach (world.axis_first)."""
     items = [(o.shape, o.color) for o in prompt.spec] if prompt.category == "full" else \
         [(s, c) for s, c, _ in prompt.spec[0]]
-    shapes = [f"{s}: " + (", ".join(o.color for o in scene.find(shape=s)) or "nothing")
+    relation = prompt.spec[1] if axis and prompt.category != "full" else None
+    word = (lambda o: axis_name(o, relation)) if relation else (lambda o: o.color)
+    shapes = [f"{s}: " + (", ".join(word(o) for o in scene.find(shape=s)) or "nothing")
               for s in dict.fromkeys(s for s, _ in items)]
     colored = [f"{c} {s}: {'yes' if scene.count(s, c) else 'no'}" for s, c in dict.fromkeys(items) if c]
     return "; ".join(shapes + colored)

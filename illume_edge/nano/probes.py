@@ -28,14 +28,15 @@
   token, in the text's own directions, as an image token behind a projector aligned to the text space would be;
   ``--slot-placed`` adds each cell's row and column words to its tokens (features that carry their place);
 - ``--layers N``: the fresh LLM of ``--text-lookup`` / ``--slot-lookup`` / ``--image-lookup`` N layers deep;
-- ``--answer-style positions-first`` with ``--slot-lookup`` / ``--image-lookup``: also scores the relation
-  answers' two parts apart (`relation_parts`): the positions, and the yes / no after the true positions;
+- ``--answer-style positions-first|winner-first|axis-first`` with ``--slot-lookup`` / ``--image-lookup``: also
+  scores the relation answers' two parts apart (`relation_parts`): the positions, the named object or the places
+  along the axis, and the yes / no after the true ones;
 - ``--extra-phase TASK=SHARE,...:STEPS --save-work WORK`` (with ``--checkpoint``): the weights trained further on
   edits / GenEval-style prompts with the stage-3 replay, saved as a work folder that ``recipe --stage3-from``
   takes (`extra_phase`): does a phase before stage 4 give back what a schedule lost?
-- ``--judge PAIRS [--judge-evidence]`` (with ``--checkpoint``): the self-assessment without free-running noise,
-  teacher-forced on rendered held-out prompts, half right images and half near misses (`judge`): are the
-  verdicts right on wrong images, and (with the evidence field) is the evidence?
+- ``--judge PAIRS [--judge-evidence [--evidence-axis]]`` (with ``--checkpoint``): the self-assessment without
+  free-running noise, teacher-forced on rendered held-out prompts, half right images and half near misses
+  (`judge`): are the verdicts right on wrong images, and (with the evidence field) is the evidence?
 
 Run: python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint [--continue qa --steps 300
 --chunks 2] [--attention] [--split train]
@@ -132,7 +133,8 @@ def teacher_forced_right(logits: torch.Tensor, labels: torch.Tensor) -> list[boo
 def final_word_right(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple[bool, bool]]:
     """Per row of logits [B, L, V] and labels [B, L], teacher-forced: (every supervised token before the
     answer's last word right, that last word right). The last word is the token before the closing
-    <|im_end|>: the "yes" / "no" of a positions-first relation answer, predicted after the *true* positions."""
+    <|im_end|>: the "yes" / "no" of a reasoned relation answer (positions-first, winner-first, axis-first),
+    predicted after the *true* reasoning."""
     target = labels[:, 1:]  # [B, L-1]: token t+1 is predicted at position t
     ok = logits[:, :-1].argmax(-1) == target
     out = []
@@ -147,12 +149,13 @@ def final_word_right(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple[b
 
 
 def relation_parts(qas: QA, parts: list[tuple[bool, bool]]) -> dict[str, float]:
-    """The relation questions' share with every token before the yes / no right (`relation_positions`: the two
-    positions and the separator) and with the yes / no right after the true positions (`relation_final`)."""
+    """The relation questions' share with every token before the yes / no right (`relation_reasoning`: the two
+    positions of positions-first, the named object of winner-first, the two places of axis-first, and the
+    separator) and with the yes / no right after the true reasoning (`relation_final`)."""
     rows = [p for (_, q), p in zip(qas, parts) if q.kind == "relation"]
     if not rows:
         return {}
-    return {"relation_positions": round(float(np.mean([a for a, _ in rows])), 3),
+    return {"relation_reasoning": round(float(np.mean([a for a, _ in rows])), 3),
             "relation_final": round(float(np.mean([b for _, b in rows])), 3)}
 
 
@@ -304,11 +307,13 @@ def _value_positions(builder: SequenceBuilder, text: str, keys: tuple[str, ...])
 
 @torch.no_grad()
 def judge(trainer: LLMTrainer, builder: SequenceBuilder, pairs: int = 240, evidence: bool = False,
-          wcfg: world.WorldConfig = world.WorldConfig(), seed: int = evaluate.EVAL_SEED, batch: int = 16) -> dict:
+          wcfg: world.WorldConfig = world.WorldConfig(), seed: int = evaluate.EVAL_SEED, batch: int = 16,
+          evidence_axis: bool = False) -> dict:
     """The judge without free-running noise: held-out prompts with rendered images, half right and half wrong
     (recipe.rendered_assessment, split "heldout"), each assessment teacher-forced. Per pair, are the four
     verdicts (each value's first token: yes / no / n of n/a) the argmax at their positions, after the true
-    JSON before them; with `evidence` the JSON opens with the evidence field, and its tokens are scored too.
+    JSON before them; with `evidence` the JSON opens with the evidence field (in its axis form with
+    `evidence_axis`, Schedule.evidence_axis), and its tokens are scored too.
     Returns the share of pairs whose verdicts are all right, on right and on wrong images; per aspect on the
     wrong images that break it; the evidence's share (whole field right); and logit(yes) - logit(no) at the
     "object" verdict, mean and spread, on right and on wrong images (docs/nano.md, "A judge trained on
@@ -317,7 +322,7 @@ def judge(trainer: LLMTrainer, builder: SequenceBuilder, pairs: int = 240, evide
 
     rng = np.random.default_rng(seed)
     drawn = [recipe.rendered_assessment(rng, wcfg, want_good=i % 2 == 0, split="heldout") for i in range(pairs)]
-    shown = [evaluator.evidence(r.prompt, r.scene) if evidence else None for r in drawn]
+    shown = [evaluator.evidence(r.prompt, r.scene, evidence_axis) if evidence else None for r in drawn]
     texts = [evaluator.assessment_to_json(r.verdict, s) for r, s in zip(drawn, shown)]
     yes, no = (builder.tok.encode(w)[0] for w in ("yes", "no"))
     keys = evaluator.ASPECTS + ((evaluator.EVIDENCE_KEY,) if evidence else ())
@@ -425,7 +430,8 @@ def vit_position(tower, scenes: int = 1200, seed: int = 0, wcfg: world.WorldConf
             for name, mask in (("object_tokens", occupied), ("empty_tokens", ~occupied))}
 
 
-ANSWER_STYLES = ("short", "echo", "describe-first", "positions-first")
+REASONED_RELATION = ("positions-first", "winner-first", "axis-first")  # relation answers scored in two parts
+ANSWER_STYLES = ("short", "echo", "describe-first", "positions-first", "winner-first", "axis-first")
 # the world's question templates that name one object (world.make_qa / scaffold_qa) -> the phrase naming it
 _NAMED = {"color": r"what color is (the \w+)\?", "shape": r"what shape is (the \w+ object)\?",
           "position": r"where is (the [\w ]+)\?"}
@@ -440,13 +446,21 @@ def restyle(scene: world.Scene, qa: world.QA, style: str) -> world.QA:
     - "describe-first": the scene's description, ". ", then the short answer, for every kind but describe
       (the model writes what it sees, then answers from its own text);
     - "positions-first": relation answers after the two objects' positions ("top left, bottom. yes"),
-      other kinds short (world.positions_first)."""
+      other kinds short (world.positions_first);
+    - "winner-first": relation answers after naming the object further the asked way ("the red circle. yes"),
+      other kinds short (world.winner_first);
+    - "axis-first": relation answers after the two objects' coordinates along the asked axis ("top, bottom.
+      yes"), other kinds short (world.axis_first)."""
     if style not in ANSWER_STYLES:
         raise ValueError(f"--answer-style: expected one of {ANSWER_STYLES}, got {style!r}")
     if style == "describe-first":
         return world.describe_first(scene, qa)
     if style == "positions-first":
         return world.positions_first(scene, qa)
+    if style == "winner-first":
+        return world.winner_first(scene, qa)
+    if style == "axis-first":
+        return world.axis_first(scene, qa)
     if style != "echo" or qa.kind not in _NAMED:
         return qa
     m = re.fullmatch(_NAMED[qa.kind], qa.question)
@@ -613,7 +627,7 @@ def slot_lookup(phases: list[text_pretrain.Phase], lr: float = 1e-3, per_kind: i
         embeds, labels, mask = slots.batch(embed, [(s, restyle(s, q, answer_style)) for s, q in pairs])
         return {"inputs_embeds": embeds, "attention_mask": mask}, labels
     return _learning_curve(model, tok, cfg.tokens.im_end, phases, encode, lr, per_kind, batch, every, seed, log,
-                           split_relation=answer_style == "positions-first")
+                           split_relation=answer_style in REASONED_RELATION)
 
 
 def image_lookup(checkpoint: str | Path, phases: list[text_pretrain.Phase], lr: float = 1e-3, per_kind: int = 60,
@@ -649,7 +663,7 @@ def image_lookup(checkpoint: str | Path, phases: list[text_pretrain.Phase], lr: 
         parts: list[tuple[bool, bool]] = []
         history.append({"steps": done, "kinds": "+".join(kinds), "seconds": round(time.perf_counter() - t0),
                         **accuracy_by_kind(held, answers_right(trainer, builder, held, wcfg, parts=parts))})
-        if answer_style == "positions-first":
+        if answer_style in REASONED_RELATION:
             history[-1].update(relation_parts(held, parts))
         log(json.dumps(history[-1]))
     return history
@@ -670,13 +684,14 @@ def parse_phases(spec: str) -> list[text_pretrain.Phase]:
 
 def continue_training(trainer: LLMTrainer, builder: SequenceBuilder, mix: str, steps: int, chunks: int,
                       lr: float, score, log=print, answer_style: str = "short",
-                      assess_evidence: bool = False) -> list[dict]:
+                      assess_evidence: bool = False, evidence_axis: bool = False) -> list[dict]:
     """Train `chunks` x `steps` more steps on `mix` ("stage3": the SFT mixture; "qa": half QA dialogues, half
     grounding dialogues; "rendered": rendered near-miss assessments alone, with the evidence field if
-    `assess_evidence`), scoring with `score()` before and after every chunk. `answer_style`: the QA dialogues'
-    answers in that format (`restyle`)."""
+    `assess_evidence`, in its axis form with `evidence_axis`), scoring with `score()` before and after every
+    chunk. `answer_style`: the QA dialogues' answers in that format (`restyle`)."""
     style = None if answer_style == "short" else (lambda scene, qa: restyle(scene, qa, answer_style))
-    tasks = recipe.Tasks(builder, world.WorldConfig(), answer_style=style, assess_evidence=assess_evidence)
+    tasks = recipe.Tasks(builder, world.WorldConfig(), answer_style=style, assess_evidence=assess_evidence,
+                         evidence_axis=evidence_axis)
     samplers = {"stage3": recipe.stage_mixtures(tasks)["stage3"],
                 "qa": recipe.mixture([(0.5, tasks.qa), (0.5, tasks.qa_grounding)]),
                 "rendered": tasks.assess_rendered}
@@ -874,6 +889,8 @@ def main(argv: list[str] | None = None) -> int:
                          "half right, half near misses (judge)")
     ap.add_argument("--judge-evidence", dest="judge_evidence", action="store_true",
                     help="--judge: the assessments open with the evidence field, which is scored too")
+    ap.add_argument("--evidence-axis", dest="evidence_axis", action="store_true",
+                    help="--judge-evidence: position prompts' evidence in its axis form (Schedule.evidence_axis)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     with recipe.reproducible(args.threads):
@@ -914,7 +931,7 @@ def _probe(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     def score() -> dict:
         if args.judge is not None:
-            return judge(trainer, builder, args.judge, args.judge_evidence)
+            return judge(trainer, builder, args.judge, args.judge_evidence, evidence_axis=args.evidence_axis)
         return accuracy_by_kind(qas, answers_right(trainer, builder, qas))
 
     if args.linear is not None:
@@ -937,7 +954,8 @@ def _probe(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 print(json.dumps(row))
     elif args.mix:
         continue_training(trainer, builder, args.mix, args.steps, args.chunks, args.lr, score,
-                          answer_style=args.answer_style, assess_evidence=args.judge_evidence)
+                          answer_style=args.answer_style, assess_evidence=args.judge_evidence,
+                          evidence_axis=args.evidence_axis)
     elif not args.attention:
         print(json.dumps(score()))
     return 0

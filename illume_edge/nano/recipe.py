@@ -8,6 +8,8 @@ Stages (docs/nano.md has the why of each):
              from): questions of every kind about scenes written out as text. Off in "full" (it trades
              generation and editing for understanding: docs/nano.md), on in "text-pretrain"
   stage1     visual-embedding init: projector + embeddings + LM head, image reconstruction and captioning
+  compare    (off in the shipped recipe) the yes / no of axis-first relation answers, in text, the places given
+  lookup     single-turn questions of a few kinds at a time (color and shape in the shipped recipe)
   stage2     image-text alignment both ways: captioning, text-to-image (full captions), reconstruction
   stage3     SFT: question answering, GenEval-style generation, editing (+ replay of stage 2 tasks)
   judge      rendered near-miss assessments with a replay of stage 3 (off in "full", on in "judge-phase")
@@ -90,6 +92,13 @@ class Schedule:
     # gives those prompts about 250 steps' worth of its 1400 (docs/nano.md, "A generation phase, and generation
     # in stage 4")
     gen_phase: int = 0
+    # after stage 1, before the lookup phase: text-only relation questions whose axis-first reply hands the
+    # model the two places and supervises only the yes / no (Tasks.compare; needs answer_style "axis-first").
+    # In slots the places were right 0.98 after 1500 steps of relation questions, the yes / no after them only
+    # 0.58-0.71; on images, inside the mixture of every kind, 0.38; in text alone 1.00 after 200 steps, and after
+    # 400 of them at the start of "judge-axis", 1.00 inside its image answers (docs/nano.md, "Relation, one axis
+    # at a time")
+    compare: int = 0
     stage4: int = 300
     self_enhance_prompts: int = 320
     vision_batch: int = 64
@@ -97,7 +106,9 @@ class Schedule:
     decoder_batch: int = 32
     llm_batch: int = 32
     # "short": answers as the world words them; "describe-first": every QA answer is the scene's description,
-    # ". ", then the answer (world.describe_first), and the checkpoint's prompts.answer_separator is ". "
+    # ". ", then the answer (world.describe_first); "axis-first": relation answers open with the two objects'
+    # places along the asked axis ("top, bottom. yes", world.axis_first), the other kinds short. Either of
+    # the last two makes the checkpoint's prompts.answer_separator ". "
     answer_style: str = "short"
     # stage 4: the share of poor samples among the self-assessment examples (None: as the pool has them,
     # about a quarter; 0.5: good and poor drawn alike, so that "always yes" no longer fits the data)
@@ -108,6 +119,9 @@ class Schedule:
     # every assessment the recipe trains (stage 4's and the rendered ones) opens with its evidence: what the
     # image shows of each shape the prompt names (evaluator.evidence; docs/nano.md, "Stating the evidence first")
     assess_evidence: bool = False
+    # with assess_evidence: a position prompt's evidence gives where each object of its shapes lies along the
+    # relation's axis instead of their colors ("circle: top; square: bottom"; evaluator.evidence(axis=True))
+    evidence_axis: bool = False
     # stage 4: this share of its examples are edits added to its replay of stage 3 (whose own 0.25 editing
     # becomes 0.175 of stage 4 beside the 0.3 of assessments); the ablation keeps the same replay (0: off).
     # Stage 4 cost editing in every run with the judge phase (remove 0.25-0.60); 0.2 took it back to 0.76 in
@@ -196,15 +210,35 @@ SCHEDULES = {
     # run's stage-3 weights): understanding 0.833, generation 0.796, editing 0.662, agreement 0.844, best-of-4 -1.3
     "judge-lookups-mixed-s4": Schedule(lookup=600, lookup_then=CONSOLIDATED_LOOKUPS, assess_rendered=0.1,
                                        assess_evidence=True, judge=800, stage4_edit=0.1, stage4_gen=0.2),
+    # "judge-edit-light" with relation answered one axis at a time: relation answers open with the two objects'
+    # places along the asked axis ("top, bottom. yes"), the comparison after them learned first in text
+    # (400 steps), a lookup phase of position and relation questions (400), and the position prompts'
+    # assessment evidence in the same words ("circle: top; square: bottom"). Measured (44.5 min): the yes / no
+    # after the true places 1.00, both places 0.40, relation 0.433, but the relation phase took color and shape
+    # (understanding 0.729) and two-object prompts (generation 0.733); agreement 0.792, best-of-4 +5.9, editing
+    # 0.713 (docs/nano.md, "Relation, one axis at a time")
+    "judge-axis": Schedule(lookup=750, lookup_then=((("position", "relation"), 400),), compare=400,
+                           answer_style="axis-first", assess_rendered=0.1, assess_evidence=True, evidence_axis=True,
+                           judge=800, stage4_edit=0.1),
+    # "judge-axis" without its lookup phase of position and relation: that phase took color and shape from
+    # the color-and-shape lookups before it and made two-object prompts draw one object, as the lookup phases of
+    # "judge-lookups" did. Measured (43.0 min): color and shape and two-object prompts back (0.97 / 1.00 / 0.96),
+    # the yes / no after the true places 1.00, both places 0.48, relation 0.400; understanding 0.776,
+    # generation 0.792, best-of-4 -1.7, editing 0.787, agreement 0.781 (docs/nano.md, "Relation, one axis at a
+    # time")
+    "judge-edit-axis": Schedule(lookup=750, compare=400, answer_style="axis-first", assess_rendered=0.1,
+                                assess_evidence=True, evidence_axis=True, judge=800, stage4_edit=0.1),
     # A seconds-long run of every stage for tests: same code path, meaningless weights.
     "smoke": Schedule(vit=2, vit_position=1.0, tokenizer=2, vae=2, unet=2, stage0=1, stage1=1, lookup=1,
                       lookup_then=((("exist",), 1),), stage2=1,
                       stage3_curriculum=1, stage3=1, gen_phase=1, judge=1, stage4=1, self_enhance_prompts=4,
                       vision_batch=4, vae_batch=2, decoder_batch=2, llm_batch=2, assess_rendered=0.1,
-                      assess_evidence=True, stage4_edit=0.1, stage4_gen=0.1),
+                      assess_evidence=True, stage4_edit=0.1, stage4_gen=0.1, compare=1, answer_style="axis-first",
+                      evidence_axis=True),
 }
 # Schedule.answer_style -> (PromptTemplates.answer_separator, the QA answers' rewrite for Tasks)
-ANSWER_STYLES = {"short": ("", None), "describe-first": (". ", world.describe_first)}
+ANSWER_STYLES = {"short": ("", None), "describe-first": (". ", world.describe_first),
+                 "axis-first": (". ", world.axis_first)}
 SEED = 20241209  # ILLUME's arXiv date
 STAGE0_LR = 1e-3
 
@@ -217,7 +251,8 @@ def stage0_phases(s: Schedule) -> list[text_pretrain.Phase]:
 
 # LLM stages 1-3, the generation phase and the judge phase in order: (Schedule field, what trains, peak
 # learning rate, seed offset)
-LLM_STAGES = (("stage1", "vision_init", 2e-3, 11), ("lookup", "all", 1e-3, 16), ("stage2", "all", 2e-3, 12),
+LLM_STAGES = (("stage1", "vision_init", 2e-3, 11), ("compare", "all", 1e-3, 19), ("lookup", "all", 1e-3, 16),
+              ("stage2", "all", 2e-3, 12),
               ("stage3_curriculum", "all", 1e-3, 15), ("stage3", "all", 1e-3, 13), ("gen_phase", "all", 1e-3, 18),
               ("judge", "all", 1e-3, 17))
 JUDGE_RENDERED_SHARE = 0.75  # Schedule.judge: the share of rendered assessments (the rest replays stage 3)
@@ -254,12 +289,13 @@ def distinct_turns(ask: Callable[[], world.QA | None], want: int, tries: int) ->
 class Tasks:
     def __init__(self, builder: SequenceBuilder, wcfg: world.WorldConfig,
                  answer_style: Callable[[world.Scene, world.QA], world.QA] | None = None,
-                 assess_evidence: bool = False):
+                 assess_evidence: bool = False, evidence_axis: bool = False):
         """`answer_style` rewrites every QA answer of the dialogues (the probes' answer-format experiments,
-        nano.probes.restyle); None keeps the world's answers, as the recipe trains. `assess_evidence`: the
-        rendered assessments open with their evidence (Schedule.assess_evidence)."""
+        nano.probes.restyle; Schedule.answer_style); None keeps the world's answers. `assess_evidence`: the
+        rendered assessments open with their evidence (Schedule.assess_evidence), `evidence_axis` in its axis
+        form (Schedule.evidence_axis)."""
         self.b, self.w = builder, wcfg
-        self.assess_evidence = assess_evidence
+        self.assess_evidence, self.evidence_axis = assess_evidence, evidence_axis
         self.style = answer_style
         weights = np.array([GEN_WEIGHTS[c] for c in world.GEN_CATEGORIES])
         self.gen_p = weights / weights.sum()
@@ -267,7 +303,8 @@ class Tasks:
     @classmethod
     def for_schedule(cls, builder: SequenceBuilder, wcfg: world.WorldConfig, s: Schedule) -> Tasks:
         """The tasks as schedule `s` trains them: its answer style and its assessments' evidence field."""
-        return cls(builder, wcfg, answer_style=ANSWER_STYLES[s.answer_style][1], assess_evidence=s.assess_evidence)
+        return cls(builder, wcfg, answer_style=ANSWER_STYLES[s.answer_style][1], assess_evidence=s.assess_evidence,
+                   evidence_axis=s.evidence_axis)
 
     def _scene(self, rng):
         s = world.sample_scene(rng, self.w, split="train")
@@ -334,6 +371,14 @@ class Tasks:
             if turns:
                 return self.b.dialogue(im, list(turns.items()), task="qa_grounding")
 
+    def compare(self, rng) -> Example:
+        """A relation question without an image, its axis-first reply's places given and its yes / no
+        supervised (SequenceBuilder.answer_after): the comparison alone, in text, where it is cheap."""
+        while (q := world.make_qa(s := world.sample_scene(rng, self.w, split="train"), rng, "relation")) is None:
+            pass
+        places, answer = world.axis_first(s, q).answer.rsplit(" ", 1)  # "top, bottom." "yes"
+        return self.b.answer_after(q.question, places, answer, task="compare")
+
     def assess_rendered(self, rng) -> Example:
         """An assessment of a *rendered* image for a training prompt, judged by the evaluator. Half the images
         are right, half wrong (`rendered_assessment`). Unlike the model's own samples (stage 4's pool, about a
@@ -341,7 +386,7 @@ class Tasks:
         "A judge trained on rendered near misses")."""
         r = rendered_assessment(rng, self.w, want_good=bool(rng.random() < 0.5), split="train")
         correction = None if r.verdict.good else world.render(r.source, self.w)
-        shows = evaluator.evidence(r.prompt, r.scene) if self.assess_evidence else None
+        shows = evaluator.evidence(r.prompt, r.scene, self.evidence_axis) if self.assess_evidence else None
         return self.b.assess(world.render(r.scene, self.w), r.prompt.text,
                              evaluator.assessment_to_json(r.verdict, shows), correction, task="assess_rendered")
 
@@ -417,7 +462,8 @@ def stage_mixtures(t: Tasks, lookup_kinds: tuple[str, ...] = Schedule.lookup_kin
         stage3.append((assess_rendered, t.assess_rendered))
     sft = mixture(stage3)
     return {"stage1": mixture([(0.5, t.reconstruct), (0.5, t.caption)]),
-            "lookup": lambda rng: t.qa_single(rng, lookup_kinds), "stage2": mixture(stage2), "stage3": sft,
+            "compare": t.compare, "lookup": lambda rng: t.qa_single(rng, lookup_kinds), "stage2": mixture(stage2),
+            "stage3": sft,
             "judge": mixture([(JUDGE_RENDERED_SHARE, t.assess_rendered), (1 - JUDGE_RENDERED_SHARE, sft)]),
             "gen_phase": mixture([(GEN_PHASE_SHARE, t.t2i_geneval), (1 - GEN_PHASE_SHARE, sft)]),
             "stage3_curriculum": mixture([(0.5, t.qa_grounding)] + [(w / 2, f) for w, f in stage3])}
@@ -471,11 +517,12 @@ def self_assess_pool(engine_dir: Path, wcfg: world.WorldConfig, n: int, seed: in
 
 
 def assessment_examples(pool: list[AssessedSample], b: SequenceBuilder, wcfg: world.WorldConfig,
-                        poor_share: float | None = None, evidence: bool = False, corrections: bool = True):
+                        poor_share: float | None = None, evidence: bool = False, corrections: bool = True,
+                        evidence_axis: bool = False):
     """Good samples: the assessment; poor ones: the assessment, then the corrected image (`corrections` False:
     the assessment alone). `poor_share`: draw a poor sample with this probability (None: uniformly from the
     pool). `evidence`: the assessment opens with what the image shows (evaluator.evidence of the sample's
-    parsed scene)."""
+    parsed scene; `evidence_axis`: its places along the relation's axis for position prompts)."""
     if evidence and any(s.shown is None for s in pool):
         raise ValueError("assessment_examples(evidence=True): every pool sample needs its parsed scene "
                          "(AssessedSample.shown); build the pool with self_assess_pool")
@@ -492,7 +539,7 @@ def assessment_examples(pool: list[AssessedSample], b: SequenceBuilder, wcfg: wo
             group = poor if rng.random() < poor_share else good
             s = group[int(rng.integers(len(group)))]
         correction = None if s.assessment.good or not corrections else world.render(s.source, wcfg)
-        shows = evaluator.evidence(s.prompt, s.shown) if evidence else None
+        shows = evaluator.evidence(s.prompt, s.shown, evidence_axis) if evidence else None
         return b.assess(s.image, s.prompt.text, evaluator.assessment_to_json(s.assessment, shows), correction,
                         task="assess")
     return sample
@@ -595,6 +642,9 @@ def _run(out: Path, work: Path, schedule: Schedule, threads: int, seed: int) -> 
     if schedule.answer_style not in ANSWER_STYLES:
         raise ValueError(f"Schedule.answer_style: expected one of {sorted(ANSWER_STYLES)}, "
                          f"got {schedule.answer_style!r}")
+    if schedule.compare and schedule.answer_style != "axis-first":
+        raise ValueError(f"Schedule.compare {schedule.compare}: trains the yes / no of axis-first relation answers, "
+                         f"but answer_style is {schedule.answer_style!r}; set answer_style='axis-first' or compare=0")
     torch.manual_seed(seed)
     t_start = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
@@ -689,7 +739,8 @@ def _stage4(mods: IllumeModules, trainer: LLMTrainer, tasks: Tasks, stage3_mix: 
     pool_progress.note(samples=len(pool), good=good, poor=len(pool) - good)
     done("self_assess")
     stage3_state = copy.deepcopy(mods)
-    assess_data = assessment_examples(pool, builder, wcfg, s.assess_poor_share, s.assess_evidence)
+    assess_data = assessment_examples(pool, builder, wcfg, s.assess_poor_share, s.assess_evidence,
+                                      evidence_axis=s.evidence_axis)
     with_assess, replay = stage4_mixtures(stage3_mix, tasks.edit, assess_data, s.stage4_edit, tasks.t2i_geneval,
                                           s.stage4_gen)
     trainer.train(with_assess, steps=s.stage4, batch=s.llm_batch, lr=5e-4, seed=_seed("stage4", seed), trainable="all",

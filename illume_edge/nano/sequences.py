@@ -75,6 +75,18 @@ class SequenceBuilder:
         prompt = understand_prompt(self.tok, self.cfg, question).expand([self.input_ids])
         return self._answer(prompt, self._text(answer), [image], [], task)
 
+    def answer_after(self, question: str, given: str, answer: str, task: str = "answer_after") -> Example:
+        """A text-only question whose reply is ``given`` then ``answer`` ("top, bottom." then "yes"): the reply
+        is tokenized whole, as in :meth:`understand`, and only ``answer``'s tokens and ``<|im_end|>`` are
+        supervised, so the model learns the last step of a reasoned answer from steps handed to it."""
+        if not answer.strip():
+            raise ValueError(f"answer_after: expected an answer after {given!r}, got {answer!r}")
+        prompt = understand_prompt(self.tok, self.cfg, question, n_images=0).expand([])
+        head, reply = self._text(given), self._text(f"{given} {answer}")
+        if reply[:len(head)] != head:
+            raise ValueError(f"answer_after: {given!r} does not tokenize as a prefix of {given + ' ' + answer!r}")
+        return self._answer(prompt + head, reply[len(head):], [], [], task)
+
     def dialogue(self, image: np.ndarray, turns: list[tuple[str, str]], task: str = "dialogue") -> Example:
         """Several question/answer turns about one image (multi-turn SFT, as in LLaVA-style data).
 

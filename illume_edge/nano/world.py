@@ -275,18 +275,58 @@ def named_object(scene: Scene, name: str) -> Obj:
 _RELATION_QUESTION = re.compile(r"is (the .+?) (%s) (the .+)\?" % "|".join(re.escape(p) for p, _ in RELATIONS.values()))
 
 
+def _relation_match(qa: QA, caller: str) -> re.Match:
+    """A relation question's parts: group 1 the first object's name, 2 the relation's phrase, 3 the second's."""
+    m = _RELATION_QUESTION.fullmatch(qa.question)
+    if m is None:
+        raise ValueError(f"{caller}: relation question {qa.question!r} does not match {_RELATION_QUESTION.pattern!r}")
+    return m
+
+
 def positions_first(scene: Scene, qa: QA) -> QA:
     """A relation question answered after the two objects' positions: "is the red circle above the blue
     square?" -> "top left, bottom. yes" (PromptTemplates.answer_separator ". "). The model writes where each
     object is, the skill of the position questions, then compares its own two words. Other kinds as they are."""
     if qa.kind != "relation":
         return qa
-    m = _RELATION_QUESTION.fullmatch(qa.question)
-    if m is None:
-        raise ValueError(f"positions_first: relation question {qa.question!r} does not match "
-                         f"{_RELATION_QUESTION.pattern!r}")
+    m = _relation_match(qa, "positions_first")
     a, b = named_object(scene, m.group(1)), named_object(scene, m.group(3))
     return QA(qa.kind, qa.question, f"{position_name(a.row, a.col)}, {position_name(b.row, b.col)}. {qa.answer}")
+
+
+def winner_first(scene: Scene, qa: QA) -> QA:
+    """A relation question answered after naming which of its two objects lies further the asked way: "is the
+    red circle above the blue square?" -> "the red circle. yes" (the blue square, were it higher: "the blue
+    square. no"); the yes / no then says whether the named object is the first one asked about. Meant as a
+    first step the model could take alone (pick, among the two, the object further along the axis); measured,
+    it copies both names from the question and picks at chance (docs/nano.md, "Relation, one axis at a
+    time"). Other kinds as they are."""
+    if qa.kind != "relation":
+        return qa
+    m = _relation_match(qa, "winner_first")
+    named_object(scene, m.group(1)), named_object(scene, m.group(3))  # both must name one object of the scene
+    return QA(qa.kind, qa.question, f"{m.group(1) if qa.answer == 'yes' else m.group(3)}. {qa.answer}")
+
+
+def axis_first(scene: Scene, qa: QA) -> QA:
+    """A relation question answered after where its two objects lie along the asked axis: "is the red circle
+    above the blue square?" -> "top, bottom. yes"; "... to the left of ..." -> "left, center. no" (ROW_NAMES for
+    above / below, COL_NAMES for left / right). Each word is a copy of one coordinate of one looked-up object,
+    and the yes / no then compares two words from a three-word order right before it. Other kinds as they are."""
+    if qa.kind != "relation":
+        return qa
+    m = _relation_match(qa, "axis_first")
+    a, b = named_object(scene, m.group(1)), named_object(scene, m.group(3))
+    relation = next(r for r, (phrase, _) in RELATIONS.items() if phrase == m.group(2))
+    return QA(qa.kind, qa.question, f"{axis_name(a, relation)}, {axis_name(b, relation)}. {qa.answer}")
+
+
+def axis_name(o: Obj, relation: str) -> str:
+    """Where ``o`` lies along ``relation``'s axis (a RELATIONS key): its row's name for above / below ("top"), its
+    column's for left / right ("center")."""
+    if relation not in RELATIONS:
+        raise ValueError(f"axis_name: expected a relation among {list(RELATIONS)}, got {relation!r}")
+    return ROW_NAMES[o.row] if relation in ("above", "below") else COL_NAMES[o.col]
 
 
 def describe(scene: Scene) -> str:
