@@ -450,3 +450,17 @@ def test_extra_phase_saves_a_work_folder_that_stage4_takes(tmp_path):
     assert changed
     vit_before, vit_after = before.encoders["semantic"].state_dict(), after.encoders["semantic"].state_dict()
     assert all(torch.equal(vit_after[k], v.float()) for k, v in vit_before.items())
+
+
+def test_checkpoint_scoring_splits_reasoned_relation_answers(capsys):
+    """`probes --checkpoint CKPT --answer-style axis-first`: teacher-forced accuracy per kind, plus the relation
+    answers' two parts (the places; the yes / no after the true places), each a share; a short style prints no
+    parts."""
+    import json
+
+    assert probes.main(["--checkpoint", str(NANO), "--answer-style", "axis-first", "--per-kind", "2"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(row) >= set(world.QA_KINDS) | {"overall", "relation_reasoning", "relation_final"}
+    assert all(0.0 <= row[k] <= 1.0 for k in ("relation", "relation_reasoning", "relation_final"))
+    assert probes.main(["--checkpoint", str(NANO), "--per-kind", "2"]) == 0
+    assert "relation_final" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -28,9 +28,9 @@
   token, in the text's own directions, as an image token behind a projector aligned to the text space would be;
   ``--slot-placed`` adds each cell's row and column words to its tokens (features that carry their place);
 - ``--layers N``: the fresh LLM of ``--text-lookup`` / ``--slot-lookup`` / ``--image-lookup`` N layers deep;
-- ``--answer-style positions-first|winner-first|axis-first`` with ``--slot-lookup`` / ``--image-lookup``: also
-  scores the relation answers' two parts apart (`relation_parts`): the positions, the named object or the places
-  along the axis, and the yes / no after the true ones;
+- ``--answer-style positions-first|winner-first|axis-first`` with ``--slot-lookup`` / ``--image-lookup`` /
+  ``--checkpoint``: also scores the relation answers' two parts apart (`relation_parts`): the positions, the
+  named object or the places along the axis, and the yes / no after the true ones;
 - ``--extra-phase TASK=SHARE,...:STEPS --save-work WORK`` (with ``--checkpoint``): the weights trained further on
   edits / GenEval-style prompts with the stage-3 replay, saved as a work folder that ``recipe --stage3-from``
   takes (`extra_phase`): does a phase before stage 4 give back what a schedule lost?
@@ -932,7 +932,9 @@ def _probe(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     def score() -> dict:
         if args.judge is not None:
             return judge(trainer, builder, args.judge, args.judge_evidence, evidence_axis=args.evidence_axis)
-        return accuracy_by_kind(qas, answers_right(trainer, builder, qas))
+        parts: list[tuple[bool, bool]] = []
+        out = accuracy_by_kind(qas, answers_right(trainer, builder, qas, parts=parts))
+        return {**out, **relation_parts(qas, parts)} if args.answer_style in REASONED_RELATION else out
 
     if args.linear is not None:
         print(json.dumps(linear_probes(trainer, builder, qas, args.linear)))

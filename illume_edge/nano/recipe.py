@@ -95,9 +95,9 @@ class Schedule:
     # after stage 1, before the lookup phase: text-only relation questions whose axis-first reply hands the
     # model the two places and supervises only the yes / no (Tasks.compare; needs answer_style "axis-first").
     # In slots the places were right 0.98 after 1500 steps of relation questions, the yes / no after them only
-    # 0.58-0.71; on images, inside the mixture of every kind, 0.38; in text alone 1.00 after 200 steps, and after
-    # 400 of them at the start of "judge-axis", 1.00 inside its image answers (docs/nano.md, "Relation, one axis
-    # at a time")
+    # 0.58-0.71; on images, inside the mixture of every kind, 0.38; in text alone 1.00 after 200 steps (a scratch
+    # script), and after 400 of them at the start of "judge-axis", 1.00 inside its image answers (docs/nano.md,
+    # "Relation, one axis at a time")
     compare: int = 0
     stage4: int = 300
     self_enhance_prompts: int = 320
