@@ -3,6 +3,7 @@ greedy runtime's, the attention rows are well-formed shares, and a from-scratch 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -332,6 +333,34 @@ def test_image_lookup_trains_a_fresh_llm_on_the_checkpoints_vision_tower(monkeyp
     assert all(0.0 <= history[-1][k] <= 1.0 for k in ("color", "shape"))
 
 
+def test_image_lookup_with_a_placed_vit_swaps_the_tower_and_scores_per_object_count(monkeypatch):
+    """`placed_vit` replaces the checkpoint's ViT by one pretrained with its own-position targets (the recipe's
+    pretrain_vit with position_weight 1, its seed), frozen, before the fresh LLM trains; every phase's scores
+    also come per number of objects in the scene."""
+    from illume_edge.nano import vision_train
+
+    calls = []
+    real = vision_train.pretrain_vit
+    monkeypatch.setattr(vision_train, "pretrain_vit", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    logged = []
+    history = probes.image_lookup(NANO, probes.parse_phases("position:1"), per_kind=4, batch=2, log=logged.append,
+                                  placed_vit=2)
+    assert [(c["steps"], c["position_weight"], c["seed"]) for c in calls] == [(2, 1.0, recipe._seed("vit"))]
+    assert json.loads(logged[0]) == {"placed_vit_steps": 2, "seconds": json.loads(logged[0])["seconds"]}
+    by = history[-1]["by_objects"]
+    assert by and all(k.startswith("position_") and 0.0 <= v <= 1.0 for k, v in by.items())
+
+
+def test_accuracy_by_objects_groups_by_kind_and_object_count():
+    red, blue = world.Obj(0, 0, "circle", "red"), world.Obj(2, 2, "square", "blue")
+    one, two = world.Scene((red,)), world.Scene((red, blue))
+    q = world.QA("position", "where is the red circle?", "top left")
+    qas = [(one, q), (two, q), (two, q), (one, world.QA("color", "what color is the circle?", "red"))]
+    assert probes.accuracy_by_objects(qas, [True, True, False, False]) == {"color_1": 0.0, "position_1": 1.0,
+                                                                           "position_2": 0.5}
+    assert probes.accuracy_by_objects(qas, [True, True, False, False], kinds=("exist",)) == {}
+
+
 class _PlacedTower:
     """A vision tower whose features are each token's one-hot index (`placed`) or the same vector everywhere."""
 
@@ -455,12 +484,12 @@ def test_extra_phase_saves_a_work_folder_that_stage4_takes(tmp_path):
 def test_checkpoint_scoring_splits_reasoned_relation_answers(capsys):
     """`probes --checkpoint CKPT --answer-style axis-first`: teacher-forced accuracy per kind, plus the relation
     answers' two parts (the places; the yes / no after the true places), each a share; a short style prints no
-    parts."""
-    import json
-
+    parts; every scoring also per number of objects in the scene."""
     assert probes.main(["--checkpoint", str(NANO), "--answer-style", "axis-first", "--per-kind", "2"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(row) >= set(world.QA_KINDS) | {"overall", "relation_reasoning", "relation_final"}
     assert all(0.0 <= row[k] <= 1.0 for k in ("relation", "relation_reasoning", "relation_final"))
     assert probes.main(["--checkpoint", str(NANO), "--per-kind", "2"]) == 0
-    assert "relation_final" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "relation_final" not in row and row["by_objects"]
+    assert all(k.split("_")[0] in ("color", "exist", "position", "relation") for k in row["by_objects"])

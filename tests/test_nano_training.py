@@ -349,18 +349,23 @@ def test_answer_after_supervises_only_the_answer_after_the_given_reasoning(nano)
         b.answer_after("q?", "top, bottom.", " ")
 
 
-def test_axis_first_schedule_answers_relation_after_both_places_and_learns_the_comparison_in_text(nano):
-    """Schedule "judge-axis": relation answers in the dialogues are "<place>, <place>. <yes/no>" (the checkpoint's
-    separator ". "), other kinds short; Tasks.compare is a relation question in text whose supervised yes / no
-    is the world's answer for the two places it is handed; compare without the axis-first style is refused
-    before anything trains."""
+PLACE = r"(top|middle|bottom|left|center|right)"
+
+
+@pytest.mark.parametrize("style", ["axis-first", "named-axis"])
+def test_placed_relation_styles_answer_after_both_places_and_learn_the_comparison_in_text(nano, style):
+    """Schedule "judge-axis" and the named-axis style: relation answers in the dialogues are "<place>, <place>.
+    <yes/no>" ("<name> <place>, <name> <place>. <yes/no>"; the checkpoint's separator ". "), other kinds short;
+    Tasks.compare is a relation question in text whose supervised yes / no is the world's answer for the two
+    places it is handed; compare without such a style is refused before anything trains."""
     from illume_edge.nano import recipe
 
     cfg, _, tok = nano
     s = recipe.SCHEDULES["judge-axis"]
     assert (s.answer_style, s.compare > 0, s.evidence_axis) == ("axis-first", True, True)
     assert recipe.ANSWER_STYLES["axis-first"] == (". ", world.axis_first)
-    tasks = recipe.Tasks.for_schedule(SequenceBuilder(tok, cfg), W, s)
+    assert recipe.ANSWER_STYLES["named-axis"] == (". ", world.named_axis)
+    tasks = recipe.Tasks.for_schedule(SequenceBuilder(tok, cfg), W, replace(s, answer_style=style))
     rng = np.random.default_rng(3)
     order = {"above": world.ROW_NAMES, "below": world.ROW_NAMES[::-1], "to the left of": world.COL_NAMES,
              "to the right of": world.COL_NAMES[::-1]}
@@ -372,15 +377,20 @@ def test_axis_first_schedule_answers_relation_after_both_places_and_learns_the_c
         places = text.rsplit("assistant\n", 1)[1]
         supervised = tok.decode([i for i, x in zip(ex.ids, ex.labels) if x != IGNORE][:-1]).strip()
         relation = next(p for p in order if f" {p} " in question)
-        a, b = places.split(". ")[0].split(", ")
-        assert supervised == ("yes" if order[relation].index(a.strip()) < order[relation].index(b.strip()) else "no")
-    relations = [tasks.qa_single(rng, ("relation",)) for _ in range(10)]
-    for ex in relations:
+        first, second = places.split(". ")[0].split(", ")  # "top" or "the red circle top"
+        if style == "named-axis":  # each place after its object's name as the question words it
+            assert question.startswith(f"is {first.rsplit(' ', 1)[0].strip()} ")
+            assert question.endswith(f" {second.rsplit(' ', 1)[0]}?")
+        a, b = first.split()[-1], second.split()[-1]
+        assert supervised == ("yes" if order[relation].index(a) < order[relation].index(b) else "no")
+    name = "" if style == "axis-first" else r"the( \w+)? \w+ "
+    for ex in [tasks.qa_single(rng, ("relation",)) for _ in range(10)]:
         reply = tok.decode([i for i, x in zip(ex.ids, ex.labels) if x != IGNORE][:-1]).strip()
-        assert re.fullmatch(r"(top|middle|bottom|left|center|right), (top|middle|bottom|left|center|right)\. (yes|no)",
-                            reply), reply
-    with pytest.raises(ValueError, match="answer_style='axis-first'"):
+        assert re.fullmatch(rf"{name}{PLACE}, {name}{PLACE}\. (yes|no)", reply), reply
+    with pytest.raises(ValueError, match="set answer_style to one of"):
         recipe.run(Path("unused"), Path("unused"), recipe.Schedule(compare=10))
+    with pytest.raises(ValueError, match="needs the axis-first or named-axis answer style"):
+        recipe.Tasks(SequenceBuilder(tok, cfg), W).compare(rng)
 
 
 def test_stage0_pairs_supervise_only_the_answer(nano):

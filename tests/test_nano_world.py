@@ -16,7 +16,7 @@ from illume_edge.nano.world import (COL_NAMES, COLORS, EDIT_KINDS, GEN_CATEGORIE
                                     QA_KINDS,
                                     RELATIONS, ROW_NAMES, SCAFFOLD_KINDS, SHAPES, QA, scaffold_qa,
                                     Edit, GenPrompt, Obj, Scene, WorldConfig, describe, describe_first, full_prompt,
-                                    named_object, positions_first, winner_first, axis_first, axis_name,
+                                    named_object, positions_first, winner_first, axis_first, named_axis, axis_name,
                                     gen_prompt_for,
                                     heldout_scenes, is_heldout, make_edit, make_qa, near_miss, position_name, qa_pairs,
                                     render, sample_edit, sample_gen_prompt, sample_scene, text_corpus, vocabulary,
@@ -246,6 +246,24 @@ def test_axis_first_states_both_places_along_the_asked_axis_then_the_same_answer
         assert said == ("yes" if order[phrase].index(wa) < order[phrase].index(wb) else "no") == answer
     with pytest.raises(ValueError, match="does not match"):
         axis_first(THREE, QA("relation", "is the red circle near the blue square?", "yes"))
+
+
+def test_named_axis_is_axis_first_with_each_place_after_its_objects_name():
+    """A relation answer in the named-axis style is "<a's name> <a's place>, <b's name> <b's place>. <answer>",
+    the names as the question words them and the places those of axis_first."""
+    for scene, a, phrase, b, styled, answer in styled_relations(named_axis, seed=8):
+        named, said = styled.split(". ")
+        first, second = named.split(", ")
+        (name_a, wa), (name_b, wb) = first.rsplit(" ", 1), second.rsplit(" ", 1)
+        assert (named_object(scene, name_a), named_object(scene, name_b)) == (a, b)
+        assert (wa, wb) == (axis_name(a, _RELATION_KEY[phrase]), axis_name(b, _RELATION_KEY[phrase]))
+        question = f"is {name_a} {phrase} {name_b}?"
+        assert axis_first(scene, QA("relation", question, answer)).answer == f"{wa}, {wb}. {said}"
+    with pytest.raises(ValueError, match="does not match"):
+        named_axis(THREE, QA("relation", "is the red circle near the blue square?", "yes"))
+
+
+_RELATION_KEY = {phrase: relation for relation, (phrase, _) in RELATIONS.items()}  # "to the left of" -> "left"
 
 
 def test_positions_first_states_both_places_then_the_same_answer():

@@ -22,15 +22,19 @@
   scene's *description* in text, no image at all, in phases (`text_lookup`, on the recipe's stage 0
   `text_pretrain`): can this LLM learn the lookup itself, and after how many steps?
 - ``--image-lookup KINDS:STEPS,...`` (with ``--checkpoint``): a fresh LLM and projector on the checkpoint's
-  vision tower, single-turn image questions of each phase's kinds in turn (`image_lookup`);
+  vision tower, single-turn image questions of each phase's kinds in turn (`image_lookup`); ``--placed-vit
+  STEPS`` first swaps in a fresh ViT pretrained with its own-position targets (`placed_vit_tower`);
 - ``--slot-lookup KINDS:STEPS,...``: as ``--text-lookup``, with the scene as the image's 6 x 6 token grid, each
   object token the sum of its color and shape words' embeddings (`SlotScenes`): one position per object
   token, in the text's own directions, as an image token behind a projector aligned to the text space would be;
   ``--slot-placed`` adds each cell's row and column words to its tokens (features that carry their place);
 - ``--layers N``: the fresh LLM of ``--text-lookup`` / ``--slot-lookup`` / ``--image-lookup`` N layers deep;
-- ``--answer-style positions-first|winner-first|axis-first`` with ``--slot-lookup`` / ``--image-lookup`` /
-  ``--checkpoint``: also scores the relation answers' two parts apart (`relation_parts`): the positions, the
-  named object or the places along the axis, and the yes / no after the true ones;
+- ``--answer-style positions-first|winner-first|axis-first|named-axis`` with ``--slot-lookup`` /
+  ``--image-lookup`` / ``--checkpoint``: also scores the relation answers' two parts apart (`relation_parts`):
+  the positions, the named object or the places along the axis (after each object's name), and the yes / no
+  after the true ones;
+- every QA scoring also reports color, exist, position and relation per number of objects in the scene
+  (`accuracy_by_objects`): a lookup that works only when one object is there shows;
 - ``--extra-phase TASK=SHARE,...:STEPS --save-work WORK`` (with ``--checkpoint``): the weights trained further on
   edits / GenEval-style prompts with the stage-3 replay, saved as a work folder that ``recipe --stage3-from``
   takes (`extra_phase`): does a phase before stage 4 give back what a schedule lost?
@@ -49,6 +53,8 @@ Run: python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint
      python -m illume_edge.nano.probes --slot-lookup relation:2000 --per-kind 100 [--layers 8] [--slot-placed] \
          [--answer-style positions-first]
      python -m illume_edge.nano.probes --checkpoint models/illume-nano --image-lookup color:250,color:250
+     python -m illume_edge.nano.probes --checkpoint models/illume-nano --placed-vit 400 --answer-style axis-first \
+         --image-lookup color+shape:650,color+shape+exist:350,position:400,position+relation:600,all:750
      python -m illume_edge.nano.probes --checkpoint models/illume-nano --vit-position
      python -m illume_edge.nano.probes --checkpoint build/nano/stage3_checkpoint --schedule judge-edit-light \
          --extra-phase edit=0.3,geneval=0.3:300 --save-work build/phase
@@ -150,8 +156,9 @@ def final_word_right(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple[b
 
 def relation_parts(qas: QA, parts: list[tuple[bool, bool]]) -> dict[str, float]:
     """The relation questions' share with every token before the yes / no right (`relation_reasoning`: the two
-    positions of positions-first, the named object of winner-first, the two places of axis-first, and the
-    separator) and with the yes / no right after the true reasoning (`relation_final`)."""
+    positions of positions-first, the named object of winner-first, the two places of axis-first (with their
+    objects' names in named-axis), and the separator) and with the yes / no right after the true reasoning
+    (`relation_final`)."""
     rows = [p for (_, q), p in zip(qas, parts) if q.kind == "relation"]
     if not rows:
         return {}
@@ -167,6 +174,17 @@ def accuracy_by_kind(qas: QA, right: list[bool]) -> dict[str, float]:
     acc = {k: round(float(np.mean(v)), 3) for k, v in by_kind.items()}
     acc["overall"] = round(float(np.mean(list(acc.values()))), 3)
     return acc
+
+
+def accuracy_by_objects(qas: QA, right: list[bool],
+                        kinds: tuple[str, ...] = ("color", "exist", "position", "relation")) -> dict[str, float]:
+    """Accuracy of the questions of `kinds` per number of objects in their scene: {"position_1": ..,
+    "position_2": .., ...}. A lookup that only works when the scene holds one object shows here."""
+    by: dict[str, list[bool]] = defaultdict(list)
+    for (s, q), ok in zip(qas, right):
+        if q.kind in kinds:
+            by[f"{q.kind}_{len(s.objects)}"].append(ok)
+    return {k: round(float(np.mean(v)), 3) for k, v in sorted(by.items())}
 
 
 def asked_object(scene: world.Scene, q: world.QA, kinds: tuple[str, ...] = ("color", "shape")) -> world.Obj | None:
@@ -430,8 +448,9 @@ def vit_position(tower, scenes: int = 1200, seed: int = 0, wcfg: world.WorldConf
             for name, mask in (("object_tokens", occupied), ("empty_tokens", ~occupied))}
 
 
-REASONED_RELATION = ("positions-first", "winner-first", "axis-first")  # relation answers scored in two parts
-ANSWER_STYLES = ("short", "echo", "describe-first", "positions-first", "winner-first", "axis-first")
+# the styles whose relation answers are scored in two parts (relation_parts)
+REASONED_RELATION = ("positions-first", "winner-first", "axis-first", "named-axis")
+ANSWER_STYLES = ("short", "echo", "describe-first", "positions-first", "winner-first", "axis-first", "named-axis")
 # the world's question templates that name one object (world.make_qa / scaffold_qa) -> the phrase naming it
 _NAMED = {"color": r"what color is (the \w+)\?", "shape": r"what shape is (the \w+ object)\?",
           "position": r"where is (the [\w ]+)\?"}
@@ -450,7 +469,9 @@ def restyle(scene: world.Scene, qa: world.QA, style: str) -> world.QA:
     - "winner-first": relation answers after naming the object further the asked way ("the red circle. yes"),
       other kinds short (world.winner_first);
     - "axis-first": relation answers after the two objects' coordinates along the asked axis ("top, bottom.
-      yes"), other kinds short (world.axis_first)."""
+      yes"), other kinds short (world.axis_first);
+    - "named-axis": the same with each place after its object's name ("the red circle top, the blue square
+      bottom. yes"), other kinds short (world.named_axis)."""
     if style not in ANSWER_STYLES:
         raise ValueError(f"--answer-style: expected one of {ANSWER_STYLES}, got {style!r}")
     if style == "describe-first":
@@ -461,6 +482,8 @@ def restyle(scene: world.Scene, qa: world.QA, style: str) -> world.QA:
         return world.winner_first(scene, qa)
     if style == "axis-first":
         return world.axis_first(scene, qa)
+    if style == "named-axis":
+        return world.named_axis(scene, qa)
     if style != "echo" or qa.kind not in _NAMED:
         return qa
     m = re.fullmatch(_NAMED[qa.kind], qa.question)
@@ -632,16 +655,20 @@ def slot_lookup(phases: list[text_pretrain.Phase], lr: float = 1e-3, per_kind: i
 
 def image_lookup(checkpoint: str | Path, phases: list[text_pretrain.Phase], lr: float = 1e-3, per_kind: int = 60,
                  batch: int = 32, seed: int = 0, log=print, answer_style: str = "short",
-                 layers: int | None = None) -> list[dict]:
+                 layers: int | None = None, placed_vit: int = 0) -> list[dict]:
     """A fresh LLM and projector on `checkpoint`'s vision tower (ViT + tokenizer, frozen), trained on
     single-turn image questions of each phase's kinds in turn (each phase its own call of `LLMTrainer.train`:
     AdamW, one-cycle schedule, gradients clipped), scored after every phase, teacher-forced on the held-out
-    questions of every kind the phases train. Does the image lookup form when a few kinds are trained alone,
-    and does it survive when more join? (The recipe's stages train every kind and task at once.)"""
+    questions of every kind the phases train, also per number of objects in the scene (`accuracy_by_objects`).
+    Does the image lookup form when a few kinds are trained alone, and does it survive when more join? (The
+    recipe's stages train every kind and task at once.) `placed_vit` > 0: the checkpoint's ViT is replaced by a
+    fresh one pretrained that many steps with its own-position targets as well (`placed_vit_tower`)."""
     from ..export.llm import build_llm
 
     text_pretrain.check_phases(phases)
     trainer, builder = load_trainer(checkpoint)
+    if placed_vit:
+        trainer.tower.vit = placed_vit_tower(trainer.cfg, placed_vit, log)
     trainer.cfg = _variant_config(trainer.cfg, layers=layers)
     trainer.llm = build_llm(trainer.cfg, seed=seed)
     with torch.random.fork_rng(devices=[]):
@@ -661,12 +688,28 @@ def image_lookup(checkpoint: str | Path, phases: list[text_pretrain.Phase], lr: 
         trainer.train(sample, steps=steps, batch=batch, lr=lr, seed=seed + 100 + i, trainable="all", progress=_Quiet())
         done += steps
         parts: list[tuple[bool, bool]] = []
+        right = answers_right(trainer, builder, held, wcfg, parts=parts)
         history.append({"steps": done, "kinds": "+".join(kinds), "seconds": round(time.perf_counter() - t0),
-                        **accuracy_by_kind(held, answers_right(trainer, builder, held, wcfg, parts=parts))})
+                        **accuracy_by_kind(held, right), "by_objects": accuracy_by_objects(held, right)})
         if answer_style in REASONED_RELATION:
             history[-1].update(relation_parts(held, parts))
         log(json.dumps(history[-1]))
     return history
+
+
+def placed_vit_tower(cfg, steps: int, log=print) -> nn.Module:
+    """A fresh semantic ViT pretrained as the recipe's ViT stage does (its seed, batch and learning rate) for
+    `steps` steps with its own-position targets weighted 1 (Schedule.vit_position), frozen: features that say
+    where each token is, as a pretrained CLIP-style encoder's do (docs/nano.md, "Where an object is")."""
+    from ..export.modules import build_modules
+    from .vision_train import pretrain_vit
+
+    vit = build_modules(cfg).encoders["semantic"].train().requires_grad_(True)
+    t0 = time.perf_counter()
+    pretrain_vit(cfg, vit, world.WorldConfig(), steps=steps, batch=recipe.Schedule.vision_batch, lr=2e-3,
+                 seed=recipe._seed("vit"), progress=_Quiet(), position_weight=1.0)
+    log(json.dumps({"placed_vit_steps": steps, "seconds": round(time.perf_counter() - t0)}))
+    return vit.eval().requires_grad_(False)
 
 
 def parse_phases(spec: str) -> list[text_pretrain.Phase]:
@@ -814,7 +857,7 @@ def from_scratch(vit_targets: str, rope_theta: float | None, schedule: "recipe.S
     text_pretrain.pretrain_text(mods.llm, builder.tok, cfg.tokens.im_end, wcfg, recipe.stage0_phases(s),
                                 batch=s.llm_batch, lr=recipe.STAGE0_LR, seed=recipe._seed("stage0"), progress=quiet)
     trainer = LLMTrainer(cfg, mods.llm, mods.projectors["semantic"], VisionTower(cfg, vit, sem))
-    mixes = recipe.stage_mixtures(recipe.Tasks(builder, wcfg))
+    mixes = recipe.stage_mixtures(recipe.Tasks.for_schedule(builder, wcfg, s))
     history = []
     for name, trainable, lr, seed in recipe.LLM_STAGES:
         trainer.train(mixes[name], steps=getattr(s, name), batch=s.llm_batch, lr=lr, seed=recipe._seed(seed),
@@ -868,6 +911,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-lookup", dest="image_lookup", default=None, metavar="KINDS:STEPS,...",
                     help="with --checkpoint: a fresh LLM and projector on its vision tower, single-turn image "
                          "questions of each phase's kinds in turn (image_lookup)")
+    ap.add_argument("--placed-vit", dest="placed_vit", type=int, default=0, metavar="STEPS",
+                    help="--image-lookup: first replace the checkpoint's ViT by a fresh one pretrained STEPS "
+                         "steps with its own-position targets (placed_vit_tower)")
     ap.add_argument("--hidden", type=int, default=None, help="--text-lookup: the LLM's width (nano: 128)")
     ap.add_argument("--heads", type=int, default=None, help="--text-lookup: attention heads (nano: 4)")
     ap.add_argument("--extra-phase", dest="extra_phase", default=None, metavar="TASK=SHARE,...:STEPS",
@@ -918,7 +964,7 @@ def _probe(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.checkpoint is None:
             ap.error("--image-lookup needs --checkpoint (its vision tower)")
         image_lookup(args.checkpoint, parse_phases(args.image_lookup), args.lr, args.per_kind,
-                     answer_style=args.answer_style, layers=args.layers)
+                     answer_style=args.answer_style, layers=args.layers, placed_vit=args.placed_vit)
         return 0
     qas = questions(args.per_kind, args.split, style=args.answer_style)
     if args.scratch:
@@ -933,7 +979,8 @@ def _probe(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.judge is not None:
             return judge(trainer, builder, args.judge, args.judge_evidence, evidence_axis=args.evidence_axis)
         parts: list[tuple[bool, bool]] = []
-        out = accuracy_by_kind(qas, answers_right(trainer, builder, qas, parts=parts))
+        right = answers_right(trainer, builder, qas, parts=parts)
+        out = {**accuracy_by_kind(qas, right), "by_objects": accuracy_by_objects(qas, right)}
         return {**out, **relation_parts(qas, parts)} if args.answer_style in REASONED_RELATION else out
 
     if args.linear is not None:

@@ -321,6 +321,21 @@ def axis_first(scene: Scene, qa: QA) -> QA:
     return QA(qa.kind, qa.question, f"{axis_name(a, relation)}, {axis_name(b, relation)}. {qa.answer}")
 
 
+def named_axis(scene: Scene, qa: QA) -> QA:
+    """`axis_first` with each place after the name of its object, as the question words it: "is the red circle
+    above the blue square?" -> "the red circle top, the blue square bottom. yes". Each place is then predicted
+    right after the words that say which object to look up (copied from the question), as in a position
+    question's "where is the red circle?" -> "top left", instead of after the other object's place. Other kinds
+    as they are."""
+    if qa.kind != "relation":
+        return qa
+    m = _relation_match(qa, "named_axis")
+    a, b = named_object(scene, m.group(1)), named_object(scene, m.group(3))
+    relation = next(r for r, (phrase, _) in RELATIONS.items() if phrase == m.group(2))
+    return QA(qa.kind, qa.question,
+              f"{m.group(1)} {axis_name(a, relation)}, {m.group(3)} {axis_name(b, relation)}. {qa.answer}")
+
+
 def axis_name(o: Obj, relation: str) -> str:
     """Where ``o`` lies along ``relation``'s axis (a RELATIONS key): its row's name for above / below ("top"), its
     column's for left / right ("center")."""
