@@ -8,7 +8,7 @@ Stages (docs/nano.md has the why of each):
              from): questions of every kind about scenes written out as text. Off in "full" (it trades
              generation and editing for understanding: docs/nano.md), on in "text-pretrain"
   stage1     visual-embedding init: projector + embeddings + LM head, image reconstruction and captioning
-  compare    (off in the shipped recipe) the yes / no of axis-first relation answers, in text, the places given
+  compare    (off in the shipped recipe) the yes / no of placed relation answers (axis-first, named-axis), places given
   lookup     single-turn questions of a few kinds at a time (color and shape in the shipped recipe)
   stage2     image-text alignment both ways: captioning, text-to-image (full captions), reconstruction
   stage3     SFT: question answering, GenEval-style generation, editing (+ replay of stage 2 tasks)

@@ -313,12 +313,7 @@ def axis_first(scene: Scene, qa: QA) -> QA:
     above the blue square?" -> "top, bottom. yes"; "... to the left of ..." -> "left, center. no" (ROW_NAMES for
     above / below, COL_NAMES for left / right). Each word is a copy of one coordinate of one looked-up object,
     and the yes / no then compares two words from a three-word order right before it. Other kinds as they are."""
-    if qa.kind != "relation":
-        return qa
-    m = _relation_match(qa, "axis_first")
-    a, b = named_object(scene, m.group(1)), named_object(scene, m.group(3))
-    relation = next(r for r, (phrase, _) in RELATIONS.items() if phrase == m.group(2))
-    return QA(qa.kind, qa.question, f"{axis_name(a, relation)}, {axis_name(b, relation)}. {qa.answer}")
+    return _placed_relation(scene, qa, "axis_first", named=False)
 
 
 def named_axis(scene: Scene, qa: QA) -> QA:
@@ -327,13 +322,22 @@ def named_axis(scene: Scene, qa: QA) -> QA:
     right after the words that say which object to look up (copied from the question), as in a position
     question's "where is the red circle?" -> "top left", instead of after the other object's place. Other kinds
     as they are."""
+    return _placed_relation(scene, qa, "named_axis", named=True)
+
+
+_RELATION_OF_PHRASE = {phrase: relation for relation, (phrase, _) in RELATIONS.items()}  # "above" -> "above"
+
+
+def _placed_relation(scene: Scene, qa: QA, caller: str, named: bool) -> QA:
+    """A relation answer after both objects' places along the asked axis, each after its name if `named`."""
     if qa.kind != "relation":
         return qa
-    m = _relation_match(qa, "named_axis")
-    a, b = named_object(scene, m.group(1)), named_object(scene, m.group(3))
-    relation = next(r for r, (phrase, _) in RELATIONS.items() if phrase == m.group(2))
-    return QA(qa.kind, qa.question,
-              f"{m.group(1)} {axis_name(a, relation)}, {m.group(3)} {axis_name(b, relation)}. {qa.answer}")
+    m = _relation_match(qa, caller)
+    relation = _RELATION_OF_PHRASE[m.group(2)]
+    places = [axis_name(named_object(scene, m.group(g)), relation) for g in (1, 3)]
+    if named:
+        places = [f"{m.group(g)} {place}" for g, place in zip((1, 3), places)]
+    return QA(qa.kind, qa.question, f"{places[0]}, {places[1]}. {qa.answer}")
 
 
 def axis_name(o: Obj, relation: str) -> str:
