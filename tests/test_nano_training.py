@@ -493,6 +493,36 @@ def test_stage4_alone_on_saved_stage3_weights_writes_the_runs_weights_again(smok
         recipe.run_stage4(tmp_path / "bad", tmp_path / "w", tmp_path / "nowhere", smoke)
 
 
+def test_experiment_run_copies_decoders_snapshots_and_stops_with_the_runs_own_weights(smoke_run, tmp_path):
+    """An experiment run (decoders copied from a checkpoint, snapshots, stopped after the last LLM phase) trains
+    the same vision and LLM weights as the whole run, byte for byte: only the decoders differ, and they are the
+    source's."""
+    from illume_edge.nano import recipe
+
+    out, work, _ = smoke_run
+    smoke = recipe.SCHEDULES["smoke"]
+    source = work / "ablation_checkpoint"  # fp16 decoders, other bytes than the run's own fp32 ones
+    exp = recipe.Experiment(decoders_from=source, snapshots=("lookup_exist", "judge"), stop_after="judge")
+    summary = recipe.run(tmp_path / "out", tmp_path / "work", smoke, threads=2, experiment=exp)
+    assert summary["stopped_after"] == "judge" and "vae" not in summary["stage_seconds"]
+    assert "self_assess" not in summary["stage_seconds"] and not (tmp_path / "out").exists()
+    snap = _weight_bytes(tmp_path / "work" / "after_judge")  # the smoke schedule's last LLM phase
+    mine = _weight_bytes(work / "stage3_checkpoint")
+    decoders = {k for k in mine if k.startswith("diffusion_decoder/") and k.endswith(".safetensors")}
+    assert len(decoders) == 2 and set(snap) == set(mine)
+    assert all(snap[k] == mine[k] for k in set(mine) - decoders)
+    assert all(snap[k] != mine[k] for k in decoders)
+    copied = recipe.load_modules(tmp_path / "work" / "after_judge")[0]
+    src = recipe.load_modules(source)[0]
+    assert all(torch.equal(a, b.float()) for a, b in zip(copied.unet.state_dict().values(), src.unet.state_dict().values()))
+    assert (tmp_path / "work" / "after_lookup_exist" / "mllm").is_dir()
+
+    with pytest.raises(ValueError, match=r"no LLM phase 'judge_x'.*'lookup_exist'"):
+        recipe.run(tmp_path / "o", tmp_path / "w", smoke, experiment=recipe.Experiment(stop_after="judge_x"))
+    assert recipe.llm_phase_names(recipe.SCHEDULES["judge-edit-light"]) == [
+        "stage1", "lookup", "stage2", "stage3_curriculum", "stage3", "judge"]
+
+
 def test_stage4_settings_change_only_stage4_fields_with_their_types():
     from illume_edge.nano import recipe
 

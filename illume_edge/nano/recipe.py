@@ -23,6 +23,7 @@ Run: python -m illume_edge.nano.recipe --out models/illume-nano [--work build/na
      Stage 4 alone, on the stage-3 weights of an earlier run (a schedule that differs in STAGE4_FIELDS only):
      python -m illume_edge.nano.recipe --stage3-from build/nano --schedule NAME --out OUT --work WORK
          [--stage4-set FIELD=VALUE ...]
+     Experiments (`Experiment`): [--decoders-from CHECKPOINT] [--snapshot PHASE ...] [--stop-after PHASE]
 """
 from __future__ import annotations
 
@@ -646,13 +647,62 @@ class StageClock:
         self.times[name] = round(time.perf_counter() - self.times[name], 1)
 
 
-def run(out: Path, work: Path, schedule: Schedule, threads: int = 2, seed: int = SEED) -> dict:
+@dataclass(frozen=True)
+class Experiment:
+    """Options of a run that is an experiment rather than `make nano` (all off by default).
+
+    decoders_from: a checkpoint whose VAE and UNet are copied instead of training them (15 of a run's ~60
+        minutes on a slow VM). The decoders read codes as the world's token classes (`train_tokenizer` assigns
+        code c to class c), so a decoder of any run of the recipe reads any other run's codes; the other stages
+        draw from their own seeds only, so their weights do not change.
+    snapshots: LLM phase names (`llm_phase_names`) after which the weights are saved in fp32 as
+        WORK/after_<name>, a checkpoint to export and evaluate: where in the recipe does a score move?
+    stop_after: the LLM phase after which the run ends (no stage 4, no checkpoint under OUT)."""
+    decoders_from: Path | None = None
+    snapshots: tuple[str, ...] = ()
+    stop_after: str | None = None
+
+
+def llm_phase_names(s: Schedule) -> list[str]:
+    """The LLM phases `s` runs, in order (those with steps): "stage1", "lookup", "lookup_position", ..."""
+    names = []
+    for name, *_ in LLM_STAGES:
+        if getattr(s, name):
+            names.append(name)
+        if name == "lookup":
+            names += [f"lookup_{'+'.join(kinds)}" for kinds, steps in s.lookup_then if steps]
+    return names
+
+
+def run(out: Path, work: Path, schedule: Schedule, threads: int = 2, seed: int = SEED,
+        experiment: Experiment = Experiment()) -> dict:
     """Every stage in order; `seed` (default SEED, the shipped model's) sets every stage's seed."""
+    names = llm_phase_names(schedule)
+    for asked in experiment.snapshots + ((experiment.stop_after,) if experiment.stop_after else ()):
+        if asked not in names:
+            raise ValueError(f"recipe: no LLM phase {asked!r} in this schedule; its phases are {names}")
     with reproducible(threads):
-        return _run(out, work, schedule, threads, seed)
+        return _run(out, work, schedule, threads, seed, experiment)
 
 
-def _run(out: Path, work: Path, schedule: Schedule, threads: int, seed: int) -> dict:
+def copy_decoders(mods: IllumeModules, checkpoint: Path) -> None:
+    """Load the VAE and UNet of `checkpoint` (a nano checkpoint of the same config) into `mods`."""
+    from ..export.checkpoint import load_checkpoint
+
+    src = load_checkpoint(checkpoint)
+    for name in ("vae", "unet"):
+        try:
+            getattr(mods, name).load_state_dict({k: v.float() for k, v in getattr(src, name).state_dict().items()})
+        except RuntimeError as e:
+            raise ValueError(f"--decoders-from {checkpoint}: its {name} does not fit this config's ({e}); give a "
+                             f"checkpoint of the illume-nano preset") from None
+    if src.scheduler_config != mods.scheduler_config:
+        raise ValueError(f"--decoders-from {checkpoint}: its scheduler config {src.scheduler_config} differs "
+                         f"from this config's {mods.scheduler_config}")
+
+
+def _run(out: Path, work: Path, schedule: Schedule, threads: int, seed: int,
+         experiment: Experiment = Experiment()) -> dict:
     for field, kinds in [("lookup_kinds", schedule.lookup_kinds)] + [
             (f"lookup_then[{i}]", phase[0]) for i, phase in enumerate(schedule.lookup_then)]:
         if not kinds or sorted(set(kinds) - set(world.QA_KINDS)):
@@ -695,12 +745,16 @@ def _run(out: Path, work: Path, schedule: Schedule, threads: int, seed: int) -> 
     p.note(code_purity=round(code_purity(tower, wcfg), 4))
     done("tokenizer")
 
-    train_vae(mods.vae.train().requires_grad_(True), wcfg, steps=s.vae, batch=s.vae_batch, lr=2e-3,
-              seed=_seed("vae", seed), progress=stage("vae", s.vae))
-    done("vae")
-    train_unet(cfg, mods.unet.train().requires_grad_(True), mods.vae, tower, wcfg, mods.scheduler_config,
-               steps=s.unet, batch=s.decoder_batch, lr=2e-3, seed=_seed("unet", seed), progress=stage("unet", s.unet))
-    done("unet")
+    if experiment.decoders_from is not None:
+        copy_decoders(mods, experiment.decoders_from)
+    else:
+        train_vae(mods.vae.train().requires_grad_(True), wcfg, steps=s.vae, batch=s.vae_batch, lr=2e-3,
+                  seed=_seed("vae", seed), progress=stage("vae", s.vae))
+        done("vae")
+        train_unet(cfg, mods.unet.train().requires_grad_(True), mods.vae, tower, wcfg, mods.scheduler_config,
+                   steps=s.unet, batch=s.decoder_batch, lr=2e-3, seed=_seed("unet", seed),
+                   progress=stage("unet", s.unet))
+        done("unet")
 
     phases = stage0_phases(s)
     text_pretrain.pretrain_text(mods.llm, tok, cfg.tokens.im_end, wcfg, phases, batch=s.llm_batch, lr=STAGE0_LR,
@@ -720,6 +774,11 @@ def _run(out: Path, work: Path, schedule: Schedule, threads: int, seed: int) -> 
             trainer.train(sample, steps=steps, batch=s.llm_batch, lr=lr, seed=_seed(phase_offset, seed),
                           trainable=trainable, progress=stage(label, steps))
             done(label)
+            if label in experiment.snapshots:
+                save(mods, work / f"after_{label}", words, dualvitok_extra(sem_tok, vit), torch.float32)
+            if label == experiment.stop_after:
+                return {"stage_seconds": times, "total_seconds": round(time.perf_counter() - t_start, 1),
+                        "stopped_after": label, "snapshots": [f"after_{n}" for n in experiment.snapshots]}
 
     # stage 4: the model's own samples, assessed; then the fine-tune with and without them
     extra = dualvitok_extra(sem_tok, vit)
@@ -877,15 +936,26 @@ def main(argv: list[str] | None = None) -> int:
                          "folder WORK; the schedule may differ from that run's in " + ", ".join(STAGE4_FIELDS))
     ap.add_argument("--stage4-set", dest="stage4_set", action="append", default=[], metavar="FIELD=VALUE",
                     help="with --stage3-from: change a stage-4 field of the schedule (e.g. stage4_gen=0.1)")
+    ap.add_argument("--decoders-from", dest="decoders_from", default=None, metavar="CHECKPOINT",
+                    help="experiments: copy the VAE and UNet of CHECKPOINT instead of training them")
+    ap.add_argument("--snapshot", dest="snapshots", action="append", default=[], metavar="PHASE",
+                    help="experiments: save the weights after this LLM phase as WORK/after_PHASE (repeatable)")
+    ap.add_argument("--stop-after", dest="stop_after", default=None, metavar="PHASE",
+                    help="experiments: end the run after this LLM phase (no stage 4, nothing under --out)")
     args = ap.parse_args(argv)
     if args.stage4_set and args.stage3_from is None:
         ap.error("--stage4-set needs --stage3-from (a whole run takes a named schedule)")
+    experiment = Experiment(Path(args.decoders_from) if args.decoders_from else None, tuple(args.snapshots),
+                            args.stop_after)
+    if args.stage3_from is not None and experiment != Experiment():
+        ap.error("--decoders-from, --snapshot and --stop-after act on a whole run, not on --stage3-from")
     if args.stage3_from is not None:
         schedule = stage4_overrides(SCHEDULES[args.schedule], args.stage4_set)
         summary = run_stage4(Path(args.out), Path(args.work), Path(args.stage3_from), schedule, args.threads,
                              args.seed)
     else:
-        summary = run(Path(args.out), Path(args.work), SCHEDULES[args.schedule], args.threads, args.seed)
+        summary = run(Path(args.out), Path(args.work), SCHEDULES[args.schedule], args.threads, args.seed,
+                      experiment)
     print(json.dumps(summary["stage_seconds"]), f"total {summary['total_seconds']} s", file=sys.stderr)
     return 0
 
