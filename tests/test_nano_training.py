@@ -514,8 +514,11 @@ def test_experiment_run_copies_decoders_snapshots_and_stops_with_the_runs_own_we
     assert all(snap[k] != mine[k] for k in decoders)
     copied = recipe.load_modules(tmp_path / "work" / "after_judge")[0]
     src = recipe.load_modules(source)[0]
-    assert all(torch.equal(a, b.float()) for a, b in zip(copied.unet.state_dict().values(), src.unet.state_dict().values()))
+    pairs = zip(copied.unet.state_dict().values(), src.unet.state_dict().values())
+    assert all(torch.equal(a, b.float()) for a, b in pairs)
     assert (tmp_path / "work" / "after_lookup_exist" / "mllm").is_dir()
+    record = json.loads((tmp_path / "work" / recipe.EXPERIMENT_RECORD).read_text())
+    assert record["experiment"]["decoders_from"] == str(source) and record["schedule"]["stage3"] == smoke.stage3
 
     with pytest.raises(ValueError, match=r"no LLM phase 'judge_x'.*'lookup_exist'"):
         recipe.run(tmp_path / "o", tmp_path / "w", smoke, experiment=recipe.Experiment(stop_after="judge_x"))
@@ -523,17 +526,23 @@ def test_experiment_run_copies_decoders_snapshots_and_stops_with_the_runs_own_we
         "stage1", "lookup", "stage2", "stage3_curriculum", "stage3", "judge"]
 
 
-def test_stage4_settings_change_only_stage4_fields_with_their_types():
+def test_schedule_settings_change_only_their_fields_with_their_types():
     from illume_edge.nano import recipe
 
     base = recipe.SCHEDULES["judge-edit-light"]
-    s = recipe.stage4_overrides(base, ["stage4_gen=0.1", "stage4=200", "assess_poor_share=none"])
+    s = recipe.schedule_overrides(base, ["stage4_gen=0.1", "stage4=200", "assess_poor_share=none"])
     assert (s.stage4_gen, s.stage4, s.assess_poor_share) == (0.1, 200, None)
     assert replace(s, stage4_gen=base.stage4_gen, stage4=base.stage4) == base
-    assert recipe.stage4_overrides(base, ["assess_poor_share=0.5"]).assess_poor_share == 0.5
+    assert recipe.schedule_overrides(base, ["assess_poor_share=0.5"]).assess_poor_share == 0.5
     for bad, match in (("stage3=10", "FIELD one of"), ("stage4_gen", "FIELD=VALUE"), ("stage4=1.5", "not of type int")):
         with pytest.raises(ValueError, match=match):
-            recipe.stage4_overrides(base, [bad])
+            recipe.schedule_overrides(base, [bad])
+    run = recipe.schedule_overrides(base, ["vit_position=0.5", "answer_style=axis-first", "evidence_axis=true"],
+                                    recipe.RUN_FIELDS, "--set")
+    assert (run.vit_position, run.answer_style, run.evidence_axis) == (0.5, "axis-first", True)
+    assert "lookup_then" not in recipe.RUN_FIELDS and recipe.RUN_FIELDS["stage3"] is int
+    with pytest.raises(ValueError, match="--set 'evidence_axis=maybe': 'maybe' is not of type bool"):
+        recipe.schedule_overrides(base, ["evidence_axis=maybe"], recipe.RUN_FIELDS, "--set")
 
 
 def test_reproducible_training_gives_the_same_bytes_twice(nano):

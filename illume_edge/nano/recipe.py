@@ -23,7 +23,8 @@ Run: python -m illume_edge.nano.recipe --out models/illume-nano [--work build/na
      Stage 4 alone, on the stage-3 weights of an earlier run (a schedule that differs in STAGE4_FIELDS only):
      python -m illume_edge.nano.recipe --stage3-from build/nano --schedule NAME --out OUT --work WORK
          [--stage4-set FIELD=VALUE ...]
-     Experiments (`Experiment`): [--decoders-from CHECKPOINT] [--snapshot PHASE ...] [--stop-after PHASE]
+     Experiments (`Experiment`, `RUN_FIELDS`): [--set FIELD=VALUE ...] [--decoders-from CHECKPOINT]
+         [--snapshot PHASE ...] [--stop-after PHASE]
 """
 from __future__ import annotations
 
@@ -777,8 +778,12 @@ def _run(out: Path, work: Path, schedule: Schedule, threads: int, seed: int,
             if label in experiment.snapshots:
                 save(mods, work / f"after_{label}", words, dualvitok_extra(sem_tok, vit), torch.float32)
             if label == experiment.stop_after:
-                return {"stage_seconds": times, "total_seconds": round(time.perf_counter() - t_start, 1),
-                        "stopped_after": label, "snapshots": [f"after_{n}" for n in experiment.snapshots]}
+                summary = {"schedule": dataclasses.asdict(s), "seed": seed, "threads": threads,
+                           "experiment": json.loads(json.dumps(dataclasses.asdict(experiment), default=str)),
+                           "stage_seconds": times, "total_seconds": round(time.perf_counter() - t_start, 1),
+                           "stopped_after": label, "snapshots": [f"after_{n}" for n in experiment.snapshots]}
+                (work / EXPERIMENT_RECORD).write_text(json.dumps(summary, indent=2) + "\n")
+                return summary
 
     # stage 4: the model's own samples, assessed; then the fine-tune with and without them
     extra = dualvitok_extra(sem_tok, vit)
@@ -795,6 +800,7 @@ def _run(out: Path, work: Path, schedule: Schedule, threads: int, seed: int,
 # Schedule fields that act in stage 4 and after; `run_stage4` may change them, not the others
 STAGE4_FIELDS = {"self_enhance_prompts": int, "stage4": int, "assess_poor_share": float, "stage4_edit": float,
                  "stage4_gen": float}  # field -> the type --stage4-set reads its value as
+EXPERIMENT_RECORD = "experiment_run.json"  # in the work folder of a run stopped by Experiment.stop_after
 STAGE3_RECORD = "stage3_run.json"  # in the work folder, beside stage3_checkpoint: the seed and schedule it came from
 
 
@@ -846,19 +852,34 @@ def _finish(mods: IllumeModules, out: Path, log: Path, words: list[str], extra: 
     return summary
 
 
-def stage4_overrides(schedule: Schedule, settings: list[str]) -> Schedule:
-    """`schedule` with "FIELD=VALUE" settings of STAGE4_FIELDS (`--stage4-set`; "none" for assess_poor_share's
-    None), each VALUE of its field's type."""
+def _parse_bool(value: str) -> bool:
+    if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(value)
+    return value.lower() in ("true", "1")
+
+
+# Schedule fields a whole run may change with --set (`schedule_overrides`): the scalar ones, each with the type
+# its value is read as (the lookup phases, tuples, are changed by naming another schedule)
+RUN_FIELDS = {f.name: (_parse_bool if isinstance(f.default, bool) else type(f.default))
+              for f in dataclasses.fields(Schedule) if isinstance(f.default, (int, float, str))}
+RUN_FIELDS["assess_poor_share"] = float
+
+
+def schedule_overrides(schedule: Schedule, settings: list[str], fields: dict = STAGE4_FIELDS,
+                       flag: str = "--stage4-set") -> Schedule:
+    """`schedule` with "FIELD=VALUE" settings of `fields` (STAGE4_FIELDS for `--stage4-set`, RUN_FIELDS for
+    `--set`; "none" for assess_poor_share's None), each VALUE of its field's type."""
     changes = {}
     for item in settings:
         field, sep, value = item.partition("=")
-        if not sep or field not in STAGE4_FIELDS:
-            raise ValueError(f"--stage4-set {item!r}: expected FIELD=VALUE with FIELD one of {list(STAGE4_FIELDS)}")
+        if not sep or field not in fields:
+            raise ValueError(f"{flag} {item!r}: expected FIELD=VALUE with FIELD one of {list(fields)}")
+        kind = fields[field]
         try:
-            kind = STAGE4_FIELDS[field]
             changes[field] = None if field == "assess_poor_share" and value == "none" else kind(value)
         except ValueError:
-            raise ValueError(f"--stage4-set {item!r}: {value!r} is not of type {kind.__name__}") from None
+            raise ValueError(f"{flag} {item!r}: {value!r} is not of type "
+                             f"{'bool' if kind is _parse_bool else kind.__name__}") from None
     return dataclasses.replace(schedule, **changes)
 
 
@@ -889,7 +910,8 @@ def _run_stage4(out: Path, work: Path, stage3_from: Path, schedule: Schedule, th
                         if k not in STAGE4_FIELDS and before.get(k) != mine.get(k))
         if differ:
             raise ValueError(f"run_stage4: the schedule differs from {recorded}'s before stage 4 in {differ} "
-                             f"(expected only {list(STAGE4_FIELDS)} to change); give the schedule that run used")
+                             f"(expected only {list(STAGE4_FIELDS)} to change); give the schedule (and --set settings) "
+                             f"that run used")
     else:
         print(f"run_stage4: {recorded} not found (runs before it was written, and `probes --extra-phase`, leave "
               f"none); the seed and the schedule's stages before stage 4 are not checked", file=sys.stderr)
@@ -936,6 +958,9 @@ def main(argv: list[str] | None = None) -> int:
                          "folder WORK; the schedule may differ from that run's in " + ", ".join(STAGE4_FIELDS))
     ap.add_argument("--stage4-set", dest="stage4_set", action="append", default=[], metavar="FIELD=VALUE",
                     help="with --stage3-from: change a stage-4 field of the schedule (e.g. stage4_gen=0.1)")
+    ap.add_argument("--set", dest="run_set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="experiments: change a field of the named schedule (e.g. vit_position=0); recipe.json "
+                         "records the schedule the run used (with --stage3-from: the same settings as that run's)")
     ap.add_argument("--decoders-from", dest="decoders_from", default=None, metavar="CHECKPOINT",
                     help="experiments: copy the VAE and UNet of CHECKPOINT instead of training them")
     ap.add_argument("--snapshot", dest="snapshots", action="append", default=[], metavar="PHASE",
@@ -944,18 +969,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="experiments: end the run after this LLM phase (no stage 4, nothing under --out)")
     args = ap.parse_args(argv)
     if args.stage4_set and args.stage3_from is None:
-        ap.error("--stage4-set needs --stage3-from (a whole run takes a named schedule)")
+        ap.error("--stage4-set needs --stage3-from (a whole run takes a named schedule and --set)")
     experiment = Experiment(Path(args.decoders_from) if args.decoders_from else None, tuple(args.snapshots),
                             args.stop_after)
     if args.stage3_from is not None and experiment != Experiment():
         ap.error("--decoders-from, --snapshot and --stop-after act on a whole run, not on --stage3-from")
+    schedule = schedule_overrides(SCHEDULES[args.schedule], args.run_set, RUN_FIELDS, "--set")
     if args.stage3_from is not None:
-        schedule = stage4_overrides(SCHEDULES[args.schedule], args.stage4_set)
+        schedule = schedule_overrides(schedule, args.stage4_set)
         summary = run_stage4(Path(args.out), Path(args.work), Path(args.stage3_from), schedule, args.threads,
                              args.seed)
     else:
-        summary = run(Path(args.out), Path(args.work), SCHEDULES[args.schedule], args.threads, args.seed,
-                      experiment)
+        summary = run(Path(args.out), Path(args.work), schedule, args.threads, args.seed, experiment)
     print(json.dumps(summary["stage_seconds"]), f"total {summary['total_seconds']} s", file=sys.stderr)
     return 0
 
