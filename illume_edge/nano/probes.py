@@ -706,7 +706,7 @@ def placed_vit_tower(cfg, steps: int, log=print) -> nn.Module:
 
     vit = build_modules(cfg).encoders["semantic"].train().requires_grad_(True)
     t0 = time.perf_counter()
-    pretrain_vit(cfg, vit, world.WorldConfig(), steps=steps, batch=recipe.Schedule.vision_batch, lr=2e-3,
+    pretrain_vit(cfg, vit, world.WorldConfig(), steps=steps, batch=recipe.Schedule.vision_batch, lr=recipe.VIT_LR,
                  seed=recipe._seed("vit"), progress=_Quiet(), position_weight=1.0)
     log(json.dumps({"placed_vit_steps": steps, "seconds": round(time.perf_counter() - t0)}))
     return vit.eval().requires_grad_(False)
@@ -846,7 +846,8 @@ def from_scratch(vit_targets: str, rope_theta: float | None, schedule: "recipe.S
     if vit_targets == "factored":
         pretrain_vit_factored(cfg, vit, wcfg, s.vit, s.vision_batch, 2e-3, recipe._seed(1))
     elif vit_targets == "joint":
-        pretrain_vit(cfg, vit, wcfg, steps=s.vit, batch=s.vision_batch, lr=2e-3, seed=recipe._seed(1), progress=quiet)
+        pretrain_vit(cfg, vit, wcfg, steps=s.vit, batch=s.vision_batch, lr=recipe.VIT_LR, seed=recipe._seed(1),
+                     progress=quiet)
     else:
         raise ValueError(f"--vit-targets: expected 'joint' or 'factored', got {vit_targets!r}")
     grid = cfg.level_grid(0, *cfg.anchors[0])

@@ -258,6 +258,7 @@ ANSWER_STYLES = {"short": ("", None), "describe-first": (". ", world.describe_fi
 PLACED_RELATION_STYLES = ("axis-first", "named-axis")
 SEED = 20241209  # ILLUME's arXiv date
 STAGE0_LR = 1e-3
+VIT_LR = 2e-3  # the ViT stage's peak learning rate (also probes.placed_vit_tower's and from_scratch's)
 
 
 def stage0_phases(s: Schedule) -> list[text_pretrain.Phase]:
@@ -733,7 +734,7 @@ def _run(out: Path, work: Path, schedule: Schedule, threads: int, seed: int,
 
     s = schedule
     vit = mods.encoders["semantic"].train().requires_grad_(True)
-    pretrain_vit(cfg, vit, wcfg, steps=s.vit, batch=s.vision_batch, lr=2e-3, seed=_seed("vit", seed),
+    pretrain_vit(cfg, vit, wcfg, steps=s.vit, batch=s.vision_batch, lr=VIT_LR, seed=_seed("vit", seed),
                  progress=stage("vit", s.vit), position_weight=s.vit_position)
     done("vit")
     grid = cfg.level_grid(0, *cfg.anchors[0])
