@@ -463,7 +463,7 @@ def test_recipe_smoke_run_writes_every_stage_and_a_strict_checkpoint(smoke_run):
 
 def _weight_bytes(root: Path) -> dict[str, bytes]:
     """Every file of a checkpoint folder but its run record (recipe.json, the log, the checksums)."""
-    skip = {"recipe.json", "train_log.jsonl", "SHA256SUMS"}
+    skip = {"recipe.json", "train_log.jsonl", "SHA256SUMS", "snapshot.json"}
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file() and p.name not in skip}
 
@@ -783,3 +783,38 @@ def test_evidence_opens_every_trained_assessment_when_the_schedule_asks():
         evaluator.evidence(placed, scene)
     axis_tasks = Tasks.for_schedule(Builder(), W, replace(recipe.SCHEDULES["judge-edit-light"], evidence_axis=True))
     assert axis_tasks.evidence_axis and axis_tasks.assess_evidence
+
+
+def test_a_run_resumed_from_a_snapshot_trains_the_whole_runs_later_phases(smoke_run, tmp_path):
+    """Resumed from the snapshot after stage 2, a run trains the whole run's stage-3 weights byte for byte; a
+    field of a later phase changes them and is recorded; a phase the snapshot already holds cannot be asked."""
+    from illume_edge.nano import recipe
+
+    out, work, _ = smoke_run
+    smoke = recipe.SCHEDULES["smoke"]
+    first = recipe.run(tmp_path / "o1", tmp_path / "w1", smoke, threads=2,
+                       experiment=recipe.Experiment(snapshots=("stage2",), stop_after="stage2"))
+    assert first["resumed_from"] == {}
+    snapshot = tmp_path / "w1" / "after_stage2"
+    record = json.loads((snapshot / recipe.SNAPSHOT_RECORD).read_text())
+    assert record["phase"] == "stage2" and record["schedule"]["stage2"] == smoke.stage2
+    exp = recipe.Experiment(snapshots=("judge",), stop_after="judge", resume_from=snapshot)
+    again = recipe.run(tmp_path / "o2", tmp_path / "w2", smoke, threads=2, experiment=exp)
+    assert list(again["stage_seconds"]) == ["stage3_curriculum", "stage3", "gen_phase", "judge"]
+    assert again["resumed_from"]["phase"] == "stage2" and again["resumed_from"]["schedule_differences"] == {}
+    assert _weight_bytes(tmp_path / "w2" / "after_judge") == _weight_bytes(work / "stage3_checkpoint")
+
+    changed = replace(smoke, curriculum_grounding=0.0)
+    other = recipe.run(tmp_path / "o3", tmp_path / "w3", changed, threads=2,
+                       experiment=recipe.Experiment(snapshots=("judge",), stop_after="judge", resume_from=snapshot))
+    assert other["resumed_from"]["schedule_differences"] == {"curriculum_grounding": [0.5, 0.0]}
+    assert _weight_bytes(tmp_path / "w3" / "after_judge") != _weight_bytes(work / "stage3_checkpoint")
+
+    with pytest.raises(ValueError, match=r"'lookup_exist' comes before the end of the snapshot"):
+        recipe.run(tmp_path / "o", tmp_path / "w", smoke,
+                   experiment=recipe.Experiment(stop_after="lookup_exist", resume_from=snapshot))
+    with pytest.raises(FileNotFoundError, match="snapshot.json is missing"):
+        recipe.run(tmp_path / "o", tmp_path / "w", smoke, experiment=recipe.Experiment(resume_from=work))
+    with pytest.raises(ValueError, match="takes the snapshot's decoders"):
+        recipe.run(tmp_path / "o", tmp_path / "w", smoke,
+                   experiment=recipe.Experiment(resume_from=snapshot, decoders_from=snapshot))

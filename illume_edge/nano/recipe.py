@@ -81,6 +81,9 @@ class Schedule:
     lookup_then: tuple[tuple[tuple[str, ...], int], ...] = ()
     stage2: int = 800
     stage3_curriculum: int = 400
+    # the share of grounding dialogues (Tasks.qa_grounding) in the stage-3 curriculum; the rest is stage 3's
+    # mixture (docs/nano.md, "Why exist and relation sit at chance")
+    curriculum_grounding: float = 0.5
     stage3: int = 1000
     # after stage 3, before the self-assessment pool: a phase of rendered near-miss assessments
     # (JUDGE_RENDERED_SHARE of its examples) with a replay of stage 3 (0: off). In stage 3's mixture the rendered
@@ -475,7 +478,8 @@ def stage4_mixtures(sft: Callable, edit: Callable, assess: Callable, edit_share:
 
 
 def stage_mixtures(t: Tasks, lookup_kinds: tuple[str, ...] = Schedule.lookup_kinds,
-                   assess_rendered: float = Schedule.assess_rendered) -> dict[str, Callable]:
+                   assess_rendered: float = Schedule.assess_rendered,
+                   curriculum_grounding: float = Schedule.curriculum_grounding) -> dict[str, Callable]:
     stage2 = [(0.2, t.caption), (0.35, t.t2i_full), (0.2, t.reconstruct), (0.05, t.t2i_uncond), (0.2, t.qa)]
     stage3 = [(0.35, t.qa), (0.2, t.t2i_geneval), (0.05, t.t2i_full), (0.05, t.t2i_uncond), (0.25, t.edit),
               (0.05, t.reconstruct), (0.05, t.caption)]
@@ -487,7 +491,8 @@ def stage_mixtures(t: Tasks, lookup_kinds: tuple[str, ...] = Schedule.lookup_kin
             "stage3": sft,
             "judge": mixture([(JUDGE_RENDERED_SHARE, t.assess_rendered), (1 - JUDGE_RENDERED_SHARE, sft)]),
             "gen_phase": mixture([(GEN_PHASE_SHARE, t.t2i_geneval), (1 - GEN_PHASE_SHARE, sft)]),
-            "stage3_curriculum": mixture([(0.5, t.qa_grounding)] + [(w / 2, f) for w, f in stage3])}
+            "stage3_curriculum": mixture([(curriculum_grounding, t.qa_grounding)]
+                                         + [(w * (1 - curriculum_grounding), f) for w, f in stage3])}
 
 
 LOOKUP_THEN_SEED = 30  # seed offset of Schedule.lookup_then's first phase; the next ones count up from it
@@ -658,11 +663,42 @@ class Experiment:
         code c to class c), so a decoder of any run of the recipe reads any other run's codes; the other stages
         draw from their own seeds only, so their weights do not change.
     snapshots: LLM phase names (`llm_phase_names`) after which the weights are saved in fp32 as
-        WORK/after_<name>, a checkpoint to export and evaluate: where in the recipe does a score move?
-    stop_after: the LLM phase after which the run ends (no stage 4, no checkpoint under OUT)."""
+        WORK/after_<name>, a checkpoint to export and evaluate: where in the recipe does a score move? Each
+        holds SNAPSHOT_RECORD (the phase, seed and schedule that wrote it).
+    stop_after: the LLM phase after which the run ends (no stage 4, no checkpoint under OUT).
+    resume_from: a snapshot folder; the run takes its weights (vision, decoders, LLM) and trains only the LLM
+        phases after the snapshot's, each from its own seed as in a whole run. So the run is the whole run of
+        its schedule when the schedule's fields that act up to the snapshot's phase are the snapshot's: the
+        fields that differ are listed in the run's record (`resumed_from`), the ones a phase after the
+        snapshot reads (e.g. `curriculum_grounding` after stage 2) are the experiment."""
     decoders_from: Path | None = None
     snapshots: tuple[str, ...] = ()
     stop_after: str | None = None
+    resume_from: Path | None = None
+
+
+SNAPSHOT_RECORD = "snapshot.json"  # in each WORK/after_PHASE: {"phase", "seed", "schedule", "resumed_from"}
+
+
+def read_snapshot(snapshot: Path, s: Schedule) -> tuple[dict, list[str]]:
+    """(the snapshot's record, the LLM phases of `s` up to and including its phase: the phases a run resumed
+    from it skips). Fails on a folder without a record or a phase `s` does not run."""
+    path = snapshot / SNAPSHOT_RECORD
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume-from {snapshot}: {SNAPSHOT_RECORD} is missing; resume from a folder that "
+                                f"--snapshot PHASE wrote (WORK/after_PHASE)")
+    record = json.loads(path.read_text())
+    names = llm_phase_names(s)
+    if record["phase"] not in names:
+        raise ValueError(f"--resume-from {snapshot}: its phase {record['phase']!r} is not one of this schedule's "
+                         f"LLM phases {names}")
+    return record, names[:names.index(record["phase"]) + 1]
+
+
+def schedule_differences(before: dict, s: Schedule) -> dict[str, list]:
+    """{field: [the snapshot's value, this run's]} for every Schedule field that differs (as JSON values)."""
+    now = json.loads(json.dumps(dataclasses.asdict(s)))
+    return {k: [before.get(k), v] for k, v in now.items() if before.get(k) != v}
 
 
 def llm_phase_names(s: Schedule) -> list[str]:
@@ -683,6 +719,14 @@ def run(out: Path, work: Path, schedule: Schedule, threads: int = 2, seed: int =
     for asked in experiment.snapshots + ((experiment.stop_after,) if experiment.stop_after else ()):
         if asked not in names:
             raise ValueError(f"recipe: no LLM phase {asked!r} in this schedule; its phases are {names}")
+    if experiment.resume_from is not None:
+        if experiment.decoders_from is not None:
+            raise ValueError("recipe: --resume-from takes the snapshot's decoders; leave out --decoders-from")
+        skipped = read_snapshot(experiment.resume_from, schedule)[1]
+        for asked in experiment.snapshots + ((experiment.stop_after,) if experiment.stop_after else ()):
+            if asked in skipped:
+                raise ValueError(f"recipe: phase {asked!r} comes before the end of the snapshot "
+                                 f"{experiment.resume_from}; a resumed run trains only {names[len(skipped):]}")
     with reproducible(threads):
         return _run(out, work, schedule, threads, seed, experiment)
 
@@ -728,11 +772,79 @@ def _run(out: Path, work: Path, schedule: Schedule, threads: int, seed: int,
     words = base_words(cfg)
     tok = TextTokenizer(build_tokenizer(cfg, words), cfg)
     builder = SequenceBuilder(tok, cfg)
-    mods = build_modules(cfg)
     clock = StageClock(log)
     stage, done, times = clock.stage, clock.done, clock.times
-
     s = schedule
+    skipped, resumed = [], {}
+    if experiment.resume_from is not None:
+        mods, vit, sem_tok, tower, skipped, resumed = _resume(experiment.resume_from, cfg, s)
+    else:
+        mods, vit, sem_tok, tower = _vision_and_decoders(cfg, wcfg, s, seed, experiment, stage, done)
+        phases = stage0_phases(s)
+        text_pretrain.pretrain_text(mods.llm, tok, cfg.tokens.im_end, wcfg, phases, batch=s.llm_batch,
+                                    lr=STAGE0_LR, seed=_seed("stage0", seed),
+                                    progress=stage("stage0", sum(n for _, n in phases)), layout=s.stage0_layout)
+        done("stage0")
+    trainer = LLMTrainer(cfg, mods.llm, mods.projectors["semantic"], tower)
+    tasks = Tasks.for_schedule(builder, wcfg, s)
+    mixes = stage_mixtures(tasks, s.lookup_kinds, s.assess_rendered, s.curriculum_grounding)
+    for name, trainable, lr, offset in LLM_STAGES:
+        phases = [(name, mixes[name], getattr(s, name), offset)]
+        if name == "lookup":
+            phases += lookup_then_phases(tasks, s.lookup_then)
+        for label, sample, steps, phase_offset in phases:
+            if steps == 0 or label in skipped:  # a phase this schedule leaves out, or the snapshot's
+                continue
+            trainer.train(sample, steps=steps, batch=s.llm_batch, lr=lr, seed=_seed(phase_offset, seed),
+                          trainable=trainable, progress=stage(label, steps))
+            done(label)
+            if label in experiment.snapshots:
+                save(mods, work / f"after_{label}", words, dualvitok_extra(sem_tok, vit), torch.float32)
+                snap = {"phase": label, "seed": seed, "schedule": dataclasses.asdict(s), "resumed_from": resumed}
+                (work / f"after_{label}" / SNAPSHOT_RECORD).write_text(json.dumps(snap, indent=2) + "\n")
+            if label == experiment.stop_after:
+                summary = {"schedule": dataclasses.asdict(s), "seed": seed, "threads": threads,
+                           "experiment": json.loads(json.dumps(dataclasses.asdict(experiment), default=str)),
+                           "stage_seconds": times, "total_seconds": round(time.perf_counter() - t_start, 1),
+                           "stopped_after": label, "snapshots": [f"after_{n}" for n in experiment.snapshots],
+                           "resumed_from": resumed}
+                (work / EXPERIMENT_RECORD).write_text(json.dumps(summary, indent=2) + "\n")
+                return summary
+
+    # stage 4: the model's own samples, assessed; then the fine-tune with and without them
+    extra = dualvitok_extra(sem_tok, vit)
+    stage3_ckpt, stage3_engine = work / "stage3_checkpoint", work / "stage3_engine"
+    p = stage("self_assess", s.self_enhance_prompts)
+    save(mods, stage3_ckpt, words, extra, torch.float32)
+    (work / STAGE3_RECORD).write_text(json.dumps({"seed": seed, "schedule": dataclasses.asdict(s)}, indent=2) + "\n")
+    export_fp32(stage3_ckpt, stage3_engine)
+    result = _stage4(mods, trainer, tasks, mixes["stage3"], builder, wcfg, s, seed, stage3_engine, p, stage, done)
+    save(result.ablation, work / "ablation_checkpoint", words, extra, torch.float16)
+    return _finish(mods, out, log, words, extra, s, seed, threads, times, t_start, result,
+                   **({"resumed_from": resumed} if resumed else {}))
+
+
+def _resume(snapshot: Path, cfg: ModelConfig, s: Schedule):
+    """(modules, ViT, semantic tokenizer, vision tower, the LLM phases to skip, the record of the resume) from a
+    snapshot folder (Experiment.resume_from)."""
+    record, skipped = read_snapshot(snapshot, s)
+    mods, trainer, _ = load_modules(snapshot)
+    if mods.cfg != cfg:
+        raise ValueError(f"--resume-from {snapshot}: its model config differs from this run's (prompts.answer_separator "
+                         f"{mods.cfg.prompts.answer_separator!r} against {cfg.prompts.answer_separator!r}?); resume "
+                         f"with the answer_style of the run that wrote it")
+    for m in mods.all_modules():
+        m.float()
+    resumed = {"snapshot": str(snapshot), "phase": record["phase"], "seed": record["seed"],
+               "schedule_differences": schedule_differences(record["schedule"], s)}
+    return mods, trainer.tower.vit, trainer.tower.tokenizer, trainer.tower, skipped, resumed
+
+
+def _vision_and_decoders(cfg: ModelConfig, wcfg: world.WorldConfig, s: Schedule, seed: int, experiment: Experiment,
+                         stage: Callable, done: Callable):
+    """(modules, ViT, semantic tokenizer, vision tower): the ViT, tokenizer, VAE and UNet stages (the decoders
+    copied instead with Experiment.decoders_from)."""
+    mods = build_modules(cfg)
     vit = mods.encoders["semantic"].train().requires_grad_(True)
     pretrain_vit(cfg, vit, wcfg, steps=s.vit, batch=s.vision_batch, lr=VIT_LR, seed=_seed("vit", seed),
                  progress=stage("vit", s.vit), position_weight=s.vit_position)
@@ -757,45 +869,7 @@ def _run(out: Path, work: Path, schedule: Schedule, threads: int, seed: int,
                    steps=s.unet, batch=s.decoder_batch, lr=2e-3, seed=_seed("unet", seed),
                    progress=stage("unet", s.unet))
         done("unet")
-
-    phases = stage0_phases(s)
-    text_pretrain.pretrain_text(mods.llm, tok, cfg.tokens.im_end, wcfg, phases, batch=s.llm_batch, lr=STAGE0_LR,
-                                seed=_seed("stage0", seed), progress=stage("stage0", sum(n for _, n in phases)),
-                                layout=s.stage0_layout)
-    done("stage0")
-    trainer = LLMTrainer(cfg, mods.llm, mods.projectors["semantic"], tower)
-    tasks = Tasks.for_schedule(builder, wcfg, s)
-    mixes = stage_mixtures(tasks, s.lookup_kinds, s.assess_rendered)
-    for name, trainable, lr, offset in LLM_STAGES:
-        phases = [(name, mixes[name], getattr(s, name), offset)]
-        if name == "lookup":
-            phases += lookup_then_phases(tasks, s.lookup_then)
-        for label, sample, steps, phase_offset in phases:
-            if steps == 0:  # a phase this schedule leaves out (the lookup phase in "full")
-                continue
-            trainer.train(sample, steps=steps, batch=s.llm_batch, lr=lr, seed=_seed(phase_offset, seed),
-                          trainable=trainable, progress=stage(label, steps))
-            done(label)
-            if label in experiment.snapshots:
-                save(mods, work / f"after_{label}", words, dualvitok_extra(sem_tok, vit), torch.float32)
-            if label == experiment.stop_after:
-                summary = {"schedule": dataclasses.asdict(s), "seed": seed, "threads": threads,
-                           "experiment": json.loads(json.dumps(dataclasses.asdict(experiment), default=str)),
-                           "stage_seconds": times, "total_seconds": round(time.perf_counter() - t_start, 1),
-                           "stopped_after": label, "snapshots": [f"after_{n}" for n in experiment.snapshots]}
-                (work / EXPERIMENT_RECORD).write_text(json.dumps(summary, indent=2) + "\n")
-                return summary
-
-    # stage 4: the model's own samples, assessed; then the fine-tune with and without them
-    extra = dualvitok_extra(sem_tok, vit)
-    stage3_ckpt, stage3_engine = work / "stage3_checkpoint", work / "stage3_engine"
-    p = stage("self_assess", s.self_enhance_prompts)
-    save(mods, stage3_ckpt, words, extra, torch.float32)
-    (work / STAGE3_RECORD).write_text(json.dumps({"seed": seed, "schedule": dataclasses.asdict(s)}, indent=2) + "\n")
-    export_fp32(stage3_ckpt, stage3_engine)
-    result = _stage4(mods, trainer, tasks, mixes["stage3"], builder, wcfg, s, seed, stage3_engine, p, stage, done)
-    save(result.ablation, work / "ablation_checkpoint", words, extra, torch.float16)
-    return _finish(mods, out, log, words, extra, s, seed, threads, times, t_start, result)
+    return mods, vit, sem_tok, tower
 
 
 # Schedule fields that act in stage 4 and after; `run_stage4` may change them, not the others
@@ -968,13 +1042,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="experiments: save the weights after this LLM phase as WORK/after_PHASE (repeatable)")
     ap.add_argument("--stop-after", dest="stop_after", default=None, metavar="PHASE",
                     help="experiments: end the run after this LLM phase (no stage 4, nothing under --out)")
+    ap.add_argument("--resume-from", dest="resume_from", default=None, metavar="WORK/after_PHASE",
+                    help="experiments: start from a snapshot's weights and train only the LLM phases after its "
+                         "phase (with --set: what those phases do differently); the differing fields are recorded")
     args = ap.parse_args(argv)
     if args.stage4_set and args.stage3_from is None:
         ap.error("--stage4-set needs --stage3-from (a whole run takes a named schedule and --set)")
     experiment = Experiment(Path(args.decoders_from) if args.decoders_from else None, tuple(args.snapshots),
-                            args.stop_after)
+                            args.stop_after, Path(args.resume_from) if args.resume_from else None)
     if args.stage3_from is not None and experiment != Experiment():
-        ap.error("--decoders-from, --snapshot and --stop-after act on a whole run, not on --stage3-from")
+        ap.error("--decoders-from, --snapshot, --stop-after and --resume-from act on a whole run, not on "
+                 "--stage3-from")
     schedule = schedule_overrides(SCHEDULES[args.schedule], args.run_set, RUN_FIELDS, "--set")
     if args.stage3_from is not None:
         schedule = schedule_overrides(schedule, args.stage4_set)
