@@ -649,6 +649,32 @@ def test_judge_phase_mixes_rendered_assessments_with_a_replay_of_stage3():
     assert {"qa", "t2i_geneval"} <= set(tasks)  # the replay
 
 
+def test_curriculum_mixes_grounding_dialogues_and_stage3_with_or_without_its_edits():
+    """The stage-3 curriculum: Schedule.curriculum_grounding of grounding dialogues, the rest stage 3's mixture,
+    whose edits Schedule.curriculum_edits can leave out."""
+    from collections import Counter
+
+    from illume_edge.nano import recipe
+
+    class Builder:  # every SequenceBuilder method returns the task it was asked to build
+        def __getattr__(self, name):
+            return lambda *args, task=name, **kwargs: task
+
+    def tasks(**kwargs):
+        sample, rng = recipe.stage_mixtures(recipe.Tasks(Builder(), W), **kwargs)["stage3_curriculum"], \
+            np.random.default_rng(8)
+        return Counter(sample(rng) for _ in range(600))
+
+    default = tasks()
+    assert abs(default["qa_grounding"] / 600 - recipe.Schedule.curriculum_grounding) < 0.06, default
+    edits = sum(n for t, n in default.items() if t.startswith("edit_")) / 600
+    assert abs(edits - 0.25 * (1 - recipe.Schedule.curriculum_grounding)) < 0.05, default
+    bare = tasks(curriculum_grounding=0.0, curriculum_edits=False)
+    assert "qa_grounding" not in bare and not any(t.startswith("edit_") for t in bare), bare
+    assert {"qa", "t2i_geneval", "reconstruct"} <= set(bare)
+    assert recipe.RUN_FIELDS["curriculum_edits"]("false") is False
+
+
 def test_generation_phase_mixes_geneval_prompts_with_a_replay_of_stage3():
     """Schedule.gen_phase's mixture: GEN_PHASE_SHARE GenEval-style text-to-image, the rest stage 3's own tasks; it
     runs after stage 3's mixture and before the judge phase, with a seed of its own."""
@@ -815,6 +841,9 @@ def test_a_run_resumed_from_a_snapshot_trains_the_whole_runs_later_phases(smoke_
                    experiment=recipe.Experiment(stop_after="lookup_exist", resume_from=snapshot))
     with pytest.raises(FileNotFoundError, match="snapshot.json is missing"):
         recipe.run(tmp_path / "o", tmp_path / "w", smoke, experiment=recipe.Experiment(resume_from=work))
+    with pytest.raises(ValueError, match="model config differs from this run's"):  # another answer separator
+        recipe.run(tmp_path / "o", tmp_path / "w", replace(smoke, answer_style="short", compare=0),
+                   experiment=recipe.Experiment(resume_from=snapshot))
     with pytest.raises(ValueError, match="takes the snapshot's decoders"):
         recipe.run(tmp_path / "o", tmp_path / "w", smoke,
                    experiment=recipe.Experiment(resume_from=snapshot, decoders_from=snapshot))
