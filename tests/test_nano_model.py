@@ -52,7 +52,8 @@ def test_the_shipped_checkpoint_was_trained_with_make_nanos_schedule():
     later = {k: default[k] for k in set(want) - set(got["schedule"])}
     assert got["schedule"] | later == want and got["seed"] == recipe.SEED
     assert later == {"lookup_then": [], "gen_phase": 0, "stage4_gen": 0.0, "compare": 0,
-                     "evidence_axis": False}  # the fields added since: extend
+                     "evidence_axis": False, "curriculum_grounding": 0.5,
+                     "curriculum_edits": True}  # the fields added since: extend
     # this when one more is
     assert got["threads"] == inspect.signature(recipe.run).parameters["threads"].default
 
