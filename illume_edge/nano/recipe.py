@@ -728,13 +728,16 @@ def run(out: Path, work: Path, schedule: Schedule, threads: int = 2, seed: int =
     if experiment.resume_from is not None:
         if experiment.decoders_from is not None:
             raise ValueError("recipe: --resume-from takes the snapshot's decoders; leave out --decoders-from")
-        skipped = read_snapshot(experiment.resume_from, schedule)[1]
+        snapshot = read_snapshot(experiment.resume_from, schedule)
+        skipped = snapshot[1]
         for asked in experiment.snapshots + ((experiment.stop_after,) if experiment.stop_after else ()):
             if asked in skipped:
                 raise ValueError(f"recipe: phase {asked!r} comes before the end of the snapshot "
                                  f"{experiment.resume_from}; a resumed run trains only {names[len(skipped):]}")
+    else:
+        snapshot = None
     with reproducible(threads):
-        return _run(out, work, schedule, threads, seed, experiment)
+        return _run(out, work, schedule, threads, seed, experiment, snapshot)
 
 
 def copy_decoders(mods: IllumeModules, checkpoint: Path) -> None:
@@ -754,7 +757,8 @@ def copy_decoders(mods: IllumeModules, checkpoint: Path) -> None:
 
 
 def _run(out: Path, work: Path, schedule: Schedule, threads: int, seed: int,
-         experiment: Experiment = Experiment()) -> dict:
+         experiment: Experiment = Experiment(), snapshot: tuple[dict, list[str]] | None = None) -> dict:
+    """The run itself; `snapshot` is `read_snapshot(experiment.resume_from, schedule)`, read by `run`."""
     for field, kinds in [("lookup_kinds", schedule.lookup_kinds)] + [
             (f"lookup_then[{i}]", phase[0]) for i, phase in enumerate(schedule.lookup_then)]:
         if not kinds or sorted(set(kinds) - set(world.QA_KINDS)):
@@ -783,7 +787,8 @@ def _run(out: Path, work: Path, schedule: Schedule, threads: int, seed: int,
     s = schedule
     skipped, resumed = [], {}
     if experiment.resume_from is not None:
-        mods, vit, sem_tok, tower, skipped, resumed = _resume(experiment.resume_from, cfg, s)
+        mods, vit, sem_tok, tower, resumed = _resume(experiment.resume_from, *snapshot, cfg, s)
+        skipped = snapshot[1]
     else:
         mods, vit, sem_tok, tower = _vision_and_decoders(cfg, wcfg, s, seed, experiment, stage, done)
         phases = stage0_phases(s)
@@ -809,11 +814,10 @@ def _run(out: Path, work: Path, schedule: Schedule, threads: int, seed: int,
                 snap = {"phase": label, "seed": seed, "schedule": dataclasses.asdict(s), "resumed_from": resumed}
                 (work / f"after_{label}" / SNAPSHOT_RECORD).write_text(json.dumps(snap, indent=2) + "\n")
             if label == experiment.stop_after:
-                summary = {"schedule": dataclasses.asdict(s), "seed": seed, "threads": threads,
-                           "experiment": json.loads(json.dumps(dataclasses.asdict(experiment), default=str)),
-                           "stage_seconds": times, "total_seconds": round(time.perf_counter() - t_start, 1),
-                           "stopped_after": label, "snapshots": [f"after_{n}" for n in experiment.snapshots],
-                           "resumed_from": resumed}
+                summary = run_record(s, seed, threads, times, t_start,
+                                     experiment=json.loads(json.dumps(dataclasses.asdict(experiment), default=str)),
+                                     stopped_after=label, snapshots=[f"after_{n}" for n in experiment.snapshots],
+                                     resumed_from=resumed)
                 (work / EXPERIMENT_RECORD).write_text(json.dumps(summary, indent=2) + "\n")
                 return summary
 
@@ -830,20 +834,30 @@ def _run(out: Path, work: Path, schedule: Schedule, threads: int, seed: int,
                    **({"resumed_from": resumed} if resumed else {}))
 
 
-def _resume(snapshot: Path, cfg: ModelConfig, s: Schedule):
-    """(modules, ViT, semantic tokenizer, vision tower, the LLM phases to skip, the record of the resume) from a
-    snapshot folder (Experiment.resume_from)."""
-    record, skipped = read_snapshot(snapshot, s)
+def config_differences(a, b, prefix: str = "") -> dict[str, list]:
+    """{"dotted.field": [a's value, b's]} for every leaf field in which two configs (nested dataclasses) differ."""
+    if dataclasses.is_dataclass(a) and type(a) is type(b):
+        out = {}
+        for f in dataclasses.fields(a):
+            out.update(config_differences(getattr(a, f.name), getattr(b, f.name), f"{prefix}{f.name}."))
+        return out
+    return {} if a == b else {prefix.rstrip("."): [a, b]}
+
+
+def _resume(snapshot: Path, record: dict, skipped: list[str], cfg: ModelConfig, s: Schedule):
+    """(modules, ViT, semantic tokenizer, vision tower, the record of the resume) from a snapshot folder
+    (Experiment.resume_from) and what `read_snapshot` read from it."""
     mods, trainer, _ = load_modules(snapshot)
     if mods.cfg != cfg:
-        raise ValueError(f"--resume-from {snapshot}: its model config differs from this run's (prompts.answer_separator "
-                         f"{mods.cfg.prompts.answer_separator!r} against {cfg.prompts.answer_separator!r}?); resume "
-                         f"with the answer_style of the run that wrote it")
+        diff = config_differences(mods.cfg, cfg)
+        raise ValueError(f"--resume-from {snapshot}: its model config differs from this run's in {diff} (the "
+                         f"snapshot's value, this run's); resume with the schedule of the run that wrote it (its "
+                         f"answer_style sets prompts.answer_separator)")
     for m in mods.all_modules():
         m.float()
     resumed = {"snapshot": str(snapshot), "phase": record["phase"], "seed": record["seed"],
                "schedule_differences": schedule_differences(record["schedule"], s)}
-    return mods, trainer.tower.vit, trainer.tower.tokenizer, trainer.tower, skipped, resumed
+    return mods, trainer.tower.vit, trainer.tower.tokenizer, trainer.tower, resumed
 
 
 def _vision_and_decoders(cfg: ModelConfig, wcfg: world.WorldConfig, s: Schedule, seed: int, experiment: Experiment,
@@ -919,15 +933,20 @@ def _stage4(mods: IllumeModules, trainer: LLMTrainer, tasks: Tasks, stage3_mix: 
     return Stage4Result(good, len(pool), stage3_state)
 
 
+def run_record(s: Schedule, seed: int, threads: int, times: dict, t_start: float, **more) -> dict:
+    """What a run's record (recipe.json, experiment_run.json) holds first: its schedule, seed, threads and times."""
+    return {"schedule": dataclasses.asdict(s), "seed": seed, "threads": threads, "stage_seconds": times,
+            "total_seconds": round(time.perf_counter() - t_start, 1), **more}
+
+
 def _finish(mods: IllumeModules, out: Path, log: Path, words: list[str], extra: dict, s: Schedule, seed: int,
             threads: int, times: dict, t_start: float, result: Stage4Result, **more) -> dict:
     """Write the checkpoint, its training log, recipe.json (the summary, returned) and its checksums."""
     mods.generation_config = {"repetition_penalty": 1.0}
     save(mods, out, words, extra, torch.float16)
     shutil.copyfile(log, out / "train_log.jsonl")
-    summary = {"schedule": dataclasses.asdict(s), "seed": seed, "threads": threads, "stage_seconds": times,
-               "total_seconds": round(time.perf_counter() - t_start, 1), "torch": torch.__version__,
-               "self_assess_pool": {"samples": result.samples, "good": result.good}, **more}
+    summary = run_record(s, seed, threads, times, t_start, torch=torch.__version__,
+                         self_assess_pool={"samples": result.samples, "good": result.good}, **more)
     (out / "recipe.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_checksums(out)
     return summary
