@@ -702,14 +702,21 @@ def placed_vit_tower(cfg, steps: int, log=print) -> nn.Module:
     `steps` steps with its own-position targets weighted 1 (Schedule.vit_position), frozen: features that say
     where each token is, as a pretrained CLIP-style encoder's do (docs/nano.md, "Where an object is")."""
     from ..export.modules import build_modules
-    from .vision_train import pretrain_vit
 
     vit = build_modules(cfg).encoders["semantic"].train().requires_grad_(True)
     t0 = time.perf_counter()
-    pretrain_vit(cfg, vit, world.WorldConfig(), steps=steps, batch=recipe.Schedule.vision_batch, lr=recipe.VIT_LR,
-                 seed=recipe._seed("vit"), progress=_Quiet(), position_weight=1.0)
+    recipe_vit(cfg, vit, world.WorldConfig(), steps, recipe.Schedule.vision_batch, position_weight=1.0)
     log(json.dumps({"placed_vit_steps": steps, "seconds": round(time.perf_counter() - t0)}))
     return vit.eval().requires_grad_(False)
+
+
+def recipe_vit(cfg, vit: nn.Module, wcfg: world.WorldConfig, steps: int, batch: int,
+               position_weight: float = 0.0) -> None:
+    """`vit` pretrained as the recipe's ViT stage does (vision_train.pretrain_vit, its seed and learning rate)."""
+    from .vision_train import pretrain_vit
+
+    pretrain_vit(cfg, vit, wcfg, steps=steps, batch=batch, lr=recipe.VIT_LR, seed=recipe._seed("vit"),
+                 progress=_Quiet(), position_weight=position_weight)
 
 
 def parse_phases(spec: str) -> list[text_pretrain.Phase]:
@@ -832,7 +839,7 @@ def from_scratch(vit_targets: str, rope_theta: float | None, schedule: "recipe.S
     from ..export.tokenizer_factory import build_tokenizer
     from ..runtime.prompts import TextTokenizer
     from .text import base_words
-    from .vision_train import SemanticTokenizer, VisionTower, num_token_classes, pretrain_vit, train_tokenizer
+    from .vision_train import SemanticTokenizer, VisionTower, num_token_classes, train_tokenizer
 
     cfg = preset("illume-nano")
     if rope_theta is not None:
@@ -844,16 +851,15 @@ def from_scratch(vit_targets: str, rope_theta: float | None, schedule: "recipe.S
     quiet = _Quiet()
     vit = mods.encoders["semantic"].train().requires_grad_(True)
     if vit_targets == "factored":
-        pretrain_vit_factored(cfg, vit, wcfg, s.vit, s.vision_batch, 2e-3, recipe._seed(1))
+        pretrain_vit_factored(cfg, vit, wcfg, s.vit, s.vision_batch, 2e-3, recipe._seed("vit"))
     elif vit_targets == "joint":
-        pretrain_vit(cfg, vit, wcfg, steps=s.vit, batch=s.vision_batch, lr=recipe.VIT_LR, seed=recipe._seed(1),
-                     progress=quiet)
+        recipe_vit(cfg, vit, wcfg, s.vit, s.vision_batch)
     else:
         raise ValueError(f"--vit-targets: expected 'joint' or 'factored', got {vit_targets!r}")
     grid = cfg.level_grid(0, *cfg.anchors[0])
     sem = SemanticTokenizer(mods.quantizers[0].train().requires_grad_(True), cfg.branches[0].in_dim,
                             num_token_classes(grid, wcfg))
-    train_tokenizer(cfg, vit, sem, wcfg, steps=s.tokenizer, batch=s.vision_batch, lr=3e-3, seed=recipe._seed(2),
+    train_tokenizer(cfg, vit, sem, wcfg, steps=s.tokenizer, batch=s.vision_batch, lr=3e-3, seed=recipe._seed("tokenizer"),
                     progress=quiet)
     text_pretrain.pretrain_text(mods.llm, builder.tok, cfg.tokens.im_end, wcfg, recipe.stage0_phases(s),
                                 batch=s.llm_batch, lr=recipe.STAGE0_LR, seed=recipe._seed("stage0"), progress=quiet)
